@@ -539,6 +539,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"-n must be at least 1, got {args.num_evals}")
         if not root.is_dir():
             raise UsageError(f"no such directory: {root} (pass the experiments directory, e.g. acnet_exps)")
+        if args.plot is not None:
+            _import_pyplot()  # fail before printing anything if the plot cannot be drawn
         runs = discover_runs(root, args.exclude)
         if not runs:
             raise UsageError(f"no runs under {root}: expected subdirectories holding log.txt "

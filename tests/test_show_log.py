@@ -1,0 +1,236 @@
+"""show_log.py: parsing, run statuses, the base-vs-ACB/DBB comparison, output formats and the plot."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import show_log
+from utils.runlog import eval_line
+
+
+def write_run(root: Path, name: str, top1s=(), *, epochs=None, summary=None, recipe=None, extra_lines=()) -> Path:
+    """A run directory with eval lines in the engine's format (one every 5 epochs)."""
+    run = root / name
+    run.mkdir(parents=True)
+    lines = ["2026-11-22 16:00:00 start: arch from recipe", *extra_lines]
+    for index, top1 in enumerate(top1s):
+        epoch = 5 * (index + 1)
+        lines.append(f"2026-11-22 16:00:0{index % 10} epoch {epoch} train_acc1=50.0 train_loss=1.2")
+        lines.append("2026-11-22 16:00:00 " + eval_line(epoch, 100 * epoch, {"top1": top1, "top5": 99.0, "loss": 0.5}))
+    (run / "log.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if recipe is not None or epochs is not None:
+        (run / "recipe.json").write_text(json.dumps({"epochs": epochs, **(recipe or {})}), encoding="utf-8")
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    return run
+
+
+def run_by_name(runs, name):
+    return next(r for r in runs if r.name == name)
+
+
+# ---------------------------------------------------------------------------------------- parsing
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.floats(0, 100), st.floats(0, 100), st.floats(0, 50)),
+                max_size=8))
+def test_engine_eval_lines_parse_back(records):
+    text = "\n".join("2026-11-22 16:00:00 " + eval_line(e, 7, {"top1": t1, "top5": t5, "loss": loss})
+                     for e, t1, t5, loss in records)
+    parsed = show_log.parse_log_text(text)
+    assert parsed.malformed_lines == 0
+    assert [e.epoch for e in parsed.evaluations] == [r[0] for r in records]
+    for got, (_, t1, t5, loss) in zip(parsed.evaluations, records):
+        assert got.top1 == pytest.approx(t1, abs=1e-4)
+        assert got.top5 == pytest.approx(t5, abs=1e-4)
+        assert got.loss == pytest.approx(loss, abs=1e-6)
+
+
+def test_original_style_lines_and_noise():
+    text = "\n".join([
+        "epoch 3, train_acc=40.0, train_loss=1.9",           # training progress: not an evaluation
+        "validate at epoch 5, top1=71.25, top5=98.10, loss=0.812345",  # original-style evaluation
+        "2026-11-22 epoch 10 iter 9 val top1=73.5 top5=98.4 loss=0.7",
+        "epoch 12 iter 9 val top1=74.0 top5=",                 # torn line of a killed run
+        "note: resumed",
+    ])
+    parsed = show_log.parse_log_text(text)
+    assert [(e.epoch, e.top1, e.top5, e.loss) for e in parsed.evaluations] == [
+        (5, 71.25, 98.10, 0.812345), (10, 73.5, 98.4, 0.7)]
+    assert parsed.malformed_lines == 1
+    assert parsed.last_epoch_seen == 12
+
+
+def test_train_loss_is_not_taken_for_the_eval_loss():
+    parsed = show_log.parse_log_text("epoch 5 train_loss=9.0 val top1=50.0 top5=90.0 loss=1.5")
+    assert parsed.evaluations[0].loss == 1.5
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("cfqkbnc_acb_train", ("cfqkbnc", "acb", None)),
+    ("cfqkbnc_acb_synthetic_train", ("cfqkbnc", "acb", "synthetic")),
+    ("wrnc16plain_dbb_train", ("wrnc16plain", "dbb", None)),
+    ("my_net_base_cifar100_train", ("my_net", "base", "cifar100")),
+    ("whatever", (None, None, None)),
+])
+def test_parse_run_name(name, expected):
+    assert show_log.parse_run_name(name) == expected
+
+
+# ------------------------------------------------------------------------------------------- runs
+def test_run_statuses(tmp_path):
+    summary = {"arch": "vc", "block_type": "acb", "dataset": "cifar10", "epochs": 30, "deploy_top1": 90.5,
+               "params_train": 20_000_000, "params_deploy": 15_000_000, "train_images_per_sec": 1234.5}
+    write_run(tmp_path, "vc_acb_train", [80, 82, 84, 86, 88, 90], summary=summary)
+    write_run(tmp_path, "vc_base_train", [70, 71], epochs=400, recipe={"dataset": "cifar10"})
+    write_run(tmp_path, "vc_dbb_train", [])
+    bad = tmp_path / "src56_acb_train"
+    bad.mkdir()
+    (bad / "log.txt").write_bytes(b"\xff\xfe\x00top1=")
+    only_recipe = tmp_path / "src56_base_train"
+    only_recipe.mkdir()
+    (only_recipe / "recipe.json").write_text("{}")
+    (tmp_path / "not_a_run").mkdir()
+
+    runs = show_log.discover_runs(tmp_path)
+    assert sorted(r.name for r in runs) == ["src56_acb_train", "src56_base_train", "vc_acb_train",
+                                            "vc_base_train", "vc_dbb_train"]
+    done = run_by_name(runs, "vc_acb_train")
+    assert done.status(5) == "done"
+    assert done.mean_last(5) == pytest.approx(sum([82, 84, 86, 88, 90]) / 5)
+    assert (done.max_top1(), done.last_top1(), done.deploy_top1) == (90, 90, 90.5)
+    assert (done.epochs_done, done.epochs_planned) == (30, 30)
+    running = run_by_name(runs, "vc_base_train")
+    assert running.status(5) == "running, 2/5 evals"
+    assert (running.epochs_done, running.epochs_planned, running.dataset) == (10, 400, "cifar10")
+    assert run_by_name(runs, "vc_dbb_train").status(5) == "running, no evals"
+    assert run_by_name(runs, "src56_acb_train").status(5) == "unreadable: log.txt is not UTF-8 text"
+    assert run_by_name(runs, "src56_base_train").status(5) == "unreadable: no log.txt"
+
+
+def test_corrupt_summary_is_reported_not_fatal(tmp_path):
+    run = write_run(tmp_path, "vc_acb_train", [50, 60])
+    (run / "summary.json").write_text('{"arch": "vc", "deploy_to')
+    (record,) = show_log.discover_runs(tmp_path)
+    assert not record.finished
+    assert "summary.json unreadable (JSONDecodeError)" in record.status(5)
+    assert record.max_top1() == 60
+
+
+def test_root_may_be_one_run_and_exclusion(tmp_path):
+    run = write_run(tmp_path, "vc_acb_train", [50, 60])
+    assert [r.name for r in show_log.discover_runs(run)] == ["vc_acb_train"]
+    write_run(tmp_path, "vc_base_train", [40])
+    assert [r.name for r in show_log.discover_runs(tmp_path, ["base"])] == ["vc_acb_train"]
+
+
+# ------------------------------------------------------------------------------------- comparison
+def test_comparison_gains_and_published_numbers(tmp_path):
+    write_run(tmp_path, "cfqkbnc_base_train", [10, 80, 81, 82, 83, 84], summary={"epochs": 30})
+    write_run(tmp_path, "cfqkbnc_acb_train", [20, 81, 83, 83, 85, 88], summary={"epochs": 30})
+    write_run(tmp_path, "cfqkbnc_dbb_train", [84, 84, 84, 84, 84], summary={"epochs": 30})
+    rows = show_log.comparison_rows(show_log.comparisons(show_log.discover_runs(tmp_path)), 5)
+    table = {row[2]: dict(zip(show_log.COMPARISON_HEADERS, row)) for row in rows}
+    assert set(table) == {"acb", "dbb"}
+    acb = table["acb"]
+    assert (acb["dataset"], acb["base_mean"], acb["mean"], acb["gain_mean"]) == ("cifar10", "82.00", "84.00", "+2.00")
+    assert (acb["base_max"], acb["max"], acb["gain_max"]) == ("84.00", "88.00", "+4.00")
+    assert (acb["paper_base"], acb["paper"], acb["paper_gain"], acb["paper_source"]) == (
+        "86.20", "86.87", "+0.67", "ACNet repo")
+    assert acb["note"] == ""
+    dbb = table["dbb"]
+    assert (dbb["gain_mean"], dbb["gain_max"], dbb["paper"]) == ("+2.00", "+0.00", "-")
+
+
+def test_comparison_flags_missing_base_and_unfinished_runs(tmp_path):
+    write_run(tmp_path, "vc_dbb_cifar100_train", [70, 71, 72])
+    (row,) = show_log.comparison_rows(show_log.comparisons(show_log.discover_runs(tmp_path)), 5)
+    fields = dict(zip(show_log.COMPARISON_HEADERS, row))
+    assert (fields["dataset"], fields["paper_base"], fields["paper"]) == ("cifar100", "74.05", "75.72")
+    assert fields["note"] == "no base run; vc_dbb_cifar100_train: running, 3/5 evals"
+
+
+def test_runs_on_other_datasets_are_not_paired_with_the_arch_default(tmp_path):
+    write_run(tmp_path, "cfqkbnc_base_train", [80] * 5, summary={"epochs": 5})
+    write_run(tmp_path, "cfqkbnc_acb_synthetic_train", [50] * 5, summary={"epochs": 5})
+    rows = show_log.comparison_rows(show_log.comparisons(show_log.discover_runs(tmp_path)), 5)
+    by_dataset = {row[1]: row for row in rows}
+    assert by_dataset["synthetic"][3] == "-"  # no synthetic base run to compare with
+    assert by_dataset["synthetic"][9] == "-"  # and no paper numbers for synthetic data
+    assert by_dataset["cifar10"][2] == "base"
+
+
+@pytest.mark.parametrize("arch, dataset, block, expected", [
+    ("src56", "cifar10", "acb", (94.55, 95.06)),
+    ("sres18", "imagenet", "dbb", (69.54, 70.99)),
+    ("smi1", "imagenet", "dbb", (71.89, 72.88)),
+    ("vc", None, "dbb", (93.95, 94.62)),
+])
+def test_published_reference(arch, dataset, block, expected):
+    ref = show_log.published_reference(arch, dataset, block)
+    assert (ref.top1["base"], ref.top1[block]) == expected
+    assert show_log.published_reference("cfqkbnc", "cifar10", "dbb") is None
+
+
+# ------------------------------------------------------------------------------------ command line
+def test_cli_formats(tmp_path, capsys):
+    write_run(tmp_path, "vc_base_train", [90, 91, 92, 93, 94], summary={"epochs": 25})
+    write_run(tmp_path, "vc_acb_train", [91, 92, 93, 94, 95], summary={"epochs": 25, "params_train": 123})
+
+    assert show_log.main([str(tmp_path), "--format", "csv"]) == 0
+    runs_csv, comparison_csv = capsys.readouterr().out.strip().split("\n\n")
+    runs = list(csv.DictReader(io.StringIO(runs_csv)))
+    assert [(r["run"], r["mean_top1"], r["epochs"], r["status"]) for r in runs] == [
+        ("vc_acb_train", "93.00", "25/25", "done"), ("vc_base_train", "92.00", "25/25", "done")]
+    assert runs[0]["params_train"] == "123"
+    (comparison,) = csv.DictReader(io.StringIO(comparison_csv))
+    assert (comparison["block"], comparison["gain_mean"], comparison["paper_gain"]) == ("acb", "+1.00", "+0.55")
+
+    assert show_log.main([str(tmp_path), "--format", "markdown", "-n", "2"]) == 0
+    markdown = capsys.readouterr().out
+    assert "| vc_acb_train | vc | acb | cifar10 | 25/25 | 5 | 94.50 |" in markdown
+    assert "### Base vs ACB/DBB" in markdown
+
+    assert show_log.main([str(tmp_path), "acb"]) == 0
+    text = capsys.readouterr().out
+    assert "vc_base_train" in text and "vc_acb_train" not in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{root}/missing"], "no such directory"),
+    (["{root}"], "no runs under"),
+    (["{root}", "-n", "0"], "-n must be at least 1"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
+    assert show_log.main([a.format(root=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_plot_writes_png(tmp_path, capsys):
+    write_run(tmp_path / "exps", "vc_base_train", [90, 91, 92])
+    write_run(tmp_path / "exps", "vc_acb_train", [91, 92, 94])
+    out = tmp_path / "figs" / "curves.png"
+    assert show_log.main([str(tmp_path / "exps"), "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temporary file left
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    write_run(tmp_path, "vc_base_train", [90])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "curves.png"
+    assert show_log.main([str(tmp_path), "--plot", str(out)]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_plot_with_no_evaluations_is_a_clear_error(tmp_path, capsys):
+    write_run(tmp_path, "vc_base_train", [])
+    assert show_log.main([str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 2
+    assert "no run has any evaluation" in capsys.readouterr().err
