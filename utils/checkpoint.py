@@ -1,0 +1,133 @@
+"""The files of an experiment directory and how each is written (always atomically) and read.
+
+Layout of ``<output-dir>/<exp-name>/``::
+
+    log.txt             human-readable log; evaluation lines carry ``top1=`` (parsed by show_log.py)
+    recipe.json         the recipe in force + arch, block type, dataset, world size, torch version, command line
+    init.hdf5           weights before training        (original hdf5 format, no ``module.`` prefix)
+    finish.hdf5         weights after training
+    finish_deploy.hdf5  deploy weights (every conv-BN unit folded into one conv with bias)
+    latest.pth          resumable state, rewritten after every epoch
+    summary.json        post-training results
+    tensorboard/        TensorBoard event files
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from acnet.fileio import atomic_open, atomic_path
+
+__all__ = ["CheckpointError", "ExperimentPaths", "save_json", "save_state", "load_state",
+           "capture_rng_state", "restore_rng_state", "seed_everything"]
+
+
+class CheckpointError(RuntimeError):
+    """A resumable state that is missing, unreadable or from a different run."""
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    root: Path
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.txt"
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.json"
+
+    @property
+    def init_weights(self) -> Path:
+        return self.root / "init.hdf5"
+
+    @property
+    def finish_weights(self) -> Path:
+        return self.root / "finish.hdf5"
+
+    @property
+    def deploy_weights(self) -> Path:
+        return self.root / "finish_deploy.hdf5"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "latest.pth"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    with atomic_open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+def save_state(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file: a kill at any moment leaves the previous state intact."""
+    with atomic_path(path) as tmp:
+        torch.save(dict(state), tmp)
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a resumable state (``weights_only``: a tampered file cannot run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no resumable state to continue from: {path} does not exist "
+                              "(start the run with -c fs)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a truncated/corrupt zip or pickle
+        raise CheckpointError(f"the resumable state {path} is unreadable or corrupt ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it to restart the "
+                              "run with -c fs") from None
+    required = {"model", "optimizer", "schedule", "epoch", "iteration", "rng", "recipe", "world_size"}
+    if not isinstance(state, dict) or not required <= set(state):
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a resumable state written by do_acnet.py (found {found}); "
+                              "delete it to restart the run with -c fs")
+    return state
+
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG the run draws from: torch (CPU and ``device`` when CUDA), numpy, Python."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["key"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
