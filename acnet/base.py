@@ -1,0 +1,223 @@
+"""The re-parameterizable block contract and the plain conv-BN unit.
+
+A :class:`ReparamBlock` is a training-time module that, in eval mode, computes exactly what one
+``nn.Conv2d(bias=True)`` of the same geometry computes with the kernel and bias returned by
+:meth:`ReparamBlock.get_equivalent_kernel_bias`.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import transforms
+
+__all__ = ["ReparamBlock", "ConvBN", "PADDING_MODES"]
+
+IntOrPair = Union[int, Sequence[int]]
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def as_square_int(value: IntOrPair, name: str, owner: str) -> int:
+    """``3`` or ``(3, 3)`` -> ``3``; anything else (non-square pair, non-int) is a ``ValueError``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{owner}: {name} must be an int or a square pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (tuple, list, torch.Size)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        if value[0] != value[1]:
+            raise ValueError(f"{owner}: {name} must be square (same value on both axes), got {tuple(value)}")
+        return int(value[0])
+    raise ValueError(f"{owner}: {name} must be an int or a square pair of ints, got {value!r}")
+
+
+class ReparamBlock(nn.Module):
+    """A training-time block equal, in eval mode, to one conv with bias.
+
+    Geometry attributes mean what they mean for ``nn.Conv2d`` (stored as ints): ``in_channels,
+    out_channels, kernel_size, stride, padding, dilation, groups, padding_mode``.
+    Subclasses implement :meth:`get_equivalent_kernel_bias`, :meth:`switch_to_deploy` and
+    :attr:`deployed`.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
+    padding_mode: str
+
+    def _init_geometry(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair,
+        padding: IntOrPair,
+        dilation: IntOrPair,
+        groups: int,
+        padding_mode: str,
+        *,
+        min_kernel: int = 1,
+        odd_kernel: bool = False,
+    ) -> None:
+        """Validate and store the conv geometry; every rule violation is a ``ValueError`` naming the argument."""
+        owner = type(self).__name__
+        k = as_square_int(kernel_size, "kernel_size", owner)
+        s = as_square_int(stride, "stride", owner)
+        p = as_square_int(padding, "padding", owner)
+        d = as_square_int(dilation, "dilation", owner)
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+        if k < min_kernel or (odd_kernel and k % 2 == 0):
+            rule = f"an odd int >= {min_kernel}" if odd_kernel else f"an int >= {min_kernel}"
+            raise ValueError(f"{owner}: kernel_size must be {rule}, got {k}")
+        if s < 1:
+            raise ValueError(f"{owner}: stride must be >= 1, got {s}")
+        if d < 1:
+            raise ValueError(f"{owner}: dilation must be >= 1, got {d}")
+        if p < 0:
+            raise ValueError(f"{owner}: padding must be >= 0, got {p}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"{owner}: in_channels ({in_channels}) and out_channels ({out_channels}) must both be "
+                f"divisible by groups ({groups})"
+            )
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"{owner}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding, self.dilation = k, s, p, d
+        self.padding_mode = padding_mode
+
+    # --- the contract -------------------------------------------------------------------------
+    def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
+        """``(kernel (O, C/g, K, K), bias (O,))`` of the one conv equal to this block in eval mode.
+
+        Differentiable in the block's parameters; uses the BN running statistics and each BN's eps.
+        """
+        raise NotImplementedError
+
+    @property
+    def deployed(self) -> bool:
+        """True once the block holds only its fused conv."""
+        raise NotImplementedError
+
+    def switch_to_deploy(self) -> None:
+        """Replace the branches by the fused conv, in place (idempotent)."""
+        raise NotImplementedError
+
+    def _deploy_conv_module(self) -> nn.Conv2d:
+        """The fused conv a deployed block holds (subclasses name it)."""
+        raise NotImplementedError
+
+    def _empty_deploy_conv(self, dtype: torch.dtype, device: torch.device) -> nn.Conv2d:
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=True,
+            padding_mode=self.padding_mode,
+            dtype=dtype,
+            device=device,
+        )
+
+    def make_deploy_conv(self) -> nn.Conv2d:
+        """A NEW ``nn.Conv2d(bias=True)`` (same geometry, dtype, device) holding the equivalent kernel/bias.
+
+        The block itself is not modified.
+        """
+        with torch.no_grad():
+            if self.deployed:
+                source = self._deploy_conv_module()
+                kernel, bias = source.weight, source.bias
+            else:
+                kernel, bias = self.get_equivalent_kernel_bias()
+            conv = self._empty_deploy_conv(kernel.dtype, kernel.device)
+            conv.weight.copy_(kernel)
+            conv.bias.copy_(bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"padding_mode={self.padding_mode!r}, deployed={self.deployed}"
+        )
+
+
+class ConvBN(ReparamBlock):
+    """The plain conv-BN unit (the ``base`` block): ``bn(conv(x))`` with a bias-free ``conv``.
+
+    Children: ``conv`` (``nn.Conv2d``, ``bias=False``) and ``bn`` (``nn.BatchNorm2d``); after
+    :meth:`switch_to_deploy` only ``fused_conv`` remains (kernel ``conv.weight * s``, bias ``t``,
+    ``(s, t)`` the BN's eval-mode scale and shift).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: IntOrPair = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        deploy: bool = False,
+        *,
+        bn_eps: float = 1e-5,
+        bn_momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self._init_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, min_kernel=1
+        )
+        if deploy:
+            self.fused_conv = self._empty_deploy_conv(torch.get_default_dtype(), torch.device("cpu"))
+        else:
+            self.conv = nn.Conv2d(
+                in_channels,
+                out_channels,
+                self.kernel_size,
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                groups=groups,
+                bias=False,
+                padding_mode=padding_mode,
+            )
+            self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
+
+    @property
+    def deployed(self) -> bool:
+        return "fused_conv" in self._modules
+
+    def _deploy_conv_module(self) -> nn.Conv2d:
+        return self.fused_conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.deployed:
+            return self.fused_conv(x)
+        return self.bn(self.conv(x))
+
+    def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
+        if self.deployed:
+            return self.fused_conv.weight, self.fused_conv.bias
+        return transforms.fuse_bn(self.conv.weight, self.bn)
+
+    def switch_to_deploy(self) -> None:
+        if self.deployed:
+            return
+        self.fused_conv = self.make_deploy_conv()
+        del self.conv
+        del self.bn

@@ -1,0 +1,150 @@
+"""Pure fusion transforms of structural re-parameterization.
+
+Every function takes tensors (or a BatchNorm module, read only) and returns new tensors; nothing is
+modified in place and everything is differentiable, so an equivalent kernel built from these can be
+used for quantization-aware training or pruning.
+
+Notation: a conv kernel ``k`` has shape ``(O, C/g, Kh, Kw)`` (``g`` groups) and a bias ``b`` has
+shape ``(O,)``; ``conv(x; k, b)`` is ``F.conv2d``. A BatchNorm in eval mode computes
+``bn(y) = gamma * (y - mu) / sqrt(var + eps) + beta`` per channel.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "bn_scale_shift",
+    "fuse_bn",
+    "add_branches",
+    "fuse_1x1_kxk",
+    "concat_depth",
+    "avg_pool_kernel",
+    "identity_kernel",
+    "pad_kernel_to",
+    "add_to_centre",
+]
+
+KernelBias = Tuple[Tensor, Tensor]
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d) -> KernelBias:
+    """Per-channel ``(scale, shift)`` with ``bn(y) = scale * y + shift`` in eval mode.
+
+    ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``, using the
+    BN's own ``eps``; ``gamma = 1, beta = 0`` when the BN has no affine parameters.
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            "bn_scale_shift: the BatchNorm has no running statistics (track_running_stats=False); "
+            "it cannot be folded into a conv"
+        )
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std if bn.weight is not None else 1.0 / std
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def fuse_bn(kernel: Tensor, bn: nn.BatchNorm2d, conv_bias: Optional[Tensor] = None) -> KernelBias:
+    """Fold an eval-mode BN that follows ``conv(.; kernel, conv_bias)`` into the conv.
+
+    ``bn(conv(x; k, b)) = conv(x; k * s, s * b + t)`` with ``(s, t) = bn_scale_shift(bn)``
+    (``s`` broadcast over each output channel's kernel slice).
+    """
+    scale, shift = bn_scale_shift(bn)
+    scale = scale.to(kernel.dtype)
+    fused_kernel = kernel * scale.reshape(-1, 1, 1, 1)
+    fused_bias = shift.to(kernel.dtype)
+    if conv_bias is not None:
+        fused_bias = fused_bias + conv_bias * scale
+    return fused_kernel, fused_bias
+
+
+def add_branches(kernels: Sequence[Tensor], biases: Sequence[Tensor]) -> KernelBias:
+    """Parallel branches of the same geometry add up: ``sum_i conv(x; k_i, b_i) = conv(x; sum k_i, sum b_i)``."""
+    if len(kernels) == 0 or len(kernels) != len(biases):
+        raise ValueError("add_branches: needs as many biases as kernels, and at least one of each")
+    return torch.stack(list(kernels)).sum(0), torch.stack(list(biases)).sum(0)
+
+
+def fuse_1x1_kxk(k1: Tensor, b1: Tensor, k2: Tensor, b2: Tensor, groups: int = 1) -> KernelBias:
+    """A 1x1 conv ``(k1, b1)`` followed by a KxK conv ``(k2, b2)``, both with ``groups``, as one KxK conv.
+
+    Within group ``g`` (``k1``: ``(D, C/g, 1, 1)``, ``k2``: ``(O, D/g, K, K)``):
+    ``k[o, c] = sum_d k2[o, d] * k1[d, c]`` and ``b[o] = b2[o] + sum_{d,h,w} k2[o, d, h, w] * b1[d]``.
+    Exact where the KxK conv sees the 1x1 output of the (zero-)padded input, i.e. where the padding
+    of the intermediate map holds ``b1`` (see ``DiverseBranchBlock``'s padded BN).
+    """
+    D, cin_g = k1.shape[0], k1.shape[1]
+    O, d_g = k2.shape[0], k2.shape[1]
+    if k1.shape[2:] != (1, 1) or D % groups or O % groups or D // groups != d_g:
+        raise ValueError(
+            f"fuse_1x1_kxk: incompatible shapes k1={tuple(k1.shape)}, k2={tuple(k2.shape)} for groups={groups}"
+        )
+    k1g = k1.reshape(groups, d_g, cin_g)
+    k2g = k2.reshape(groups, O // groups, d_g, k2.shape[2], k2.shape[3])
+    kernel = torch.einsum("godhw,gdc->gochw", k2g, k1g).reshape(O, cin_g, k2.shape[2], k2.shape[3])
+    bias = b2 + torch.einsum("godhw,gd->go", k2g, b1.reshape(groups, d_g)).reshape(O)
+    return kernel, bias
+
+
+def concat_depth(kernels: Sequence[Tensor], biases: Sequence[Tensor]) -> KernelBias:
+    """Convs on the same input whose outputs are concatenated along channels: concatenate kernels and biases."""
+    return torch.cat(list(kernels), dim=0), torch.cat(list(biases), dim=0)
+
+
+def identity_kernel(channels: int, groups: int = 1, kernel_size: int = 1, *, dtype=None, device=None) -> Tensor:
+    """The kernel ``(C, C/g, K, K)`` of the identity map: 1 at the centre tap of ``k[o, o mod (C/g)]``."""
+    if channels % groups:
+        raise ValueError(f"identity_kernel: channels={channels} is not divisible by groups={groups}")
+    per_group = channels // groups
+    kernel = torch.zeros(channels, per_group, kernel_size, kernel_size, dtype=dtype, device=device)
+    idx = torch.arange(channels, device=device)
+    kernel[idx, idx % per_group, kernel_size // 2, kernel_size // 2] = 1
+    return kernel
+
+
+def avg_pool_kernel(channels: int, kernel_size: int, groups: int = 1, *, dtype=None, device=None) -> Tensor:
+    """KxK average pooling (zero padding, padded pixels counted) as a grouped conv kernel.
+
+    ``k[o, o mod (C/g), :, :] = 1 / K^2`` and 0 elsewhere, so ``conv(x; k) = avg_pool(x)`` with the
+    same stride and padding (``count_include_pad=True``).
+    """
+    if channels % groups:
+        raise ValueError(f"avg_pool_kernel: channels={channels} is not divisible by groups={groups}")
+    per_group = channels // groups
+    kernel = torch.zeros(channels, per_group, kernel_size, kernel_size, dtype=dtype, device=device)
+    idx = torch.arange(channels, device=device)
+    kernel[idx, idx % per_group] = 1.0 / (kernel_size * kernel_size)
+    return kernel
+
+
+def pad_kernel_to(kernel: Tensor, size: int | Tuple[int, int]) -> Tensor:
+    """Zero-pad a ``(kh, kw)`` kernel symmetrically to ``(Kh, Kw)`` (centres aligned; odd differences).
+
+    ``conv(x; pad_kernel_to(k, K), padding=p)`` equals ``conv(x; k, padding=p - d*(K - kh)/2)`` per axis
+    (dilation ``d``): the small kernel becomes the centre of the large one.
+    """
+    target_h, target_w = (size, size) if isinstance(size, int) else size
+    kh, kw = kernel.shape[-2:]
+    dh, dw = target_h - kh, target_w - kw
+    if dh < 0 or dw < 0 or dh % 2 or dw % 2:
+        raise ValueError(
+            f"pad_kernel_to: cannot centre a {kh}x{kw} kernel in {target_h}x{target_w} (needs a larger size "
+            "with an even difference)"
+        )
+    return F.pad(kernel, [dw // 2, dw // 2, dh // 2, dh // 2])
+
+
+def add_to_centre(square: Tensor, small: Tensor) -> Tensor:
+    """Add a smaller (e.g. asymmetric 1xK or Kx1) kernel onto the centre skeleton of a KxK kernel.
+
+    ``square + pad_kernel_to(small, K)``: the 1xK kernel lands on the centre row, the Kx1 on the
+    centre column (ACNet's kernel skeleton).
+    """
+    return square + pad_kernel_to(small, tuple(square.shape[-2:]))
