@@ -15,6 +15,7 @@ line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,25 +55,40 @@ class ArrayStats:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
-def array_stats(name: str, array: np.ndarray, near_zero_eps: float) -> ArrayStats:
+def array_stats(name: str, array: np.ndarray, near_zero_eps: float, dtype_label: Optional[str] = None) -> ArrayStats:
     """Mean, std and sign counts of ``array`` (computed in float64)."""
+    dtype_label = dtype_label or str(array.dtype)
     if array.dtype.kind not in "biuf":
-        return ArrayStats(name, array.shape, str(array.dtype), None, None, 0, 0, 0, 0)
+        return ArrayStats(name, array.shape, dtype_label, None, None, 0, 0, 0, 0)
     values = np.asarray(array, dtype=np.float64)
     if values.size == 0:
-        return ArrayStats(name, array.shape, str(array.dtype), None, None, 0, 0, 0, 0)
+        return ArrayStats(name, array.shape, dtype_label, None, None, 0, 0, 0, 0)
     return ArrayStats(
-        name=name, shape=array.shape, dtype=str(array.dtype),
+        name=name, shape=array.shape, dtype=dtype_label,
         mean=float(values.mean()), std=float(values.std()),
         positive=int(np.count_nonzero(values > 0)), negative=int(np.count_nonzero(values < 0)),
         zero=int(np.count_nonzero(values == 0)), near_zero=int(np.count_nonzero(np.abs(values) <= near_zero_eps)),
     )
 
 
-def iter_arrays(path: Path) -> Iterator[tuple]:
-    """Yield ``(state_dict_name, numpy array)`` for every dataset of the file, in file order.
+def _walk(group, prefix: str = "") -> Iterator[tuple]:
+    """``(path, dataset)`` for every dataset under ``group``, in the file's own order (creation order
+    when the file tracks it, as ``acnet.save_hdf5`` does; else alphabetical)."""
+    for key in group.keys():
+        obj = group[key]
+        path = f"{prefix}/{key}" if prefix else key
+        if isinstance(obj, h5py.Group):
+            yield from _walk(obj, path)
+        elif isinstance(obj, h5py.Dataset):
+            yield path, obj
 
-    Raises Hdf5InspectError for a missing, non-hdf5 or corrupt file.
+
+def iter_arrays(path: Path) -> Iterator[tuple]:
+    """Yield ``(state_dict_name, numpy array, dtype label)`` for every dataset of the file, in file order.
+
+    The dtype label is the array's dtype, plus the torch dtype when the file stored a dtype numpy
+    lacks (``bfloat16`` as ``float32`` with a ``torch_dtype`` attribute). Raises Hdf5InspectError
+    for a missing, non-hdf5 or corrupt file.
     """
     if not path.exists():
         raise Hdf5InspectError(f"no such file: {path}")
@@ -87,12 +103,18 @@ def iter_arrays(path: Path) -> Iterator[tuple]:
                                f"acnet.load_state_dict_file; weights from do_acnet.py are *.hdf5)")
     try:
         with h5py.File(str(path), "r") as handle:
-            names: list = []
-            handle.visititems(lambda key, obj: names.append(key) if isinstance(obj, h5py.Dataset) else None)
-            for key in names:
-                yield state_dict_name(key), handle[key][()]
+            for key, dataset in _walk(handle):
+                array = dataset[()]
+                array = np.asarray(array)
+                label = str(array.dtype)
+                torch_dtype = dataset.attrs.get("torch_dtype")
+                if torch_dtype is not None:
+                    torch_dtype = torch_dtype.decode() if isinstance(torch_dtype, bytes) else str(torch_dtype)
+                    label = f"{label} ({torch_dtype})"
+                yield state_dict_name(key), array, label
     except (OSError, KeyError, RuntimeError, ValueError) as exc:
-        raise Hdf5InspectError(f"{path} is corrupt or truncated ({exc}); re-create it, e.g. from the run's "
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Hdf5InspectError(f"{path} is corrupt or truncated ({detail}); re-create it, e.g. from the run's "
                                f"checkpoint") from None
 
 
@@ -201,7 +223,7 @@ def format_report(stats: Sequence[ArrayStats], totals: Totals, near_zero_eps: fl
 
 def inspect_file(path: Path, filter_text: Optional[str] = None, near_zero_eps: float = 1e-5) -> str:
     """The full report for one file (raises Hdf5InspectError)."""
-    stats = [array_stats(name, array, near_zero_eps) for name, array in iter_arrays(path)
+    stats = [array_stats(name, array, near_zero_eps, dtype) for name, array, dtype in iter_arrays(path)
              if not filter_text or filter_text in name]
     return format_report(stats, totals_of(stats), near_zero_eps, filter_text)
 
@@ -217,10 +239,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.near_zero < 0:
             raise Hdf5InspectError(f"--near-zero must be >= 0, got {args.near_zero}")
-        print(inspect_file(args.file, args.filter, args.near_zero))
+        report = inspect_file(args.file, args.filter, args.near_zero)
     except Hdf5InspectError as exc:
         print(f"display_hdf5.py: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        print(report)
+        sys.stdout.flush()
+    except BrokenPipeError:  # output piped into head & co.: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -125,7 +125,7 @@ def default_label(path: Path) -> str:
 def skeleton_of_file(path: Path, kernel_size: Optional[int] = None, label: Optional[str] = None) -> Skeleton:
     weights = resolve_weights_path(Path(path))
     try:
-        arrays = dict(iter_arrays(weights))
+        arrays = {name: array for name, array, _ in iter_arrays(weights)}
     except Hdf5InspectError as exc:
         raise SkeletonError(str(exc)) from None
     return compute_skeleton(arrays, kernel_size, label or default_label(weights), str(weights))
