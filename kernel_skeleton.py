@@ -139,8 +139,7 @@ def format_skeleton(skeleton: Skeleton) -> str:
     return "\n".join(lines)
 
 
-def draw_skeletons(skeletons: Sequence[Skeleton], path: Path) -> None:
-    """Side-by-side KxK heatmaps on one colour scale [0, 1], values written in the cells; PNG."""
+def _import_pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -148,7 +147,12 @@ def draw_skeletons(skeletons: Sequence[Skeleton], path: Path) -> None:
                             "(or run without -o for the text output)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def draw_skeletons(skeletons: Sequence[Skeleton], path: Path) -> None:
+    """Side-by-side KxK heatmaps on one colour scale [0, 1], values written in the cells; PNG."""
+    plt = _import_pyplot()
     from acnet.fileio import atomic_path
 
     fig, axes = plt.subplots(1, len(skeletons), figsize=(3.4 * len(skeletons) + 0.8, 3.4), squeeze=False)
@@ -180,6 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.labels is not None and len(args.labels) != len(args.weights):
             raise SkeletonError(f"--labels got {len(args.labels)} names for {len(args.weights)} weights arguments")
+        if args.output is not None:
+            _import_pyplot()  # fail before any output if the figure cannot be drawn
         labels = args.labels or [None] * len(args.weights)
         skeletons = [skeleton_of_file(p, args.kernel_size, label) for p, label in zip(args.weights, labels)]
         sizes = {sk.kernel_size for sk in skeletons}
