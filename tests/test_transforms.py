@@ -1,0 +1,156 @@
+"""Each fusion transform against a direct computation (float64)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from acnet import transforms
+
+DT = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def random_bn(channels: int, seed: int, affine: bool = True, eps: float = 1e-5) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels, eps=eps, affine=affine).to(DT).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(rand(channels, seed=seed))
+        bn.running_var.copy_(rand(channels, seed=seed + 1).abs() + 0.1)
+        if affine:
+            bn.weight.copy_(rand(channels, seed=seed + 2))
+            bn.bias.copy_(rand(channels, seed=seed + 3))
+    return bn
+
+
+geometry = st.fixed_dictionaries({
+    "groups": st.sampled_from([1, 2, 3]),
+    "per_group_in": st.integers(1, 3),
+    "per_group_out": st.integers(1, 3),
+    "stride": st.integers(1, 2),
+    "dilation": st.integers(1, 2),
+    "seed": st.integers(0, 1000),
+})
+
+
+@given(geometry, st.booleans(), st.booleans(), st.sampled_from([1e-5, 0.01, 0.5]))
+def test_fuse_bn_equals_bn_after_conv(g, affine, with_bias, eps):
+    cin, cout = g["groups"] * g["per_group_in"], g["groups"] * g["per_group_out"]
+    kernel = rand(cout, g["per_group_in"], 3, 3, seed=g["seed"])
+    conv_bias = rand(cout, seed=g["seed"] + 5) if with_bias else None
+    bn = random_bn(cout, g["seed"], affine, eps)
+    x = rand(2, cin, 7, 6, seed=g["seed"] + 9)
+    conv = dict(stride=g["stride"], padding=1, dilation=g["dilation"], groups=g["groups"])
+    expected = bn(F.conv2d(x, kernel, conv_bias, **conv))
+    k, b = transforms.fuse_bn(kernel, bn, conv_bias)
+    torch.testing.assert_close(F.conv2d(x, k, b, **conv), expected, **TOL)
+
+
+def test_bn_scale_shift_uses_the_bns_own_eps_and_defaults_without_affine():
+    bn = random_bn(4, 1, affine=False, eps=0.3)
+    scale, shift = transforms.bn_scale_shift(bn)
+    torch.testing.assert_close(scale, 1 / (bn.running_var + 0.3).sqrt(), **TOL)
+    torch.testing.assert_close(shift, -bn.running_mean * scale, **TOL)
+    with pytest.raises(ValueError, match="running statistics"):
+        transforms.bn_scale_shift(nn.BatchNorm2d(3, track_running_stats=False))
+
+
+def test_add_branches_equals_sum_of_convs():
+    x = rand(2, 3, 6, 6, seed=1)
+    ks = [rand(4, 3, 3, 3, seed=s) for s in range(3)]
+    bs = [rand(4, seed=10 + s) for s in range(3)]
+    k, b = transforms.add_branches(ks, bs)
+    expected = sum(F.conv2d(x, ki, bi, padding=1) for ki, bi in zip(ks, bs))
+    torch.testing.assert_close(F.conv2d(x, k, b, padding=1), expected, **TOL)
+    with pytest.raises(ValueError, match="as many biases"):
+        transforms.add_branches(ks, bs[:2])
+
+
+@given(geometry, st.integers(1, 3), st.sampled_from([1, 3, 5]))
+def test_fuse_1x1_kxk_equals_the_two_convs_on_the_padded_input(g, mid_per_group, k):
+    """conv_kxk(conv_1x1(pad0(x))) == conv(x; k, b, padding=p): the 1x1 output carries b1 in the padding."""
+    groups = g["groups"]
+    cin, mid, cout = groups * g["per_group_in"], groups * mid_per_group, groups * g["per_group_out"]
+    k1, b1 = rand(mid, g["per_group_in"], 1, 1, seed=g["seed"]), rand(mid, seed=g["seed"] + 1)
+    k2, b2 = rand(cout, mid_per_group, k, k, seed=g["seed"] + 2), rand(cout, seed=g["seed"] + 3)
+    x = rand(2, cin, 7, 8, seed=g["seed"] + 4)
+    p, s, d = g["dilation"] * (k // 2), g["stride"], g["dilation"]
+    expected = F.conv2d(F.conv2d(F.pad(x, [p] * 4), k1, b1, groups=groups), k2, b2, s, 0, d, groups)
+    kernel, bias = transforms.fuse_1x1_kxk(k1, b1, k2, b2, groups)
+    assert kernel.shape == (cout, g["per_group_in"], k, k)
+    torch.testing.assert_close(F.conv2d(x, kernel, bias, s, p, d, groups), expected, **TOL)
+
+
+def test_fuse_1x1_kxk_rejects_mismatched_groups():
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        transforms.fuse_1x1_kxk(rand(4, 2, 1, 1), rand(4), rand(6, 3, 3, 3), rand(6), groups=2)
+
+
+def test_concat_depth_equals_concatenated_outputs():
+    x = rand(2, 4, 6, 6, seed=2)
+    dense, dense_b = [rand(3, 4, 3, 3, seed=5), rand(2, 4, 3, 3, seed=6)], [rand(3, seed=7), rand(2, seed=8)]
+    k, b = transforms.concat_depth(dense, dense_b)
+    expected = torch.cat([F.conv2d(x, ki, bi, padding=1) for ki, bi in zip(dense, dense_b)], dim=1)
+    torch.testing.assert_close(F.conv2d(x, k, b, padding=1), expected, **TOL)
+    # per-group kernels concatenated in depth form the grouped conv (how grouped 1x1-KxK merges are built)
+    per_group, per_group_b = [rand(3, 2, 3, 3, seed=1), rand(3, 2, 3, 3, seed=2)], [rand(3, seed=3), rand(3, seed=4)]
+    k, b = transforms.concat_depth(per_group, per_group_b)
+    expected = torch.cat([F.conv2d(x[:, 2 * i:2 * i + 2], ki, bi, padding=1)
+                          for i, (ki, bi) in enumerate(zip(per_group, per_group_b))], dim=1)
+    torch.testing.assert_close(F.conv2d(x, k, b, padding=1, groups=2), expected, **TOL)
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (5, 2, 2), (3, 1, 0), (2, 2, 0)])
+@pytest.mark.parametrize("channels,groups", [(4, 4), (4, 1), (6, 2)])
+def test_avg_pool_kernel_equals_avg_pool(k, stride, padding, channels, groups):
+    x = rand(2, channels, 7, 8, seed=k + stride)
+    kernel = transforms.avg_pool_kernel(channels, k, groups, dtype=DT)
+    assert kernel.shape == (channels, channels // groups, k, k)
+    expected = F.avg_pool2d(x, k, stride, padding, count_include_pad=True)
+    torch.testing.assert_close(F.conv2d(x, kernel, None, stride, padding, groups=groups), expected, **TOL)
+
+
+@pytest.mark.parametrize("channels,groups,k", [(4, 1, 1), (6, 3, 3), (5, 5, 3)])
+def test_identity_kernel_is_the_identity(channels, groups, k):
+    x = rand(2, channels, 5, 5)
+    kernel = transforms.identity_kernel(channels, groups, k, dtype=DT)
+    torch.testing.assert_close(F.conv2d(x, kernel, None, padding=k // 2, groups=groups), x, **TOL)
+
+
+@given(st.sampled_from([(1, 1, 3), (1, 1, 5), (3, 3, 5), (1, 3, 3), (3, 1, 5)]), st.integers(1, 2),
+       st.integers(0, 1000))
+def test_pad_kernel_to_keeps_the_centre(shape, dilation, seed):
+    kh, kw, big = shape
+    small = rand(3, 2, kh, kw, seed=seed)
+    x = rand(1, 2, 9, 9, seed=seed + 1)
+    p = dilation * (big // 2) + 1
+    padded = transforms.pad_kernel_to(small, big)
+    small_padding = (p - dilation * (big - kh) // 2, p - dilation * (big - kw) // 2)
+    torch.testing.assert_close(F.conv2d(x, padded, None, 1, p, dilation),
+                               F.conv2d(x, small, None, 1, small_padding, dilation), **TOL)
+
+
+def test_pad_kernel_to_rejects_impossible_sizes():
+    with pytest.raises(ValueError, match="cannot centre"):
+        transforms.pad_kernel_to(rand(1, 1, 3, 3), 4)
+    with pytest.raises(ValueError, match="cannot centre"):
+        transforms.pad_kernel_to(rand(1, 1, 5, 5), 3)
+
+
+@pytest.mark.parametrize("k,dilation", [(3, 1), (5, 1), (3, 2)])
+def test_add_to_centre_puts_asymmetric_kernels_on_the_skeleton(k, dilation):
+    """KxK + 1xK (centre row) + Kx1 (centre column) with aligned paddings is one KxK conv."""
+    x = rand(2, 3, 8, 9, seed=k)
+    square, hor, ver = rand(4, 3, k, k, seed=1), rand(4, 3, 1, k, seed=2), rand(4, 3, k, 1, seed=3)
+    p = dilation * (k // 2)
+    expected = (F.conv2d(x, square, None, 1, p, dilation) + F.conv2d(x, hor, None, 1, (0, p), dilation)
+                + F.conv2d(x, ver, None, 1, (p, 0), dilation))
+    fused = transforms.add_to_centre(transforms.add_to_centre(square, hor), ver)
+    torch.testing.assert_close(F.conv2d(x, fused, None, 1, p, dilation), expected, **TOL)
+    assert torch.equal(fused[:, :, 0, 0], square[:, :, 0, 0])  # corners untouched
