@@ -1,0 +1,186 @@
+"""Safe loading of weight files: the one place a state dict is read from disk.
+
+``load_state_dict_file(path)`` accepts the two formats the project uses:
+
+* the original hdf5 format (see :mod:`acnet.hdf5`), recognised by its signature, whatever the
+  file name;
+* a torch checkpoint (``.pth`` / ``.pt`` / anything ``torch.save`` wrote), read with
+  ``torch.load(..., weights_only=True)``: unpickling may only build tensors and plain containers,
+  so loading a file never runs code from it.
+
+A checkpoint may wrap the state dict in a container (``{"state_dict": ...}``, ``{"model": ...}``,
+``{"model_state_dict": ...}``, ``{"net": ...}``, as training scripts save it beside the optimizer
+and the epoch); the container is unwrapped. A prefix every key shares from a wrapper module
+(``module.`` from ``DataParallel``/``DistributedDataParallel``, ``_orig_mod.`` from
+``torch.compile``) is stripped, so a checkpoint of a wrapped model loads into the plain model.
+
+Every failure (missing file, corrupt file, a file that is no weights file, a pickle that would need
+arbitrary code) raises :class:`WeightsError` with one message naming the file, the problem and the
+fix.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "WeightsError",
+    "load_state_dict_file",
+    "as_state_dict",
+    "strip_wrapper_prefixes",
+    "CONTAINER_KEYS",
+    "WRAPPER_PREFIXES",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+StateDict = Dict[str, Tensor]
+
+#: Keys under which training scripts commonly store the model's state dict in a checkpoint.
+CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "net")
+#: Prefixes added by wrapper modules (DataParallel / DistributedDataParallel, torch.compile).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+class WeightsError(RuntimeError):
+    """A weights file or state dict cannot be used: missing, corrupt, unsafe or not matching the model."""
+
+
+def load_state_dict_file(path: PathLike) -> StateDict:
+    """Read a state dict from an hdf5 weights file or a torch checkpoint.
+
+    Returns a new ``dict[str, Tensor]`` (CPU tensors) with any container unwrapped and any wrapper
+    prefix (``module.``, ``_orig_mod.``) stripped. Raises :class:`WeightsError` when the file is
+    missing, unreadable, corrupt, not a weights file, or would need arbitrary code to unpickle.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise WeightsError(f"weights file not found: '{file}' (check the path)")
+    if file.is_dir():
+        raise WeightsError(f"'{file}' is a directory, not a weights file (give the path of an .hdf5 or .pth file)")
+    if _is_hdf5(file):
+        from .hdf5 import load_hdf5  # local import: hdf5.py imports this module for WeightsError
+
+        raw: Any = load_hdf5(file)
+    else:
+        raw = _torch_load_weights_only(file)
+    return as_state_dict(raw, source=f"'{file}'")
+
+
+def as_state_dict(obj: Any, source: str = "the given weights") -> StateDict:
+    """Turn loaded weights into a plain ``dict[str, Tensor]``.
+
+    Accepts a state-dict mapping, a checkpoint container holding one under a key of
+    :data:`CONTAINER_KEYS`, or an ``nn.Module`` (its ``state_dict()``). Strips wrapper prefixes.
+    Raises :class:`WeightsError` naming ``source`` when no state dict can be found or an entry is
+    not a tensor.
+    """
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise WeightsError(
+            f"{source} holds a {type(obj).__name__}, not a state dict (expected a mapping from "
+            "parameter names to tensors, or a checkpoint dict with a 'state_dict' or 'model' entry)"
+        )
+    obj = _unwrap_container(obj)
+    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if bad:
+        found = ", ".join(f"{k!r} ({type(obj[k]).__name__})" for k in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        containers = ", ".join(repr(k) for k in CONTAINER_KEYS)
+        raise WeightsError(
+            f"{source} is not a state dict: {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not "
+            f"named tensors: {found}{more}. Expected a mapping from parameter names to tensors, or a "
+            f"checkpoint with the model's state dict under one of {containers}"
+        )
+    return strip_wrapper_prefixes(dict(obj))
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Remove a wrapper prefix (:data:`WRAPPER_PREFIXES`) shared by EVERY key, repeatedly.
+
+    ``{"module.conv.weight": w}`` becomes ``{"conv.weight": w}``; a prefix only some keys carry
+    is part of their real names and is kept.
+    """
+    result = dict(state_dict)
+    changed = True
+    while result and changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in result):
+                result = {k[len(prefix):]: v for k, v in result.items()}
+                changed = True
+    return result
+
+
+def _unwrap_container(obj: Mapping) -> Mapping:
+    """Descend into ``{"state_dict": {...}}``-style containers until a mapping of tensors remains."""
+    while not _looks_like_state_dict(obj):
+        inner = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
+def _looks_like_state_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _is_hdf5(file: Path) -> bool:
+    """HDF5 signature at offset 0 (or at 512, 1024, ... when the file has a user block)."""
+    try:
+        with open(file, "rb") as fh:
+            offset = 0
+            size = file.stat().st_size
+            while offset + len(_HDF5_SIGNATURE) <= size:
+                fh.seek(offset)
+                if fh.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                    return True
+                offset = 512 if offset == 0 else offset * 2
+    except OSError as exc:
+        raise WeightsError(f"cannot read weights file '{file}': {exc}") from None
+    return False
+
+
+def _torch_load_weights_only(file: Path) -> Any:
+    """``torch.load(weights_only=True)`` on CPU, every failure turned into one :class:`WeightsError`."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if unsafe is None:  # the unpickler met bytes that are no pickle at all
+            raise WeightsError(_corrupt_message(file, exc)) from None
+        raise WeightsError(
+            f"refusing to load '{file}': it contains Python objects other than tensors and plain "
+            f"containers ({unsafe.group(1)}), and loading them could run code from the file. Save only "
+            "the state dict (torch.save(model.state_dict(), path)); if you trust the file, load it "
+            "yourself with torch.load(path, weights_only=False) and pass the resulting state dict"
+        ) from None
+    except (zipfile.BadZipFile, EOFError, UnicodeDecodeError, ValueError) as exc:
+        raise WeightsError(_corrupt_message(file, exc)) from None
+    except OSError as exc:
+        raise WeightsError(f"cannot read weights file '{file}': {exc}") from None
+    except RuntimeError as exc:  # torch's zip reader reports corrupt archives as RuntimeError
+        raise WeightsError(_corrupt_message(file, exc)) from None
+
+
+def _corrupt_message(file: Path, exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"Unsupported operand[^\n]*|invalid load key[^\n]*", str(exc))
+        detail = f"unpickling failed ({found.group(0).strip() if found else 'not a pickle'})"
+    else:
+        detail = lines[0] if lines else type(exc).__name__
+    return (
+        f"'{file}' is not a readable weights file: neither hdf5 nor an intact torch checkpoint "
+        f"(corrupt or truncated?): {detail}. Re-create or re-download the file"
+    )
