@@ -1,7 +1,39 @@
 """acnet: structural re-parameterization blocks (ACB, DBB) and their exact fusion into one conv.
 
-Depends on torch only.
+Depends on torch only (h5py for the hdf5 weight files).
+
+Blocks: :class:`ACBlock` (alias :class:`AsymConvBlock`), :class:`DiverseBranchBlock`, :class:`ConvBN`,
+all :class:`ReparamBlock` s (in eval mode each equals one conv with bias). Whole models:
+:func:`convert_to_acnet` plugs blocks into any model, :func:`acnet_switch_to_deploy` turns every
+block into its plain conv, :func:`acnet_fuse_and_load` loads training-time weights into the
+unmodified baseline model. Weights: :func:`save_hdf5` / :func:`load_hdf5` (the original hdf5 format),
+:func:`load_state_dict_file` (hdf5 or torch checkpoint, loaded safely), :class:`WeightsError`.
+The fusion maths: module :mod:`acnet.transforms`.
 """
 from __future__ import annotations
 
+from . import transforms
+from .acb import ACBlock, AsymConvBlock
+from .base import ConvBN, ReparamBlock
+from .convert import acnet_fuse_and_load, acnet_switch_to_deploy, convert_to_acnet
+from .dbb import DiverseBranchBlock
+from .hdf5 import load_hdf5, save_hdf5
+from .weights import WeightsError, load_state_dict_file
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "ReparamBlock",
+    "ConvBN",
+    "ACBlock",
+    "AsymConvBlock",
+    "DiverseBranchBlock",
+    "acnet_switch_to_deploy",
+    "convert_to_acnet",
+    "acnet_fuse_and_load",
+    "save_hdf5",
+    "load_hdf5",
+    "load_state_dict_file",
+    "WeightsError",
+    "transforms",
+]
