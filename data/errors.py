@@ -1,0 +1,12 @@
+"""The errors the data package raises: one clear message naming the problem and the fix."""
+from __future__ import annotations
+
+__all__ = ["DatasetError", "DatasetArgumentError"]
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing, empty, corrupt or cannot be downloaded."""
+
+
+class DatasetArgumentError(DatasetError, ValueError):
+    """An argument of the data package is invalid (unknown dataset, bad batch size, rank, ...)."""

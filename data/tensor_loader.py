@@ -1,0 +1,92 @@
+"""The fast path: a whole uint8 image set held as one tensor on the training device.
+
+Each batch is gathered, augmented (random crop + flip, ``data.augment``) and normalised on the
+device in a few tensor operations: no PIL, no worker processes, no host-to-device image copies.
+The epoch's order comes from ``ShardedBatchSampler`` and the augmentation parameters from a CPU
+generator seeded by ``(seed, epoch, rank)``, so a run is reproducible and device-independent.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .augment import normalize, random_crop_flip, sample_crop_flip
+from .sharding import ShardedBatchSampler, epoch_generator
+
+__all__ = ["TensorImageLoader"]
+
+_AUGMENT_STREAM = 1  # generator stream of the augmentation parameters (0: the permutation)
+
+
+class TensorImageLoader:
+    """Loader protocol over in-memory tensors: ``set_epoch``, ``len``, ``(images, labels)`` batches.
+
+    ``images`` is uint8 ``(N, C, H, W)`` and ``labels`` int64 ``(N,)``, both already on the
+    device the batches are wanted on. ``train=True``: per-epoch reshuffled shard, equal batch
+    count on every rank, random crop (``padding``) + flip; ``train=False``: fixed shard, no
+    augmentation. Yields float32 ``(x / 255 - mean) / std`` and int64 labels on that device.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                 num_classes: int, train: bool, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, padding: int = 4,
+                 mean: Union[float, Sequence[float]] = 0.5,
+                 std: Union[float, Sequence[float]] = 0.5,
+                 classes: Optional[Sequence[str]] = None) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("images must be a uint8 (N, C, H, W) tensor")
+        if labels.shape != (images.shape[0],):
+            raise ValueError("labels must be a (N,) tensor matching images")
+        self.images = images
+        self.labels = labels.to(device=images.device, dtype=torch.int64)
+        self.sampler = ShardedBatchSampler(images.shape[0], batch_size, rank=rank,
+                                           world_size=world_size, train=train, seed=seed)
+        self.train = train
+        self.padding = padding
+        self.mean = mean
+        self.std = std
+        self.num_classes = num_classes
+        self.classes = list(classes) if classes is not None else None
+        self.image_size = images.shape[-1]
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch (its shard)."""
+        return self.sampler.shard_size
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        sizes = self.sampler.batch_sizes()
+        order = self.sampler.epoch_order().to(self.device, non_blocking=True)
+        if self.train:
+            generator = epoch_generator(self.sampler.seed, self.sampler.epoch, _AUGMENT_STREAM,
+                                        self.sampler.rank)
+            params = [p.to(self.device, non_blocking=True)
+                      for p in sample_crop_flip(len(order), self.padding, generator)]
+            param_batches = zip(*(torch.split(p, sizes) for p in params))
+        for indices in torch.split(order, sizes):
+            images = self.images.index_select(0, indices)
+            if self.train:
+                top, left, flip = next(param_batches)
+                images = random_crop_flip(images, top, left, flip, self.padding)
+            yield normalize(images, self.mean, self.std), self.labels.index_select(0, indices)
+
+    def __repr__(self) -> str:
+        kind = "train" if self.train else "eval"
+        return (f"TensorImageLoader({kind}, samples={self.num_samples}, "
+                f"batches={len(self)}, batch_size={self.batch_size}, device={self.device})")
