@@ -226,7 +226,7 @@ class Trainer:
         epoch_sums, window_sums = MetricSums(device), MetricSums(device)
         bad = torch.zeros((), dtype=torch.bool, device=device)
         bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.recipe.epochs}", unit="it",
-                   disable=(not ctx.is_main) or (not opts.progress_bar), leave=False, dynamic_ncols=True)
+                   disable=True if (not ctx.is_main or not opts.progress_bar) else None, leave=False, dynamic_ncols=True)
         start = time.perf_counter()
         window = {"start": start, "images": 0, "steps": 0}
         images_seen = 0

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Engine overhead: end-to-end training throughput of do_acnet.py vs the raw model step.
+
+For each block type, alternately (to share the machine's noise fairly) and ``--repeats`` times:
+
+* engine: ``do_acnet.py -a ARCH -b BLOCK --dataset synthetic`` in a subprocess; images/s is
+  ``train_images_per_sec`` from its ``summary.json`` (training loop only: data, forward, loss,
+  backward, SGD step, schedule, device-side metrics, progress reads);
+* raw: a subprocess running the bare step (forward, cross-entropy, backward, SGD step) on one fixed
+  pre-made batch of the same size, the same number of iterations, timed the same way.
+
+The table gives medians and ``overhead = 1 - engine / raw`` (target <= 10%). Run from the repository
+root:  ``python benchmarks/bench_engine.py --quick``  (CUDA: ``--device cuda``, adds bf16 autocast and
+channels_last as the engine does; ``--compile`` to compile both).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def raw_step_throughput(arch: str, block: str, batch: int, iterations: int, device: str, compile_model: bool) -> float:
+    """Images/s of the bare training step on a fixed batch (run inside the worker subprocess)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import constructor
+    from train_configs import get_recipe
+
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    on_cuda = dev.type == "cuda"
+    recipe = get_recipe(arch)
+    kwargs = {"gamma_init": recipe.gamma_init} if block == "acb" else {}
+    spec = constructor.get_arch_spec(arch)
+    torch.manual_seed(0)
+    model = constructor.build_model(arch, block, **kwargs).to(dev)
+    fmt = torch.channels_last if on_cuda else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    step_model = torch.compile(model) if compile_model else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    images = torch.randn(batch, 3, spec.input_size, spec.input_size, device=dev).contiguous(memory_format=fmt)
+    labels = torch.randint(0, spec.num_classes, (batch,), device=dev)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_cuda):
+            logits = step_model(images)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if on_cuda:
+        torch.cuda.synchronize()
+    return batch * iterations / (time.perf_counter() - start)
+
+
+def engine_throughput(arch: str, block: str, batch: int, iterations: int, epochs: int, device: str,
+                      compile_model: bool, workdir: Path) -> float:
+    out = workdir / f"run_{block}_{time.monotonic_ns()}"
+    cmd = [sys.executable, str(ROOT / "do_acnet.py"), "-a", arch, "-b", block, "--dataset", "synthetic",
+           "--epochs", str(epochs), "--batch-size", str(batch), "--synthetic-num-train", str(batch * iterations),
+           "--synthetic-num-val", str(batch), "--output-dir", str(out), "--no-progress", "--device", device,
+           "--val-every", str(10 ** 6), "--print-freq", "50"]
+    if compile_model:
+        cmd.append("--compile")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"do_acnet.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    summary = json.loads(next(out.glob("*/summary.json")).read_text())
+    return float(summary["train_images_per_sec"])
+
+
+def run_raw_worker(args: argparse.Namespace) -> float:
+    cmd = [sys.executable, __file__, "--raw-worker", "--arch", args.arch, "--batch", str(args.batch),
+           "--iterations", str(args.iterations * args.epochs), "--device", args.device, "--blocks", args.block_one]
+    if args.compile:
+        cmd.append("--compile")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"raw worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="src56")
+    parser.add_argument("--blocks", default="base,acb", help="comma-separated block types")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--iterations", type=int, default=30, help="iterations per epoch")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="10 iterations x 1 epoch, 3 repeats")
+    parser.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_worker:
+        print(raw_step_throughput(args.arch, args.blocks, args.batch, args.iterations, args.device, args.compile))
+        return
+    if args.quick:
+        args.iterations, args.epochs, args.repeats = 10, 1, 3
+    blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
+        for block in blocks:
+            args.block_one = block
+            engine, raw = [], []
+            for _ in range(args.repeats):  # alternate: engine, raw, engine, raw, ...
+                engine.append(engine_throughput(args.arch, block, args.batch, args.iterations, args.epochs,
+                                                args.device, args.compile, Path(tmp)))
+                raw.append(run_raw_worker(args))
+            e, r = statistics.median(engine), statistics.median(raw)
+            rows.append((block, e, r, e / r, 1 - e / r, engine, raw))
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    print(f"\nengine overhead: {args.arch}, batch {args.batch}, {args.iterations} it x {args.epochs} epoch(s), "
+          f"{args.repeats} alternated repeats, device {args.device}{' +compile' if args.compile else ''}, "
+          f"threads {threads}")
+    print(f"| block | engine img/s (median) | raw step img/s (median) | engine/raw | overhead | target |")
+    print(f"|-------|---------------------:|------------------------:|-----------:|---------:|:------:|")
+    for block, e, r, ratio, overhead, _, _ in rows:
+        status = "ok" if overhead <= 0.10 else "MISS"
+        print(f"| {block} | {e:.1f} | {r:.1f} | {ratio:.3f} | {100 * overhead:.1f}% | <=10% {status} |")
+    for block, _, _, _, _, engine, raw in rows:
+        print(f"{block}: engine runs {[round(x, 1) for x in engine]}, raw runs {[round(x, 1) for x in raw]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+#!/usr/bin/env python
+"""Train an ACNet/DBB/baseline model, convert it and test the deploy weights (the original's entry point).
+
+Train (CIFAR-10 ResNet-56 with ACBs; baseline with -b base; DBB with -b dbb)::
+
+    python do_acnet.py -a src56 -b acb
+    python do_acnet.py -a cfqkbnc -b acb --dataset synthetic --epochs 3      # offline smoke run, ~1 min on CPU
+
+Distributed (the global batch is split over the ranks; NCCL on CUDA, gloo on CPU)::
+
+    torchrun --nproc_per_node=8 do_acnet.py -a sres18 -b acb
+    python -m torch.distributed.launch --nproc_per_node=8 do_acnet.py -a sres18 -b acb
+
+Outputs go to ``<output-dir>/<arch>_<block>_train/`` (``<arch>_<block>_<dataset>_train/`` when the
+dataset is not the arch's own): log.txt, recipe.json, init.hdf5, finish.hdf5, finish_deploy.hdf5,
+latest.pth (resumable, every epoch), summary.json, tensorboard/. ``-c continue`` resumes from
+latest.pth; when finish.hdf5 exists training is skipped and only the post-training steps run.
+
+Standalone tools (no training)::
+
+    python do_acnet.py -a src56 -b acb --eval-only weights.hdf5        # any form: training-time or deploy, hdf5 or .pth
+    python do_acnet.py -a src56 -b acb --convert finish.hdf5 deploy.hdf5
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+import constructor
+import data
+from train_configs import get_recipe
+from train_configs.recipes import Recipe, should_validate
+
+logger = logging.getLogger("do_acnet")
+
+#: Which datasets an arch can train on, by its input size.
+_DATASETS_BY_INPUT_SIZE = {32: ("cifar10", "cifar100", "synthetic"), 224: ("imagenet", "synthetic")}
+_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+#: Recipe fields that command-line options override.
+_OVERRIDES = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
+              "warmup_epochs": "warmup_epochs", "label_smoothing": "label_smoothing", "val_every": "val_every"}
+
+
+class UsageError(Exception):
+    """A command line that cannot run; reported argparse-style (exit status 2), nothing written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="do_acnet.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-a", "--arch", required=True, choices=constructor.list_archs(), metavar="ARCH",
+                        help="architecture: " + ", ".join(constructor.list_archs()))
+    parser.add_argument("-b", "--block-type", "--block_type", dest="block_type", default="acb",
+                        choices=constructor.BLOCK_TYPES, help="conv-BN unit type (default: acb)")
+    parser.add_argument("-c", "--conti-or-fs", "--conti_or_fs", dest="conti_or_fs", default="fs",
+                        choices=("fs", "continue"), help="fs: from scratch (default); continue: resume latest.pth")
+    recipe = parser.add_argument_group("recipe overrides (defaults: train_configs/recipes.py for the arch)")
+    recipe.add_argument("--epochs", type=int)
+    recipe.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over the ranks")
+    recipe.add_argument("--lr", type=float, help="base learning rate (for the global batch; not auto-scaled)")
+    recipe.add_argument("--weight-decay", type=float)
+    recipe.add_argument("--warmup-epochs", type=float, help="linear warmup length (default 0, the original)")
+    recipe.add_argument("--label-smoothing", type=float)
+    recipe.add_argument("--val-every", type=int, help="evaluate every N epochs (and every epoch near the end)")
+    io = parser.add_argument_group("data and outputs")
+    io.add_argument("--dataset", choices=data.DATASETS, help="default: the arch's own (cifar10 or imagenet)")
+    io.add_argument("--data-dir", help="dataset root (default: cifar10_data / cifar100_data / imagenet_data)")
+    io.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                    help="download CIFAR when missing (default: on)")
+    io.add_argument("--synthetic-num-train", type=int, help="synthetic dataset: training images")
+    io.add_argument("--synthetic-num-val", type=int, help="synthetic dataset: evaluation images")
+    io.add_argument("--output-dir", default="acnet_exps", help="default: acnet_exps")
+    io.add_argument("--exp-name", help="experiment folder name (default: <arch>_<block>[_<dataset>]_train)")
+    io.add_argument("--workers", type=int, default=4, help="data loader worker processes per rank (default 4)")
+    run = parser.add_argument_group("execution")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                     help="bf16 autocast (default: on with CUDA, off on CPU)")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="channels_last memory format (default: on with CUDA)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the training step model")
+    run.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks (CUDA)")
+    run.add_argument("--print-freq", type=int, default=50, help="iterations between progress updates")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    run.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                     help=argparse.SUPPRESS)  # passed by torch.distributed.launch
+    tools = parser.add_argument_group("standalone tools (no training)")
+    tools.add_argument("--eval-only", metavar="WEIGHTS",
+                       help="evaluate WEIGHTS (hdf5 or .pth; training-time or deploy form) on --dataset")
+    tools.add_argument("--convert", nargs=2, metavar=("SRC", "DST"),
+                       help="convert training-time weights SRC into deploy weights DST (hdf5, or .pth/.pt)")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ checks
+def resolve_dataset(args: argparse.Namespace) -> tuple[Any, str]:
+    spec = constructor.get_arch_spec(args.arch)
+    dataset = args.dataset or spec.dataset
+    allowed = _DATASETS_BY_INPUT_SIZE.get(spec.input_size, data.DATASETS)
+    if dataset not in allowed:
+        raise UsageError(f"arch {args.arch} takes {spec.input_size}x{spec.input_size} inputs; --dataset {dataset} "
+                         f"does not fit (use one of: {', '.join(allowed)})")
+    if dataset != "synthetic" and (args.synthetic_num_train is not None or args.synthetic_num_val is not None):
+        raise UsageError("--synthetic-num-train/--synthetic-num-val only apply to --dataset synthetic")
+    return spec, dataset
+
+
+def check_args(args: argparse.Namespace) -> None:
+    positive = {"--print-freq": args.print_freq, "--synthetic-num-train": args.synthetic_num_train,
+                "--synthetic-num-val": args.synthetic_num_val}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.eval_only and args.convert:
+        raise UsageError("--eval-only and --convert are separate tools; give one of them")
+    if args.eval_only and not Path(args.eval_only).is_file():
+        raise UsageError(f"--eval-only: weights file {args.eval_only!r} does not exist")
+    if args.convert:
+        src, dst = args.convert
+        if not Path(src).is_file():
+            raise UsageError(f"--convert: source weights file {src!r} does not exist")
+        if Path(dst).resolve() == Path(src).resolve():
+            raise UsageError("--convert: DST must differ from SRC (the training-time weights are kept)")
+    if args.exp_name is not None and (not args.exp_name or "/" in args.exp_name or args.exp_name in (".", "..")):
+        raise UsageError(f"--exp-name must be a plain folder name, got {args.exp_name!r}")
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {field: getattr(args, attr) for attr, field in _OVERRIDES.items() if getattr(args, attr) is not None}
+
+
+def make_recipe(args: argparse.Namespace) -> Recipe:
+    try:
+        return get_recipe(args.arch, **recipe_overrides(args))
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("bad recipe value: ", "bad value: ")) from None
+
+
+def experiment_name(args: argparse.Namespace, spec, dataset: str) -> str:
+    if args.exp_name:
+        return args.exp_name
+    suffix = "" if dataset == spec.dataset else f"_{dataset}"
+    return f"{args.arch}_{args.block_type}{suffix}_train"
+
+
+def block_kwargs(block_type: str, recipe: Recipe) -> dict[str, Any]:
+    """Per-block options from the recipe: the ACB branches' initial BN weight (gamma init)."""
+    return {"gamma_init": recipe.gamma_init} if block_type == "acb" else {}
+
+
+def fail(message: str, rank: int, world_size: int, status: int = 1) -> NoReturn:
+    prefix = f"[rank {rank}] " if world_size > 1 else ""
+    print(f"do_acnet.py: error: {prefix}{message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def create_loaders(args: argparse.Namespace, spec, dataset: str, recipe: Recipe, ctx):
+    if recipe.batch_size % ctx.world_size:
+        raise UsageError(f"the global batch size {recipe.batch_size} is not divisible by the {ctx.world_size} "
+                         "ranks; pass --batch-size as a multiple of the number of processes")
+    kwargs: dict[str, Any] = {}
+    if dataset == "synthetic":
+        kwargs.update(image_size=spec.input_size, num_classes=spec.num_classes)
+        if args.synthetic_num_train is not None:
+            kwargs["num_train"] = args.synthetic_num_train
+        if args.synthetic_num_val is not None:
+            kwargs["num_val"] = args.synthetic_num_val
+    return data.create_loaders(dataset, args.data_dir, recipe.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                               device=ctx.device, workers=args.workers, seed=args.seed, download=args.download,
+                               **kwargs)
+
+
+def write_recipe_json(path: Path, args: argparse.Namespace, recipe: Recipe, dataset: str, ctx, options) -> None:
+    from utils.checkpoint import save_json
+
+    record = {"arch": args.arch, "block_type": args.block_type, "dataset": dataset, **recipe.to_dict(),
+              "world_size": ctx.world_size, "batch_size_per_rank": recipe.batch_size // ctx.world_size,
+              "block_kwargs": block_kwargs(args.block_type, recipe), "seed": args.seed,
+              "device": str(ctx.device), "amp_bf16": options.amp, "channels_last": options.channels_last,
+              "compile": options.compile, "sync_bn": options.sync_bn, "torch_version": torch.__version__,
+              "command_line": args.command_line}
+    save_json(record, path)
+
+
+def merge_saved_recipe(saved: dict[str, Any], args: argparse.Namespace, state_path: Path) -> Recipe:
+    """On continue the run keeps its recipe; an explicit override that contradicts it is an error."""
+    recipe = Recipe(**saved)
+    conflicts = [f"{field}={value!r} (run has {saved[field]!r})" for field, value in recipe_overrides(args).items()
+                 if saved.get(field) != value]
+    if conflicts:
+        raise UsageError(f"-c continue: {state_path} was trained with a different recipe: " + ", ".join(conflicts)
+                         + "; drop these options to continue, or start again with -c fs")
+    return recipe
+
+
+# ------------------------------------------------------------------------------------------ modes
+def run_eval_only(args, spec, dataset, recipe, ctx) -> None:
+    from utils.evaluation import evaluate, load_model_for_eval
+    from utils.runlog import eval_line
+
+    _, eval_loader = create_loaders(args, spec, dataset, recipe, ctx)
+    model = load_model_for_eval(args.arch, args.block_type, args.eval_only, ctx.device,
+                                num_classes=eval_loader.num_classes)
+    metrics = evaluate(model, eval_loader, ctx.device, amp=False)
+    if ctx.is_main:
+        print(f"{args.eval_only}: {dataset} {eval_line(0, 0, metrics, split='eval')} images={metrics['num_samples']}",
+              flush=True)
+
+
+def run_convert(args, spec, dataset) -> None:
+    from acnet import save_hdf5
+    from acnet.fileio import atomic_path
+    from utils.engine import cpu_state_dict
+    from utils.evaluation import load_model_for_eval
+    from utils.posttrain import convert_weights
+
+    src, dst = args.convert
+    num_classes = spec.num_classes if dataset == "synthetic" else _NUM_CLASSES[dataset]
+    train_model = load_model_for_eval(args.arch, args.block_type, src, "cpu", num_classes=num_classes)
+    if set(train_model.state_dict()) == set(constructor.build_model(args.arch, args.block_type, deploy=True,
+                                                                    num_classes=num_classes).state_dict()):
+        raise UsageError(f"--convert: {src} already holds deploy weights (nothing to convert)")
+    deploy_model = convert_weights(train_model)
+    state = cpu_state_dict(deploy_model)
+    if Path(dst).suffix in (".pth", ".pt"):
+        with atomic_path(dst) as tmp:
+            torch.save(state, tmp)
+    else:
+        save_hdf5(state, dst)
+    check = load_model_for_eval(args.arch, args.block_type, dst, "cpu", num_classes=num_classes)
+    with torch.no_grad():
+        x = torch.randn(2, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
+        diff = (train_model(x) - check(x)).abs().max().item()
+    print(f"converted {src} -> {dst} ({len(state)} tensors); deploy vs training-time max abs logit diff "
+          f"on a random batch: {diff:.3g}", flush=True)
+
+
+def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
+    from utils.checkpoint import CheckpointError, ExperimentPaths, load_state, seed_everything
+    from utils.distributed import barrier
+    from utils.engine import Trainer, TrainOptions
+    from utils.posttrain import post_training
+    from utils.runlog import RunLog, TensorBoard
+
+    on_cuda = ctx.device.type == "cuda"
+    options = TrainOptions(
+        amp=on_cuda if args.amp is None else args.amp,
+        channels_last=on_cuda if args.channels_last is None else args.channels_last,
+        compile=args.compile, sync_bn=args.sync_bn, print_freq=args.print_freq, progress_bar=not args.no_progress,
+        meta={"arch": args.arch, "block_type": args.block_type, "dataset": dataset})
+    if options.sync_bn and not on_cuda:
+        raise UsageError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
+    paths = ExperimentPaths(Path(args.output_dir) / experiment_name(args, spec, dataset))
+    finished = paths.finish_weights.is_file()
+    state = None
+    if finished and paths.state.is_file():
+        try:  # the finished run's own recipe (epochs etc. for the summary)
+            recipe = Recipe(**load_state(paths.state)["recipe"])
+        except (CheckpointError, TypeError):
+            logger.warning("could not read the recipe of the finished run from %s", paths.state)
+    if args.conti_or_fs == "continue" and not finished:
+        state = load_state(paths.state)
+        if state.get("meta", {}) and state["meta"] != options.meta:
+            raise UsageError(f"-c continue: {paths.state} belongs to {state['meta']}, not {options.meta}")
+        recipe = merge_saved_recipe(state["recipe"], args, paths.state)
+    options.should_validate = lambda epoch: should_validate(recipe, epoch)
+
+    train_loader, eval_loader = create_loaders(args, spec, dataset, recipe, ctx)
+    num_classes = eval_loader.num_classes
+
+    def build(deploy: bool = False) -> torch.nn.Module:
+        return constructor.build_model(args.arch, args.block_type, deploy=deploy, num_classes=num_classes,
+                                       **block_kwargs(args.block_type, recipe))
+
+    seed_everything(args.seed)
+    model = build()
+    # Everything is validated: from here on files are written.
+    run_log = RunLog(paths.log, enabled=ctx.is_main, keep_existing=state is not None or finished)
+    wall_before = 0.0
+    images_per_sec = None
+    if ctx.is_main:
+        paths.root.mkdir(parents=True, exist_ok=True)
+    if finished:
+        run_log.write(f"{paths.finish_weights.name} exists: training skipped, running the post-training steps")
+        if paths.state.is_file():
+            try:
+                done = load_state(paths.state)
+                wall_before = float(done.get("wall_seconds", 0.0))
+                seconds = float(done.get("train_seconds", 0.0))
+                images_per_sec = done.get("train_images", 0) / seconds if seconds > 0 else None
+            except Exception:  # the summary's timing fields stay empty; the weights are what matters
+                logger.warning("could not read %s for the timing fields of the summary", paths.state)
+    else:
+        if ctx.is_main:
+            write_recipe_json(paths.recipe, args, recipe, dataset, ctx, options)
+        trainer = Trainer(model, train_loader, eval_loader, recipe, ctx, paths, run_log, options)
+        if state is not None:
+            run_log.truncate(int(state.get("log_lines", len(run_log))))
+            trainer.load_resumable_state(state)
+            run_log.write(f"continuing from {paths.state.name}: epoch {trainer.start_epoch} iter {trainer.iteration}"
+                          f" (world size {ctx.world_size})")
+        else:
+            run_log.write(f"training {args.arch} / {args.block_type} on {dataset} from scratch: {recipe.epochs} "
+                          f"epochs, global batch {recipe.batch_size} over {ctx.world_size} rank(s), lr {recipe.lr}, "
+                          f"device {ctx.device}, amp {options.amp}, channels_last {options.channels_last}")
+        tensorboard = TensorBoard(paths.tensorboard, enabled=ctx.is_main,
+                                  purge_step=trainer.iteration if state is not None else None)
+        try:
+            result = trainer.fit(tensorboard)
+        finally:
+            tensorboard.close()
+        wall_before = result.wall_seconds_before
+        images_per_sec = result.images_per_sec
+        log_rank_agreement(trainer.model, ctx, run_log)
+    barrier()
+    summary_fields = {"arch": args.arch, "block_type": args.block_type, "dataset": dataset,
+                      "epochs": recipe.epochs, "world_size": ctx.world_size,
+                      "train_images_per_sec": None if images_per_sec is None else round(images_per_sec, 2)}
+    process_start = run_start
+    post_training(build, eval_loader, ctx, paths, run_log, summary_fields,
+                  wall_seconds=lambda: wall_before + (time.perf_counter() - process_start),
+                  channels_last=options.channels_last)
+
+
+def log_rank_agreement(model: torch.nn.Module, ctx, run_log) -> None:
+    """Check (and log) that every rank ends with the same weights; a disagreement is an error."""
+    if not ctx.distributed:
+        return
+    import hashlib
+
+    from utils.distributed import all_gather_objects
+    from utils.engine import cpu_state_dict
+
+    digest = hashlib.sha256()
+    for key, value in sorted(cpu_state_dict(model).items()):
+        digest.update(key.encode())
+        digest.update(value.numpy().tobytes())
+    digests = all_gather_objects(digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks disagree on the final weights (sha256 per rank: {digests})")
+    run_log.write(f"weights identical on all {ctx.world_size} ranks (sha256 {digests[0][:16]})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_start = time.perf_counter()
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parser.parse_args(argv)
+    args.command_line = shlex.join([sys.executable, os.path.abspath(__file__), *argv])
+    from acnet import WeightsError
+    from utils.checkpoint import CheckpointError
+    from utils.distributed import cleanup, init_distributed
+    from utils.engine import NonFiniteLossError
+    from utils.posttrain import DeployMismatchError
+
+    try:
+        check_args(args)
+        spec, dataset = resolve_dataset(args)
+        recipe = make_recipe(args)
+        ctx = init_distributed(args.device, args.local_rank)
+    except (UsageError, ValueError) as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING, stream=sys.stdout,
+                        format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    try:
+        if args.convert:
+            if ctx.is_main:
+                run_convert(args, spec, dataset)
+        elif args.eval_only:
+            run_eval_only(args, spec, dataset, recipe, ctx)
+        else:
+            run_training(args, spec, dataset, recipe, ctx, run_start)
+    except UsageError as exc:
+        if ctx.is_main:
+            parser.print_usage(sys.stderr)
+        fail(str(exc), ctx.rank, ctx.world_size, status=2)
+    except (data.DatasetError, WeightsError, CheckpointError, NonFiniteLossError, DeployMismatchError) as exc:
+        fail(str(exc), ctx.rank, ctx.world_size)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
