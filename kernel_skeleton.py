@@ -77,7 +77,9 @@ def _check_deploy_form(arrays: Mapping[str, np.ndarray], source: str) -> None:
     for name in names:
         unfused = any(marker in name.split(".") for marker in TRAINING_FORM_MARKERS)
         prefix, _, leaf = name.rpartition(".")
-        conv_bn_pair = (leaf == "weight" and prefix.endswith("conv")
+        # a conv-BN unit's bias-free conv next to its BN (a deploy conv always has a bias; a BN
+        # beside a conv WITH bias is a pre-activation unit's own BN, which stays in deploy form)
+        conv_bn_pair = (leaf == "weight" and prefix.endswith("conv") and f"{prefix}.bias" not in names
                         and f"{prefix[:-len('conv')]}bn.running_var" in names)
         if unfused or conv_bn_pair:
             raise SkeletonError(
@@ -167,7 +169,7 @@ def draw_skeletons(skeletons: Sequence[Skeleton], path: Path) -> None:
         ax.set_yticks([])
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="normalised magnitude")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -258,7 +258,9 @@ def read_run(run_dir: Path) -> Run:
 
     run.arch = str(pick("arch", default=name_arch or "?"))
     run.block_type = str(pick("block_type", "block", default=name_block or "?"))
-    dataset = pick("dataset", default=name_dataset)
+    # The run's dataset: summary.json, else the directory name (which names any dataset that is not
+    # the arch's own), else recipe.json, else the arch's own.
+    dataset = summary.get("dataset") or name_dataset or recipe.get("dataset")
     if dataset is None and run.arch != "?":
         dataset = own_dataset(run.arch)
     run.dataset = str(dataset) if dataset is not None else None

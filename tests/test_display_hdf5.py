@@ -1,6 +1,7 @@
 """display_hdf5.py: statistics and totals on original-style and project files, filters, clear errors."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,15 @@ def test_checkpoint_hint_for_torch_files(tmp_path, capsys):
     torch.save({"w": torch.ones(2)}, path)
     assert display_hdf5.main([str(path)]) == 2
     assert "acnet.load_state_dict_file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- a real run
+from test_readme import quickstart_run  # noqa: E402,F401  (session fixture: the README quickstart's run)
+
+
+@pytest.mark.parametrize("file_name, summary_key", [("finish.hdf5", "params_train"),
+                                                    ("finish_deploy.hdf5", "params_deploy")])
+def test_parameter_totals_of_a_tiny_real_run(quickstart_run, file_name, summary_key):
+    summary = json.loads((quickstart_run / "summary.json").read_text())
+    stats = [display_hdf5.array_stats(n, a, 1e-5) for n, a, _ in display_hdf5.iter_arrays(quickstart_run / file_name)]
+    assert display_hdf5.totals_of(stats).parameters == summary[summary_key]

@@ -103,6 +103,16 @@ def test_training_time_files_are_refused(tmp_path):
         ks.skeleton_of_file(conv_bn)
 
 
+def test_pre_activation_bn_of_a_deploy_file_is_accepted(tmp_path):
+    """WRN's deploy form keeps each unit's BN before its (biased) conv: that is not a training-time file."""
+    path = write_arrays(tmp_path / "wrn_deploy.hdf5", {
+        "stage1/0/conv1/bn.running_var": np.ones(2, np.float32),
+        "stage1/0/conv1/bn.weight": np.ones(2, np.float32),
+        "stage1/0/conv1/conv.weight": np.ones((2, 2, 3, 3), np.float32),
+        "stage1/0/conv1/conv.bias": np.zeros(2, np.float32)})
+    np.testing.assert_array_equal(ks.skeleton_of_file(path).matrix, np.ones((3, 3)))
+
+
 def test_cli_side_by_side_png(tmp_path, capsys):
     base = write_arrays(tmp_path / "base.hdf5", random_deploy_arrays(0))
     acb_arrays = random_deploy_arrays(1)
@@ -148,3 +158,16 @@ def test_drawing_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypat
     assert ks.main([str(good), "-o", str(tmp_path / "s.png")]) == 2
     assert "needs matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "s.png").exists()
+
+
+# ------------------------------------------------------------------------------------- a real run
+from test_readme import quickstart_run  # noqa: E402,F401  (session fixture: the README quickstart's run)
+
+
+def test_tiny_real_run(quickstart_run):
+    """cfqkbnc's three 5x5 convs: the run directory stands for its finish_deploy.hdf5; finish.hdf5 is refused."""
+    sk = ks.skeleton_of_file(quickstart_run)
+    assert sk.kernel_size == 5 and len(sk.layers) == 3
+    assert sk.matrix.max() <= 1.0 and sk.matrix.min() >= 0.0
+    with pytest.raises(ks.SkeletonError, match="training-time"):
+        ks.skeleton_of_file(quickstart_run / "finish.hdf5")

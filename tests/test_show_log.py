@@ -234,3 +234,20 @@ def test_plot_with_no_evaluations_is_a_clear_error(tmp_path, capsys):
     write_run(tmp_path, "vc_base_train", [])
     assert show_log.main([str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 2
     assert "no run has any evaluation" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- a real run
+from test_readme import quickstart_run  # noqa: E402,F401  (session fixture: the README quickstart's run)
+
+
+def test_on_a_tiny_real_run(quickstart_run, capsys):
+    summary = json.loads((quickstart_run / "summary.json").read_text())
+    eval_lines = [line for line in (quickstart_run / "log.txt").read_text().splitlines() if "top1=" in line]
+    assert show_log.main([str(quickstart_run.parent), "--format", "csv", "-n", "2"]) == 0
+    runs_csv = capsys.readouterr().out.split("\n\n")[0]
+    (row,) = csv.DictReader(io.StringIO(runs_csv))
+    assert (row["run"], row["arch"], row["block"], row["dataset"], row["epochs"], row["status"]) == (
+        quickstart_run.name, "cfqkbnc", "acb", "synthetic", "3/3", "done")
+    assert int(row["evals"]) == len(eval_lines)
+    assert float(row["deploy_top1"]) == pytest.approx(summary["deploy_top1"], abs=0.005)
+    assert float(row["last_top1"]) == pytest.approx(float(eval_lines[-1].split("top1=")[1].split()[0]))

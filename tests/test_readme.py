@@ -1,0 +1,147 @@
+"""The README as a contract: its install/test commands, its offline quickstart command run exactly as
+written (in a scratch directory holding a symlink to do_acnet.py, so outputs stay out of the
+repository), its Python examples, and the tool commands it shows.
+
+The quickstart's run directory is also the "tiny real run" other tool tests use (fixture
+``quickstart_run``): it is produced once per test session and reused.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+QUICKSTART_RUN = Path("acnet_exps") / "cfqkbnc_acb_synthetic_train"
+SCRIPTS = ("do_acnet.py", "show_log.py", "display_hdf5.py", "kernel_skeleton.py", "robustness.py")
+SUMMARY_KEYS = {"arch", "block_type", "dataset", "epochs", "world_size", "train_top1", "train_top5", "deploy_top1",
+                "deploy_top5", "max_abs_logit_diff", "train_images_per_sec", "params_train", "params_deploy",
+                "wall_seconds"}
+
+
+def readme_text() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+def section(title_start: str) -> str:
+    """The README text from the heading starting with ``title_start`` to the next heading of its level."""
+    match = re.search(rf"^(#+) {re.escape(title_start)}.*$", readme_text(), flags=re.M)
+    assert match, f"README has no section {title_start!r}"
+    level = len(match.group(1))
+    rest = readme_text()[match.end():]
+    end = re.search(rf"^#{{1,{level}}} ", rest, flags=re.M)
+    return rest[: end.start()] if end else rest
+
+
+def code_blocks(text: str, language: str) -> list:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def quickstart_command() -> str:
+    """The first command of the Quickstart section's first bash block."""
+    blocks = code_blocks(section("Quickstart"), "bash")
+    assert blocks, "the Quickstart section has no ```bash block"
+    return blocks[0].strip().splitlines()[0]
+
+
+def run_command(command: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a README command line (``python`` = this interpreter) in ``cwd``."""
+    argv = shlex.split(command)
+    assert argv[0] == "python", command
+    return subprocess.run([sys.executable, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def scratch_workdir(path: Path) -> Path:
+    """A working directory with symlinks to the repository's scripts (outputs land in it)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for script in SCRIPTS:
+        link = path / script
+        if not link.exists():
+            link.symlink_to(REPO / script)
+    return path
+
+
+def quickstart_run_dir(tmp_path_factory) -> Path:
+    """Run the README quickstart once per session (cached on disk in the session's base temp dir)."""
+    workdir = scratch_workdir(tmp_path_factory.getbasetemp() / "readme_quickstart")
+    run_dir = workdir / QUICKSTART_RUN
+    if not (run_dir / "summary.json").is_file():
+        result = run_command(quickstart_command(), workdir)
+        assert result.returncode == 0, f"quickstart failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        (workdir / "quickstart_stdout.txt").write_text(result.stdout + result.stderr, encoding="utf-8")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> Path:
+    return quickstart_run_dir(tmp_path_factory)
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_install_and_test_commands_are_kept():
+    (block,) = code_blocks(section("Install and test"), "bash")
+    assert block.strip().splitlines() == ['pip install -e ".[test]"', "python -m pytest -q"]
+
+
+def test_quickstart_is_the_offline_smoke_run():
+    assert quickstart_command() == "python do_acnet.py -a cfqkbnc -b acb --dataset synthetic --epochs 3"
+    assert str(QUICKSTART_RUN) in section("Quickstart")
+
+
+def test_quickstart_runs_as_written(quickstart_run):
+    """train -> init/finish hdf5 -> convert -> finish_deploy.hdf5 -> test deploy -> summary, as promised."""
+    for name in ("log.txt", "recipe.json", "init.hdf5", "finish.hdf5", "finish_deploy.hdf5", "summary.json"):
+        assert (quickstart_run / name).is_file(), name
+    summary = json.loads((quickstart_run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert (summary["arch"], summary["block_type"], summary["dataset"], summary["epochs"]) == (
+        "cfqkbnc", "acb", "synthetic", 3)
+    assert summary["max_abs_logit_diff"] < 1e-3
+    assert summary["params_deploy"] < summary["params_train"]
+    with h5py.File(quickstart_run / "finish.hdf5", "r") as f:
+        assert any("square_conv" in key for key in f)
+    with h5py.File(quickstart_run / "finish_deploy.hdf5", "r") as f:
+        assert not any("square_conv" in key or "running_var" in key for key in f)
+    evals = [line for line in (quickstart_run / "log.txt").read_text().splitlines() if "top1=" in line]
+    assert evals and "epoch 3 " in evals[-1]
+
+
+def test_python_examples_run(quickstart_run, monkeypatch):
+    """Every ```python block of the README runs, in order, from the quickstart's working directory."""
+    blocks = code_blocks(readme_text(), "python")
+    assert blocks
+    monkeypatch.chdir(quickstart_run.parents[1])
+    namespace: dict = {"__name__": "readme_example"}
+    for index, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"README.md python block {index + 1}", "exec"), namespace)
+        except Exception as exc:  # name the block that broke
+            pytest.fail(f"README python block {index + 1} failed: {type(exc).__name__}: {exc}\n{block}")
+
+
+TOOL_PATTERN = re.compile(r"^python (?:show_log|display_hdf5|kernel_skeleton|robustness)\.py\b.*$", re.M)
+
+
+def test_tool_commands_of_the_quickstart_run(quickstart_run, monkeypatch, capsys):
+    """The tool commands the README shows for the quickstart's run succeed on it as written (each
+    script's ``main`` is called in-process with the command's arguments, from the run's working dir)."""
+    commands = [m.group(0) for block in code_blocks(readme_text(), "bash") for m in TOOL_PATTERN.finditer(block)]
+    # those about the quickstart's run alone (others also need a base run)
+    commands = [c for c in commands
+                if all(path.startswith(str(QUICKSTART_RUN)) for path in re.findall(r"acnet_exps/\S+", c))]
+    assert len(commands) >= 4, commands
+    monkeypatch.chdir(quickstart_run.parents[1])
+    for command in commands:
+        argv = shlex.split(command.split("#")[0])
+        script = importlib.import_module(Path(argv[1]).stem)
+        capsys.readouterr()
+        assert script.main(argv[2:]) == 0, f"{command}\n{capsys.readouterr().err}"
+        assert capsys.readouterr().out.strip(), command
