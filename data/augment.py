@@ -10,7 +10,8 @@ from typing import Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sample_crop_flip", "random_crop_flip", "normalize"]
+__all__ = ["sample_crop_flip", "random_crop_flip", "normalize", "normalization_affine",
+           "apply_affine"]
 
 
 def sample_crop_flip(count: int, padding: int, generator: torch.Generator
@@ -41,12 +42,22 @@ def random_crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor
     return out.reshape(batch, channels, height, width)
 
 
+def normalization_affine(mean: Union[float, Sequence[float]], std: Union[float, Sequence[float]],
+                         channels: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)``, each ``(1, C, 1, 1)``, so that ``(x / 255 - mean) / std`` equals
+    ``x * scale - shift``."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).expand(channels)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).expand(channels)
+    return (1.0 / (255.0 * std_t)).view(1, channels, 1, 1), (mean_t / std_t).view(1, channels, 1, 1)
+
+
 def normalize(images: torch.Tensor, mean: Union[float, Sequence[float]],
               std: Union[float, Sequence[float]]) -> torch.Tensor:
     """uint8 ``(B, C, H, W)`` in ``[0, 255]`` -> float32 ``(x / 255 - mean) / std`` per channel."""
-    channels = images.shape[1]
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).expand(channels)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).expand(channels)
-    scale = (1.0 / (255.0 * std_t)).view(1, channels, 1, 1)
-    shift = (mean_t / std_t).view(1, channels, 1, 1)
+    scale, shift = normalization_affine(mean, std, images.shape[1], images.device)
+    return apply_affine(images, scale, shift)
+
+
+def apply_affine(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """float32 ``images * scale - shift`` (constants from ``normalization_affine``)."""
     return images.to(torch.float32).mul_(scale).sub_(shift)

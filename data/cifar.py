@@ -91,6 +91,14 @@ def _numpy_reconstruct() -> Callable[..., Any]:
     return _reconstruct
 
 
+def _numpy_frombuffer() -> Callable[..., Any]:
+    try:
+        from numpy._core.numeric import _frombuffer  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core.numeric import _frombuffer
+    return _frombuffer
+
+
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     """``_codecs.encode`` as Python 3 uses it to pickle ``bytes`` at protocol 2 (latin-1 only)."""
     if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
@@ -116,16 +124,19 @@ class CifarUnpickler(pickle.Unpickler):
     Official files (Python 2, numpy 1.x): ``numpy.core.multiarray._reconstruct``,
     ``numpy.ndarray``, ``numpy.dtype``. Re-saved by Python 3 + numpy 2 at protocol 2: also
     ``numpy._core.multiarray._reconstruct``, ``_codecs.encode`` (byte strings, latin-1) and
-    ``__builtin__.bytes`` / ``builtins.bytes`` (the empty byte string). Anything else raises
+    ``__builtin__.bytes`` / ``builtins.bytes`` (the empty byte string); at protocol 5 numpy
+    rebuilds arrays with ``numpy(._)core.numeric._frombuffer``. Anything else raises
     ``UnsafePickleError`` before it is imported.
     """
 
     def __init__(self, file: Any) -> None:
         super().__init__(file, encoding="bytes")
-        reconstruct = _numpy_reconstruct()
+        reconstruct, frombuffer = _numpy_reconstruct(), _numpy_frombuffer()
         self._allowed = {
             ("numpy.core.multiarray", "_reconstruct"): reconstruct,
             ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy.core.numeric", "_frombuffer"): frombuffer,
+            ("numpy._core.numeric", "_frombuffer"): frombuffer,
             ("numpy", "ndarray"): np.ndarray,
             ("numpy", "dtype"): np.dtype,
             ("_codecs", "encode"): _latin1_encode,

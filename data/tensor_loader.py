@@ -11,7 +11,7 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .augment import normalize, random_crop_flip, sample_crop_flip
+from .augment import apply_affine, normalization_affine, random_crop_flip, sample_crop_flip
 from .sharding import ShardedBatchSampler, epoch_generator
 
 __all__ = ["TensorImageLoader"]
@@ -46,6 +46,7 @@ class TensorImageLoader:
         self.padding = padding
         self.mean = mean
         self.std = std
+        self._scale, self._shift = normalization_affine(mean, std, images.shape[1], images.device)
         self.num_classes = num_classes
         self.classes = list(classes) if classes is not None else None
         self.image_size = images.shape[-1]
@@ -84,7 +85,8 @@ class TensorImageLoader:
             if self.train:
                 top, left, flip = next(param_batches)
                 images = random_crop_flip(images, top, left, flip, self.padding)
-            yield normalize(images, self.mean, self.std), self.labels.index_select(0, indices)
+            yield (apply_affine(images, self._scale, self._shift),
+                   self.labels.index_select(0, indices))
 
     def __repr__(self) -> str:
         kind = "train" if self.train else "eval"

@@ -93,6 +93,18 @@ def test_cifar100_uses_fine_labels(tmp_path, style):
     assert eval_loader.num_samples == 12
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_batches_re_saved_by_python3_at_any_protocol_load(tmp_path, protocol):
+    folder = write_fake_cifar10(tmp_path, num_train=10, num_test=6)
+    original = _trusted_load(folder / "test_batch")
+    resaved = {key.decode(): value for key, value in original.items()}  # str keys, as Python 3
+    with open(folder / "test_batch", "wb") as fh:
+        pickle.dump(resaved, fh, protocol=protocol)
+    test = load_cifar("cifar10", tmp_path, train=False, download=False)
+    assert np.array_equal(test.images.numpy().reshape(6, 3072), original[b"data"])
+    assert test.labels.tolist() == original[b"labels"]
+
+
 def test_root_conventions(cifar10_root, monkeypatch, tmp_path):
     via_root = load_cifar("cifar10", cifar10_root, train=False, download=False)
     via_folder = load_cifar("cifar10", cifar10_root / "cifar-10-batches-py", train=False,
