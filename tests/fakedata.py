@@ -3,11 +3,12 @@
 * ``write_fake_cifar10`` / ``write_fake_cifar100`` write ``cifar-10-batches-py/`` and
   ``cifar-100-python/`` like the official archives: pickle protocol 2, keys as (Python 2)
   byte strings, ``data`` a uint8 ``(N, 3072)`` array of row-major R, G, B planes, labels as
-  lists of ints, meta files with the label names. By default the pickles are written the way the official files
-  were (Python 2 ``cPickle``: byte strings as ``STRING`` opcodes, arrays rebuilt through
-  ``numpy.core.multiarray._reconstruct``); ``pickle_style="numpy"`` instead writes them the way
-  ``pickle.dump(obj, f, protocol=2)`` does with the current Python and numpy (``_codecs.encode`` for
-  byte strings, ``numpy._core.multiarray._reconstruct``), as a user who re-saved the files would.
+  lists of ints, meta files with the label names. By default the pickles are written the way
+  the official files were (Python 2 ``cPickle``: byte strings as ``STRING`` opcodes, arrays
+  rebuilt through ``numpy.core.multiarray._reconstruct``); ``pickle_style="numpy"`` instead
+  writes them the way ``pickle.dump(obj, f, protocol=2)`` does with the current Python and
+  numpy (``_codecs.encode`` for byte strings, ``numpy._core.multiarray._reconstruct``), as a
+  user who re-saved the files would.
 * ``write_fake_imagefolder`` writes ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG`` trees of
   small real JPEG files (PIL), like ``imagenet_data``.
 
