@@ -217,7 +217,8 @@ def format_report(stats: Sequence[ArrayStats], totals: Totals, near_zero_eps: fl
                f"total {totals.total}" + (f" (+{totals.other} in scalars/other arrays)" if totals.other else ""))
     out.append(f"  BN mean {totals.bn_mean}, var {totals.bn_var}, gamma {totals.bn_gamma}, "
                f"beta {totals.bn_beta}; bias {totals.bias}")
-    out.append(f"  parameters (total without BN mean/var) {totals.parameters}")
+    out.append(f"  kernel params (conv + matrix) {totals.conv_kernel + totals.matrix}; "
+               f"parameters (total without BN mean/var) {totals.parameters}")
     return "\n".join(out)
 
 

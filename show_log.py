@@ -97,6 +97,8 @@ TOP1_PATTERN = re.compile(r"top1=" + _NUMBER)
 TOP5_PATTERN = re.compile(r"top5=" + _NUMBER)
 LOSS_PATTERN = re.compile(r"(?<![A-Za-z_])loss=" + _NUMBER)
 EPOCH_PATTERN = re.compile(r"\bepoch[ =:]*(\d+)")
+# The original's end-of-training line: "TRAIN speed: from A to B iterations, ..., examples/sec=1234.5"
+ORIGINAL_SPEED_PATTERN = re.compile(r"TRAIN speed:.*examples/sec=" + _NUMBER)
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class ParsedLog:
     evaluations: list = field(default_factory=list)
     malformed_lines: int = 0
     last_epoch_seen: Optional[int] = None
+    images_per_sec: Optional[float] = None  # from the original's "TRAIN speed" line, if any
 
 
 def parse_log_text(text: str) -> ParsedLog:
@@ -124,6 +127,9 @@ def parse_log_text(text: str) -> ParsedLog:
     """
     parsed = ParsedLog()
     for line in text.splitlines():
+        speed_match = ORIGINAL_SPEED_PATTERN.search(line)
+        if speed_match:
+            parsed.images_per_sec = _as_float(speed_match.group(1))
         epoch_match = EPOCH_PATTERN.search(line)
         if epoch_match:
             epoch = int(epoch_match.group(1))
@@ -288,6 +294,8 @@ def read_run(run_dir: Path) -> Run:
         return run
     parsed = parse_log_text(text)
     run.evaluations = parsed.evaluations
+    if run.images_per_sec is None:
+        run.images_per_sec = parsed.images_per_sec
     if parsed.malformed_lines:
         run.problems.append(f"{parsed.malformed_lines} malformed eval line(s) skipped")
     if run.finished and run.epochs_planned is not None:

@@ -66,6 +66,25 @@ def test_original_style_lines_and_noise():
     assert parsed.last_epoch_seen == 12
 
 
+def test_a_log_of_the_original_code(tmp_path):
+    """The original ACNet's log.txt: 0-based "val at epoch" lines and its "TRAIN speed" line."""
+    run = tmp_path / "src56_acb_train"
+    run.mkdir()
+    (run / "log.txt").write_text("\n".join([
+        "Start training with pytorch version 1.4.0",
+        "val at epoch 0, top1=10.00000, top5=50.00000, loss=2.302585",
+        *[f"val at epoch {e}, top1={90 + e / 100:.5f}, top5=99.80000, loss=0.250000" for e in range(390, 400)],
+        "TRAIN speed: from 15600 to 31200 iterations, batch_size=128, examples=1996800, "
+        "total_net_time=1000.0000, examples/sec=1996.8",
+        "TRAIN LOSS collected over last 3 epochs: 0.012345",
+    ]) + "\n")
+    (record,) = show_log.discover_runs(tmp_path)
+    assert (record.arch, record.block_type, record.dataset) == ("src56", "acb", "cifar10")
+    assert len(record.evaluations) == 11 and record.epochs_done == 399
+    assert record.mean_last(5) == pytest.approx(93.97)
+    assert record.images_per_sec == pytest.approx(1996.8)
+
+
 def test_train_loss_is_not_taken_for_the_eval_loss():
     parsed = show_log.parse_log_text("epoch 5 train_loss=9.0 val top1=50.0 top5=90.0 loss=1.5")
     assert parsed.evaluations[0].loss == 1.5
