@@ -305,6 +305,10 @@ def load_cifar(name: str, root: Optional[PathLike] = None, *, train: bool,
     """
     spec = CIFAR_SPECS[name]
     folder = resolve_cifar_folder(spec, root)
+    not_a_folder = next((path for path in (folder.parent, folder) if path.is_file()), None)
+    if not_a_folder is not None:
+        raise DatasetError(f"the {spec.title} data directory {not_a_folder} is a file, not a "
+                           f"directory; pass the folder that contains {spec.folder}/")
     _ensure_files(spec, folder, download)
     files = spec.train_files if train else spec.test_files
     arrays = [_batch_arrays(spec, folder / file) for file in files]

@@ -188,6 +188,12 @@ def test_missing_without_download_names_folder_files_and_fix(tmp_path):
     assert "\n" not in message
 
 
+def test_data_dir_that_is_a_file_is_reported(tmp_path):
+    (tmp_path / "cifar.tar.gz").write_bytes(b"not a folder")
+    with pytest.raises(DatasetError, match=r"cifar\.tar\.gz is a file, not a directory"):
+        create_loaders("cifar10", tmp_path / "cifar.tar.gz", download=False)
+
+
 def test_network_failure_gives_clear_error(tmp_path):
     def offline(spec, parent):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
