@@ -131,6 +131,39 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     assert message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("dataset, num_classes", [("cifar10", 10), ("cifar100", 100)])
+def test_weights_file_on_cifar_files(tmp_path, capsys, dataset, num_classes):
+    """A bare deploy weights file, evaluated on CIFAR files in the official format (head size from the set)."""
+    import constructor
+    from acnet import save_hdf5
+    from fakedata import write_fake_cifar10, write_fake_cifar100
+
+    writer = write_fake_cifar10 if dataset == "cifar10" else write_fake_cifar100
+    writer(tmp_path / "data", num_train=20, num_test=40)
+    torch.manual_seed(0)
+    model = constructor.build_model("cfqkbnc", "dbb", deploy=True, num_classes=num_classes)
+    save_hdf5(model.state_dict(), tmp_path / "deploy.hdf5")
+    argv = [str(tmp_path / "deploy.hdf5"), "-a", "cfqkbnc", "-b", "dbb", "--dataset", dataset, "--data-dir",
+            str(tmp_path / "data"), "--no-download", "--workers", "0", "--device", "cpu", "--format", "csv"]
+    assert robustness.main(argv) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["distortion"] for r in rows] == list(robustness.DISTORTIONS)
+    assert {r["num_samples"] for r in rows} == {"40"}
+    assert rows[0]["run"] == "deploy.hdf5"
+
+
+def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
+    import constructor
+    from acnet import save_hdf5
+
+    save_hdf5(constructor.build_model("cfqkbnc", "base", deploy=True).state_dict(), tmp_path / "w.hdf5")
+    argv = [str(tmp_path / "w.hdf5"), "-a", "cfqkbnc", "-b", "base", "--data-dir", str(tmp_path / "none"),
+            "--no-download"]
+    assert robustness.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustness.py: error: ") and err.count("\n") == 1, err
+
+
 def test_tiny_real_run(quickstart_run, capsys):
     """On the README quickstart's run: the undistorted top-1 is the deploy top-1 of its summary."""
     summary = json.loads((quickstart_run / "summary.json").read_text())
