@@ -29,6 +29,8 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=str(dest.parent))
     os.close(fd)
+    # mkstemp creates the file 0600; give it the permissions a plain open() would have.
+    os.chmod(tmp, 0o666 & ~_current_umask())
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -52,6 +54,12 @@ def atomic_open(path: PathLike, mode: str = "w", encoding: str | None = None) ->
         with open(tmp, mode, encoding=encoding) as fh:
             yield fh
             fh.flush()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
