@@ -41,7 +41,6 @@ import inspect
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from acnet.acb import ACBlock
@@ -65,13 +64,12 @@ BLOCK_CLASSES: Dict[str, Optional[Callable[..., ReparamBlock]]] = {
 }
 BLOCK_TYPES: Tuple[str, ...] = tuple(BLOCK_CLASSES)
 
-#: Arguments the builder itself passes to a block: not accepted as per-block options.
+#: Arguments the builder itself controls: not accepted as per-block options.
 _GEOMETRY_ARGS = frozenset(
-    {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"}
+    {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "deploy"}
 )
 _BN_ARGS = frozenset({"bn_eps", "bn_momentum"})
 _REFUSED_OPTIONS = {
-    "deploy": "use build_model(..., deploy=True) / ConvBuilder(deploy=True) instead",
     "nonlinear": "architectures place their own activations (conv_bn_relu / bn_relu_conv), so every "
     "block type keeps the same deploy structure",
 }
