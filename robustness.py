@@ -212,7 +212,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.batch_size < 1:
             raise RobustnessError(f"--batch-size must be at least 1, got {args.batch_size}")
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+        try:
+            device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                                  else args.device)
+        except RuntimeError:
+            raise RobustnessError(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RobustnessError(f"--device {args.device}: CUDA is not available here; use --device cpu")
         targets = [resolve_target(path, args) for path in args.targets]

@@ -123,6 +123,9 @@ def test_resolve_run_directory(tmp_path):
     (["{tmp}"], "has no recipe.json"),
     (["{tmp}/w.hdf5", "-a", "nosuchnet", "-b", "acb"], "nosuchnet"),
     (["{tmp}/w.hdf5", "-a", "cfqkbnc", "-b", "acb", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["{tmp}/w.hdf5", "-a", "cfqkbnc", "-b", "acb", "--device", "gpu0"], "is not a device"),
+    *([(["{tmp}/w.hdf5", "-a", "cfqkbnc", "-b", "acb", "--device", "cuda"], "CUDA is not available")]
+      if not torch.cuda.is_available() else []),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "w.hdf5").write_bytes(b"not hdf5")
