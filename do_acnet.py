@@ -188,6 +188,8 @@ def write_recipe_json(path: Path, args: argparse.Namespace, recipe: Recipe, data
     record = {"arch": args.arch, "block_type": args.block_type, "dataset": dataset, **recipe.to_dict(),
               "world_size": ctx.world_size, "batch_size_per_rank": recipe.batch_size // ctx.world_size,
               "block_kwargs": block_kwargs(args.block_type, recipe), "seed": args.seed,
+              "data_dir": args.data_dir, "synthetic_num_train": args.synthetic_num_train,
+              "synthetic_num_val": args.synthetic_num_val,
               "device": str(ctx.device), "amp_bf16": options.amp, "channels_last": options.channels_last,
               "compile": options.compile, "sync_bn": options.sync_bn, "torch_version": torch.__version__,
               "command_line": args.command_line}
@@ -208,15 +210,14 @@ def merge_saved_recipe(saved: dict[str, Any], args: argparse.Namespace, state_pa
 # ------------------------------------------------------------------------------------------ modes
 def run_eval_only(args, spec, dataset, recipe, ctx) -> None:
     from utils.evaluation import evaluate, load_model_for_eval
-    from utils.runlog import eval_line
 
     _, eval_loader = create_loaders(args, spec, dataset, recipe, ctx)
     model = load_model_for_eval(args.arch, args.block_type, args.eval_only, ctx.device,
                                 num_classes=eval_loader.num_classes)
     metrics = evaluate(model, eval_loader, ctx.device, amp=False)
     if ctx.is_main:
-        print(f"{args.eval_only}: {dataset} {eval_line(0, 0, metrics, split='eval')} images={metrics['num_samples']}",
-              flush=True)
+        print(f"{args.eval_only} on {dataset} ({metrics['num_samples']} images): top1={metrics['top1']:.4f} "
+              f"top5={metrics['top5']:.4f} loss={metrics['loss']:.6f}", flush=True)
 
 
 def run_convert(args, spec, dataset) -> None:
@@ -248,7 +249,7 @@ def run_convert(args, spec, dataset) -> None:
 
 
 def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
-    from utils.checkpoint import CheckpointError, ExperimentPaths, load_state, seed_everything
+    from utils.checkpoint import ExperimentPaths, load_state, seed_everything
     from utils.distributed import barrier
     from utils.engine import Trainer, TrainOptions
     from utils.posttrain import post_training
@@ -265,11 +266,9 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
     paths = ExperimentPaths(Path(args.output_dir) / experiment_name(args, spec, dataset))
     finished = paths.finish_weights.is_file()
     state = None
-    if finished and paths.state.is_file():
-        try:  # the finished run's own recipe (epochs etc. for the summary)
-            recipe = Recipe(**load_state(paths.state)["recipe"])
-        except (CheckpointError, TypeError):
-            logger.warning("could not read the recipe of the finished run from %s", paths.state)
+    done = read_finished_run(paths) if finished else {}
+    if "recipe" in done:
+        recipe = Recipe(**done["recipe"])  # the finished run's own recipe (epochs etc. for the summary)
     if args.conti_or_fs == "continue" and not finished:
         state = load_state(paths.state)
         if state.get("meta", {}) and state["meta"] != options.meta:
@@ -294,18 +293,19 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
         paths.root.mkdir(parents=True, exist_ok=True)
     if finished:
         run_log.write(f"{paths.finish_weights.name} exists: training skipped, running the post-training steps")
-        if paths.state.is_file():
-            try:
-                done = load_state(paths.state)
-                wall_before = float(done.get("wall_seconds", 0.0))
-                seconds = float(done.get("train_seconds", 0.0))
-                images_per_sec = done.get("train_images", 0) / seconds if seconds > 0 else None
-            except Exception:  # the summary's timing fields stay empty; the weights are what matters
-                logger.warning("could not read %s for the timing fields of the summary", paths.state)
+        wall_before = float(done.get("wall_seconds", 0.0))
+        seconds = float(done.get("train_seconds", 0.0))
+        images_per_sec = done.get("train_images", 0) / seconds if seconds > 0 else None
     else:
         if ctx.is_main:
             write_recipe_json(paths.recipe, args, recipe, dataset, ctx, options)
         trainer = Trainer(model, train_loader, eval_loader, recipe, ctx, paths, run_log, options)
+        if state is None and ctx.is_main:
+            stale = [p for p in (paths.state, paths.deploy_weights, paths.summary) if p.exists()]
+            for path in stale:  # -c fs in a used folder: a later "continue" must not pick up the old run
+                path.unlink()
+            if stale:
+                run_log.write(f"-c fs: removed {', '.join(p.name for p in stale)} of an earlier run", logging.WARNING)
         if state is not None:
             run_log.truncate(int(state.get("log_lines", len(run_log))))
             trainer.load_resumable_state(state)
@@ -316,7 +316,7 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
                           f"epochs, global batch {recipe.batch_size} over {ctx.world_size} rank(s), lr {recipe.lr}, "
                           f"device {ctx.device}, amp {options.amp}, channels_last {options.channels_last}")
         tensorboard = TensorBoard(paths.tensorboard, enabled=ctx.is_main,
-                                  purge_step=trainer.iteration if state is not None else None)
+                                  purge_step=trainer.iteration)  # drop events of a killed or earlier run
         try:
             result = trainer.fit(tensorboard)
         finally:
@@ -332,6 +332,21 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
     post_training(build, eval_loader, ctx, paths, run_log, summary_fields,
                   wall_seconds=lambda: wall_before + (time.perf_counter() - process_start),
                   channels_last=options.channels_last)
+
+
+def read_finished_run(paths) -> dict[str, Any]:
+    """The last resumable state of a finished run (its recipe and timing), ``{}`` if unavailable."""
+    from utils.checkpoint import CheckpointError, load_state
+
+    if not paths.state.is_file():
+        return {}
+    try:
+        state = load_state(paths.state)
+        Recipe(**state["recipe"])
+        return state
+    except (CheckpointError, TypeError):
+        logger.warning("could not read %s: the summary keeps this command's recipe and no timing", paths.state)
+        return {}
 
 
 def log_rank_agreement(model: torch.nn.Module, ctx, run_log) -> None:
