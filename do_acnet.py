@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     from acnet import WeightsError
     from utils.checkpoint import CheckpointError
     from utils.distributed import cleanup, init_distributed
-    from utils.engine import NonFiniteLossError
+    from utils.engine import NonFiniteLossError, TrainingSetupError
     from utils.posttrain import DeployMismatchError
 
     try:
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
             run_eval_only(args, spec, dataset, recipe, ctx)
         else:
             run_training(args, spec, dataset, recipe, ctx, run_start)
-    except UsageError as exc:
+    except (UsageError, TrainingSetupError) as exc:
         if ctx.is_main:
             parser.print_usage(sys.stderr)
         fail(str(exc), ctx.rank, ctx.world_size, status=2)

@@ -34,13 +34,18 @@ from utils.metrics import MetricSums
 from utils.optim import CosineWarmupSchedule, make_sgd
 from utils.runlog import RunLog, TensorBoard
 
-__all__ = ["TrainOptions", "TrainResult", "NonFiniteLossError", "Trainer", "save_weights_hdf5", "cpu_state_dict"]
+__all__ = ["TrainOptions", "TrainResult", "NonFiniteLossError", "TrainingSetupError", "Trainer", "save_weights_hdf5",
+           "cpu_state_dict"]
 
 logger = logging.getLogger("do_acnet")
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the last saved state is left untouched."""
+
+
+class TrainingSetupError(ValueError):
+    """The model, data and recipe cannot train together (e.g. no full batch per rank)."""
 
 
 @dataclass
@@ -96,8 +101,8 @@ class Trainer:
         self.eval_loader = eval_loader
         self.iters_per_epoch = len(train_loader)
         if self.iters_per_epoch == 0:
-            raise ValueError("the training loader yields no batch on this rank: the dataset is smaller than "
-                             "the per-rank batch size; lower --batch-size")
+            raise TrainingSetupError("the training loader yields no batch on this rank: the dataset is smaller "
+                                     "than the per-rank batch size; lower --batch-size")
         memory_format = torch.channels_last if options.channels_last else torch.preserve_format
         model = model.to(self.device, memory_format=memory_format)
         if options.sync_bn and ctx.distributed:
