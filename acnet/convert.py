@@ -86,7 +86,9 @@ def acnet_switch_to_deploy(model: nn.Module) -> nn.Module:
 
 
 def _replace_blocks(module: nn.Module, replacements: Dict[int, nn.Module]) -> None:
-    for name, child in list(module.named_children()):
+    for name, child in list(module._modules.items()):  # not named_children(): it hides repeats
+        if child is None:
+            continue
         if isinstance(child, ReparamBlock):
             if id(child) not in replacements:
                 replacements[id(child)] = _deploy_module(child)
@@ -250,6 +252,11 @@ def convert_to_acnet(
             "not be folded back into the baseline model"
         )
     block_kwargs.pop("nonlinear", None)
+    if keep_weights and block_kwargs.get("use_affine", True) is False:
+        raise ValueError(
+            "convert_to_acnet: keep_weights=True needs affine BNs (use_affine=True) to start the side "
+            "branches at zero; drop use_affine=False or keep_weights=True"
+        )
 
     converted, skipped = 0, 0
     for pair in find_conv_bn_pairs(model):

@@ -1,0 +1,468 @@
+"""Whole-model API: convert_to_acnet, acnet_switch_to_deploy, acnet_fuse_and_load (incl. torchvision resnet18)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import acnet
+from acnet import (
+    ACBlock,
+    DiverseBranchBlock,
+    ReparamBlock,
+    WeightsError,
+    acnet_fuse_and_load,
+    acnet_switch_to_deploy,
+    convert_to_acnet,
+    save_hdf5,
+)
+from acnet.convert import ConvBNPair, find_conv_bn_pairs
+
+BLOCK_CLASS = {"acb": ACBlock, "dbb": DiverseBranchBlock}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights, affine parameters and BN statistics (as after some training): every float
+    state-dict entry (non-persistent buffers such as DBB's identity kernel are not state)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not tensor.is_floating_point():
+            continue
+        noise = torch.rand(tensor.shape, generator=gen, dtype=torch.float64).to(tensor.dtype)
+        if name.endswith("running_var"):
+            tensor.copy_(0.5 + 1.5 * noise)
+        elif name.endswith("running_mean") or name.endswith("bias"):
+            tensor.copy_(noise - 0.5)
+        elif tensor.dim() == 1:  # BN weights
+            tensor.copy_(0.5 + noise)
+        else:
+            fan_in = tensor[0].numel()
+            tensor.copy_((2 * noise - 1) * (3.0 / fan_in) ** 0.5)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def count(model: nn.Module, cls: type) -> int:
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# package surface
+# --------------------------------------------------------------------------------------------
+def test_public_api_is_exported():
+    for name in acnet.__all__:
+        assert hasattr(acnet, name), name
+    assert issubclass(WeightsError, RuntimeError)
+    assert acnet.AsymConvBlock is ACBlock
+    assert callable(acnet.transforms.fuse_bn)
+
+
+# --------------------------------------------------------------------------------------------
+# convert_to_acnet on torchvision's resnet18
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block_type", ["acb", "dbb"])
+def test_resnet18_conversion_replaces_exactly_the_3x3_conv_bn_pairs(block_type):
+    model = torchvision.models.resnet18(num_classes=10)
+    model.layer2[0].bn1.eps, model.layer2[0].bn1.momentum = 1e-3, 0.05
+    convert_to_acnet(model, block_type)
+    block_class = BLOCK_CLASS[block_type]
+    assert count(model, block_class) == 16  # two 3x3 convs in each of the 8 basic blocks
+    assert type(model.conv1) is nn.Conv2d and isinstance(model.bn1, nn.BatchNorm2d)  # 7x7 stem kept
+    assert type(model.layer2[0].downsample[0]) is nn.Conv2d  # 1x1 kept
+    assert isinstance(model.layer2[0].downsample[1], nn.BatchNorm2d)
+    for block in model.modules():
+        if isinstance(block, BasicBlock := torchvision.models.resnet.BasicBlock):
+            assert isinstance(block.conv1, block_class) and isinstance(block.bn1, nn.Identity)
+            assert isinstance(block.conv2, block_class) and isinstance(block.bn2, nn.Identity)
+    carried = [m for m in model.layer2[0].conv1.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert carried and all(bn.eps == 1e-3 and bn.momentum == 0.05 for bn in carried)
+    other = [m for m in model.layer1[0].conv1.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(bn.eps == 1e-5 and bn.momentum == 0.1 for bn in other)
+    block = model.layer2[0].conv1
+    assert (block.in_channels, block.out_channels, block.kernel_size, block.stride, block.padding) == (64, 128, 3, 2, 1)
+    assert model.training
+
+
+def test_block_kwargs_reach_the_blocks():
+    model = convert_to_acnet(torchvision.models.resnet18(num_classes=10), "acb", gamma_init=1 / 3)
+    assert all(
+        torch.allclose(bn.weight, torch.full_like(bn.weight, 1 / 3))
+        for m in model.modules() if isinstance(m, ACBlock) for bn in (m.square_bn, m.ver_bn, m.hor_bn)
+    )
+
+
+@pytest.mark.parametrize("block_type", ["acb", "dbb"])
+def test_plug_in_round_trip_on_torchvision_resnet18(block_type):
+    """convert -> a few SGD steps -> fuse into a FRESH resnet18 -> same eval outputs (float32)."""
+    torch.manual_seed(0)
+    model = convert_to_acnet(torchvision.models.resnet18(num_classes=10), block_type)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(2):
+        images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+
+    base = torchvision.models.resnet18(num_classes=10).train()
+    assert acnet_fuse_and_load(base, model.state_dict()) is base
+    assert type(base) is torchvision.models.ResNet and not base.training and count(base, ReparamBlock) == 0
+    with torch.no_grad():
+        assert rel_err(base(images), expected) <= 1e-5
+
+    if block_type == "acb":  # (DBB's deploy path is covered, faster, by the property test below)
+        acnet_switch_to_deploy(model)
+        assert count(model, ReparamBlock) == 0 and not model.training
+        assert type(model.layer1[0].conv1) is nn.Conv2d and model.layer1[0].conv1.bias is not None
+        with torch.no_grad():
+            assert rel_err(model(images), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("file_format", ["ddp-checkpoint", "hdf5"])
+def test_fuse_and_load_from_files(file_format, tmp_path):
+    trained = _trained_pair_model("dbb")
+    state = trained.state_dict()
+    if file_format == "hdf5":
+        path = tmp_path / "finish.hdf5"
+        save_hdf5(state, path)
+    else:
+        path = tmp_path / "checkpoint.pth"
+        torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)
+    base = acnet_fuse_and_load(_base_pair_model(), path)
+    images = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert (base(images) - trained(images)).abs().max().item() <= 1e-10
+
+
+# --------------------------------------------------------------------------------------------
+# property: keep_weights conversion, training, fuse-and-load and deploy all agree (float64)
+# --------------------------------------------------------------------------------------------
+@st.composite
+def conv_bn_nets(draw):
+    """Small Sequential(conv, BN, ReLU, conv, BN) over a random conv geometry space."""
+    channels = draw(st.sampled_from([2, 4]))
+    layers = []
+    in_channels = 3
+    for _ in range(2):
+        k = draw(st.sampled_from([3, 5]))
+        dilation = draw(st.sampled_from([1, 2]))
+        centre = dilation * (k // 2)
+        padding = draw(st.sampled_from([centre, centre + 1, centre - 1]))
+        depthwise = in_channels == channels and draw(st.booleans())
+        conv = nn.Conv2d(
+            in_channels, channels, k,
+            stride=draw(st.sampled_from([1, 2])),
+            padding=padding,
+            dilation=dilation,
+            groups=channels if depthwise else 1,
+            bias=draw(st.booleans()),
+            padding_mode=draw(st.sampled_from(["zeros", "zeros", "reflect", "circular"])),
+        )
+        bn = nn.BatchNorm2d(channels, eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])), affine=draw(st.booleans()))
+        layers += [conv, bn, nn.ReLU()]
+        in_channels = channels
+    return nn.Sequential(*layers[:-1]).double()
+
+
+@pytest.mark.parametrize("block_type", ["acb", "dbb"])
+@given(net=conv_bn_nets(), seed=st.integers(0, 2**16))
+def test_conversion_training_fusion_and_deploy_agree(block_type, net, seed):
+    randomize_(net, seed).eval()
+    images = torch.randn(2, 3, 11, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        reference = net(images)
+
+    converted = convert_to_acnet(copy.deepcopy(net), block_type, keep_weights=True).eval()
+    with torch.no_grad():
+        assert (converted(images) - reference).abs().max().item() <= 1e-10  # starts as the same function
+    if block_type == "acb":
+        assert count(converted, ACBlock) == 2  # ACB represents every odd-K geometry drawn here
+
+    randomize_(converted, seed + 1)  # "training"
+    with torch.no_grad():
+        trained = converted(images)
+    base = acnet_fuse_and_load(copy.deepcopy(net), converted.state_dict())
+    with torch.no_grad():
+        assert (base(images) - trained).abs().max().item() <= 1e-10
+    acnet_switch_to_deploy(converted)
+    assert count(converted, ReparamBlock) == 0
+    with torch.no_grad():
+        assert (converted(images) - trained).abs().max().item() <= 1e-10
+
+
+# --------------------------------------------------------------------------------------------
+# which pairs are found
+# --------------------------------------------------------------------------------------------
+class ConvFeedsTwoConsumers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class RegisteredButNotWired(nn.Module):
+    """conv registered right before bn, but bn normalises the INPUT: no conv-BN pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow defeats torch.fx: pairs come from registration order."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.body(x)
+        if y.sum() > 0:
+            y = y * 2
+        return self.bn2(self.conv2(y))
+
+
+def test_conv_with_a_second_consumer_is_not_converted():
+    model = convert_to_acnet(ConvFeedsTwoConsumers(), "acb")
+    assert type(model.conv) is nn.Conv2d and isinstance(model.bn, nn.BatchNorm2d)
+
+
+def test_registration_order_alone_does_not_make_a_pair_when_the_model_traces():
+    assert find_conv_bn_pairs(RegisteredButNotWired()) == []
+
+
+def test_untraceable_model_falls_back_to_registration_order():
+    model = randomize_(Untraceable().double(), 0).eval()
+    assert find_conv_bn_pairs(model) == [ConvBNPair("body.0", "body.1"), ConvBNPair("conv2", "bn2")]
+    images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        reference = model(images)
+    converted = convert_to_acnet(copy.deepcopy(model), "dbb", keep_weights=True).eval()
+    assert isinstance(converted.body[0], DiverseBranchBlock) and isinstance(converted.conv2, DiverseBranchBlock)
+    with torch.no_grad():
+        assert (converted(images) - reference).abs().max().item() <= 1e-10
+    randomize_(converted, 1)
+    with torch.no_grad():
+        trained = converted(images)
+        base = acnet_fuse_and_load(copy.deepcopy(model), converted.state_dict())
+        assert (base(images) - trained).abs().max().item() <= 1e-10
+
+
+def test_ineligible_convs_are_left_alone():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, (1, 3), padding=(0, 1)), nn.BatchNorm2d(4),  # non-square kernel
+        nn.Conv2d(4, 4, 3, padding=(1, 2)), nn.BatchNorm2d(4),  # asymmetric padding
+        nn.Conv2d(4, 4, 7, padding=3), nn.BatchNorm2d(4),  # outside default kernel sizes
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),  # 1x1
+        nn.Conv2d(4, 4, 4, padding=2), nn.BatchNorm2d(4),  # even kernel: ACB cannot represent it
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False),  # no statistics to fold
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),  # no BN at all
+        nn.Conv2d(4, 4, 3, padding="same"), nn.BatchNorm2d(4),  # the only eligible one
+    )
+    before = [type(m) for m in model]
+    convert_to_acnet(model, "acb")
+    after = [type(m) for m in model]
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a is not b]
+    assert changed == [14, 15] and isinstance(model[14], ACBlock) and model[14].padding == 1
+
+
+def test_kernel_sizes_is_configurable():
+    model = convert_to_acnet(torchvision.models.resnet18(num_classes=10), "acb", kernel_sizes=[7])
+    assert isinstance(model.conv1, ACBlock) and model.conv1.kernel_size == 7
+    assert count(model, ACBlock) == 1
+
+
+def test_dbb_skips_padding_it_cannot_align():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=0), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    convert_to_acnet(model, "dbb")
+    assert type(model[0]) is nn.Conv2d and isinstance(model[2], DiverseBranchBlock)
+
+
+def test_conversion_keeps_dtype_and_frozen_state():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).double()
+    model[0].weight.requires_grad_(False)
+    convert_to_acnet(model, "acb")
+    assert all(p.dtype == torch.float64 and not p.requires_grad for p in model[0].parameters())
+
+
+def test_converting_twice_changes_nothing():
+    model = convert_to_acnet(torchvision.models.resnet18(num_classes=10), "acb")
+    keys = list(model.state_dict())
+    convert_to_acnet(model, "dbb")
+    assert list(model.state_dict()) == keys and count(model, DiverseBranchBlock) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(block_type="repvgg"), "unknown block_type 'repvgg'; valid block types: 'acb', 'dbb'"),
+        (dict(block_type="acb", padding=2), "padding cannot be given"),
+        (dict(block_type="dbb", nonlinear=nn.ReLU()), "'nonlinear' is not supported"),
+        (dict(block_type="acb", kernel_sizes=[]), "kernel_sizes is empty"),
+        (dict(block_type="acb", kernel_sizes="three"), "kernel_sizes must be an iterable of ints"),
+        (dict(block_type="acb", keep_weights=True, use_affine=False), "keep_weights=True needs affine BNs"),
+    ],
+)
+def test_bad_arguments_are_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        convert_to_acnet(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# acnet_switch_to_deploy
+# --------------------------------------------------------------------------------------------
+def test_switch_to_deploy_keeps_sharing_nonlinear_and_root_blocks():
+    torch.manual_seed(0)
+    shared = ACBlock(4, 4, 3, padding=1)
+    model = nn.Sequential(shared, nn.ReLU(), shared, DiverseBranchBlock(4, 4, 3, padding=1, nonlinear=nn.PReLU(4)))
+    randomize_(model, 0).train()
+    images = torch.randn(2, 4, 6, 6)
+    model.eval()
+    with torch.no_grad():
+        expected = model(images)
+    model.train()
+    acnet_switch_to_deploy(model)
+    assert not model.training
+    assert model[0] is model[2] and type(model[0]) is nn.Conv2d
+    assert isinstance(model[3], nn.Sequential) and type(model[3][0]) is nn.Conv2d and isinstance(model[3][1], nn.PReLU)
+    with torch.no_grad():
+        assert rel_err(model(images), expected) <= 1e-5
+
+    block = randomize_(ACBlock(4, 4, 3, padding=1), 1).eval()
+    with torch.no_grad():
+        expected = block(images)
+    assert acnet_switch_to_deploy(block) is block and block.deployed
+    with torch.no_grad():
+        assert rel_err(block(images), expected) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# acnet_fuse_and_load: other targets and the documented errors
+# --------------------------------------------------------------------------------------------
+def _trained_pair_model(block_type: str = "acb") -> nn.Module:
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    return randomize_(convert_to_acnet(base.double(), block_type), 3).eval()
+
+
+def _base_pair_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).double()
+
+
+def test_fuse_into_a_deploy_style_conv_with_bias():
+    trained = _trained_pair_model("dbb")
+    target = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Identity(), nn.ReLU(), nn.Conv2d(4, 2, 1)).double()
+    acnet_fuse_and_load(target, trained.state_dict())
+    images = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert (target(images) - trained(images)).abs().max().item() <= 1e-10
+
+
+def test_block_followed_by_a_kept_bn_folds_the_bias_into_its_mean():
+    trained = randomize_(nn.Sequential(ACBlock(3, 4, 3, padding=1), nn.BatchNorm2d(4)).double(), 5).eval()
+    target = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).double()
+    acnet_fuse_and_load(target, trained.state_dict())
+    images = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert (target(images) - trained(images)).abs().max().item() <= 1e-10
+
+
+def test_deployed_blocks_and_old_files_without_bn_counters_load():
+    trained = _trained_pair_model("acb")
+    images = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        expected = trained(images)
+    trained[0].switch_to_deploy()  # a lone block's own deploy form: fused_conv
+    state = {k: v for k, v in trained.state_dict().items() if not k.endswith("num_batches_tracked")}
+    target = acnet_fuse_and_load(_base_pair_model(), state)
+    with torch.no_grad():
+        assert (target(images) - expected).abs().max().item() <= 1e-10
+
+
+def test_non_affine_baseline_bn_carries_the_bias():
+    trained = randomize_(nn.Sequential(ACBlock(3, 4, 3, padding=1), nn.Identity()).double(), 2).eval()
+    target = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, affine=False)).double()
+    acnet_fuse_and_load(target, trained.state_dict())
+    images = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert (target(images) - trained(images)).abs().max().item() <= 1e-10
+
+
+def test_missing_and_unexpected_keys_are_listed_in_one_error():
+    state = _trained_pair_model().state_dict()
+    del state["3.weight"]
+    state["head.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsError, match=r"1 missing keys: '3\.weight' \| 1 unexpected keys: 'head\.weight'"):
+        acnet_fuse_and_load(_base_pair_model(), state)
+
+
+def test_many_missing_keys_show_the_first_few_and_the_count():
+    other = {f"features.{i}.weight": torch.zeros(1) for i in range(12)}
+    with pytest.raises(WeightsError, match=r"7 missing keys: .* and 2 more \| 12 unexpected keys: "
+                       r"'features\.0\.weight', .* and 7 more\. Hint: no entry matched.*another architecture"):
+        acnet_fuse_and_load(_base_pair_model(), other)
+
+
+def test_block_that_does_not_fit_the_baseline_conv_is_named():
+    state = _trained_pair_model().state_dict()
+    wider = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    with pytest.raises(WeightsError, match=r"the acb weights under '0' do not fit its conv \(in=3, out=8"):
+        acnet_fuse_and_load(wider.double(), state)
+
+
+def test_shape_mismatch_of_plain_entries_is_listed():
+    state = _trained_pair_model().state_dict()
+    state["3.weight"] = torch.zeros(5, 4, 1, 1, dtype=torch.float64)
+    with pytest.raises(WeightsError, match=r"shape mismatches: 3\.weight: weights \(5, 4, 1, 1\) vs model \(2, 4, 1, 1\)"):
+        acnet_fuse_and_load(_base_pair_model(), state)
+
+
+def test_requested_block_type_must_match_the_weights():
+    with pytest.raises(WeightsError, match="'0' holds a acb block, not the requested dbb"):
+        acnet_fuse_and_load(_base_pair_model(), _trained_pair_model("acb").state_dict(), block_type="dbb")
+    with pytest.raises(ValueError, match="unknown block_type 'xyz'"):
+        acnet_fuse_and_load(_base_pair_model(), {}, block_type="xyz")
+
+
+def test_bad_weight_files_give_weights_errors(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        acnet_fuse_and_load(_base_pair_model(), tmp_path / "nope.pth")
+    (tmp_path / "broken.hdf5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    with pytest.raises(WeightsError, match="broken.hdf5"):
+        acnet_fuse_and_load(_base_pair_model(), tmp_path / "broken.hdf5")
+
+
+def test_failed_load_leaves_the_baseline_untouched():
+    base = _base_pair_model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    state = _trained_pair_model().state_dict()
+    del state["3.bias"]
+    with pytest.raises(WeightsError):
+        acnet_fuse_and_load(base, state)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
