@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -132,7 +132,6 @@ class Totals:
     bn_gamma: int = 0
     bn_beta: int = 0
     bias: int = 0
-    names_by_kind: dict = field(default_factory=dict)
 
     @property
     def total(self) -> int:

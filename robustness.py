@@ -5,9 +5,9 @@ Usage::
     python robustness.py RUN_OR_WEIGHTS [RUN_OR_WEIGHTS ...] [-a ARCH -b BLOCK --dataset NAME]
                          [--data-dir DIR] [--batch-size 256] [--device auto] [--format text|markdown|csv]
 
-Each argument is a run directory (``acnet_exps/<arch>_<block>_train``: arch, block type, dataset and
-data options are read from its ``recipe.json``, weights from ``finish_deploy.hdf5``, else
-``finish.hdf5``) or a weights file (hdf5 or torch checkpoint, training-time or deploy form; then
+Each argument is a run directory (``acnet_exps/<arch>_<block>_train``: arch, block type and dataset
+are read from its ``summary.json`` / directory name / ``recipe.json``, the synthetic set's seed from
+``recipe.json``, weights from ``finish_deploy.hdf5``, else ``finish.hdf5``) or a weights file (hdf5 or torch checkpoint, training-time or deploy form; then
 ``-a``/``-b``/``--dataset`` say what it is). Every model is evaluated on its dataset's test set as
 is, flipped left-right, flipped up-down, and rotated by 90 and 180 degrees; the table gives top-1
 per distortion and its drop from the undistorted top-1. The ACNet paper reports that ACB models
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ import torch
 
 from show_log import parse_run_name, render_table
 
-logger = logging.getLogger("robustness")
 
 Distortion = Callable[[torch.Tensor], torch.Tensor]
 

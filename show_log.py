@@ -22,15 +22,12 @@ import argparse
 import csv
 import io
 import json
-import logging
 import math
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
-
-logger = logging.getLogger("show_log")
 
 BLOCK_TYPES = ("base", "acb", "dbb")
 RUN_FILES = ("log.txt", "recipe.json", "summary.json")
