@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import transforms
-from .base import IntOrPair, ReparamBlock
+from .base import IntOrPair, ReparamBlock, branch_bn_sum
 
 __all__ = ["ACBlock", "AsymConvBlock"]
 
@@ -129,11 +129,8 @@ class ACBlock(ReparamBlock):
         if self.deployed:
             return self.fused_conv(x)
         ver_input, hor_input = self._side_inputs(x)
-        return (
-            self.square_bn(self.square_conv(x))
-            + self.ver_bn(self.ver_conv(ver_input))
-            + self.hor_bn(self.hor_conv(hor_input))
-        )
+        outputs = (self.square_conv(x), self.ver_conv(ver_input), self.hor_conv(hor_input))
+        return branch_bn_sum(outputs, (self.square_bn, self.ver_bn, self.hor_bn))
 
     # --- fusion -----------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:

@@ -10,6 +10,7 @@ from typing import Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from . import transforms
 
@@ -221,3 +222,100 @@ class ConvBN(ReparamBlock):
         self.fused_conv = self.make_deploy_conv()
         del self.conv
         del self.bn
+
+
+# --- training-time fast path shared by the multi-branch blocks ----------------------------------
+def _bns_fusable(outputs: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d]) -> bool:
+    """True when ``sum_i bns[i](outputs[i])`` may take the fused batch-statistics path."""
+    first = outputs[0]
+    if first.dtype not in (torch.float32, torch.float64) or first.dim() != 4:
+        return False
+    if torch.is_autocast_enabled(first.device.type):
+        return False
+    if first.shape[0] * first.shape[2] * first.shape[3] < 2:
+        return False  # let nn.BatchNorm2d raise its own error for a single value per channel
+    for y, bn in zip(outputs, bns):
+        if type(bn) is not nn.BatchNorm2d or not bn.training or (bn.weight is None) != (bns[0].weight is None):
+            return False
+        if y.shape != first.shape or y.dtype != first.dtype:
+            return False
+        if bn.track_running_stats and (bn.running_mean is None or bn.num_batches_tracked is None):
+            return False
+    return True
+
+
+def _batch_stats(y: Tensor, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+    """Per-channel batch ``(mean, biased var)`` of ``y``; updates ``bn``'s running statistics as ``bn(y)`` would."""
+    if not bn.track_running_stats or bn.running_mean is None:
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+        return mean, var
+    bn.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    # one fused pass: batch mean / biased variance, running stats updated with the unbiased variance
+    return torch.batch_norm_update_stats(y, bn.running_mean, bn.running_var, momentum)
+
+
+class _BranchBNSum(torch.autograd.Function):
+    """``out = sum_i (y_i - mu_i) * w_i * r_i + b_i`` with batch statistics ``mu_i``, ``r_i = 1/sqrt(var_i + eps_i)``.
+
+    Backward: each branch's BN backward (``dy_i``, ``dw_i``, ``db_i`` from the shared output gradient), and
+    no normalised branch output is ever materialised in the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, means: Tensor, invstds: Tensor, weights: Tensor, biases: Tensor, *ys: Tensor) -> Tensor:
+        # means / invstds / weights / biases: (B, C); ys: B tensors (N, C, H, W)
+        scales = weights * invstds
+        shift = (biases - means * scales).sum(0)
+        out = torch.addcmul(shift.view(1, -1, 1, 1), ys[0], scales[0].view(1, -1, 1, 1))
+        for y, scale in zip(ys[1:], scales[1:]):
+            out.addcmul_(y, scale.view(1, -1, 1, 1))
+        ctx.save_for_backward(means, invstds, weights, *ys)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        means, invstds, weights, *ys = ctx.saved_tensors
+        need_w, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        grad_weights = torch.empty_like(weights) if need_w else None
+        grad_biases = None
+        grad_ys = []
+        for i, y in enumerate(ys):
+            need_y = ctx.needs_input_grad[4 + i]
+            grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad, y, weights[i], None, None, means[i], invstds[i], True, 0.0,
+                [need_y, need_w or need_b, need_b and i == 0],
+            )
+            if need_w:
+                grad_weights[i] = grad_w
+            if need_b and i == 0:
+                grad_biases = grad_b.unsqueeze(0).expand(len(ys), -1).clone()
+            grad_ys.append(grad_y)
+        return (None, None, grad_weights, grad_biases, *grad_ys)
+
+
+def branch_bn_sum(outputs: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d]) -> Tensor:
+    """``sum_i bns[i](outputs[i])``, with exactly ``nn.BatchNorm2d``'s semantics (train or eval mode).
+
+    In training mode (batch statistics) the BNs and the sum are computed together: one statistics pass
+    per branch, one output pass, no normalised branch outputs (see :class:`_BranchBNSum`); the running
+    statistics are updated as each BN would. Other cases call the BNs one by one.
+    """
+    if not _bns_fusable(outputs, bns):
+        total = bns[0](outputs[0])
+        for y, bn in zip(outputs[1:], bns[1:]):
+            total = total + bn(y)
+        return total
+    first = outputs[0]
+    with torch.no_grad():
+        stats = [_batch_stats(y, bn) for y, bn in zip(outputs, bns)]
+        means = torch.stack([mean for mean, _ in stats]).to(first.dtype)
+        invstds = torch.stack([(var + bn.eps).rsqrt() for (_, var), bn in zip(stats, bns)]).to(first.dtype)
+    if bns[0].weight is None:
+        ones = torch.ones_like(means)
+        weights, biases = ones, torch.zeros_like(means)
+    else:
+        weights = torch.stack([bn.weight for bn in bns]).to(first.dtype)
+        biases = torch.stack([bn.bias for bn in bns]).to(first.dtype)
+    return _BranchBNSum.apply(means, invstds, weights, biases, *outputs)

@@ -1,0 +1,158 @@
+"""Training-mode cost of ACB and DBB relative to a plain conv+BN of the same shape.
+
+Times forward + backward (parameter AND input gradients) in training mode (batch-statistics BN) of:
+  conv+BN   the plain unit (``acnet.ConvBN``),
+  ACB       ``acnet.ACBlock`` (fast training path),
+  ACB-orig  the original three-branch forward (each branch conv -> BN, then two adds),
+  DBB       ``acnet.DiverseBranchBlock`` (fast training path),
+  DBB-orig  the original DBB forward (four branches, padded BNs, three adds).
+Runs alternate between implementations (one timed run of each per round) and the table reports the
+median per implementation and the ratios to conv+BN, so background load affects all alike.
+
+    python benchmarks/bench_blocks.py                 # the six reference shapes, 2 threads
+    python benchmarks/bench_blocks.py --rounds 15 --shapes 128,16,32,3 32,256,14,3
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from acnet.acb import ACBlock  # noqa: E402
+from acnet.base import ConvBN  # noqa: E402
+from acnet.dbb import DiverseBranchBlock  # noqa: E402
+
+DEFAULT_SHAPES = [(128, 16, 32, 3), (128, 32, 16, 3), (128, 64, 8, 3), (32, 64, 56, 3), (32, 256, 14, 3),
+                  (128, 32, 16, 5)]
+ORIGINAL_ACB = [2.52, 2.30, 2.01, 2.04, 1.83, 1.76]
+ORIGINAL_DBB = [6.34, 5.15, 4.14, 4.10, 2.88, None]
+
+
+def original_acb_forward(block: ACBlock, x: torch.Tensor) -> torch.Tensor:
+    """The original ACBlock training forward: three conv -> BN branches and two adds."""
+    ver_in, hor_in = block._side_inputs(x)
+    square = block.square_bn(block.square_conv(x))
+    vertical = block.ver_bn(block.ver_conv(ver_in))
+    horizontal = block.hor_bn(block.hor_conv(hor_in))
+    return square + vertical + horizontal
+
+
+def original_dbb_forward(block: DiverseBranchBlock, x: torch.Tensor) -> torch.Tensor:
+    """The original DBB training forward: each branch as a chain of modules, padded BNs via F.pad + fills."""
+    def padded_bn(layer, y):
+        out = layer.bn(y)
+        p = layer.pad_pixels
+        bn = layer.bn
+        value = (bn.bias.detach() - bn.running_mean * bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps))
+        out = F.pad(out, [p] * 4)
+        value = value.view(1, -1, 1, 1)
+        out[:, :, 0:p, :] = value
+        out[:, :, -p:, :] = value
+        out[:, :, :, 0:p] = value
+        out[:, :, :, -p:] = value
+        return out
+
+    out = block.dbb_origin.bn(block.dbb_origin.conv(x))
+    if hasattr(block, "dbb_1x1"):
+        out = out + block.dbb_1x1.bn(block.dbb_1x1.conv(x))
+    avg = block.dbb_avg
+    if hasattr(avg, "conv"):
+        pooled = F.avg_pool2d(padded_bn(avg.bn, avg.conv(x)), block.kernel_size, block.stride, 0)
+    else:
+        pooled = F.avg_pool2d(x, block.kernel_size, block.stride, block.padding)
+    out = out + avg.avgbn(pooled)
+    kxk = block.dbb_1x1_kxk
+    first = kxk.idconv1(x) if hasattr(kxk, "idconv1") else kxk.conv1(x)
+    out = out + kxk.bn2(kxk.conv2(padded_bn(kxk.bn1, first)))
+    return block.nonlinear(out)
+
+
+def make_step(forward: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor,
+              grad_out: torch.Tensor) -> Callable[[], None]:
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step() -> None:
+        out = forward(x)
+        torch.autograd.grad(out, [x, *params], grad_out)
+
+    return step
+
+
+def bench_shape(shape: Tuple[int, int, int, int], rounds: int, warmup: int) -> Dict[str, float]:
+    n, c, hw, k = shape
+    torch.manual_seed(0)
+    x = torch.randn(n, c, hw, hw, requires_grad=True)
+    conv_bn = ConvBN(c, c, k, padding=k // 2).train()
+    acb = ACBlock(c, c, k, padding=k // 2).train()
+    dbb = DiverseBranchBlock(c, c, k, padding=k // 2).train()
+    grad_out = torch.randn(n, c, hw, hw)
+    steps = {
+        "conv+BN": make_step(conv_bn, conv_bn, x, grad_out),
+        "ACB": make_step(acb, acb, x, grad_out),
+        "ACB-orig": make_step(lambda t: original_acb_forward(acb, t), acb, x, grad_out),
+        "DBB": make_step(dbb, dbb, x, grad_out),
+        "DBB-orig": make_step(lambda t: original_dbb_forward(dbb, t), dbb, x, grad_out),
+    }
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
+def geomean(values: List[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds per implementation (median)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shapes", nargs="*", default=None, help="N,C,HW,K (default: the six reference shapes)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+
+    header = (f"{'N,C,HW,K':>16} | {'conv+BN ms':>10} | {'ACB/cb':>6} {'orig':>6} {'paper':>6} | "
+              f"{'DBB/cb':>6} {'orig':>6} {'paper':>6}")
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} alternated rounds")
+    print(header)
+    print("-" * len(header))
+    ratios: Dict[str, List[float]] = {"ACB": [], "ACB-orig": [], "DBB": [], "DBB-orig": []}
+    for shape in shapes:
+        ms = bench_shape(shape, args.rounds, args.warmup)
+        row = {name: ms[name] / ms["conv+BN"] for name in ratios}
+        for name, value in row.items():
+            ratios[name].append(value)
+        ref = shape in DEFAULT_SHAPES and DEFAULT_SHAPES.index(shape)
+        paper_acb = ORIGINAL_ACB[ref] if ref is not False else None
+        paper_dbb = ORIGINAL_DBB[ref] if ref is not False else None
+        fmt = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
+        print(f"{','.join(map(str, shape)):>16} | {ms['conv+BN']:10.1f} | {row['ACB']:6.2f} {row['ACB-orig']:6.2f} "
+              f"{fmt(paper_acb)} | {row['DBB']:6.2f} {row['DBB-orig']:6.2f} {fmt(paper_dbb)}", flush=True)
+    print("-" * len(header))
+    print(f"{'geometric mean':>16} | {'':>10} | {geomean(ratios['ACB']):6.2f} {geomean(ratios['ACB-orig']):6.2f} "
+          f"{'2.06':>6} | {geomean(ratios['DBB']):6.2f} {geomean(ratios['DBB-orig']):6.2f} {'4.37*':>6}")
+    print("targets: ACB/conv+BN geomean <= 1.8, DBB/conv+BN geomean <= 3.5, no row slower than the original "
+          "(* the original DBB geomean is over the first five shapes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
