@@ -11,7 +11,8 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .augment import apply_affine, normalization_affine, random_crop_flip, sample_crop_flip
+from .augment import (CropFlip, apply_affine, normalization_affine, sample_crop_flip,
+                      with_zero_sentinel)
 from .sharding import ShardedBatchSampler, epoch_generator
 
 __all__ = ["TensorImageLoader"]
@@ -38,7 +39,8 @@ class TensorImageLoader:
             raise ValueError("images must be a uint8 (N, C, H, W) tensor")
         if labels.shape != (images.shape[0],):
             raise ValueError("labels must be a (N,) tensor matching images")
-        self.images = images
+        self.num_images, channels, self.height, self.width = images.shape
+        self.flat_images = with_zero_sentinel(images)  # (N, C, H*W + 1), see data.augment
         self.labels = labels.to(device=images.device, dtype=torch.int64)
         self.sampler = ShardedBatchSampler(images.shape[0], batch_size, rank=rank,
                                            world_size=world_size, train=train, seed=seed)
@@ -46,15 +48,16 @@ class TensorImageLoader:
         self.padding = padding
         self.mean = mean
         self.std = std
-        self._scale, self._shift = normalization_affine(mean, std, images.shape[1], images.device)
+        self._scale, self._shift = normalization_affine(mean, std, channels, images.device)
+        self._crop_flip = CropFlip(self.height, self.width, padding, images.device)
         self.num_classes = num_classes
         self.classes = list(classes) if classes is not None else None
-        self.image_size = images.shape[-1]
+        self.image_size = self.width
         self.batch_size = batch_size
 
     @property
     def device(self) -> torch.device:
-        return self.images.device
+        return self.flat_images.device
 
     @property
     def num_samples(self) -> int:
@@ -81,10 +84,11 @@ class TensorImageLoader:
                       for p in sample_crop_flip(len(order), self.padding, generator)]
             param_batches = zip(*(torch.split(p, sizes) for p in params))
         for indices in torch.split(order, sizes):
-            images = self.images.index_select(0, indices)
+            flat = self.flat_images.index_select(0, indices)
             if self.train:
-                top, left, flip = next(param_batches)
-                images = random_crop_flip(images, top, left, flip, self.padding)
+                images = self._crop_flip(flat, *next(param_batches))
+            else:
+                images = flat[:, :, :-1].reshape(len(indices), -1, self.height, self.width)
             yield (apply_affine(images, self._scale, self._shift),
                    self.labels.index_select(0, indices))
 

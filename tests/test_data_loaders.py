@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from data import DATASETS, DatasetArgumentError, DatasetError, ShardedBatchSampler, create_loaders
-from data.augment import normalize, random_crop_flip, sample_crop_flip
+from data.augment import (CropFlip, normalize, random_crop_flip, sample_crop_flip,
+                          with_zero_sentinel)
 from data.cifar import load_cifar
 from data.tensor_loader import TensorImageLoader
 from fakedata import write_fake_cifar10, write_fake_imagefolder
@@ -38,6 +39,9 @@ def test_crop_flip_matches_torchvision_pad_crop_hflip(seed, batch, padding, heig
                            generator=generator)
     top, left, flip = sample_crop_flip(batch, padding, generator)
     out = random_crop_flip(images, top, left, flip, padding)
+    computed = CropFlip(height, width, padding)
+    computed.table = None  # the per-batch index path, used for large images
+    assert torch.equal(computed(with_zero_sentinel(images), top, left, flip), out)
     for b in range(batch):
         expected = TF.crop(TF.pad(images[b], [padding]), int(top[b]), int(left[b]), height, width)
         if flip[b]:
