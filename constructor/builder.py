@@ -211,9 +211,14 @@ class ConvBuilder:
         self.bn_momentum = float(bn_momentum)
         self.block_options = options
         self.gamma_init = gamma_after
+        if block_class is not None and _accepts(block_class, *_BN_ARGS):
+            self.block_options.update(bn_eps=self.bn_eps, bn_momentum=self.bn_momentum)
+        elif block_class is not None and (self.bn_eps, self.bn_momentum) != (1e-5, 0.1):
+            raise ValueError(f"{self.block_type}: the block class takes no bn_eps / bn_momentum to set")
 
     def __repr__(self) -> str:
-        shown = dict(self.block_options, **({} if self.gamma_init is None else {"gamma_init": self.gamma_init}))
+        shown = {k: v for k, v in self.block_options.items() if k not in _BN_ARGS}
+        shown.update({} if self.gamma_init is None else {"gamma_init": self.gamma_init})
         options = "".join(f", {k}={v!r}" for k, v in shown.items())
         return f"ConvBuilder({self.block_type!r}, deploy={self.deploy}{options})"
 
@@ -230,7 +235,7 @@ class ConvBuilder:
             return None
         block = self.block_class(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-            groups=groups, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum, **self.block_options,
+            groups=groups, **self.block_options,
         )
         if self.gamma_init is not None:
             block.init_gamma(self.gamma_init)
@@ -287,6 +292,14 @@ class ConvBuilder:
     def bn(self, num_features: int) -> nn.BatchNorm2d:
         """A standalone ``BatchNorm2d`` (same in every form) with the builder's eps and momentum."""
         return nn.BatchNorm2d(num_features, eps=self.bn_eps, momentum=self.bn_momentum)
+
+
+def _accepts(function: Callable[..., Any], *names: str) -> bool:
+    """Whether ``function`` takes every keyword in ``names``."""
+    parameters = inspect.signature(function).parameters
+    return all(name in parameters for name in names) or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
 
 
 def _square(kernel_size: IntOrPair) -> int:

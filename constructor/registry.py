@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from torch import nn
 
-from .builder import BLOCK_TYPES, ConvBuilder, make_builder
+from .builder import ConvBuilder, make_builder
 from .cifar_quick import CifarQuickBN
 from .mobilenet import MobileNetV1
 from .resnet import BasicBlock, Bottleneck, ImageNetResNet
@@ -82,13 +82,11 @@ def build_model(
     arch: str, block_type: str = "base", deploy: bool = False, num_classes: Optional[int] = None, **block_kwargs: Any
 ) -> nn.Module:
     """Build architecture ``arch`` with every conv-BN unit of type ``block_type`` (one of
-    ``BLOCK_TYPES``), or in deploy form (``deploy=True``: one ``nn.Conv2d(bias=True)`` per unit,
+    ``constructor.BLOCK_TYPES``), or in deploy form (``deploy=True``: one ``nn.Conv2d(bias=True)`` per unit,
     the same tree for every block type). ``num_classes`` overrides the arch's default (e.g. 100
     for CIFAR-100); ``block_kwargs``: ``bn_eps``, ``bn_momentum`` and per-block options such as
     ACB ``gamma_init`` or DBB ``internal_channels_1x1_3x3``. Bad names raise one ``ValueError``.
     """
     spec = get_arch_spec(arch)
-    if block_type not in BLOCK_TYPES:
-        raise ValueError(f"unknown block type {block_type!r}; valid block types: {', '.join(BLOCK_TYPES)}")
     builder = make_builder(block_type, deploy=deploy, **block_kwargs)
     return spec.build(builder, num_classes)

@@ -134,7 +134,7 @@ def test_deploy_parameter_count_is_the_bn_folded_baseline(arch):
     base = on_meta(arch)
     folded = sum(m.out_channels for m in base.modules() if isinstance(m, ConvBN))
     bias_only = sum(m.out_channels for m in base.modules() if isinstance(m, BiasFreeConv))
-    expected = num_params(base) - 2 * folded + folded + bias_only
+    expected = num_params(base) - folded + bias_only
     for block_type in BLOCK_TYPES:
         assert num_params(on_meta(arch, block_type, deploy=True)) == expected
 
@@ -198,6 +198,12 @@ def test_architectures_take_any_builder():
         model = get_arch_spec("vc").build(builder, num_classes=7)
     blocks = [m for m in model.modules() if isinstance(m, ACBlock)]
     assert len(blocks) == 13 and model.linear2.out_features == 7
+    # A block class without BN arguments is called without them; asking for a BN eps is an error.
+    with torch.device("meta"):
+        plain = get_arch_spec("src56").build(ConvBuilder(BiasFreeConv))
+    assert sum(isinstance(m, BiasFreeConv) for m in plain.modules()) == 55
+    with pytest.raises(ValueError, match="takes no bn_eps"):
+        ConvBuilder(BiasFreeConv, bn_eps=1e-3)
 
 
 def test_training_forward_and_backward_reach_every_parameter():
