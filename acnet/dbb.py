@@ -22,9 +22,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from . import transforms
-from .base import IntOrPair, ReparamBlock
+from .base import IntOrPair, ReparamBlock, _batch_stats, _bns_fusable, branch_bn_sum
 
 __all__ = ["DiverseBranchBlock", "IdentityBasedConv1x1", "BNAndPadLayer", "AvgPoolKxK"]
 
@@ -48,6 +49,42 @@ class IdentityBasedConv1x1(nn.Conv2d):
         return F.conv2d(x, self.get_actual_kernel(), None, 1, 0, 1, self.groups)
 
 
+class _BNTrainPad(torch.autograd.Function):
+    """Training-mode BN written straight into the interior of a buffer whose border holds ``pad_value``.
+
+    ``out[:, :, p:-p, p:-p] = (y - mu) * w * r + b`` (batch statistics), border = ``pad_value`` (a constant
+    for autograd, as in the original); backward is the BN backward of the interior gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, pad_value: Tensor,
+                pad: int) -> Tensor:
+        n, c, h, w = y.shape
+        out = y.new_empty(n, c, h + 2 * pad, w + 2 * pad)
+        value = pad_value.view(1, -1, 1, 1)
+        out[:, :, :pad, :] = value
+        out[:, :, -pad:, :] = value
+        out[:, :, pad:-pad, :pad] = value
+        out[:, :, pad:-pad, -pad:] = value
+        scale = weight * invstd
+        shift = bias - mean * scale
+        torch.addcmul(shift.view(1, -1, 1, 1), y, scale.view(1, -1, 1, 1), out=out[:, :, pad:-pad, pad:-pad])
+        ctx.save_for_backward(y, weight, mean, invstd)
+        ctx.pad = pad
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        y, weight, mean, invstd = ctx.saved_tensors
+        p = ctx.pad
+        need_y, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad[:, :, p:-p, p:-p], y, weight, None, None, mean, invstd, True, 0.0, [need_y, need_w, need_b]
+        )
+        return grad_y, grad_w, grad_b, None, None, None, None
+
+
 class BNAndPadLayer(nn.Module):
     """BatchNorm, then pad ``pad_pixels`` on every side with the BN's output for a zero input.
 
@@ -67,8 +104,14 @@ class BNAndPadLayer(nn.Module):
         return shift.detach()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn(x)
         p = self.pad_pixels
+        if p > 0 and _bns_fusable([x], [self.bn]) and self.bn.affine:
+            with torch.no_grad():
+                mean, var = _batch_stats(x, self.bn)
+                pad_value = self.pad_values().to(x.dtype)  # running stats after this batch's update, as the original
+                invstd = (var + self.bn.eps).rsqrt().to(x.dtype)
+            return _BNTrainPad.apply(x, self.bn.weight, self.bn.bias, mean.to(x.dtype), invstd, pad_value, p)
+        out = self.bn(x)
         if p > 0:
             value = self.pad_values().to(out.dtype).view(1, -1, 1, 1)
             out = F.pad(out, [p, p, p, p])
@@ -246,12 +289,20 @@ class DiverseBranchBlock(ReparamBlock):
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
             return self.nonlinear(self.dbb_reparam(x))
-        out = self.dbb_origin(x)
+        outputs = [self.dbb_origin.conv(x)]
+        bns = [self.dbb_origin.bn]
         if hasattr(self, "dbb_1x1"):
-            out = out + self.dbb_1x1(x)
-        out = out + self.dbb_avg(x)
-        out = out + self.dbb_1x1_kxk(x)
-        return self.nonlinear(out)
+            outputs.append(self.dbb_1x1.conv(x))
+            bns.append(self.dbb_1x1.bn)
+        avg = self.dbb_avg
+        outputs.append(avg.avg(avg.bn(avg.conv(x))) if hasattr(avg, "conv") else avg.avg(x))
+        bns.append(avg.avgbn)
+        kxk = self.dbb_1x1_kxk
+        first = kxk.idconv1(x) if hasattr(kxk, "idconv1") else kxk.conv1(x)
+        outputs.append(kxk.conv2(kxk.bn1(first)))
+        bns.append(kxk.bn2)
+        # the four branch BNs and the sum in one pass (batch statistics in training, else BN by BN)
+        return self.nonlinear(branch_bn_sum(outputs, bns))
 
     # --- fusion -----------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
