@@ -154,8 +154,9 @@ def test_corrupt_file_gives_clear_error(tmp_path, damage):
     folder = write_fake_cifar10(tmp_path, num_train=20, num_test=5)
     path = folder / "data_batch_3"
     raw = path.read_bytes()
-    path.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"<html>404 Not Found</html>" * 10,
-                      "empty": b""}[damage])
+    damaged = {"truncate": raw[: len(raw) // 2], "empty": b"",
+               "garbage": b"<html>404 Not Found</html>" * 10}  # e.g. a failed download's page
+    path.write_bytes(damaged[damage])
     with pytest.raises(DatasetError, match=r"data_batch_3 is truncated or corrupt"):
         load_cifar("cifar10", tmp_path, train=True, download=False)
 
