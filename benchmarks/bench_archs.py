@@ -57,6 +57,46 @@ class Measurement:
         return statistics.median(v / b for v, b in zip(self.rates[variant], self.rates[baseline]))
 
 
+def count_macs(model: nn.Module, input_size: int) -> int:
+    """Multiply-accumulates of one image through ``model``'s convs and linears (shape-only, meta device)."""
+    total = 0
+
+    def hook(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kernel_h, kernel_w = module.kernel_size
+            total += output.numel() * module.in_channels // module.groups * kernel_h * kernel_w
+        else:
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty(1, 3, input_size, input_size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def deploy_cost_table(archs: Sequence[str]) -> str:
+    """Parameters and MACs/image of each block type's converted model next to the base deploy model's."""
+    lines = ["Deploy models (converted from each training form): parameters and MACs per image",
+             f"{'arch':<12} {'params base':>12} {'params acb':>12} {'params dbb':>12} {'GMACs base':>11} "
+             f"{'GMACs acb':>10} {'GMACs dbb':>10}"]
+    for arch in archs:
+        size = get_arch_spec(arch).input_size
+        models = [build_model(arch, "base", deploy=True)] + [
+            acnet_switch_to_deploy(build_model(arch, block_type)).to("meta") for block_type in ("acb", "dbb")
+        ]
+        models[0] = models[0].to("meta")
+        params = [sum(p.numel() for p in m.parameters()) for m in models]
+        macs = [count_macs(m, size) / 1e9 for m in models]
+        lines.append(f"{arch:<12} {params[0]:>12,} {params[1]:>12,} {params[2]:>12,} {macs[0]:>11.4f} "
+                     f"{macs[1]:>10.4f} {macs[2]:>10.4f}")
+    return "\n".join(lines)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -208,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {arch} measured in {time.perf_counter() - start:.0f} s", flush=True)
     print()
     print(format_tables(results, batches))
+    print()
+    print(deploy_cost_table(args.archs))
     return 0
 
 
