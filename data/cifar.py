@@ -231,7 +231,7 @@ def _missing_message(spec: CifarSpec, folder: Path, missing: List[str], reason: 
         f"(missing: {', '.join(missing)}). {reason} To provide the data, download {url}.tar.gz "
         f"and extract it into {folder.parent} (giving {folder}), or link an existing copy: "
         f"`ln -s /path/to/{spec.default_root} {spec.default_root}` in the working directory, "
-        "or pass its location as the data directory.")
+        "or pass its location as the data directory (`--data-dir` on the command line).")
 
 
 def _ensure_files(spec: CifarSpec, folder: Path, download: Union[bool, Downloader]) -> None:
