@@ -144,15 +144,18 @@ class BNAndPadLayer(nn.Module):
 
 
 class AvgPoolKxK(nn.Module):
-    """KxK average pooling (padded pixels counted) that also supports dilation; no parameters."""
+    """KxK average pooling (padded pixels counted) that also supports dilation; no parameters.
+
+    Computed as a depthwise conv with the constant kernel ``1/K^2`` (``transforms.avg_pool_kernel``):
+    the same values as ``F.avg_pool2d(count_include_pad=True)`` and several times faster forward and
+    backward on CPU.
+    """
 
     def __init__(self, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> None:
         super().__init__()
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.dilation == 1 and 2 * self.padding <= self.kernel_size:
-            return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, count_include_pad=True)
         channels = x.shape[1]
         kernel = transforms.avg_pool_kernel(channels, self.kernel_size, channels, dtype=x.dtype, device=x.device)
         return F.conv2d(x, kernel, None, self.stride, self.padding, self.dilation, channels)
