@@ -100,14 +100,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="10 iterations x 1 epoch, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="batch 64, 8 iterations x 1 epoch, 3 repeats")
     parser.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_worker:
         print(raw_step_throughput(args.arch, args.blocks, args.batch, args.iterations, args.device, args.compile))
         return
     if args.quick:
-        args.iterations, args.epochs, args.repeats = 10, 1, 3
+        args.batch, args.iterations, args.epochs, args.repeats = 64, 8, 1, 3
     blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
@@ -120,6 +120,8 @@ def main() -> None:
                 raw.append(run_raw_worker(args))
             e, r = statistics.median(engine), statistics.median(raw)
             rows.append((block, e, r, e / r, 1 - e / r, engine, raw))
+            print(f"{block}: engine {[round(x, 1) for x in engine]} img/s, raw {[round(x, 1) for x in raw]} img/s",
+                  flush=True)
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     print(f"\nengine overhead: {args.arch}, batch {args.batch}, {args.iterations} it x {args.epochs} epoch(s), "
           f"{args.repeats} alternated repeats, device {args.device}{' +compile' if args.compile else ''}, "
@@ -129,8 +131,6 @@ def main() -> None:
     for block, e, r, ratio, overhead, _, _ in rows:
         status = "ok" if overhead <= 0.10 else "MISS"
         print(f"| {block} | {e:.1f} | {r:.1f} | {ratio:.3f} | {100 * overhead:.1f}% | <=10% {status} |")
-    for block, _, _, _, _, engine, raw in rows:
-        print(f"{block}: engine runs {[round(x, 1) for x in engine]}, raw runs {[round(x, 1) for x in raw]}")
 
 
 if __name__ == "__main__":
