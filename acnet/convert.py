@@ -18,6 +18,7 @@ fuse-and-load, so both see the same pairs.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -343,8 +344,6 @@ def _conv_geometry(conv: nn.Conv2d) -> Union[Dict[str, Any], str]:
 
 
 def _accepts(block_class: type, argument: str) -> bool:
-    import inspect
-
     return argument in inspect.signature(block_class).parameters
 
 
@@ -431,13 +430,15 @@ def acnet_fuse_and_load(
     shapes; ``block_kwargs`` override, ``block_type`` asserts the kind), loaded strictly, and its
     equivalent ``(K, b)`` is computed in float64 and written as:
 
-    * ``c.weight = K``; ``c.bias = b`` when the conv has a bias;
-    * otherwise into the BN ``n`` that ``c`` feeds: when the weights hold no ``n.*`` entries (the
-      BN was replaced by ``nn.Identity``), ``n`` becomes ``y -> y + b``: ``running_var = 1 - eps``,
-      ``running_mean = 0``, ``weight = sqrt(running_var + eps)``, ``bias = b`` (affine BN) or
-      ``running_mean = -b * s`` with ``K`` scaled by ``s = sqrt(running_var + eps)`` (non-affine);
-      when they hold ``n.*`` (a block followed by a kept BN), those load with
-      ``running_mean - b``. Both are exact; float32 rounding stays at ~1e-7 relative.
+    * ``c.weight = K``, and ``c.bias = b`` when the conv has a bias;
+    * when ``c`` feeds a BN ``n`` whose entries the weights lack (the BN was replaced by
+      ``nn.Identity``), ``n`` becomes a pass-through that adds the bias (when ``c`` has none):
+      ``running_var = 1 - eps``, ``running_mean = 0``, ``weight = sqrt(running_var + eps)``,
+      ``bias = b`` (see ``_pass_through_bn_state`` for non-affine BNs);
+    * when the weights hold ``n.*`` (a block followed by a BN that was kept), they load with
+      ``running_mean - b`` and ``c`` gets ``K`` alone.
+
+    All exact; float32 rounding adds ~1e-7 relative.
 
     Every other entry loads by name. Missing, unexpected or mis-shaped entries, and blocks that do
     not fit the baseline conv, raise one :class:`acnet.WeightsError` listing them. The model is put
@@ -509,7 +510,7 @@ def _describe_conv(conv: nn.Conv2d) -> str:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return " ".join(text.split()) [:400] if text else type(exc).__name__
+    return " ".join(text.split())[:400] if text else type(exc).__name__
 
 
 @torch.no_grad()
@@ -553,51 +554,57 @@ def _equivalent_kernel_bias(kind: str, sub_state: Dict[str, Tensor], conv: nn.Co
 def _place_kernel_bias(conv_name: str, conv: nn.Conv2d, bn_name: Optional[str], bn: Optional[nn.Module],
                        kernel: Tensor, bias: Tensor, state: Mapping[str, Tensor],
                        values: Dict[str, Tensor], consumed: set) -> List[str]:
-    """Write ``(K, b)`` into the baseline conv (and the BN it feeds); returns problems found."""
-    bn_state_keys = [k for k in state if bn_name is not None and k.startswith(bn_name + ".")]
+    """Write ``(K, b)`` into the baseline conv (and the BN it feeds); returns the problems found."""
     prefix = f"{conv_name}." if conv_name else ""
-    if conv.bias is not None:
-        values[f"{prefix}weight"] = kernel
-        values[f"{prefix}bias"] = bias
-        if bn is not None and not bn_state_keys:
-            values.update(_identity_bn_state(bn_name, bn, torch.zeros_like(bias), scale_holder=None))
-        return []
-    if bn is None:
-        return [f"'{conv_name}' holds a block but the baseline conv has no bias and feeds no BatchNorm "
-                "to carry the fused bias (is this the baseline model the weights were trained from?)"]
-    if bn_state_keys:
-        # The block was followed by a kept BN: bn(Kx + b) == bn'(Kx) with running_mean' = mean - b.
+    bn_is_stored = bn_name is not None and any(k.startswith(bn_name + ".") for k in state)
+    if bn is not None and bn_is_stored:
+        # The block was followed by a BN that was kept: bn(Kx + b) == bn'(Kx + 0), mean' = mean - b.
         mean_key = f"{bn_name}.running_mean"
         if mean_key not in state:
             return [f"'{bn_name}' has entries in the weights but no running_mean"]
         values[f"{prefix}weight"] = kernel
-        values[mean_key] = state[mean_key].to(torch.float64) - bias
+        if conv.bias is not None:
+            values[f"{prefix}bias"] = torch.zeros_like(bias)
+        values[mean_key] = state[mean_key].to("cpu", torch.float64) - bias
         consumed.add(mean_key)
         return []
-    scaled = {}
-    values.update(_identity_bn_state(bn_name, bn, bias, scale_holder=scaled))
-    values[f"{prefix}weight"] = kernel * scaled.get("scale", 1.0)
+    if conv.bias is None and bn is None:
+        return [f"'{conv_name}' holds a block but the baseline conv has no bias and feeds no BatchNorm "
+                "to carry the fused bias (is this the baseline model the weights were trained from?)"]
+    factor = 1.0
+    if bn is not None:  # the BN was replaced by nn.Identity: make it one that carries the bias
+        shift = torch.zeros_like(bias) if conv.bias is not None else bias
+        entries, factor = _pass_through_bn_state(bn_name, bn, shift)
+        values.update(entries)
+    values[f"{prefix}weight"] = kernel * factor
+    if conv.bias is not None:
+        values[f"{prefix}bias"] = bias * factor
     return []
 
 
-def _identity_bn_state(bn_name: str, bn: nn.Module, bias: Tensor, scale_holder: Optional[dict]) -> Dict[str, Tensor]:
-    """BN entries making ``bn(y) = y + bias`` in eval mode (see :func:`acnet_fuse_and_load`)."""
+def _pass_through_bn_state(bn_name: str, bn: nn.Module, shift: Tensor) -> Tuple[Dict[str, Tensor], float]:
+    """BN entries and input factor ``f`` with ``bn(f * y) = y + shift`` in eval mode.
+
+    ``running_var = v = 1 - eps`` (0 when eps >= 1), ``s = sqrt(v + eps)`` (1 up to rounding):
+    affine BN: ``weight = s, bias = shift, running_mean = 0``, ``f = 1``; non-affine BN:
+    ``running_mean = -shift * s``, ``f = s``.
+    """
     eps = float(bn.eps)
     var = 1.0 - eps if eps < 1.0 else 0.0
     std = math.sqrt(var + eps)
-    n = bias.shape[0]
+    n = shift.shape[0]
     entries = {f"{bn_name}.running_var": torch.full((n,), var, dtype=torch.float64)}
     if bn.affine:
         entries[f"{bn_name}.weight"] = torch.full((n,), std, dtype=torch.float64)
-        entries[f"{bn_name}.bias"] = bias
+        entries[f"{bn_name}.bias"] = shift
         entries[f"{bn_name}.running_mean"] = torch.zeros(n, dtype=torch.float64)
+        factor = 1.0
     else:
-        entries[f"{bn_name}.running_mean"] = -bias * std
-        if scale_holder is not None:
-            scale_holder["scale"] = std
+        entries[f"{bn_name}.running_mean"] = -shift * std
+        factor = std
     if bn.num_batches_tracked is not None:
         entries[f"{bn_name}.num_batches_tracked"] = bn.num_batches_tracked.detach().clone()
-    return entries
+    return entries, factor
 
 
 def _raise_on_mismatch(base_model: nn.Module, source: str, target: Mapping[str, Tensor],
@@ -610,15 +617,14 @@ def _raise_on_mismatch(base_model: nn.Module, source: str, target: Mapping[str, 
     if not (missing or unexpected or mismatched or problems):
         return
 
-    def listing(label: str, items: List[str]) -> str:
-        shown = "; ".join(items[:5]) if label == "shape mismatches" or label == "blocks that do not fit" \
-            else ", ".join(repr(i) for i in items[:5])
+    def listing(label: str, items: List[str], quote: bool) -> str:
+        shown = ", ".join(repr(i) for i in items[:5]) if quote else "; ".join(items[:5])
         more = f" ... and {len(items) - 5} more" if len(items) > 5 else ""
         return f"{len(items)} {label}: {shown}{more}"
 
-    parts = [listing(label, items) for label, items in (
-        ("blocks that do not fit", problems), ("missing keys", missing),
-        ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items]
+    parts = [listing(label, items, quote) for label, items, quote in (
+        ("block problems", problems, False), ("missing keys", missing, True),
+        ("unexpected keys", unexpected, True), ("shape mismatches", mismatched, False)) if items]
     hint = ("no entry matched: the weights are for another architecture" if len(consumed) == 0 else
             "check that the weights were trained from this baseline architecture "
             "(same arch and number of classes)")

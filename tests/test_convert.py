@@ -26,6 +26,16 @@ from acnet.convert import ConvBNPair, find_conv_bn_pairs
 BLOCK_CLASS = {"acb": ACBlock, "dbb": DiverseBranchBlock}
 
 
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """These models are tiny (or run at batch 2): one intra-op thread is as fast on an idle machine
+    and avoids the many-fold slowdown of two spinning threads on a busy one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
@@ -108,18 +118,22 @@ def test_plug_in_round_trip_on_torchvision_resnet18(block_type):
     """convert -> a few SGD steps -> fuse into a FRESH resnet18 -> same eval outputs (float32)."""
     torch.manual_seed(0)
     model = convert_to_acnet(torchvision.models.resnet18(num_classes=10), block_type)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    initial = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     for _ in range(2):
-        images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+        images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
         loss = nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
+    changed = [k for k, v in initial.items() if not torch.equal(v, model.state_dict()[k])]
+    assert len(changed) > 0.9 * len(initial)  # every branch's weights, affine parameters and statistics moved
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(images)
+    assert expected.isfinite().all() and expected.abs().max() > 0
 
     base = torchvision.models.resnet18(num_classes=10).train()
     assert acnet_fuse_and_load(base, model.state_dict()) is base
@@ -175,7 +189,7 @@ def conv_bn_nets(draw):
             bias=draw(st.booleans()),
             padding_mode=draw(st.sampled_from(["zeros", "zeros", "reflect", "circular"])),
         )
-        bn = nn.BatchNorm2d(channels, eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])), affine=draw(st.booleans()))
+        bn = nn.BatchNorm2d(channels, eps=draw(st.sampled_from([1e-5, 1e-3, 0.1, 2.0])), affine=draw(st.booleans()))
         layers += [conv, bn, nn.ReLU()]
         in_channels = channels
     return nn.Sequential(*layers[:-1]).double()
@@ -412,6 +426,12 @@ def test_non_affine_baseline_bn_carries_the_bias():
     images = torch.randn(2, 3, 7, 7, dtype=torch.float64)
     with torch.no_grad():
         assert (target(images) - trained(images)).abs().max().item() <= 1e-10
+
+
+def test_conv_that_cannot_carry_the_bias_is_an_error():
+    trained = nn.Sequential(ACBlock(3, 4, 3, padding=1))
+    with pytest.raises(WeightsError, match="'0' holds a block but the baseline conv has no bias and feeds no BatchNorm"):
+        acnet_fuse_and_load(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False)), trained.state_dict())
 
 
 def test_missing_and_unexpected_keys_are_listed_in_one_error():
