@@ -404,10 +404,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 _BLOCK_SIGNATURES: Tuple[Tuple[str, str], ...] = (
     ("square_conv.weight", "acb"),
     ("dbb_origin.conv.weight", "dbb"),
-    ("conv.weight", "base"),
+    ("bn.running_mean", "base"),  # ConvBN: conv + bn
     ("fused_conv.weight", "deployed"),
     ("dbb_reparam.weight", "deployed"),
+    ("conv.weight", "wrapped conv"),  # a block holding one plain conv (e.g. a bias-free conv unit)
 )
+# Kinds stored as a ready kernel: the sub-module holding it.
+_READY_KERNEL_HOLDERS = ("fused_conv", "dbb_reparam", "conv")
 _FUSABLE_CLASSES: Dict[str, type] = {"acb": ACBlock, "dbb": DiverseBranchBlock, "base": ConvBN}
 
 
@@ -424,8 +427,8 @@ def acnet_fuse_and_load(
     hdf5, see :func:`acnet.load_state_dict_file`); a ``module.`` prefix is stripped.
 
     For every ``nn.Conv2d`` named ``c`` in ``base_model`` whose weights hold a block under ``c.``
-    instead of ``c.weight`` (an ACB, a DBB, a ``ConvBN``, or an already deployed ``fused_conv`` /
-    ``dbb_reparam``), the block is rebuilt with that conv's geometry and the eps of the BN after it
+    instead of ``c.weight`` (an ACB, a DBB, a ``ConvBN``; or a kernel stored ready, as an already
+    deployed ``fused_conv`` / ``dbb_reparam`` or a block wrapping one plain ``conv``), the block is rebuilt with that conv's geometry and the eps of the BN after it
     (inferred: ACB ``use_affine`` from the keys, DBB internal channels from the 1x1-KxK branch's
     shapes; ``block_kwargs`` override, ``block_type`` asserts the kind), loaded strictly, and its
     equivalent ``(K, b)`` is computed in float64 and written as:
@@ -468,7 +471,7 @@ def acnet_fuse_and_load(
         kind = _stored_block_kind(state, prefix)
         if kind is None:
             continue
-        if block_type is not None and kind != block_type.lower() and kind != "deployed":
+        if block_type is not None and kind in _FUSABLE_CLASSES and kind != block_type.lower():
             problems.append(f"'{conv_name}' holds a {kind} block, not the requested {block_type}")
             continue
         sub_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -519,14 +522,15 @@ def _equivalent_kernel_bias(kind: str, sub_state: Dict[str, Tensor], conv: nn.Co
     """Rebuild the stored block on the baseline conv's geometry; its equivalent (K, b) in float64."""
     as64 = {k: (v.detach().to("cpu", torch.float64) if v.is_floating_point() else v.detach().cpu())
             for k, v in sub_state.items()}
-    if kind == "deployed":
-        prefix = "fused_conv." if "fused_conv.weight" in as64 else "dbb_reparam."
-        extra = sorted(set(as64) - {prefix + "weight", prefix + "bias"})
-        if extra or prefix + "bias" not in as64:
-            raise ValueError(f"a deployed block holds exactly {prefix}weight and {prefix}bias, found {sorted(as64)}")
-        kernel, bias = as64[prefix + "weight"], as64[prefix + "bias"]
+    if kind not in _FUSABLE_CLASSES:  # a kernel stored as it is: fused_conv / dbb_reparam / conv
+        holder = next(h for h in _READY_KERNEL_HOLDERS if f"{h}.weight" in as64)
+        extra = sorted(set(as64) - {f"{holder}.weight", f"{holder}.bias"})
+        if extra:
+            raise ValueError(f"a {kind} holds only {holder}.weight and {holder}.bias, found also {extra}")
+        kernel = as64[f"{holder}.weight"]
+        bias = as64.get(f"{holder}.bias", torch.zeros(kernel.shape[0], dtype=kernel.dtype))
         if kernel.shape != conv.weight.shape:
-            raise ValueError(f"deployed kernel shape {tuple(kernel.shape)} != {tuple(conv.weight.shape)}")
+            raise ValueError(f"stored kernel shape {tuple(kernel.shape)} != {tuple(conv.weight.shape)}")
         return kernel, bias
     geometry = _conv_geometry(conv)
     if isinstance(geometry, str):

@@ -428,6 +428,25 @@ def test_non_affine_baseline_bn_carries_the_bias():
         assert (target(images) - trained(images)).abs().max().item() <= 1e-10
 
 
+def test_kernel_stored_in_a_wrapper_of_one_conv_loads_as_it_is():
+    wrapper = nn.Module()
+    wrapper.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    trained = nn.Sequential(nn.BatchNorm2d(3), wrapper)
+    target = acnet_fuse_and_load(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), trained.state_dict())
+    assert torch.equal(target[1].weight, wrapper.conv.weight) and torch.equal(target[1].bias, torch.zeros(4))
+
+
+@pytest.mark.parametrize("block_type", ["acb", "dbb"])
+def test_constructor_training_weights_fuse_into_its_deploy_model(block_type):
+    import constructor  # the framework's architectures (repository root on pythonpath)
+
+    trained = randomize_(constructor.build_model("cfqkbnc", block_type), 7).eval()
+    deploy = acnet_fuse_and_load(constructor.build_model("cfqkbnc", "base", deploy=True), trained.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(deploy(images), trained(images)) <= 1e-5
+
+
 def test_conv_that_cannot_carry_the_bias_is_an_error():
     trained = nn.Sequential(ACBlock(3, 4, 3, padding=1))
     with pytest.raises(WeightsError, match="'0' holds a block but the baseline conv has no bias and feeds no BatchNorm"):
