@@ -253,6 +253,7 @@ def convert_to_acnet(
             "not be folded back into the baseline model"
         )
     block_kwargs.pop("nonlinear", None)
+    _check_block_options(block_class, block_kwargs)
     if keep_weights and block_kwargs.get("use_affine", True) is False:
         raise ValueError(
             "convert_to_acnet: keep_weights=True needs affine BNs (use_affine=True) to start the side "
@@ -296,6 +297,20 @@ def _block_class(block_type: str) -> type:
             f"unknown block_type {block_type!r}; valid block types: {', '.join(map(repr, BLOCK_CLASSES))}"
         )
     return BLOCK_CLASSES[key]
+
+
+def _check_block_options(block_class: type, block_kwargs: Dict[str, Any]) -> None:
+    """Fail once, clearly, on options the block does not take or rejects (not silently per conv)."""
+    options = [name for name, p in inspect.signature(block_class).parameters.items()
+               if name not in _RESERVED_BLOCK_KWARGS and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    unknown = sorted(set(block_kwargs) - set(options))
+    if unknown:
+        raise ValueError(f"convert_to_acnet: {block_class.__name__} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(options)}")
+    try:
+        block_class(4, 4, 3, padding=1, **block_kwargs)  # a geometry every block represents
+    except ValueError as exc:
+        raise ValueError(f"convert_to_acnet: invalid options for {block_class.__name__}: {exc}") from None
 
 
 def _kernel_size_set(kernel_sizes: Iterable[int]) -> frozenset:

@@ -342,6 +342,9 @@ def test_converting_twice_changes_nothing():
         (dict(block_type="acb", kernel_sizes=[]), "kernel_sizes is empty"),
         (dict(block_type="acb", kernel_sizes="three"), "kernel_sizes must be an iterable of ints"),
         (dict(block_type="acb", keep_weights=True, use_affine=False), "keep_weights=True needs affine BNs"),
+        (dict(block_type="acb", gama_init=0.3), "ACBlock has no option 'gama_init'; its options: "),
+        (dict(block_type="acb", use_affine=False, gamma_init=0.3), "invalid options for ACBlock: ACBlock: reduce_gamma"),
+        (dict(block_type="dbb", internal_channels_1x1_3x3=0), "invalid options for DiverseBranchBlock: "),
     ],
 )
 def test_bad_arguments_are_value_errors(kwargs, message):
