@@ -9,7 +9,7 @@ batch costs an index lookup, a gather and the normalisation: a handful of kernel
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -101,9 +101,11 @@ def normalization_affine(mean: Union[float, Sequence[float]], std: Union[float, 
     return (1.0 / (255.0 * std_t)).view(1, channels, 1, 1), (mean_t / std_t).view(1, channels, 1, 1)
 
 
-def apply_affine(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """float32 ``images * scale - shift`` (uint8 in, one pass to float32, one in place)."""
-    return images.mul(scale).sub_(shift)
+def apply_affine(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """float32 ``images * scale - shift``, written into ``out`` when given."""
+    out = torch.mul(images, scale, out=out) if out is not None else images.mul(scale)
+    return out.sub_(shift)
 
 
 def normalize(images: torch.Tensor, mean: Union[float, Sequence[float]],

@@ -18,6 +18,7 @@ from .sharding import ShardedBatchSampler, epoch_generator
 __all__ = ["TensorImageLoader"]
 
 _AUGMENT_STREAM = 1  # generator stream of the augmentation parameters (0: the permutation)
+_CPU_CHUNK_VALUES = 24576  # < 32768, torch's grain size for parallelising an element-wise op
 
 
 class TensorImageLoader:
@@ -39,7 +40,7 @@ class TensorImageLoader:
             raise ValueError("images must be a uint8 (N, C, H, W) tensor")
         if labels.shape != (images.shape[0],):
             raise ValueError("labels must be a (N,) tensor matching images")
-        self.num_images, channels, self.height, self.width = images.shape
+        self.num_images, self.channels, self.height, self.width = images.shape
         self.flat_images = with_zero_sentinel(images)  # (N, C, H*W + 1), see data.augment
         self.labels = labels.to(device=images.device, dtype=torch.int64)
         self.sampler = ShardedBatchSampler(images.shape[0], batch_size, rank=rank,
@@ -48,7 +49,8 @@ class TensorImageLoader:
         self.padding = padding
         self.mean = mean
         self.std = std
-        self._scale, self._shift = normalization_affine(mean, std, channels, images.device)
+        self._scale, self._shift = normalization_affine(mean, std, self.channels,
+                                                        images.device)
         self._crop_flip = CropFlip(self.height, self.width, padding, images.device)
         self.num_classes = num_classes
         self.classes = list(classes) if classes is not None else None
@@ -77,20 +79,42 @@ class TensorImageLoader:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         sizes = self.sampler.batch_sizes()
         order = self.sampler.epoch_order().to(self.device, non_blocking=True)
+        params = None
         if self.train:
             generator = epoch_generator(self.sampler.seed, self.sampler.epoch, _AUGMENT_STREAM,
                                         self.sampler.rank)
-            params = [p.to(self.device, non_blocking=True)
-                      for p in sample_crop_flip(len(order), self.padding, generator)]
-            param_batches = zip(*(torch.split(p, sizes) for p in params))
-        for indices in torch.split(order, sizes):
-            flat = self.flat_images.index_select(0, indices)
-            if self.train:
-                images = self._crop_flip(flat, *next(param_batches))
+            params = torch.stack(sample_crop_flip(len(order), self.padding, generator), dim=1)
+            params = params.to(self.device, non_blocking=True)  # (N, 3): top, left, flip
+        start = 0
+        for size in sizes:
+            indices = order[start:start + size]
+            batch_params = params[start:start + size] if params is not None else None
+            yield self._images(indices, batch_params), self.labels.index_select(0, indices)
+            start += size
+
+    def _images(self, indices: torch.Tensor, params: Optional[torch.Tensor]) -> torch.Tensor:
+        """The normalised (and, with ``params``, augmented) images of ``indices``.
+
+        On the CPU the batch is assembled in chunks of at most ``_CPU_CHUNK_VALUES`` values,
+        below torch's parallel grain size, so every kernel runs on the calling thread: these
+        copies are memory-bound, and waiting for the intra-op thread pool on a busy or shared
+        CPU costs far more than it gains (measured in ``benchmarks/bench_data.py``).
+        """
+        out = torch.empty(len(indices), self.channels, self.height, self.width,
+                          dtype=torch.float32, device=self.device)
+        values_per_image = self.channels * self.height * self.width
+        step = len(indices) if self.device.type != "cpu" else max(
+            1, _CPU_CHUNK_VALUES // values_per_image)
+        for start in range(0, len(indices), step):
+            chunk = slice(start, start + step)
+            flat = self.flat_images.index_select(0, indices[chunk])
+            if params is None:
+                images = flat[:, :, :-1].reshape(len(flat), -1, self.height, self.width)
             else:
-                images = flat[:, :, :-1].reshape(len(indices), -1, self.height, self.width)
-            yield (apply_affine(images, self._scale, self._shift),
-                   self.labels.index_select(0, indices))
+                top, left, flip = params[chunk].unbind(1)
+                images = self._crop_flip(flat, top, left, flip.bool())
+            apply_affine(images, self._scale, self._shift, out=out[chunk])
+        return out
 
     def __repr__(self) -> str:
         kind = "train" if self.train else "eval"
