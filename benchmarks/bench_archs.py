@@ -246,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         results[arch] = bench_arch(arch, batches[arch], args, args.device)
         print(f"  {arch} measured in {time.perf_counter() - start:.0f} s", flush=True)
+        if len(args.archs) > 1:  # partial results first: a long run that is stopped still reports
+            print(format_tables({arch: results[arch]}, batches), flush=True)
     print()
     print(format_tables(results, batches))
     print()
