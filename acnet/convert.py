@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -510,7 +511,9 @@ def acnet_fuse_and_load(
             values[key] = target[key]
 
     _raise_on_mismatch(base_model, source, target, state, values, consumed, problems)
-    base_model.load_state_dict(values, strict=True)
+    ordered = OrderedDict((key, values[key]) for key in target)
+    ordered._metadata = getattr(target, "_metadata", None)  # module versions some loaders check
+    base_model.load_state_dict(ordered, strict=True)
     return base_model.eval()
 
 

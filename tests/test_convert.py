@@ -450,6 +450,25 @@ def test_constructor_training_weights_fuse_into_its_deploy_model(block_type):
         assert rel_err(deploy(images), trained(images)) <= 1e-5
 
 
+class VersionCheckingNet(nn.Sequential):
+    """Like torchvision's MNASNet: refuses a state dict without its module version metadata."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError("version should be set to 2")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_module_version_metadata_reaches_the_baseline():
+    trained = randomize_(convert_to_acnet(VersionCheckingNet(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), "acb"), 0)
+    target = acnet_fuse_and_load(VersionCheckingNet(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), trained.state_dict())
+    images = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert rel_err(target(images), trained.eval()(images)) <= 1e-5
+
+
 def test_conv_that_cannot_carry_the_bias_is_an_error():
     trained = nn.Sequential(ACBlock(3, 4, 3, padding=1))
     with pytest.raises(WeightsError, match="'0' holds a block but the baseline conv has no bias and feeds no BatchNorm"):
