@@ -75,6 +75,7 @@ class Target:
     dataset: str
     data_options: dict  # extra keyword arguments for data.create_loaders (synthetic sizes, seed, ...)
     num_classes: Optional[int]
+    data_dir: Optional[str] = None  # --data-dir, else the run's own (recipe.json), else the default root
 
 
 WEIGHT_FILES = ("finish_deploy.hdf5", "finish.hdf5")
@@ -134,7 +135,9 @@ def resolve_target(path: Path, args: argparse.Namespace) -> Target:
         if num_val is not None:
             data_options["num_val"] = int(num_val)
         num_classes = num_classes or spec.num_classes
-    return Target(label, weights, str(arch), str(block_type), str(dataset), data_options, num_classes)
+    data_dir = args.data_dir or recipe.get("data_dir")
+    return Target(label, weights, str(arch), str(block_type), str(dataset), data_options, num_classes,
+                  str(data_dir) if data_dir else None)
 
 
 def evaluate_target(target: Target, args: argparse.Namespace, device: torch.device) -> dict:
@@ -147,7 +150,7 @@ def evaluate_target(target: Target, args: argparse.Namespace, device: torch.devi
     loader_kwargs.update(target.data_options)
     if target.num_classes is not None and target.dataset == "synthetic":
         loader_kwargs["num_classes"] = target.num_classes
-    _, eval_loader = data.create_loaders(target.dataset, args.data_dir, **loader_kwargs)
+    _, eval_loader = data.create_loaders(target.dataset, target.data_dir, **loader_kwargs)
     model = load_model_for_eval(target.arch, target.block_type, target.weights, device=device,
                                 num_classes=target.num_classes or eval_loader.num_classes)
     return robustness_metrics(model, eval_loader, device, amp=args.amp)
@@ -191,7 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("-a", "--arch", default=None, help="architecture (for a bare weights file)")
     parser.add_argument("-b", "--block-type", default=None, help="base, acb or dbb (for a bare weights file)")
     parser.add_argument("--dataset", default=None, help="test set (default: the run's, else the arch's own)")
-    parser.add_argument("--data-dir", default=None, help="dataset root (default: <dataset>_data)")
+    parser.add_argument("--data-dir", default=None,
+                        help="dataset root (default: the run's own, else <dataset>_data)")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier size, if not the dataset's")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)

@@ -97,7 +97,7 @@ def test_result_tables():
 
 
 def make_args(**overrides):
-    defaults = dict(arch=None, block_type=None, dataset=None, num_classes=None)
+    defaults = dict(arch=None, block_type=None, dataset=None, num_classes=None, data_dir=None)
     return argparse.Namespace(**{**defaults, **overrides})
 
 
@@ -115,6 +115,22 @@ def test_resolve_run_directory(tmp_path):
     assert target.data_options == {"image_size": 32, "seed": 3}
     (run / "finish_deploy.hdf5").write_bytes(b"")
     assert robustness.resolve_target(run, make_args()).weights.name == "finish_deploy.hdf5"
+    assert target.data_dir is None
+
+
+def test_run_settings_precedence(tmp_path):
+    """summary.json over the directory name over recipe.json; command-line options over all."""
+    run = tmp_path / "cfqkbnc_base_cifar100_train"
+    run.mkdir()
+    (run / "finish.hdf5").write_bytes(b"")
+    (run / "recipe.json").write_text(json.dumps({"arch": "cfqkbnc", "block_type": "base", "dataset": "cifar10",
+                                                 "data_dir": "/data/c100"}))
+    target = robustness.resolve_target(run, make_args())
+    assert (target.dataset, target.data_dir) == ("cifar100", "/data/c100")
+    (run / "summary.json").write_text(json.dumps({"arch": "cfqkbnc", "block_type": "base", "dataset": "synthetic"}))
+    assert robustness.resolve_target(run, make_args()).dataset == "synthetic"
+    override = robustness.resolve_target(run, make_args(dataset="cifar10", block_type="acb", data_dir="/mine"))
+    assert (override.dataset, override.block_type, override.data_dir) == ("cifar10", "acb", "/mine")
 
 
 @pytest.mark.parametrize("argv, message", [
