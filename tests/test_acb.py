@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -100,6 +100,7 @@ def test_deploy_equals_training_form_float64(case):
     assert (block(x) - expected).abs().max().item() <= 1e-10
 
 
+@settings(max_examples=12)
 @given(acb_cases())
 def test_deploy_equals_training_form_float32(case):
     block, x = build(case, torch.float32)
@@ -304,3 +305,50 @@ def test_training_mode_forward_backward_match_reference(case, momentum):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-9, msg=name)
     for (name, b), b_ref in zip(block.named_buffers(), reference.buffers()):
         torch.testing.assert_close(b, b_ref, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("track", [True, False])
+def test_branch_bn_sum_equals_bn_by_bn(affine, momentum, track):
+    """The fused batch-statistics BN + sum: same output, gradients and running statistics as separate BNs."""
+    from acnet.base import branch_bn_sum
+
+    gen = torch.Generator().manual_seed(3)
+    bns = [nn.BatchNorm2d(3, eps=eps, momentum=momentum, affine=affine, track_running_stats=track).double()
+           for eps in (1e-5, 1e-3, 0.3)]
+    if affine:
+        with torch.no_grad():
+            for bn in bns:
+                bn.weight.copy_(torch.randn(3, generator=gen, dtype=torch.float64))
+                bn.bias.copy_(torch.randn(3, generator=gen, dtype=torch.float64))
+    reference = copy.deepcopy(bns)
+    ys = [(torch.randn(4, 3, 5, 6, generator=gen, dtype=torch.float64) * 3 + 2).requires_grad_() for _ in bns]
+    ys_ref = [y.detach().clone().requires_grad_() for y in ys]
+    for _ in range(2):
+        out = branch_bn_sum(ys, bns)
+        expected = sum(bn(y) for bn, y in zip(reference, ys_ref))
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        out.backward(grad)
+        expected.backward(grad)
+    for y, y_ref in zip(ys, ys_ref):
+        torch.testing.assert_close(y.grad, y_ref.grad, rtol=1e-10, atol=1e-10)
+    for bn, bn_ref in zip(bns, reference):
+        for p, p_ref in zip(bn.parameters(), bn_ref.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-10)
+        for b, b_ref in zip(bn.buffers(), bn_ref.buffers()):
+            torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
+    for bn in bns:  # eval mode goes BN by BN with the running statistics
+        bn.eval()
+    if track:
+        torch.testing.assert_close(branch_bn_sum(ys, bns), sum(bn.eval()(y) for bn, y in zip(reference, ys)))
+
+
+def test_training_forward_float32_and_single_value_error():
+    block = ACBlock(3, 4, 3, padding=1).train()
+    reference = copy.deepcopy(block)
+    x = torch.randn(4, 3, 6, 6) * 10 + 5
+    torch.testing.assert_close(block(x), reference_train_forward(reference, x), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        block(torch.randn(1, 3, 1, 1))

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -98,6 +98,7 @@ def test_deploy_equals_training_form_float64(case):
     assert (block(x) - expected).abs().max().item() <= 1e-10
 
 
+@settings(max_examples=12)
 @given(dbb_cases())
 def test_deploy_equals_training_form_float32(case):
     block, x = build(case, torch.float32)
@@ -253,3 +254,17 @@ def test_training_mode_forward_backward_match_reference(case):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-9, msg=name)
     for (name, b), b_ref in zip(block.named_buffers(), reference.buffers()):
         torch.testing.assert_close(b, b_ref, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 0, 1), (5, 2, 2, 1), (3, 1, 2, 2)])
+def test_avg_pool_module_equals_average_pooling(k, stride, padding, dilation):
+    from acnet.dbb import AvgPoolKxK
+
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    out = AvgPoolKxK(k, stride, padding, dilation)(x)
+    if dilation == 1:
+        expected = F.avg_pool2d(x, k, stride, padding, count_include_pad=True)
+    else:  # mean over the dilated window of the zero-padded input
+        windows = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)
+        expected = windows.view(2, 3, k * k, -1).mean(2).view_as(out)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)

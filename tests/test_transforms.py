@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -39,6 +39,7 @@ geometry = st.fixed_dictionaries({
 })
 
 
+@settings(max_examples=12)
 @given(geometry, st.booleans(), st.booleans(), st.sampled_from([1e-5, 0.01, 0.5]))
 def test_fuse_bn_equals_bn_after_conv(g, affine, with_bias, eps):
     cin, cout = g["groups"] * g["per_group_in"], g["groups"] * g["per_group_out"]
@@ -72,6 +73,7 @@ def test_add_branches_equals_sum_of_convs():
         transforms.add_branches(ks, bs[:2])
 
 
+@settings(max_examples=12)
 @given(geometry, st.integers(1, 3), st.sampled_from([1, 3, 5]))
 def test_fuse_1x1_kxk_equals_the_two_convs_on_the_padded_input(g, mid_per_group, k):
     """conv_kxk(conv_1x1(pad0(x))) == conv(x; k, b, padding=p): the 1x1 output carries b1 in the padding."""
