@@ -11,7 +11,8 @@ For each block type, alternately (to share the machine's noise fairly) and ``--r
 
 The table gives medians and ``overhead = 1 - engine / raw`` (target <= 10%). Run from the repository
 root:  ``python benchmarks/bench_engine.py --quick``  (CUDA: ``--device cuda``, adds bf16 autocast and
-channels_last as the engine does; ``--compile`` to compile both).
+channels_last as the engine does; ``--compile`` to compile both). ``--in-process`` alternates engine
+epochs and bare-step loops inside one process instead (CPU), which a loaded machine disturbs less.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def raw_step_throughput(arch: str, block: str, batch: int, iterations: int, devi
     sys.path.insert(0, str(ROOT))
     import constructor
     from train_configs import get_recipe
+    from utils.optim import make_sgd
 
     dev = torch.device("cuda" if device == "cuda" else "cpu")
     on_cuda = dev.type == "cuda"
@@ -46,7 +48,7 @@ def raw_step_throughput(arch: str, block: str, batch: int, iterations: int, devi
     fmt = torch.channels_last if on_cuda else torch.contiguous_format
     model = model.to(memory_format=fmt)
     step_model = torch.compile(model) if compile_model else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    optimizer = make_sgd(model, 1e-4, recipe.weight_decay, momentum=recipe.momentum)  # the engine's SGD
     images = torch.randn(batch, 3, spec.input_size, spec.input_size, device=dev).contiguous(memory_format=fmt)
     labels = torch.randint(0, spec.num_classes, (batch,), device=dev)
     model.train()
@@ -79,6 +81,59 @@ def engine_throughput(arch: str, block: str, batch: int, iterations: int, epochs
     return float(summary["train_images_per_sec"])
 
 
+def interleaved_in_process(arch: str, block: str, batch: int, iterations: int, rounds: int) -> tuple[list, list]:
+    """Engine epochs and bare-step loops alternated in ONE process on the same model (CPU).
+
+    Less exposed to a shared machine's drifting load than separate processes: each round runs one
+    engine epoch (``Trainer._train_one_epoch``: synthetic loader, step, schedule, device-side metrics,
+    progress reads) and then the same number of bare steps on a fixed batch.
+    Returns (engine images/s per round, raw images/s per round).
+    """
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import constructor
+    import data
+    from train_configs import get_recipe
+    from utils.checkpoint import ExperimentPaths
+    from utils.distributed import DistContext
+    from utils.engine import Trainer, TrainOptions
+    from utils.optim import make_sgd
+    from utils.runlog import RunLog, TensorBoard
+
+    recipe = get_recipe(arch, epochs=rounds + 1, batch_size=batch)
+    spec = constructor.get_arch_spec(arch)
+    kwargs = {"gamma_init": recipe.gamma_init} if block == "acb" else {}
+    torch.manual_seed(0)
+    model = constructor.build_model(arch, block, **kwargs)
+    train_loader, eval_loader = data.create_loaders("synthetic", None, batch, image_size=spec.input_size,
+                                                    num_classes=spec.num_classes, num_train=batch * iterations,
+                                                    num_val=batch)
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = ExperimentPaths(Path(tmp))
+        trainer = Trainer(model, train_loader, eval_loader, recipe, ctx, paths, RunLog(paths.log, enabled=False),
+                          TrainOptions(progress_bar=False))
+        trainer._step_model = trainer._build_step_model()
+        criterion = torch.nn.CrossEntropyLoss()
+        optimizer = make_sgd(model, 1e-4, recipe.weight_decay, momentum=recipe.momentum)  # the engine's SGD
+        images, labels = next(iter(train_loader))
+        tb = TensorBoard(paths.tensorboard, enabled=False)
+        trainer._train_one_epoch(0, criterion, tb)  # warm-up, not timed
+        engine, raw = [], []
+        for epoch in range(1, rounds + 1):
+            _, seconds, seen = trainer._train_one_epoch(epoch, criterion, tb)
+            engine.append(seen / seconds)
+            start = time.perf_counter()
+            for _ in range(iterations):
+                loss = criterion(model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            raw.append(batch * iterations / (time.perf_counter() - start))
+    return engine, raw
+
+
 def run_raw_worker(args: argparse.Namespace) -> float:
     cmd = [sys.executable, __file__, "--raw-worker", "--arch", args.arch, "--batch", str(args.batch),
            "--iterations", str(args.iterations * args.epochs), "--device", args.device, "--blocks", args.block_one]
@@ -101,6 +156,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--quick", action="store_true", help="batch 64, 8 iterations x 1 epoch, 3 repeats")
+    parser.add_argument("--in-process", action="store_true",
+                        help="CPU: alternate engine epochs and bare-step loops in one process (robust to load)")
     parser.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_worker:
@@ -109,6 +166,17 @@ def main() -> None:
     if args.quick:
         args.batch, args.iterations, args.epochs, args.repeats = 64, 8, 1, 3
     blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
+    if args.in_process:
+        print(f"engine loop vs bare step, one process, {args.repeats} alternated rounds of {args.iterations} it, "
+              f"{args.arch} batch {args.batch}, CPU")
+        print("| block | engine img/s (median) | raw step img/s (median) | engine/raw (median of rounds) | overhead |")
+        print("|-------|---------------------:|------------------------:|------------------------------:|---------:|")
+        for block in blocks:
+            engine, raw = interleaved_in_process(args.arch, block, args.batch, args.iterations, args.repeats)
+            ratio = statistics.median(e / r for e, r in zip(engine, raw))
+            print(f"| {block} | {statistics.median(engine):.1f} | {statistics.median(raw):.1f} | {ratio:.3f} | "
+                  f"{100 * (1 - ratio):.1f}% |", flush=True)
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
         for block in blocks:
