@@ -60,7 +60,9 @@ class _BNTrainPad(torch.autograd.Function):
     def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, pad_value: Tensor,
                 pad: int) -> Tensor:
         n, c, h, w = y.shape
-        out = y.new_empty(n, c, h + 2 * pad, w + 2 * pad)
+        channels_last = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty(n, c, h + 2 * pad, w + 2 * pad, dtype=y.dtype, device=y.device, memory_format=layout)
         value = pad_value.view(1, -1, 1, 1)
         out[:, :, :pad, :] = value
         out[:, :, -pad:, :] = value

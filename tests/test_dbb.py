@@ -268,3 +268,18 @@ def test_avg_pool_module_equals_average_pooling(k, stride, padding, dilation):
         windows = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)
         expected = windows.view(2, 3, k * k, -1).mean(2).view_as(out)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_training_matches_reference():
+    """The padded-BN buffer follows the input's layout; values and gradients do not depend on it."""
+    block = randomize_(DiverseBranchBlock(4, 6, 3, padding=1), 8).double().train()
+    reference = copy.deepcopy(block)
+    block = block.to(memory_format=torch.channels_last)
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, expected = block(x), reference_forward(reference, x_ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
