@@ -185,7 +185,8 @@ def create_loaders(args: argparse.Namespace, spec, dataset: str, recipe: Recipe,
 def write_recipe_json(path: Path, args: argparse.Namespace, recipe: Recipe, dataset: str, ctx, options) -> None:
     from utils.checkpoint import save_json
 
-    record = {"arch": args.arch, "block_type": args.block_type, "dataset": dataset, **recipe.to_dict(),
+    # The dataset actually used comes after the recipe's fields: the recipe only names the arch's default.
+    record = {"arch": args.arch, "block_type": args.block_type, **recipe.to_dict(), "dataset": dataset,
               "world_size": ctx.world_size, "batch_size_per_rank": recipe.batch_size // ctx.world_size,
               "block_kwargs": block_kwargs(args.block_type, recipe), "seed": args.seed,
               "data_dir": args.data_dir, "synthetic_num_train": args.synthetic_num_train,

@@ -106,6 +106,8 @@ def test_quickstart_runs_as_written(quickstart_run):
         "cfqkbnc", "acb", "synthetic", 3)
     assert summary["max_abs_logit_diff"] < 1e-3
     assert summary["params_deploy"] < summary["params_train"]
+    recipe = json.loads((quickstart_run / "recipe.json").read_text())
+    assert (recipe["dataset"], recipe["epochs"]) == ("synthetic", 3)  # the dataset used, not the arch's default
     with h5py.File(quickstart_run / "finish.hdf5", "r") as f:
         assert any("square_conv" in key for key in f)
     with h5py.File(quickstart_run / "finish_deploy.hdf5", "r") as f:
