@@ -301,3 +301,32 @@ def test_non_finite_loss_stops_and_keeps_last_state(tmp_path):
         trainer.fit(TensorBoard(tmp_path / "tb", enabled=False))
     assert not (tmp_path / "finish.hdf5").exists()
     assert not (tmp_path / "latest.pth").exists()  # it diverged in epoch 1: no state was ever saved
+
+
+# ---------------------------------------------------------------------------- load_model_for_eval
+def test_load_model_for_eval_detects_the_form_and_unwraps_in_memory_checkpoints(tmp_path):
+    import acnet
+    import constructor
+    from acnet import WeightsError
+    from utils.evaluation import load_model_for_eval
+
+    torch.manual_seed(0)
+    trained = constructor.build_model("cfqkbnc", "acb")
+    for m in trained.modules():  # non-trivial BN statistics so the two forms are really compared
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 3, 32, 32)
+    expected = trained.eval()(x)
+    ddp_style = {"state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}
+    from_train = load_model_for_eval("cfqkbnc", "acb", ddp_style)
+    assert not from_train.training
+    torch.testing.assert_close(from_train(x), expected)
+
+    deploy_path = tmp_path / "deploy.hdf5"
+    acnet.save_hdf5(acnet.acnet_switch_to_deploy(trained).state_dict(), deploy_path)
+    from_deploy = load_model_for_eval("cfqkbnc", "base", deploy_path)  # deploy weights fit every block type
+    torch.testing.assert_close(from_deploy(x), expected, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(WeightsError, match="matches neither"):
+        load_model_for_eval("vc", "acb", deploy_path)

@@ -146,9 +146,11 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
     """
     import constructor
     from acnet import WeightsError, load_state_dict_file
+    from acnet.weights import as_state_dict
 
     if isinstance(weights, Mapping):
-        state, source = dict(weights), "the given state dict"
+        # the same unwrapping as for files: checkpoint containers, a DDP ``module.`` prefix
+        state, source = as_state_dict(weights, "the given state dict"), "the given state dict"
     else:
         state, source = load_state_dict_file(weights), f"weights file {os.fspath(weights)!r}"
     train_model = constructor.build_model(arch, block_type, num_classes=num_classes, **block_kwargs)
