@@ -6,6 +6,8 @@ A :class:`ReparamBlock` is a training-time module that, in eval mode, computes e
 """
 from __future__ import annotations
 
+import abc
+
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -35,7 +37,7 @@ def as_square_int(value: IntOrPair, name: str, owner: str) -> int:
     raise ValueError(f"{owner}: {name} must be an int or a square pair of ints, got {value!r}")
 
 
-class ReparamBlock(nn.Module):
+class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
     """A training-time block equal, in eval mode, to one conv with bias.
 
     Geometry attributes mean what they mean for ``nn.Conv2d`` (stored as ints): ``in_channels,
@@ -96,26 +98,26 @@ class ReparamBlock(nn.Module):
         self.kernel_size, self.stride, self.padding, self.dilation = k, s, p, d
         self.padding_mode = padding_mode
 
-    # --- the contract -------------------------------------------------------------------------
+    # --- the contract (abstract: a subclass that misses one cannot be instantiated) -----------
+    @abc.abstractmethod
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
         """``(kernel (O, C/g, K, K), bias (O,))`` of the one conv equal to this block in eval mode.
 
         Differentiable in the block's parameters; uses the BN running statistics and each BN's eps.
         """
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def deployed(self) -> bool:
         """True once the block holds only its fused conv."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def switch_to_deploy(self) -> None:
         """Replace the branches by the fused conv, in place (idempotent)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _deploy_conv_module(self) -> nn.Conv2d:
         """The fused conv a deployed block holds (subclasses name it)."""
-        raise NotImplementedError
 
     def _empty_deploy_conv(self, dtype: torch.dtype, device: torch.device) -> nn.Conv2d:
         return nn.Conv2d(
