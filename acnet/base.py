@@ -7,6 +7,7 @@ A :class:`ReparamBlock` is a training-time module that, in eval mode, computes e
 from __future__ import annotations
 
 import abc
+import functools
 
 from typing import Sequence, Tuple, Union
 
@@ -119,8 +120,10 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
     def _deploy_conv_module(self) -> nn.Conv2d:
         """The fused conv a deployed block holds (subclasses name it)."""
 
-    def _empty_deploy_conv(self, dtype: torch.dtype, device: torch.device) -> nn.Conv2d:
-        return nn.Conv2d(
+    def _empty_deploy_conv(self, dtype: torch.dtype, device: torch.device, initialise: bool = True) -> nn.Conv2d:
+        """The deploy conv's shell; ``initialise=False`` skips the random init when the caller overwrites it."""
+        factory = nn.Conv2d if initialise else functools.partial(torch.nn.utils.skip_init, nn.Conv2d)
+        return factory(
             self.in_channels,
             self.out_channels,
             self.kernel_size,
@@ -145,7 +148,7 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
                 kernel, bias = source.weight, source.bias
             else:
                 kernel, bias = self.get_equivalent_kernel_bias()
-            conv = self._empty_deploy_conv(kernel.dtype, kernel.device)
+            conv = self._empty_deploy_conv(kernel.dtype, kernel.device, initialise=False)
             conv.weight.copy_(kernel)
             conv.bias.copy_(bias)
         return conv
