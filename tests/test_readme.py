@@ -147,3 +147,12 @@ def test_tool_commands_of_the_quickstart_run(quickstart_run, monkeypatch, capsys
         capsys.readouterr()
         assert script.main(argv[2:]) == 0, f"{command}\n{capsys.readouterr().err}"
         assert capsys.readouterr().out.strip(), command
+
+
+def test_ci_runs_the_readme_commands_exactly():
+    """CI must run README's install command, then README's test command, exactly as written."""
+    (block,) = code_blocks(section("Install and test"), "bash")
+    install, test = block.strip().splitlines()
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert install in ci_lines and test in ci_lines
+    assert ci_lines.index(install) < ci_lines.index(test)
