@@ -84,18 +84,6 @@ class ACBlock(ReparamBlock):
             self.init_gamma(gamma_init)
 
     # --- state ------------------------------------------------------------------------------
-    @property
-    def deployed(self) -> bool:
-        return "fused_conv" in self._modules
-
-    @property
-    def deploy(self) -> bool:
-        """The original's attribute name for :attr:`deployed`."""
-        return self.deployed
-
-    def _deploy_conv_module(self) -> nn.Conv2d:
-        return self.fused_conv
-
     def _branch_bns(self) -> Tuple[nn.BatchNorm2d, ...]:
         if self.deployed:
             raise RuntimeError("ACBlock: the block is deployed; its branches and BNs are gone")

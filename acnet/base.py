@@ -107,18 +107,26 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
         Differentiable in the block's parameters; uses the BN running statistics and each BN's eps.
         """
 
-    @property
-    @abc.abstractmethod
-    def deployed(self) -> bool:
-        """True once the block holds only its fused conv."""
-
     @abc.abstractmethod
     def switch_to_deploy(self) -> None:
-        """Replace the branches by the fused conv, in place (idempotent)."""
+        """Replace the branches by the fused conv (named :attr:`deploy_conv_name`), in place (idempotent)."""
 
-    @abc.abstractmethod
+    #: Attribute name of the fused conv a deployed block holds (the original implementations' names).
+    deploy_conv_name: str = "fused_conv"
+
+    @property
+    def deployed(self) -> bool:
+        """True once the block holds only its fused conv."""
+        return self.deploy_conv_name in self._modules
+
+    @property
+    def deploy(self) -> bool:
+        """The original implementations' attribute name for :attr:`deployed`."""
+        return self.deployed
+
     def _deploy_conv_module(self) -> nn.Conv2d:
-        """The fused conv a deployed block holds (subclasses name it)."""
+        """The fused conv a deployed block holds."""
+        return getattr(self, self.deploy_conv_name)
 
     def _empty_deploy_conv(self, dtype: torch.dtype, device: torch.device, initialise: bool = True) -> nn.Conv2d:
         """The deploy conv's shell; ``initialise=False`` skips the random init when the caller overwrites it."""
@@ -203,13 +211,6 @@ class ConvBN(ReparamBlock):
                 padding_mode=padding_mode,
             )
             self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
-
-    @property
-    def deployed(self) -> bool:
-        return "fused_conv" in self._modules
-
-    def _deploy_conv_module(self) -> nn.Conv2d:
-        return self.fused_conv
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:

@@ -258,17 +258,7 @@ class DiverseBranchBlock(ReparamBlock):
             self.single_init()
 
     # --- state ------------------------------------------------------------------------------
-    @property
-    def deployed(self) -> bool:
-        return "dbb_reparam" in self._modules
-
-    @property
-    def deploy(self) -> bool:
-        """The original's attribute name for :attr:`deployed`."""
-        return self.deployed
-
-    def _deploy_conv_module(self) -> nn.Conv2d:
-        return self.dbb_reparam
+    deploy_conv_name = "dbb_reparam"
 
     def _branch_output_bns(self) -> Tuple[nn.BatchNorm2d, ...]:
         if self.deployed:

@@ -114,13 +114,6 @@ class BiasFreeConv(ReparamBlock):
             padding_mode=padding_mode,
         )
 
-    @property
-    def deployed(self) -> bool:
-        return "fused_conv" in self._modules
-
-    def _deploy_conv_module(self) -> nn.Conv2d:
-        return self.fused_conv
-
     def forward(self, x: Tensor) -> Tensor:
         return self.fused_conv(x) if self.deployed else self.conv(x)
 
