@@ -234,6 +234,13 @@ class ConvBuilder:
             block.init_gamma(self.gamma_init)
         return block
 
+    def _unit(self, geometry: tuple, plain: Callable[[], nn.Module]) -> nn.Module:
+        """The deploy conv in deploy mode; else the block where the kernel qualifies, else ``plain()``."""
+        if self.deploy:
+            return self._deploy_conv(*geometry)
+        block = self._block(*geometry)
+        return plain() if block is None else block
+
     # --- units ----------------------------------------------------------------------------------
     def conv_bn(
         self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
@@ -241,12 +248,7 @@ class ConvBuilder:
     ) -> nn.Module:
         """``bn(conv(x))``: ``ConvBN``, a block, or (deploy) ``nn.Conv2d(bias=True)``."""
         geometry = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
-        if self.deploy:
-            return self._deploy_conv(*geometry)
-        block = self._block(*geometry)
-        if block is not None:
-            return block
-        return ConvBN(*geometry, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum)
+        return self._unit(geometry, lambda: ConvBN(*geometry, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum))
 
     def conv_bn_relu(
         self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
@@ -262,12 +264,7 @@ class ConvBuilder:
     ) -> nn.Module:
         """``conv(x)`` with no BN after it: :class:`BiasFreeConv`, a block, or (deploy) ``nn.Conv2d(bias=True)``."""
         geometry = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
-        if self.deploy:
-            return self._deploy_conv(*geometry)
-        block = self._block(*geometry)
-        if block is not None:
-            return block
-        return BiasFreeConv(*geometry)
+        return self._unit(geometry, lambda: BiasFreeConv(*geometry))
 
     def bn_relu_conv(
         self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
