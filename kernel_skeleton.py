@@ -142,14 +142,9 @@ def format_skeleton(skeleton: Skeleton) -> str:
 
 
 def _import_pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise SkeletonError("drawing needs matplotlib, which is not installed: pip install matplotlib "
-                            "(or run without -o for the text output)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    from utils.plotting import import_pyplot
+
+    return import_pyplot(SkeletonError, "drawing", "or run without -o for the text output")
 
 
 def draw_skeletons(skeletons: Sequence[Skeleton], path: Path) -> None:

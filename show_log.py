@@ -14,7 +14,7 @@ table shows the mean top-1 over the last ``n`` evaluations, the max and the last
 top-1, parameters and training speed; the comparison pairs each arch's ``base`` run with its
 ``acb``/``dbb`` runs (gain in mean and in max top-1) beside the published numbers. Runs in
 progress, runs with fewer than ``n`` evaluations and unreadable logs are listed with their status,
-never dropped. The script needs only the standard library (matplotlib for ``--plot``).
+never dropped. Beyond the standard library it needs matplotlib only for ``--plot``.
 """
 from __future__ import annotations
 
@@ -468,14 +468,9 @@ class UsageError(Exception):
 
 
 def _import_pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise UsageError("--plot needs matplotlib, which is not installed: pip install matplotlib "
-                         "(or pip install -e \".[plot]\")") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    from utils.plotting import import_pyplot
+
+    return import_pyplot(UsageError, "--plot", 'or pip install -e ".[plot]"')
 
 
 def plot_runs(runs: Sequence[Run], path: Path) -> None:
