@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from .errors import DatasetArgumentError, DatasetError
-from .sharding import ShardedBatchSampler
+from .sharding import ShardedBatchSampler, ShardedLoaderMixin
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderLoader", "create_imagefolder_loaders",
            "load_rgb_image"]
@@ -40,7 +40,7 @@ def load_rgb_image(path: str) -> Image.Image:
                            "is corrupt or not an image: replace or delete it") from None
 
 
-class ImageFolderLoader:
+class ImageFolderLoader(ShardedLoaderMixin):
     """A ``DataLoader`` over an ``ImageFolder`` wrapped to the data package's loader protocol."""
 
     def __init__(self, dataset: Any, batch_size: int, *, train: bool, rank: int, world_size: int,
@@ -56,20 +56,6 @@ class ImageFolderLoader:
         self.image_size = image_size
         self.classes: List[str] = list(dataset.classes)
         self.num_classes = len(self.classes)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampler.shard_size
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.loader)

@@ -115,3 +115,24 @@ class ShardedBatchSampler(Sampler[List[int]]):
     def __iter__(self) -> Iterator[List[int]]:
         for batch in torch.split(self.epoch_order(), self.batch_sizes()):
             yield batch.tolist()
+
+
+class ShardedLoaderMixin:
+    """The loader protocol's epoch/length part, delegated to ``self.sampler`` (a :class:`ShardedBatchSampler`)."""
+
+    sampler: ShardedBatchSampler
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch (its shard)."""
+        return self.sampler.shard_size
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -13,7 +13,7 @@ import torch
 
 from .augment import (CropFlip, apply_affine, normalization_affine, sample_crop_flip,
                       with_zero_sentinel)
-from .sharding import ShardedBatchSampler, epoch_generator
+from .sharding import ShardedBatchSampler, ShardedLoaderMixin, epoch_generator
 
 __all__ = ["TensorImageLoader"]
 
@@ -21,7 +21,7 @@ _AUGMENT_STREAM = 1  # generator stream of the augmentation parameters (0: the p
 _CPU_CHUNK_VALUES = 24576  # < 32768, torch's grain size for parallelising an element-wise op
 
 
-class TensorImageLoader:
+class TensorImageLoader(ShardedLoaderMixin):
     """Loader protocol over in-memory tensors: ``set_epoch``, ``len``, ``(images, labels)`` batches.
 
     ``images`` is uint8 ``(N, C, H, W)`` and ``labels`` int64 ``(N,)``, both already on the
@@ -60,21 +60,6 @@ class TensorImageLoader:
     @property
     def device(self) -> torch.device:
         return self.flat_images.device
-
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank sees per epoch (its shard)."""
-        return self.sampler.shard_size
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         sizes = self.sampler.batch_sizes()
