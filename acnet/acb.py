@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import transforms
-from .base import IntOrPair, ReparamBlock, branch_bn_sum
+from .base import IntOrPair, ReparamBlock, branch_bn_sum, branch_input
 
 __all__ = ["ACBlock", "AsymConvBlock"]
 
@@ -116,6 +116,7 @@ class ACBlock(ReparamBlock):
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
             return self.fused_conv(x)
+        x = branch_input(x)
         ver_input, hor_input = self._side_inputs(x)
         outputs = (self.square_conv(x), self.ver_conv(ver_input), self.hor_conv(hor_input))
         return branch_bn_sum(outputs, (self.square_bn, self.ver_bn, self.hor_bn))

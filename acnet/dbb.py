@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import transforms
-from .base import IntOrPair, ReparamBlock, _batch_stats, _bns_fusable, branch_bn_sum
+from .base import IntOrPair, ReparamBlock, _batch_stats, _bns_fusable, branch_bn_sum, branch_input, layout_of
 
 __all__ = ["DiverseBranchBlock", "IdentityBasedConv1x1", "BNAndPadLayer", "AvgPoolKxK"]
 
@@ -60,9 +60,7 @@ class _BNTrainPad(torch.autograd.Function):
     def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, pad_value: Tensor,
                 pad: int) -> Tensor:
         n, c, h, w = y.shape
-        channels_last = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        out = torch.empty(n, c, h + 2 * pad, w + 2 * pad, dtype=y.dtype, device=y.device, memory_format=layout)
+        out = torch.empty(n, c, h + 2 * pad, w + 2 * pad, dtype=y.dtype, device=y.device, memory_format=layout_of(y))
         value = pad_value.view(1, -1, 1, 1)
         out[:, :, :pad, :] = value
         out[:, :, -pad:, :] = value
@@ -81,8 +79,9 @@ class _BNTrainPad(torch.autograd.Function):
         y, weight, mean, invstd = ctx.saved_tensors
         p = ctx.pad
         need_y, need_w, need_b = ctx.needs_input_grad[:3]
+        interior = grad[:, :, p:-p, p:-p].contiguous(memory_format=layout_of(y))  # strided: BN backward's slow path
         grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad[:, :, p:-p, p:-p], y, weight, None, None, mean, invstd, True, 0.0, [need_y, need_w, need_b]
+            interior, y, weight, None, None, mean, invstd, True, 0.0, [need_y, need_w, need_b]
         )
         return grad_y, grad_w, grad_b, None, None, None, None
 
@@ -284,6 +283,7 @@ class DiverseBranchBlock(ReparamBlock):
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
             return self.nonlinear(self.dbb_reparam(x))
+        x = branch_input(x)
         outputs = [self.dbb_origin.conv(x)]
         bns = [self.dbb_origin.bn]
         if hasattr(self, "dbb_1x1"):
