@@ -64,10 +64,12 @@ def test_dbb_float32_training_matches_float64_reference(k, stride, groups, cin, 
 
 
 def test_branch_input_layout_rule():
-    x = torch.randn(2, 3, 4, 5)
+    x = torch.randn(2, 3, 8, 9)
     assert layout_of(branch_input(x)) == torch.channels_last
     assert branch_input(x.double()).is_contiguous()  # float64: no oneDNN kernels, left NCHW
     cl = x.contiguous(memory_format=torch.channels_last)
     assert branch_input(cl).data_ptr() == cl.data_ptr()  # already NHWC: no copy
     flat = torch.randn(2, 3)
     assert branch_input(flat) is flat
+    small = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)  # 16 < NHWC_MIN_PIXELS
+    assert branch_input(small).is_contiguous()
