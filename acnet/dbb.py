@@ -25,7 +25,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import transforms
-from .base import IntOrPair, ReparamBlock, _batch_stats, _bns_fusable, branch_bn_sum, branch_input, layout_of
+from .base import (
+    IntOrPair, ReparamBlock, _batch_stats, _bns_fusable, branch_bn_sum, branch_input, bn_train_backward, layout_of,
+)
 
 __all__ = ["DiverseBranchBlock", "IdentityBasedConv1x1", "BNAndPadLayer", "AvgPoolKxK"]
 
@@ -79,10 +81,8 @@ class _BNTrainPad(torch.autograd.Function):
         y, weight, mean, invstd = ctx.saved_tensors
         p = ctx.pad
         need_y, need_w, need_b = ctx.needs_input_grad[:3]
-        interior = grad[:, :, p:-p, p:-p].contiguous(memory_format=layout_of(y))  # strided: BN backward's slow path
-        grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            interior, y, weight, None, None, mean, invstd, True, 0.0, [need_y, need_w, need_b]
-        )
+        grad_y, grad_w, grad_b = bn_train_backward(grad[:, :, p:-p, p:-p], y, weight, mean, invstd,
+                                                   [need_y, need_w, need_b])
         return grad_y, grad_w, grad_b, None, None, None, None
 
 
