@@ -6,8 +6,10 @@ Times forward + backward (parameter AND input gradients) in training mode (batch
   ACB-orig  the original three-branch forward (each branch conv -> BN, then two adds),
   DBB       ``acnet.DiverseBranchBlock`` (fast training path),
   DBB-orig  the original DBB forward (four branches, padded BNs, three adds).
-Runs alternate between implementations (one timed run of each per round) and the table reports the
-median per implementation and the ratios to conv+BN, so background load affects all alike.
+Runs alternate between implementations (one timed run of each per round, the order rotating every
+round) and the table reports the median conv+BN time and, per implementation, the median over rounds
+of its time divided by the conv+BN time of the same round, so slow drifts of a shared machine's speed
+cancel out.
 
     python benchmarks/bench_blocks.py                 # the six reference shapes, 2 threads
     python benchmarks/bench_blocks.py --rounds 15 --shapes 128,16,32,3 32,256,14,3
@@ -88,7 +90,8 @@ def make_step(forward: Callable[[torch.Tensor], torch.Tensor], module: nn.Module
     return step
 
 
-def bench_shape(shape: Tuple[int, int, int, int], rounds: int, warmup: int) -> Dict[str, float]:
+def bench_shape(shape: Tuple[int, int, int, int], rounds: int, warmup: int) -> Dict[str, List[float]]:
+    """Per implementation, its step time (ms) in each round."""
     n, c, hw, k = shape
     torch.manual_seed(0)
     x = torch.randn(n, c, hw, hw, requires_grad=True)
@@ -103,16 +106,22 @@ def bench_shape(shape: Tuple[int, int, int, int], rounds: int, warmup: int) -> D
         "DBB": make_step(dbb, dbb, x, grad_out),
         "DBB-orig": make_step(lambda t: original_dbb_forward(dbb, t), dbb, x, grad_out),
     }
+    names = list(steps)
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(warmup):
         for step in steps.values():
             step()
-    for _ in range(rounds):
-        for name, step in steps.items():
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
             start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+            steps[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def paired_ratio(times: Dict[str, List[float]], name: str, baseline: str = "conv+BN") -> float:
+    """Median over rounds of ``time(name) / time(baseline)`` measured in the same round."""
+    return statistics.median(t / b for t, b in zip(times[name], times[baseline]))
 
 
 def geomean(values: List[float]) -> float:
@@ -131,20 +140,20 @@ def main(argv: List[str] | None = None) -> int:
 
     header = (f"{'N,C,HW,K':>16} | {'conv+BN ms':>10} | {'ACB/cb':>6} {'orig':>6} {'paper':>6} | "
               f"{'DBB/cb':>6} {'orig':>6} {'paper':>6}")
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} alternated rounds")
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} alternated rounds; ratios: median of per-round ratios")
     print(header)
     print("-" * len(header))
     ratios: Dict[str, List[float]] = {"ACB": [], "ACB-orig": [], "DBB": [], "DBB-orig": []}
     for shape in shapes:
-        ms = bench_shape(shape, args.rounds, args.warmup)
-        row = {name: ms[name] / ms["conv+BN"] for name in ratios}
+        times = bench_shape(shape, args.rounds, args.warmup)
+        row = {name: paired_ratio(times, name) for name in ratios}
         for name, value in row.items():
             ratios[name].append(value)
         ref = shape in DEFAULT_SHAPES and DEFAULT_SHAPES.index(shape)
         paper_acb = ORIGINAL_ACB[ref] if ref is not False else None
         paper_dbb = ORIGINAL_DBB[ref] if ref is not False else None
         fmt = lambda v: f"{v:6.2f}" if v is not None else f"{'-':>6}"  # noqa: E731
-        print(f"{','.join(map(str, shape)):>16} | {ms['conv+BN']:10.1f} | {row['ACB']:6.2f} {row['ACB-orig']:6.2f} "
+        print(f"{','.join(map(str, shape)):>16} | {statistics.median(times['conv+BN']):10.1f} | {row['ACB']:6.2f} {row['ACB-orig']:6.2f} "
               f"{fmt(paper_acb)} | {row['DBB']:6.2f} {row['DBB-orig']:6.2f} {fmt(paper_dbb)}", flush=True)
     print("-" * len(header))
     print(f"{'geometric mean':>16} | {'':>10} | {geomean(ratios['ACB']):6.2f} {geomean(ratios['ACB-orig']):6.2f} "
