@@ -119,7 +119,7 @@ class ACBlock(ReparamBlock):
         x = branch_input(x)
         ver_input, hor_input = self._side_inputs(x)
         outputs = (self.square_conv(x), self.ver_conv(ver_input), self.hor_conv(hor_input))
-        return branch_bn_sum(outputs, (self.square_bn, self.ver_bn, self.hor_bn))
+        return branch_bn_sum(outputs, self._branch_bns())
 
     # --- fusion -----------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:

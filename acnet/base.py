@@ -333,7 +333,7 @@ class _BranchBNSum(torch.autograd.Function):
         for i, y in enumerate(ys):
             need_y = ctx.needs_input_grad[4 + i]
             grad_y, grad_w, grad_b = bn_train_backward(
-                grad, y, weights[i], means[i], invstds[i], [need_y, need_w or need_b, need_b and i == 0]
+                grad, y, weights[i], means[i], invstds[i], [need_y, need_w, need_b and i == 0]
             )
             if need_w:
                 grad_weights[i] = grad_w

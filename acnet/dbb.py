@@ -157,8 +157,8 @@ class AvgPoolKxK(nn.Module):
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
 
     def forward(self, x: Tensor) -> Tensor:
-        channels = x.shape[1]
-        kernel = transforms.avg_pool_kernel(channels, self.kernel_size, channels, dtype=x.dtype, device=x.device)
+        channels, k = x.shape[1], self.kernel_size
+        kernel = x.new_full((channels, 1, k, k), 1.0 / (k * k))  # avg_pool_kernel(channels, k, groups=channels)
         return F.conv2d(x, kernel, None, self.stride, self.padding, self.dilation, channels)
 
     def extra_repr(self) -> str:
@@ -284,20 +284,17 @@ class DiverseBranchBlock(ReparamBlock):
         if self.deployed:
             return self.nonlinear(self.dbb_reparam(x))
         x = branch_input(x)
+        # branch outputs before their final BN, in the order of _branch_output_bns()
         outputs = [self.dbb_origin.conv(x)]
-        bns = [self.dbb_origin.bn]
         if hasattr(self, "dbb_1x1"):
             outputs.append(self.dbb_1x1.conv(x))
-            bns.append(self.dbb_1x1.bn)
         avg = self.dbb_avg
         outputs.append(avg.avg(avg.bn(avg.conv(x))) if hasattr(avg, "conv") else avg.avg(x))
-        bns.append(avg.avgbn)
         kxk = self.dbb_1x1_kxk
         first = kxk.idconv1(x) if hasattr(kxk, "idconv1") else kxk.conv1(x)
         outputs.append(kxk.conv2(kxk.bn1(first)))
-        bns.append(kxk.bn2)
-        # the four branch BNs and the sum in one pass (batch statistics in training, else BN by BN)
-        return self.nonlinear(branch_bn_sum(outputs, bns))
+        # the branch BNs and the sum in one pass (batch statistics in training, else BN by BN)
+        return self.nonlinear(branch_bn_sum(outputs, self._branch_output_bns()))
 
     # --- fusion -----------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
