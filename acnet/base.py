@@ -273,12 +273,22 @@ def bn_train_backward(grad: Tensor, y: Tensor, weight: Optional[Tensor], mean: T
     return torch.ops.aten.native_batch_norm_backward(grad, y, weight, None, None, mean, invstd, True, 0.0, list(mask))
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``; torch < 2.4 has only the per-backend queries."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
+
+
 def _bns_fusable(outputs: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d]) -> bool:
     """True when ``sum_i bns[i](outputs[i])`` may take the fused batch-statistics path."""
     first = outputs[0]
     if first.dtype not in (torch.float32, torch.float64) or first.dim() != 4:
         return False
-    if torch.is_autocast_enabled(first.device.type):
+    if _autocast_enabled(first.device.type):
         return False
     if first.shape[0] * first.shape[2] * first.shape[3] < 2:
         return False  # let nn.BatchNorm2d raise its own error for a single value per channel
