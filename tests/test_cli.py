@@ -19,12 +19,10 @@ import torch
 import constructor
 import do_acnet
 from acnet import load_hdf5
-from tests.fakedata import write_fake_cifar10
+from fakedata import write_fake_cifar10
+from quickstart import SUMMARY_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
-SUMMARY_KEYS = {"arch", "block_type", "dataset", "epochs", "world_size", "train_top1", "train_top5", "deploy_top1",
-                "deploy_top5", "max_abs_logit_diff", "train_images_per_sec", "params_train", "params_deploy",
-                "wall_seconds"}
 EVAL_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d epoch (\d+) iter (\d+) val top1=(\d+\.\d+) "
                        r"top5=(\d+\.\d+) loss=(\d+\.\d+)$")
 TINY = ["--epochs", "2", "--batch-size", "32", "--no-progress", "--print-freq", "2", "--no-download"]

@@ -134,7 +134,6 @@ def test_checkpoint_hint_for_torch_files(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- a real run
-from test_readme import quickstart_run  # noqa: E402,F401  (session fixture: the README quickstart's run)
 
 
 @pytest.mark.parametrize("file_name, summary_key", [("finish.hdf5", "params_train"),

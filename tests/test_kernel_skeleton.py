@@ -161,7 +161,6 @@ def test_drawing_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypat
 
 
 # ------------------------------------------------------------------------------------- a real run
-from test_readme import quickstart_run  # noqa: E402,F401  (session fixture: the README quickstart's run)
 
 
 def test_tiny_real_run(quickstart_run):

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import robustness
-from test_readme import quickstart_run  # noqa: F401  (session fixture: the README quickstart's run)
 
 
 def test_distortions_match_numpy():

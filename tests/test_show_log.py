@@ -256,7 +256,6 @@ def test_plot_with_no_evaluations_is_a_clear_error(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- a real run
-from test_readme import quickstart_run  # noqa: E402,F401  (session fixture: the README quickstart's run)
 
 
 def test_on_a_tiny_real_run(quickstart_run, capsys):
