@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from show_log import parse_run_name, render_table
+from show_log import render_table, run_dataset
 
 
 Distortion = Callable[[torch.Tensor], torch.Tensor]
@@ -94,14 +94,14 @@ def _read_json(path: Path) -> dict:
 def resolve_target(path: Path, args: argparse.Namespace) -> Target:
     """A run directory or a weights file -> Target (command-line options override the run's files).
 
-    For a run directory the arch, block type and dataset come from ``summary.json``, else (dataset)
-    the directory name, which names any dataset that is not the arch's own, else ``recipe.json``.
+    For a run directory the arch, block type and dataset come from ``summary.json``, else ``recipe.json``
+    (the dataset, else from the directory name: ``show_log.run_dataset``).
     """
     if not path.exists():
         raise RobustnessError(f"no such run directory or weights file: {path}")
     recipe: dict = {}
     summary: dict = {}
-    name_dataset = None
+    run_name = None
     if path.is_dir():
         recipe, summary = _read_json(path / "recipe.json"), _read_json(path / "summary.json")
         if not recipe and not summary:
@@ -111,7 +111,7 @@ def resolve_target(path: Path, args: argparse.Namespace) -> Target:
         if weights is None:
             raise RobustnessError(f"{path} has neither {' nor '.join(WEIGHT_FILES)}: the run has not finished")
         label = path.name
-        name_dataset = parse_run_name(path.name)[2]
+        run_name = path.name
     else:
         weights, label = path, path.name
 
@@ -126,7 +126,7 @@ def resolve_target(path: Path, args: argparse.Namespace) -> Target:
     import constructor
 
     spec = constructor.get_arch_spec(arch)  # ValueError listing the archs for an unknown one
-    dataset = args.dataset or summary.get("dataset") or name_dataset or recipe.get("dataset") or spec.dataset
+    dataset = args.dataset or (run_dataset(run_name, summary, recipe) if run_name else None) or spec.dataset
     num_classes = args.num_classes
     data_options = {}
     if dataset == "synthetic":  # the test set is generated: rebuild the run's own one

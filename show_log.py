@@ -233,6 +233,12 @@ def parse_run_name(name: str) -> tuple:
     return None, None, None
 
 
+def run_dataset(run_dir_name: str, summary: dict, recipe: dict) -> Optional[str]:
+    """The dataset a run used: ``summary.json``, else ``recipe.json`` (do_acnet.py records the dataset
+    actually used), else the directory name (which names any dataset that is not the arch's own)."""
+    return summary.get("dataset") or recipe.get("dataset") or parse_run_name(run_dir_name)[2]
+
+
 def own_dataset(arch: str) -> Optional[str]:
     """The dataset an arch is defined for (its run directory name then omits it)."""
     for result in PUBLISHED_RESULTS:
@@ -250,7 +256,7 @@ def read_run(run_dir: Path) -> Run:
     run = Run(name=run_dir.name, path=run_dir)
     recipe = _read_json(run_dir / "recipe.json", run)
     summary = _read_json(run_dir / "summary.json", run)
-    name_arch, name_block, name_dataset = parse_run_name(run_dir.name)
+    name_arch, name_block, _ = parse_run_name(run_dir.name)
 
     def pick(*keys, default=None):
         for source in (summary, recipe):
@@ -261,9 +267,7 @@ def read_run(run_dir: Path) -> Run:
 
     run.arch = str(pick("arch", default=name_arch or "?"))
     run.block_type = str(pick("block_type", "block", default=name_block or "?"))
-    # The run's dataset: summary.json, else the directory name (which names any dataset that is not
-    # the arch's own), else recipe.json, else the arch's own.
-    dataset = summary.get("dataset") or name_dataset or recipe.get("dataset")
+    dataset = run_dataset(run_dir.name, summary, recipe)  # else the arch's own
     if dataset is None and run.arch != "?":
         dataset = own_dataset(run.arch)
     run.dataset = str(dataset) if dataset is not None else None

@@ -118,14 +118,16 @@ def test_resolve_run_directory(tmp_path):
 
 
 def test_run_settings_precedence(tmp_path):
-    """summary.json over the directory name over recipe.json; command-line options over all."""
+    """summary.json over recipe.json over the directory name; command-line options over all."""
     run = tmp_path / "cfqkbnc_base_cifar100_train"
     run.mkdir()
     (run / "finish.hdf5").write_bytes(b"")
-    (run / "recipe.json").write_text(json.dumps({"arch": "cfqkbnc", "block_type": "base", "dataset": "cifar10",
-                                                 "data_dir": "/data/c100"}))
+    recipe = {"arch": "cfqkbnc", "block_type": "base", "data_dir": "/data/c100"}
+    (run / "recipe.json").write_text(json.dumps(recipe))
     target = robustness.resolve_target(run, make_args())
-    assert (target.dataset, target.data_dir) == ("cifar100", "/data/c100")
+    assert (target.dataset, target.data_dir) == ("cifar100", "/data/c100")  # the name, as the recipe says none
+    (run / "recipe.json").write_text(json.dumps({**recipe, "dataset": "cifar10"}))  # the dataset actually used
+    assert robustness.resolve_target(run, make_args()).dataset == "cifar10"
     (run / "summary.json").write_text(json.dumps({"arch": "cfqkbnc", "block_type": "base", "dataset": "synthetic"}))
     assert robustness.resolve_target(run, make_args()).dataset == "synthetic"
     override = robustness.resolve_target(run, make_args(dataset="cifar10", block_type="acb", data_dir="/mine"))

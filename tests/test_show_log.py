@@ -184,6 +184,16 @@ def test_runs_on_other_datasets_are_not_paired_with_the_arch_default(tmp_path):
     assert by_dataset["cifar10"][2] == "base"
 
 
+def test_dataset_of_an_unfinished_run_with_a_custom_name_comes_from_its_recipe(tmp_path):
+    # do_acnet.py --exp-name src56_acb_long_train: the name's last token is not a dataset
+    write_run(tmp_path, "src56_acb_long_train", [90], recipe={"arch": "src56", "block_type": "acb",
+                                                               "dataset": "cifar10"})
+    write_run(tmp_path, "src56_acb_synthetic_train", [50], recipe={"arch": "src56", "block_type": "acb"})
+    runs = show_log.discover_runs(tmp_path)
+    assert run_by_name(runs, "src56_acb_long_train").dataset == "cifar10"
+    assert run_by_name(runs, "src56_acb_synthetic_train").dataset == "synthetic"  # no recipe dataset: the name
+
+
 @pytest.mark.parametrize("arch, dataset, block, expected", [
     ("src56", "cifar10", "acb", (94.55, 95.06)),
     ("sres18", "imagenet", "dbb", (69.54, 70.99)),
