@@ -43,7 +43,6 @@ logger = logging.getLogger("do_acnet")
 
 #: Which datasets an arch can train on, by its input size.
 _DATASETS_BY_INPUT_SIZE = {32: ("cifar10", "cifar100", "synthetic"), 224: ("imagenet", "synthetic")}
-_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 #: Recipe fields that command-line options override.
 _OVERRIDES = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
               "warmup_epochs": "warmup_epochs", "label_smoothing": "label_smoothing", "val_every": "val_every"}
@@ -221,7 +220,7 @@ def run_eval_only(args, spec, dataset, recipe, ctx) -> None:
               f"top5={metrics['top5']:.4f} loss={metrics['loss']:.6f}", flush=True)
 
 
-def run_convert(args, spec, dataset) -> None:
+def run_convert(args, spec) -> None:
     from acnet import save_hdf5
     from acnet.fileio import atomic_path
     from utils.engine import cpu_state_dict
@@ -229,10 +228,10 @@ def run_convert(args, spec, dataset) -> None:
     from utils.posttrain import convert_weights
 
     src, dst = args.convert
-    num_classes = spec.num_classes if dataset == "synthetic" else _NUM_CLASSES[dataset]
-    train_model = load_model_for_eval(args.arch, args.block_type, src, "cpu", num_classes=num_classes)
-    if set(train_model.state_dict()) == set(constructor.build_model(args.arch, args.block_type, deploy=True,
-                                                                    num_classes=num_classes).state_dict()):
+    # the class count is the weights' own (an ImageFolder set may have any number of classes)
+    train_model = load_model_for_eval(args.arch, args.block_type, src, "cpu")
+    deploy_keys = set(constructor.build_model(args.arch, args.block_type, deploy=True).state_dict())
+    if set(train_model.state_dict()) == deploy_keys:
         raise UsageError(f"--convert: {src} already holds deploy weights (nothing to convert)")
     deploy_model = convert_weights(train_model)
     state = cpu_state_dict(deploy_model)
@@ -241,7 +240,7 @@ def run_convert(args, spec, dataset) -> None:
             torch.save(state, tmp)
     else:
         save_hdf5(state, dst)
-    check = load_model_for_eval(args.arch, args.block_type, dst, "cpu", num_classes=num_classes)
+    check = load_model_for_eval(args.arch, args.block_type, dst, "cpu")
     with torch.no_grad():
         x = torch.randn(2, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
         diff = (train_model(x) - check(x)).abs().max().item()
@@ -393,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.convert:
             if ctx.is_main:
-                run_convert(args, spec, dataset)
+                run_convert(args, spec)
         elif args.eval_only:
             run_eval_only(args, spec, dataset, recipe, ctx)
         else:

@@ -144,6 +144,19 @@ def test_standalone_eval_and_convert(trained, cifar_root, tmp_path, capsys):
     assert set(ours) == set(engine) and all(torch.equal(ours[k], engine[k]) for k in ours)
 
 
+def test_convert_keeps_the_weights_class_count(tmp_path, capsys):
+    """--convert of sres18 weights trained on a 7-class ImageFolder set (not ImageNet's 1000)."""
+    from acnet import save_hdf5
+
+    torch.manual_seed(0)
+    model = constructor.build_model("sres18", "acb", num_classes=7)
+    src, dst = tmp_path / "finish.hdf5", tmp_path / "deploy.hdf5"
+    save_hdf5(model.state_dict(), src)
+    run_main(["-a", "sres18", "-b", "acb", "--convert", src, dst])
+    assert "max abs logit diff" in capsys.readouterr().out
+    assert read_hdf5_tensors(dst)["fc.weight"].shape == (7, 512)
+
+
 # ------------------------------------------------------------------------------------------ errors
 def expect_error(argv, capsys, status: int, *patterns: str) -> str:
     with pytest.raises(SystemExit) as info:

@@ -134,6 +134,18 @@ def load_weights_strict(model: nn.Module, state: Mapping[str, torch.Tensor], wha
     model.load_state_dict(state, strict=True)
 
 
+def _classifier_outputs(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:
+    """Output size of ``state``'s tensor for ``model``'s last ``nn.Linear`` when it differs from the model's."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    name, linear = linears[-1]
+    weight = state.get(f"{name}.weight" if name else "weight")
+    if weight is None or weight.dim() != 2 or weight.shape[0] == linear.out_features:
+        return None
+    return int(weight.shape[0])
+
+
 def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike | Mapping[str, torch.Tensor],
                         device: torch.device | str = "cpu", num_classes: int | None = None,
                         **block_kwargs: Any) -> nn.Module:
@@ -142,7 +154,9 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
     ``weights``: a path (hdf5 in the original format, or a torch ``.pth``/``.pt`` checkpoint, possibly
     wrapped in ``state_dict``/``model`` and with a DDP ``module.`` prefix) or a state dict. The form is
     detected from the keys: the training-time model of ``block_type`` or the deploy model (the same
-    for every block type). Raises ``acnet.WeightsError`` naming missing/unexpected keys otherwise.
+    for every block type). ``num_classes=None``: the size of the weights' classifier (e.g. an
+    ImageFolder set with its own class count), else the arch's default. Raises
+    ``acnet.WeightsError`` naming missing/unexpected keys otherwise.
     """
     import constructor
     from acnet import WeightsError, load_state_dict_file
@@ -154,6 +168,11 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
     else:
         state, source = load_state_dict_file(weights), f"weights file {os.fspath(weights)!r}"
     train_model = constructor.build_model(arch, block_type, num_classes=num_classes, **block_kwargs)
+    if num_classes is None:
+        classes = _classifier_outputs(train_model, state)
+        if classes is not None:
+            num_classes = classes
+            train_model = constructor.build_model(arch, block_type, num_classes=num_classes, **block_kwargs)
     deploy_model = constructor.build_model(arch, block_type, deploy=True, num_classes=num_classes, **block_kwargs)
     keys = set(state)
     candidates = [(f"the training-time {arch}/{block_type} model", train_model),
