@@ -206,11 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from acnet import WeightsError
+    from data import DatasetError
 
-    try:
-        from data import DatasetError
-    except ImportError:  # the data package is what reports this
-        DatasetError = RuntimeError
     try:
         if args.batch_size < 1:
             raise RobustnessError(f"--batch-size must be at least 1, got {args.batch_size}")
