@@ -284,7 +284,7 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
                                        **block_kwargs(args.block_type, recipe))
 
     seed_everything(args.seed)
-    model = build()
+    model = build()  # before any file is written: bad block options fail here
     # Everything is validated: from here on files are written.
     run_log = RunLog(paths.log, enabled=ctx.is_main, keep_existing=state is not None or finished)
     wall_before = 0.0
@@ -328,9 +328,8 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
     summary_fields = {"arch": args.arch, "block_type": args.block_type, "dataset": dataset,
                       "epochs": recipe.epochs, "world_size": ctx.world_size,
                       "train_images_per_sec": None if images_per_sec is None else round(images_per_sec, 2)}
-    process_start = run_start
     post_training(build, eval_loader, ctx, paths, run_log, summary_fields,
-                  wall_seconds=lambda: wall_before + (time.perf_counter() - process_start),
+                  wall_seconds=lambda: wall_before + (time.perf_counter() - run_start),
                   channels_last=options.channels_last)
 
 
