@@ -12,25 +12,10 @@ from torch import nn
 
 from acnet.acb import ACBlock, AsymConvBlock
 from acnet.base import ReparamBlock
+from helpers import randomize_
+
 
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
-
-
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Random conv weights, BN affine parameters and running statistics (so fusion is non-trivial)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=torch.float64))
-            elif isinstance(m, nn.BatchNorm2d):
-                shape = m.running_mean.shape
-                m.running_mean.copy_(torch.randn(shape, generator=gen, dtype=torch.float64))
-                m.running_var.copy_(torch.rand(shape, generator=gen, dtype=torch.float64) * 2 + 0.1)
-                if m.affine:
-                    m.weight.copy_(torch.randn(shape, generator=gen, dtype=torch.float64))
-                    m.bias.copy_(torch.randn(shape, generator=gen, dtype=torch.float64))
-    return module
 
 
 def original_acb_forward(state: dict, x: torch.Tensor, *, k: int, stride: int, padding: int, groups: int,

@@ -8,14 +8,9 @@ from torch import nn
 
 from acnet import ACBlock, ConvBN, DiverseBranchBlock, ReparamBlock, acnet_switch_to_deploy
 from constructor import BLOCK_TYPES, BiasFreeConv, ConvBuilder, build_model, get_arch_spec, list_archs, make_builder
+from helpers import on_meta
 
 ALL_ARCHS = ("cfqkbnc", "vc", "src56", "src110", "wrnc16plain", "sres18", "sres34", "sres50", "smi1")
-
-
-def on_meta(arch: str, block_type: str = "base", deploy: bool = False, **kwargs) -> nn.Module:
-    """The model built on the meta device: structure and shapes without initialisation cost."""
-    with torch.device("meta"):
-        return build_model(arch, block_type, deploy=deploy, **kwargs)
 
 
 def num_params(model: nn.Module) -> int:

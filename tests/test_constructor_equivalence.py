@@ -17,6 +17,7 @@ from torch import nn
 
 from acnet import ReparamBlock, acnet_switch_to_deploy
 from constructor import BLOCK_TYPES, build_model, get_arch_spec, list_archs, make_builder
+from helpers import on_meta, relative_difference
 
 ARCHS = list_archs()
 #: Input size of the equivalence checks: the CIFAR archs' own 32x32; the ImageNet archs pool
@@ -46,24 +47,13 @@ def _uniform(like: torch.Tensor, low: float, high: float, generator: torch.Gener
     return values.to(like.dtype)
 
 
-def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``max |actual - expected| / max |expected|``."""
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
 def state_shapes(model: nn.Module) -> dict:
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
-def shapes_only(arch: str, block_type: str = "base", deploy: bool = False) -> nn.Module:
-    """The model built on the meta device: structure and shapes without the cost of initialisation."""
-    with torch.device("meta"):
-        return build_model(arch, block_type, deploy=deploy)
-
-
 @lru_cache(maxsize=None)
 def base_deploy_shapes(arch: str) -> tuple:
-    return tuple(state_shapes(shapes_only(arch, deploy=True)).items())
+    return tuple(state_shapes(on_meta(arch, deploy=True)).items())
 
 
 @lru_cache(maxsize=None)
@@ -111,13 +101,13 @@ def test_every_arch_runs_at_its_real_input_size(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_deploy_model_is_the_same_for_every_block_type(arch: str) -> None:
-    shapes = {block_type: state_shapes(shapes_only(arch, block_type, deploy=True)) for block_type in BLOCK_TYPES}
+    shapes = {block_type: state_shapes(on_meta(arch, block_type, deploy=True)) for block_type in BLOCK_TYPES}
     assert shapes["acb"] == shapes["base"] and shapes["dbb"] == shapes["base"]
-    deploy = shapes_only(arch, "dbb", deploy=True)
+    deploy = on_meta(arch, "dbb", deploy=True)
     assert not any(isinstance(m, ReparamBlock) for m in deploy.modules())
     assert all(m.bias is not None for m in deploy.modules() if isinstance(m, nn.Conv2d))
     # The only BNs left are those no conv can absorb (WRN's pre-activation and last BNs).
-    base = shapes_only(arch, "base")
+    base = on_meta(arch, "base")
     inside_units = {f"{name}.{sub}" for name, m in base.named_modules() if isinstance(m, ReparamBlock)
                     for sub, _ in m.named_modules() if sub}
     standalone = sorted(name for name, m in base.named_modules() if isinstance(m, nn.BatchNorm2d) and name not in inside_units)

@@ -22,6 +22,7 @@ from acnet import (
     save_hdf5,
 )
 from acnet.convert import ConvBNPair, find_conv_bn_pairs
+from helpers import relative_difference
 
 BLOCK_CLASS = {"acb": ACBlock, "dbb": DiverseBranchBlock}
 
@@ -58,10 +59,6 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
             fan_in = tensor[0].numel()
             tensor.copy_((2 * noise - 1) * (3.0 / fan_in) ** 0.5)
     return model
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def count(model: nn.Module, cls: type) -> int:
@@ -139,14 +136,14 @@ def test_plug_in_round_trip_on_torchvision_resnet18(block_type):
     assert acnet_fuse_and_load(base, model.state_dict()) is base
     assert type(base) is torchvision.models.ResNet and not base.training and count(base, ReparamBlock) == 0
     with torch.no_grad():
-        assert rel_err(base(images), expected) <= 1e-5
+        assert relative_difference(base(images), expected) <= 1e-5
 
     if block_type == "acb":  # (DBB's deploy path is covered, faster, by the property test below)
         acnet_switch_to_deploy(model)
         assert count(model, ReparamBlock) == 0 and not model.training
         assert type(model.layer1[0].conv1) is nn.Conv2d and model.layer1[0].conv1.bias is not None
         with torch.no_grad():
-            assert rel_err(model(images), expected) <= 1e-5
+            assert relative_difference(model(images), expected) <= 1e-5
 
 
 @pytest.mark.parametrize("file_format", ["ddp-checkpoint", "hdf5"])
@@ -370,14 +367,14 @@ def test_switch_to_deploy_keeps_sharing_nonlinear_and_root_blocks():
     assert model[0] is model[2] and type(model[0]) is nn.Conv2d
     assert isinstance(model[3], nn.Sequential) and type(model[3][0]) is nn.Conv2d and isinstance(model[3][1], nn.PReLU)
     with torch.no_grad():
-        assert rel_err(model(images), expected) <= 1e-5
+        assert relative_difference(model(images), expected) <= 1e-5
 
     block = randomize_(ACBlock(4, 4, 3, padding=1), 1).eval()
     with torch.no_grad():
         expected = block(images)
     assert acnet_switch_to_deploy(block) is block and block.deployed
     with torch.no_grad():
-        assert rel_err(block(images), expected) <= 1e-5
+        assert relative_difference(block(images), expected) <= 1e-5
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +444,7 @@ def test_constructor_training_weights_fuse_into_its_deploy_model(block_type):
     deploy = acnet_fuse_and_load(constructor.build_model("cfqkbnc", "base", deploy=True), trained.state_dict())
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert rel_err(deploy(images), trained(images)) <= 1e-5
+        assert relative_difference(deploy(images), trained(images)) <= 1e-5
 
 
 class VersionCheckingNet(nn.Sequential):
@@ -466,7 +463,7 @@ def test_module_version_metadata_reaches_the_baseline():
     target = acnet_fuse_and_load(VersionCheckingNet(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), trained.state_dict())
     images = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
-        assert rel_err(target(images), trained.eval()(images)) <= 1e-5
+        assert relative_difference(target(images), trained.eval()(images)) <= 1e-5
 
 
 def test_conv_that_cannot_carry_the_bias_is_an_error():

@@ -1,0 +1,35 @@
+"""Small helpers shared by the block, conversion and architecture tests."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from constructor import build_model
+
+
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+    """Random conv weights, BN affine parameters and running statistics (so fusion is non-trivial)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen, dtype=torch.float64))
+            elif isinstance(m, nn.BatchNorm2d):
+                shape = m.running_mean.shape
+                m.running_mean.copy_(torch.randn(shape, generator=gen, dtype=torch.float64))
+                m.running_var.copy_(torch.rand(shape, generator=gen, dtype=torch.float64) * 2 + 0.1)
+                if m.affine:
+                    m.weight.copy_(torch.randn(shape, generator=gen, dtype=torch.float64))
+                    m.bias.copy_(torch.randn(shape, generator=gen, dtype=torch.float64))
+    return module
+
+
+def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |actual - expected| / max |expected|``."""
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def on_meta(arch: str, block_type: str = "base", deploy: bool = False, **kwargs) -> nn.Module:
+    """The model built on the meta device: structure and shapes without initialisation cost."""
+    with torch.device("meta"):
+        return build_model(arch, block_type, deploy=deploy, **kwargs)
