@@ -290,11 +290,15 @@ def _bns_fusable(outputs: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d]) -> bo
         return False
     if _autocast_enabled(first.device.type):
         return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
     if first.shape[0] * first.shape[2] * first.shape[3] < 2:
         return False  # let nn.BatchNorm2d raise its own error for a single value per channel
     for y, bn in zip(outputs, bns):
         if type(bn) is not nn.BatchNorm2d or not bn.training or (bn.weight is None) != (bns[0].weight is None):
             return False
+        if bn._forward_hooks or bn._forward_pre_hooks:
+            return False  # the BN must run as a module for its hooks to see its input and output
         if y.shape != first.shape or y.dtype != first.dtype:
             return False
         if bn.track_running_stats and (bn.running_mean is None or bn.num_batches_tracked is None):

@@ -337,3 +337,22 @@ def test_training_forward_float32_and_single_value_error():
     torch.testing.assert_close(block(x), reference_train_forward(reference, x), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         block(torch.randn(1, 3, 1, 1))
+
+
+def test_hooks_on_branch_bns_fire_in_training():
+    """A forward hook on a branch BN sees that BN's input and output, as in the original block."""
+    block = ACBlock(4, 4, 3, padding=1).train()
+    seen = []
+    block.ver_bn.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
+    x = torch.randn(2, 4, 6, 6)
+    out = block(x)
+    assert len(seen) == 1
+    bn_in, bn_out = seen[0]
+    torch.testing.assert_close(bn_in, block.ver_conv(x))
+    reference = copy.deepcopy(block)
+    reference.ver_bn._forward_hooks.clear()
+    ver_in, hor_in = reference._side_inputs(x)
+    expected = (reference.square_bn(reference.square_conv(x)) + reference.ver_bn(reference.ver_conv(ver_in))
+                + reference.hor_bn(reference.hor_conv(hor_in)))
+    torch.testing.assert_close(out, expected)
+    assert bn_out.shape == out.shape
