@@ -116,7 +116,7 @@ class ACBlock(ReparamBlock):
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
             return self.fused_conv(x)
-        x = branch_input(x)
+        x = branch_input(x, self.branches_nhwc())
         ver_input, hor_input = self._side_inputs(x)
         outputs = (self.square_conv(x), self.ver_conv(ver_input), self.hor_conv(hor_input))
         return branch_bn_sum(outputs, self._branch_bns())

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from . import transforms
 
-__all__ = ["ReparamBlock", "ConvBN", "PADDING_MODES", "branch_input", "branch_bn_sum"]
+__all__ = ["ReparamBlock", "ConvBN", "PADDING_MODES", "branch_input", "branch_bn_sum", "run_conv"]
 
 IntOrPair = Union[int, Sequence[int]]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -161,6 +161,14 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
             conv.bias.copy_(bias)
         return conv
 
+    def branches_nhwc(self) -> bool:
+        """Whether :func:`branch_input` may give the branches NHWC data: no branch conv is one oneDNN
+        cannot train on NHWC data (:func:`has_nhwc_faulty_conv`; computed once, the geometry is fixed)."""
+        cached = self.__dict__.get("_branches_nhwc")
+        if cached is None:
+            cached = self.__dict__["_branches_nhwc"] = not has_nhwc_faulty_conv(self)
+        return cached
+
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -214,8 +222,8 @@ class ConvBN(ReparamBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
-            return self.fused_conv(x)
-        return self.bn(self.conv(x))
+            return run_conv(self.fused_conv, x)
+        return self.bn(run_conv(self.conv, x))
 
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
         if self.deployed:
@@ -234,6 +242,12 @@ class ConvBN(ReparamBlock):
 _NHWC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Below this many pixels per feature map (e.g. 4x4, 2x2 at 512 channels) oneDNN's NCHW kernels are faster.
 NHWC_MIN_PIXELS = 64
+#: oneDNN (PyTorch's CPU conv backend; torch 2.14, 2.15) computes the weight gradient of a 1x1 conv with
+#: stride > 1, groups=1 and fewer input channels than this on NHWC data out of bounds: a segfault,
+#: "free(): invalid next size", "double free or corruption" or a hang, depending on the map size
+#: (measured: 2..15 input channels, strides 2, 3, 4; 1 and >= 16 channels, grouped and depthwise
+#: convs, other kernel sizes are fine). Such a conv always runs NCHW (:func:`run_conv`).
+NHWC_STRIDED_1X1_MIN_CHANNELS = 16
 
 
 def layout_of(t: Tensor) -> torch.memory_format:
@@ -243,7 +257,57 @@ def layout_of(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def branch_input(x: Tensor) -> Tensor:
+def nhwc_faulty(conv: nn.Conv2d) -> bool:
+    """True for a conv whose CPU NHWC weight gradient oneDNN gets wrong (:data:`NHWC_STRIDED_1X1_MIN_CHANNELS`)."""
+    return (tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) != (1, 1) and conv.groups == 1
+            and conv.in_channels < NHWC_STRIDED_1X1_MIN_CHANNELS)
+
+
+def has_nhwc_faulty_conv(module: nn.Module) -> bool:
+    """True when ``module`` holds a conv for which :func:`nhwc_faulty` holds."""
+    return any(isinstance(m, nn.Conv2d) and nhwc_faulty(m) for m in module.modules())
+
+
+def _nchw_strides(shape: Sequence[int]) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def as_nchw(t: Tensor) -> Tensor:
+    """``t`` with NCHW strides (PyTorch picks a conv's layout from its input's and weight's strides).
+
+    A copy for NHWC data; a free view when only the strides of size-1 dims differ (a 1x1 kernel or a
+    1x1 map after ``.to(memory_format=torch.channels_last)`` is NHWC-strided yet ``is_contiguous()``).
+    """
+    target = _nchw_strides(t.shape)
+    if t.stride() == target:
+        return t
+    if t.is_contiguous():
+        return t.as_strided(t.shape, target)
+    return t.contiguous()
+
+
+def run_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)``; on CPU a conv for which :func:`nhwc_faulty` holds gets an NCHW input and weight.
+
+    A weight made NHWC-strided by ``module.to(memory_format=torch.channels_last)`` is given NCHW
+    strides again in place (the same values: only the strides of its size-1 dims change).
+    """
+    if x.device.type != "cpu" or not nhwc_faulty(conv):
+        return conv(x)
+    x = as_nchw(x)
+    weight = conv.weight
+    if weight.stride() != _nchw_strides(weight.shape):
+        if not isinstance(weight, nn.Parameter):  # e.g. a parametrization: no place to store it
+            return conv._conv_forward(x, as_nchw(weight), conv.bias)
+        weight.data = as_nchw(weight.data)
+    return conv(x)
+
+
+def branch_input(x: Tensor, nhwc: bool = True) -> Tensor:
     """The block input as its branches read it: channels_last (NHWC) on CPU, else ``x`` unchanged.
 
     oneDNN, PyTorch's CPU conv backend, computes in NHWC; an NCHW conv reorders its input, output and
@@ -252,12 +316,14 @@ def branch_input(x: Tensor) -> Tensor:
     DBB about 20% faster (``benchmarks/bench_blocks.py``). The block output is then channels_last too, as
     a conv's is for a channels_last input, so a network of such blocks stays NHWC. Feature maps under
     :data:`NHWC_MIN_PIXELS` pixels (4x4, 2x2: oneDNN's NCHW kernels win there, by up to 30% at 512
-    channels) are made NCHW-contiguous instead. float64 (no oneDNN kernels) and non-CPU tensors are
-    left as they are.
+    channels) are made NCHW-contiguous instead, and so is every input of a block with ``nhwc=False``
+    (a block holding a conv oneDNN cannot train on NHWC data, see :func:`has_nhwc_faulty_conv`; its
+    branches then all run NCHW rather than mixing layouts). float64 (no oneDNN kernels) and non-CPU
+    tensors are left as they are.
     """
     if x.device.type != "cpu" or x.dim() != 4 or x.dtype not in _NHWC_DTYPES:
         return x
-    if x.shape[2] * x.shape[3] < NHWC_MIN_PIXELS:
+    if not nhwc or x.shape[2] * x.shape[3] < NHWC_MIN_PIXELS:
         return x.contiguous()
     return x.contiguous(memory_format=torch.channels_last)
 

@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 from . import transforms
 from .base import (
     IntOrPair, ReparamBlock, _batch_stats, _bns_fusable, branch_bn_sum, branch_input, bn_train_backward, layout_of,
+    run_conv,
 )
 
 __all__ = ["DiverseBranchBlock", "IdentityBasedConv1x1", "BNAndPadLayer", "AvgPoolKxK"]
@@ -282,17 +283,18 @@ class DiverseBranchBlock(ReparamBlock):
     # --- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
-            return self.nonlinear(self.dbb_reparam(x))
-        x = branch_input(x)
-        # branch outputs before their final BN, in the order of _branch_output_bns()
-        outputs = [self.dbb_origin.conv(x)]
+            return self.nonlinear(run_conv(self.dbb_reparam, x))
+        x = branch_input(x, self.branches_nhwc())
+        # branch outputs before their final BN, in the order of _branch_output_bns(); run_conv for the
+        # convs that may be 1x1 with a stride (the others have stride 1)
+        outputs = [run_conv(self.dbb_origin.conv, x)]
         if hasattr(self, "dbb_1x1"):
-            outputs.append(self.dbb_1x1.conv(x))
+            outputs.append(run_conv(self.dbb_1x1.conv, x))
         avg = self.dbb_avg
         outputs.append(avg.avg(avg.bn(avg.conv(x))) if hasattr(avg, "conv") else avg.avg(x))
         kxk = self.dbb_1x1_kxk
         first = kxk.idconv1(x) if hasattr(kxk, "idconv1") else kxk.conv1(x)
-        outputs.append(kxk.conv2(kxk.bn1(first)))
+        outputs.append(run_conv(kxk.conv2, kxk.bn1(first)))
         # the branch BNs and the sum in one pass (batch statistics in training, else BN by BN)
         return self.nonlinear(branch_bn_sum(outputs, self._branch_output_bns()))
 

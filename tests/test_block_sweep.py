@@ -1,0 +1,154 @@
+"""Crash sweep: every block type trains (forward + backward) on every small geometry and layout.
+
+PyTorch's CPU weight gradient of a 1x1 strided conv on NHWC data with few input channels crashes
+or corrupts the heap (see ``acnet.base.NHWC_MIN_CHANNELS``); a block that sent such a conv to
+oneDNN killed the whole process. Each case here runs in a worker subprocess
+(``tests/isolated.py``), so a crash or a hang fails its case and the sweep goes on.
+
+Cases: every block type acnet exports (:func:`block_types`) x input channels 1..16 x stride 1, 2
+x kernel 1, 3, 5 (where the block accepts it) x groups 1 and depthwise x input layout NCHW,
+channels_last, and channels_last with the module converted too (``module.to(memory_format=
+torch.channels_last)``, which makes even 1x1 weights NHWC-strided). Each case trains on a 1x1, a
+5x7 and a 64x64 map (the large one is where the oneDNN fault shows), checks every output and
+gradient is finite, checks the eval-mode block equals its deploy conv, then trains the deployed
+block once.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, List
+
+import torch
+
+import acnet
+from acnet.base import ReparamBlock, branch_input, layout_of, nhwc_faulty, run_conv
+from benchmarks.bench_blocks import DEFAULT_SHAPES
+from isolated import failures, run_isolated
+
+CHANNELS = range(1, 17)
+STRIDES = (1, 2)
+KERNELS = (1, 3, 5)
+LAYOUTS = ("nchw", "channels_last", "channels_last_module")
+SIZES = ((2, 1, 1), (2, 5, 7), (2, 64, 64))  # (batch, height, width)
+OUT_CHANNELS = 8  # groups=1 cases; depthwise cases keep the channel count
+CASE_TIMEOUT_S = 60.0
+
+
+def block_types() -> Dict[str, type]:
+    """Every concrete :class:`ReparamBlock` class acnet exports, by class name (a new block is picked up)."""
+    found = {}
+    for name in acnet.__all__:
+        obj = getattr(acnet, name)
+        if isinstance(obj, type) and issubclass(obj, ReparamBlock) and not inspect.isabstract(obj):
+            found[obj.__name__] = obj
+    return dict(sorted(found.items()))
+
+
+def make_block(case: Dict[str, Any]) -> ReparamBlock:
+    """The case's block: padding ``dilation * (K // 2)`` (the 'same' padding every block accepts)."""
+    cls = block_types()[case["block"]]
+    k, d = case["kernel"], case.get("dilation", 1)
+    return cls(case["cin"], case["cout"], k, case["stride"], padding=d * (k // 2), dilation=d, groups=case["groups"])
+
+
+def sweep_cases() -> List[Dict[str, Any]]:
+    """Every valid case (a geometry the block's constructor refuses is not a case)."""
+    cases = []
+    for name in block_types():
+        for cin in CHANNELS:
+            for groups in sorted({1, cin}):
+                cout = OUT_CHANNELS if groups == 1 else cin
+                for stride in STRIDES:
+                    for kernel in KERNELS:
+                        case = dict(block=name, cin=cin, cout=cout, kernel=kernel, stride=stride, groups=groups)
+                        try:
+                            make_block(case)
+                        except ValueError:
+                            continue
+                        cases.extend(dict(case, layout=layout) for layout in LAYOUTS)
+    return cases
+
+
+def _input(case: Dict[str, Any], n: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(n, case["cin"], h, w, generator=gen)
+    if case["layout"] != "nchw":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def _train_step(block: torch.nn.Module, x: torch.Tensor, gen: torch.Generator, what: str) -> torch.Tensor:
+    block.zero_grad(set_to_none=True)
+    out = block(x)
+    out.backward(torch.randn(out.shape, generator=gen))
+    grads = [x.grad] + [p.grad for p in block.parameters() if p.requires_grad]
+    if not torch.isfinite(out).all() or any(g is None or not torch.isfinite(g).all() for g in grads):
+        raise AssertionError(f"{what}: non-finite output or missing / non-finite gradient")
+    return out
+
+
+def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
+    """Worker side: train, check, deploy, train the deployed block (raises on a wrong result)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    block = make_block(case).train()
+    if case["layout"] == "channels_last_module":
+        block = block.to(memory_format=torch.channels_last)
+    for n, h, w in SIZES:
+        x = _input(case, n, h, w, gen)
+        _train_step(block, x, gen, f"training on {n}x{h}x{w}")
+    block.eval()
+    with torch.no_grad():
+        expected = block(x)
+        fused = block.make_deploy_conv()(x)
+    diff = ((fused - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+    if not diff < 1e-4:
+        raise AssertionError(f"eval-mode block and its deploy conv differ by {diff:.2e} (relative)")
+    block.switch_to_deploy()
+    block.train()
+    _train_step(block, _input(case, *SIZES[-1], gen), gen, "training the deployed block")
+    return {"relative_diff": diff}
+
+
+def test_every_block_trains_on_every_small_geometry_without_crashing():
+    cases = sweep_cases()
+    assert set(block_types()) >= {"ConvBN", "ACBlock", "DiverseBranchBlock"}
+    assert {c["block"] for c in cases} == set(block_types())  # every block has cases
+    results = run_isolated("test_block_sweep:run_case", cases, CASE_TIMEOUT_S)
+    bad = failures(cases, results)
+    assert not bad, f"{len(bad)} of {len(cases)} cases failed:\n" + "\n".join(bad)
+
+
+# --- the layout rule itself (in-process: these never reach the faulty kernel) -----------------
+def test_blocks_with_a_strided_1x1_conv_on_few_channels_compute_nchw():
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    dbb = acnet.DiverseBranchBlock(3, 8, 3, stride=2)  # its dbb_1x1 branch: 1x1, stride 2, 3 inputs
+    assert nhwc_faulty(dbb.dbb_1x1.conv) and not dbb.branches_nhwc()
+    assert layout_of(dbb(x)) == torch.contiguous_format
+    for block in (acnet.DiverseBranchBlock(16, 8, 3, stride=2), acnet.DiverseBranchBlock(3, 8, 3, stride=1),
+                  acnet.ACBlock(3, 8, 3, stride=2, padding=1)):
+        assert block.branches_nhwc()  # only the faulty geometry leaves the NHWC fast path
+        assert layout_of(block(torch.randn(2, block.in_channels, 16, 16))) == torch.channels_last
+
+
+def test_run_conv_gives_a_faulty_conv_nchw_input_and_weight():
+    conv = torch.nn.Conv2d(3, 8, 1, stride=2, bias=False).to(memory_format=torch.channels_last)
+    assert conv.weight.stride() == (3, 1, 3, 3)  # the 1x1 kernel is NHWC-strided, PyTorch would pick NHWC
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    expected = torch.nn.functional.conv2d(x.detach().contiguous(), conv.weight.detach().clone(), stride=2)
+    out = run_conv(conv, x)
+    assert conv.weight.stride() == (3, 1, 1, 1) and layout_of(out) == torch.contiguous_format
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()  # gradients reach the parameter and the input as usual
+    assert conv.weight.grad is not None and x.grad.shape == x.shape
+    Conv2d = torch.nn.Conv2d
+    assert nhwc_faulty(Conv2d(15, 8, 1, stride=3))
+    for fine in (Conv2d(16, 8, 1, stride=2), Conv2d(4, 8, 1, stride=2, groups=2), Conv2d(3, 8, 1), Conv2d(3, 8, 3, stride=2)):
+        assert not nhwc_faulty(fine)
+
+
+def test_the_benchmarked_shapes_stay_on_the_nhwc_path():
+    for batch, channels, hw, k in DEFAULT_SHAPES:
+        for block in (acnet.ACBlock(channels, channels, k, padding=k // 2),
+                      acnet.DiverseBranchBlock(channels, channels, k)):
+            assert block.branches_nhwc()
+            assert layout_of(branch_input(torch.randn(1, channels, hw, hw), block.branches_nhwc())) == torch.channels_last
