@@ -76,7 +76,7 @@ def load_hdf5(path: PathLike) -> Dict[str, Tensor]:
             _read_group(h5py, f, "", result)
     except WeightsError:
         raise
-    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - h5py raises many types for damaged files (OSError, KeyError, ...)
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
             f"'{file}' is not a readable hdf5 weights file (corrupt, truncated or another format): "
