@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from show_log import render_table, run_dataset
+from utils.checkpoint import ExperimentPaths
 
 
 Distortion = Callable[[torch.Tensor], torch.Tensor]
@@ -78,9 +79,6 @@ class Target:
     data_dir: Optional[str] = None  # --data-dir, else the run's own (recipe.json), else the default root
 
 
-WEIGHT_FILES = ("finish_deploy.hdf5", "finish.hdf5")
-
-
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -107,9 +105,9 @@ def resolve_target(path: Path, args: argparse.Namespace) -> Target:
         if not recipe and not summary:
             raise RobustnessError(f"{path} has no recipe.json: pass a run directory written by do_acnet.py, "
                                   f"or a weights file with -a/-b/--dataset")
-        weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        weights = ExperimentPaths(path).final_weights()
         if weights is None:
-            raise RobustnessError(f"{path} has neither {' nor '.join(WEIGHT_FILES)}: the run has not finished")
+            raise RobustnessError(f"{path} has neither finish_deploy.hdf5 nor finish.hdf5: the run has not finished")
         label = path.name
         run_name = path.name
     else:

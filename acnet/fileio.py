@@ -34,7 +34,7 @@ class UnwritablePathError(OSError):
     def __str__(self) -> str:
         reason = self.cause.strerror or str(self.cause) or type(self.cause).__name__
         blocking_file = next((p for p in self.path.parents if p.is_file()), None)
-        if self.cause.errno == errno.ENOTDIR and blocking_file is not None:
+        if self.cause.errno in (errno.ENOTDIR, errno.EEXIST) and blocking_file is not None:
             reason = f"'{blocking_file}' is a file, not a directory"
         else:
             culprit = getattr(self.cause, "filename", None)
