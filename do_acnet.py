@@ -352,13 +352,14 @@ def check_finished_run(paths, recipe: Recipe, args: argparse.Namespace, dataset:
     from utils.checkpoint import CheckpointError, load_state
     from utils.guards import RUN_FIELDS, finished_run_conflicts
 
-    if paths.recipe.is_file():
+    try:
         saved = json.loads(paths.recipe.read_text(encoding="utf-8"))
-    else:
+    except (OSError, ValueError):  # no (readable) recipe.json: the resumable state's recipe
         try:
             saved = load_state(paths.state)["recipe"] if paths.state.is_file() else {}
         except CheckpointError:
             saved = {}
+    saved = saved if isinstance(saved, dict) else {}
     if args.conti_or_fs == "continue":  # continue keeps the run's recipe: only explicit options must agree
         wanted = recipe_overrides(args)
     else:

@@ -26,6 +26,7 @@ import torch
 
 from show_log import render_table, run_dataset
 from utils.checkpoint import ExperimentPaths
+from utils.guards import amp_cpu_warning
 
 
 Distortion = Callable[[torch.Tensor], torch.Tensor]
@@ -216,6 +217,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise RobustnessError(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RobustnessError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        amp_warning = amp_cpu_warning(device.type, args.amp)
+        if amp_warning:
+            print(f"robustness.py: warning: {amp_warning}", file=sys.stderr)
         targets = [resolve_target(path, args) for path in args.targets]
         labels = [t.label for t in targets]
         if len(set(labels)) < len(labels):

@@ -64,7 +64,7 @@ def amp_cpu_warning(device_type: str, amp: bool) -> str | None:
     if not amp or device_type != "cpu" or cpu_has_native_bf16() is not False:
         return None
     return ("--amp on a CPU without native bf16 (no avx512_bf16, amx_bf16 or bf16 flag in /proc/cpuinfo): "
-            "bf16 autocast is emulated there and trains several times slower than float32 (about 7x measured "
+            "bf16 autocast is emulated there and runs several times slower than float32 (about 7x measured "
             "on such a CPU); drop --amp (the CPU default) unless you mean to test bf16 numerics")
 
 
