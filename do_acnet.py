@@ -14,7 +14,8 @@ Distributed (the global batch is split over the ranks; NCCL on CUDA, gloo on CPU
 Outputs go to ``<output-dir>/<arch>_<block>_train/`` (``<arch>_<block>_<dataset>_train/`` when the
 dataset is not the arch's own): log.txt, recipe.json, init.hdf5, finish.hdf5, finish_deploy.hdf5,
 latest.pth (resumable, every epoch), summary.json, tensorboard/. ``-c continue`` resumes from
-latest.pth; when finish.hdf5 exists training is skipped and only the post-training steps run.
+latest.pth; when finish.hdf5 exists training is skipped and only the post-training steps run (a command
+whose recipe differs from the finished run's is refused). Ctrl-C stops with exit status 130 and the resume command.
 
 Standalone tools (no training)::
 
@@ -24,7 +25,6 @@ Standalone tools (no training)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -349,22 +349,13 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
 
 def check_finished_run(paths, recipe: Recipe, args: argparse.Namespace, dataset: str) -> None:
     """A finished run is only reused (training skipped) by a command asking for the same recipe."""
-    from utils.checkpoint import CheckpointError, load_state
-    from utils.guards import RUN_FIELDS, finished_run_conflicts
+    from utils.guards import RUN_FIELDS, finished_run_conflicts, finished_run_record
 
-    try:
-        saved = json.loads(paths.recipe.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # no (readable) recipe.json: the resumable state's recipe
-        try:
-            saved = load_state(paths.state)["recipe"] if paths.state.is_file() else {}
-        except CheckpointError:
-            saved = {}
-    saved = saved if isinstance(saved, dict) else {}
     if args.conti_or_fs == "continue":  # continue keeps the run's recipe: only explicit options must agree
         wanted = recipe_overrides(args)
     else:
         wanted = {**recipe.to_dict(), "dataset": dataset, **{field: getattr(args, field) for field in RUN_FIELDS}}
-    conflicts = finished_run_conflicts(saved, wanted)
+    conflicts = finished_run_conflicts(finished_run_record(paths), wanted)
     if conflicts:
         raise UsageError(f"{paths.root} holds a finished run with a different recipe: {', '.join(conflicts)}; it "
                          "would not be trained again. Use a new --exp-name, or remove that folder to retrain it")

@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["finished_run_conflicts", "check_batch_fits", "cpu_has_native_bf16", "amp_cpu_warning",
+__all__ = ["finished_run_record", "finished_run_conflicts", "check_batch_fits", "cpu_has_native_bf16", "amp_cpu_warning",
            "resume_argv", "interrupted_message"]
 
 #: Options of recipe.json besides the recipe's fields that decide what is trained.
@@ -27,6 +27,20 @@ _CONTI_FLAGS = ("-c", "--conti-or-fs", "--conti_or_fs")
 
 def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples as lists, as recipe.json stores them
+
+
+def finished_run_record(paths) -> dict[str, Any]:
+    """What a finished run was trained with: its recipe.json, else its latest.pth's recipe, else ``{}``."""
+    from utils.checkpoint import CheckpointError, load_state
+
+    try:
+        saved = json.loads(paths.recipe.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no (readable) recipe.json
+        try:
+            saved = load_state(paths.state)["recipe"] if paths.state.is_file() else {}
+        except CheckpointError:
+            saved = {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def finished_run_conflicts(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
