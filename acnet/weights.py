@@ -219,9 +219,15 @@ def _damaged_checkpoint(file: Path) -> str | None:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return "a truncated or corrupt zip archive"
+    if _is_torchscript(names):
+        return None  # intact, but a whole scripted model: described by _describe_content
     if any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
         return "its zip archive is intact but its content is corrupt"
     return None
+
+
+def _is_torchscript(names: list) -> bool:
+    return any(name.endswith("/constants.pkl") or "/code/" in name for name in names)
 
 
 def _head(file: Path, size: int = 512) -> bytes:
@@ -242,9 +248,22 @@ def _describe_content(file: Path) -> str:
             with zipfile.ZipFile(file) as archive:
                 names = archive.namelist()
             shown = ", ".join(repr(n) for n in names[:3]) + (" ..." if len(names) > 3 else "")
+            if _is_torchscript(names):
+                return ("a TorchScript archive (torch.jit.save), a whole scripted model: load it with "
+                        "torch.jit.load and save its state_dict()")
+            if names and all(name.endswith(".npy") for name in names):
+                return f"a numpy .npz archive ({shown}), not named tensors in a torch or hdf5 file"
             return f"a zip archive of other files ({shown or 'empty'})"
         except (zipfile.BadZipFile, OSError, ValueError, EOFError):
             return "a truncated or corrupt zip archive"
+    if head.startswith(b"\x93NUMPY"):
+        return "a numpy .npy array, not a state dict"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip-compressed file (decompress it first)"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "a UTF-16 text file"
+    if file.suffix.lower() == ".onnx":
+        return "an ONNX model (its initializers are no state dict; keep the training's .hdf5 or .pth)"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "a Python pickle that is not a torch checkpoint"
     try:

@@ -1,6 +1,7 @@
 """Safe loading of weight files: formats, containers, wrapper prefixes, and the documented errors."""
 from __future__ import annotations
 
+import gzip
 import os
 import pathlib
 import pickle
@@ -125,7 +126,19 @@ NOT_WEIGHTS = {
     "torch-int": (lambda p: torch.save(3, p), r"holds an int, not a state dict"),
     "torch-empty-dict": (lambda p: torch.save({}, p), r"holds no tensors \(an empty state dict\)"),
     "hdf5-strings": (_hdf5_of_strings, r"non-numeric"),
+    "torchscript": (lambda p: torch.jit.save(torch.jit.script(nn.Conv2d(2, 2, 1)), p),
+                    r"a TorchScript archive \(torch.jit.save\).*torch.jit.load"),
+    "npy": (lambda p: p.write_bytes(b"\x93NUMPY\x01\x00" + b" " * 64), r"a numpy \.npy array"),
+    "npz": (lambda p: _numpy_archive(p), r"a numpy \.npz archive \('w.npy'\)"),
+    "gzip": (lambda p: p.write_bytes(gzip.compress(b"x" * 100)), r"a gzip-compressed file"),
 }
+
+
+def _numpy_archive(path: pathlib.Path) -> None:
+    import numpy as np
+
+    with open(path, "wb") as fh:
+        np.savez(fh, w=np.zeros(3))
 
 
 @pytest.mark.parametrize("kind", sorted(NOT_WEIGHTS))
