@@ -112,7 +112,7 @@ def iter_arrays(path: Path) -> Iterator[tuple]:
                     torch_dtype = torch_dtype.decode() if isinstance(torch_dtype, bytes) else str(torch_dtype)
                     label = f"{label} ({torch_dtype})"
                 yield state_dict_name(key), array, label
-    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - h5py raises many types for damaged files (OSError, KeyError, ...)
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise Hdf5InspectError(f"{path} is corrupt or truncated ({detail}); re-create it, e.g. from the run's "
                                f"checkpoint") from None

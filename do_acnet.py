@@ -4,7 +4,7 @@
 Train (CIFAR-10 ResNet-56 with ACBs; baseline with -b base; DBB with -b dbb)::
 
     python do_acnet.py -a src56 -b acb
-    python do_acnet.py -a cfqkbnc -b acb --dataset synthetic --epochs 3      # offline smoke run, ~1 min on CPU
+    python do_acnet.py -a cfqkbnc -b acb --dataset synthetic --epochs 3      # offline smoke run, ~10 s on CPU
 
 Distributed (the global batch is split over the ranks; NCCL on CUDA, gloo on CPU)::
 
@@ -14,7 +14,8 @@ Distributed (the global batch is split over the ranks; NCCL on CUDA, gloo on CPU
 Outputs go to ``<output-dir>/<arch>_<block>_train/`` (``<arch>_<block>_<dataset>_train/`` when the
 dataset is not the arch's own): log.txt, recipe.json, init.hdf5, finish.hdf5, finish_deploy.hdf5,
 latest.pth (resumable, every epoch), summary.json, tensorboard/. ``-c continue`` resumes from
-latest.pth; when finish.hdf5 exists training is skipped and only the post-training steps run.
+latest.pth; when finish.hdf5 exists training is skipped and only the post-training steps run (a command
+whose recipe differs from the finished run's is refused). Ctrl-C stops with exit status 130 and the resume command.
 
 Standalone tools (no training)::
 
@@ -38,6 +39,7 @@ import constructor
 import data
 from train_configs import get_recipe
 from train_configs.recipes import Recipe, should_validate
+from utils.checkpoint import weights_argument
 
 logger = logging.getLogger("do_acnet")
 
@@ -123,12 +125,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if args.eval_only and args.convert:
         raise UsageError("--eval-only and --convert are separate tools; give one of them")
-    if args.eval_only and not Path(args.eval_only).is_file():
-        raise UsageError(f"--eval-only: weights file {args.eval_only!r} does not exist")
+    if args.eval_only:
+        args.eval_weights = weights_argument(args.eval_only, "--eval-only")  # a file, or a run directory's
     if args.convert:
         src, dst = args.convert
         if not Path(src).is_file():
-            raise UsageError(f"--convert: source weights file {src!r} does not exist")
+            raise UsageError(f"--convert: source weights file {src!r} "
+                             + ("is a directory" if Path(src).is_dir() else "does not exist"))
         if Path(dst).resolve() == Path(src).resolve():
             raise UsageError("--convert: DST must differ from SRC (the training-time weights are kept)")
     if args.exp_name is not None and (not args.exp_name or "/" in args.exp_name or args.exp_name in (".", "..")):
@@ -212,11 +215,13 @@ def run_eval_only(args, spec, dataset, recipe, ctx) -> None:
     from utils.evaluation import evaluate, load_model_for_eval
 
     _, eval_loader = create_loaders(args, spec, dataset, recipe, ctx)
-    model = load_model_for_eval(args.arch, args.block_type, args.eval_only, ctx.device,
+    if ctx.is_main and Path(args.eval_only).is_dir():
+        logger.info("%s is a run directory: evaluating its %s", args.eval_only, args.eval_weights.name)
+    model = load_model_for_eval(args.arch, args.block_type, args.eval_weights, ctx.device,
                                 num_classes=eval_loader.num_classes)
     metrics = evaluate(model, eval_loader, ctx.device, amp=False)
     if ctx.is_main:
-        print(f"{args.eval_only} on {dataset} ({metrics['num_samples']} images): top1={metrics['top1']:.4f} "
+        print(f"{args.eval_weights} on {dataset} ({metrics['num_samples']} images): top1={metrics['top1']:.4f} "
               f"top5={metrics['top5']:.4f} loss={metrics['loss']:.6f}", flush=True)
 
 
@@ -225,7 +230,7 @@ def run_convert(args, spec) -> None:
     from acnet.fileio import atomic_path
     from utils.engine import cpu_state_dict
     from utils.evaluation import load_model_for_eval
-    from utils.posttrain import convert_weights
+    from utils.posttrain import convert_weights, describe_logit_diff
 
     src, dst = args.convert
     # the class count is the weights' own (an ImageFolder set may have any number of classes)
@@ -243,15 +248,18 @@ def run_convert(args, spec) -> None:
     check = load_model_for_eval(args.arch, args.block_type, dst, "cpu")
     with torch.no_grad():
         x = torch.randn(2, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
-        diff = (train_model(x) - check(x)).abs().max().item()
-    print(f"converted {src} -> {dst} ({len(state)} tensors); deploy vs training-time max abs logit diff "
-          f"on a random batch: {diff:.3g}", flush=True)
+        reference = train_model(x)
+        diff = (reference - check(x)).abs().max().item()
+    print(f"converted {src} -> {dst} ({len(state)} tensors); deploy vs training-time logits on a random batch: "
+          f"{describe_logit_diff(diff, reference.abs().max().item())}", flush=True)
 
 
 def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
+    from acnet.fileio import ensure_writable_dir
     from utils.checkpoint import ExperimentPaths, load_state, seed_everything
     from utils.distributed import barrier
-    from utils.engine import Trainer, TrainOptions
+    from utils.engine import Trainer, TrainingSetupError, TrainOptions
+    from utils.guards import amp_cpu_warning, check_batch_fits
     from utils.posttrain import post_training
     from utils.runlog import RunLog, TensorBoard
 
@@ -267,6 +275,8 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
     finished = paths.finish_weights.is_file()
     state = None
     done = read_finished_run(paths) if finished else {}
+    if finished:
+        check_finished_run(paths, recipe, args, dataset)
     if "recipe" in done:
         recipe = Recipe(**done["recipe"])  # the finished run's own recipe (epochs etc. for the summary)
     if args.conti_or_fs == "continue" and not finished:
@@ -277,6 +287,7 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
     options.should_validate = lambda epoch: should_validate(recipe, epoch)
 
     train_loader, eval_loader = create_loaders(args, spec, dataset, recipe, ctx)
+    check_batch_fits(recipe.batch_size, train_loader.sampler.num_samples, ctx.world_size, TrainingSetupError)
     num_classes = eval_loader.num_classes
 
     def build(deploy: bool = False) -> torch.nn.Module:
@@ -290,7 +301,7 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
     wall_before = 0.0
     images_per_sec = None
     if ctx.is_main:
-        paths.root.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(paths.root)
     if finished:
         run_log.write(f"{paths.finish_weights.name} exists: training skipped, running the post-training steps")
         wall_before = float(done.get("wall_seconds", 0.0))
@@ -315,6 +326,9 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
             run_log.write(f"training {args.arch} / {args.block_type} on {dataset} from scratch: {recipe.epochs} "
                           f"epochs, global batch {recipe.batch_size} over {ctx.world_size} rank(s), lr {recipe.lr}, "
                           f"device {ctx.device}, amp {options.amp}, channels_last {options.channels_last}")
+        amp_warning = amp_cpu_warning(ctx.device.type, options.amp)
+        if amp_warning:
+            run_log.write(amp_warning, logging.WARNING)
         tensorboard = TensorBoard(paths.tensorboard, enabled=ctx.is_main,
                                   purge_step=trainer.iteration)  # drop events of a killed or earlier run
         try:
@@ -331,6 +345,20 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
     post_training(build, eval_loader, ctx, paths, run_log, summary_fields,
                   wall_seconds=lambda: wall_before + (time.perf_counter() - run_start),
                   channels_last=options.channels_last)
+
+
+def check_finished_run(paths, recipe: Recipe, args: argparse.Namespace, dataset: str) -> None:
+    """A finished run is only reused (training skipped) by a command asking for the same recipe."""
+    from utils.guards import RUN_FIELDS, finished_run_conflicts, finished_run_record
+
+    if args.conti_or_fs == "continue":  # continue keeps the run's recipe: only explicit options must agree
+        wanted = recipe_overrides(args)
+    else:
+        wanted = {**recipe.to_dict(), "dataset": dataset, **{field: getattr(args, field) for field in RUN_FIELDS}}
+    conflicts = finished_run_conflicts(finished_run_record(paths), wanted)
+    if conflicts:
+        raise UsageError(f"{paths.root} holds a finished run with a different recipe: {', '.join(conflicts)}; it "
+                         "would not be trained again. Use a new --exp-name, or remove that folder to retrain it")
 
 
 def read_finished_run(paths) -> dict[str, Any]:
@@ -367,13 +395,26 @@ def log_rank_agreement(model: torch.nn.Module, ctx, run_log) -> None:
     run_log.write(f"weights identical on all {ctx.world_size} ranks (sha256 {digests[0][:16]})")
 
 
+def interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    """The one line for Ctrl-C: where it stopped and how to go on (see utils.guards.interrupted_message)."""
+    from utils.guards import interrupted_message
+
+    if args.eval_only or args.convert:
+        return "interrupted (Ctrl-C); no partial file was written"
+    spec, dataset = resolve_dataset(args)
+    run_dir = Path(args.output_dir) / experiment_name(args, spec, dataset)
+    return interrupted_message(args.argv, run_dir, getattr(exc, "where", None), getattr(exc, "saved", None))
+
+
 def main(argv: list[str] | None = None) -> None:
     run_start = time.perf_counter()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     args.command_line = shlex.join([sys.executable, os.path.abspath(__file__), *argv])
+    args.argv = argv
     from acnet import WeightsError
+    from acnet.fileio import UnwritablePathError
     from utils.checkpoint import CheckpointError
     from utils.distributed import cleanup, init_distributed
     from utils.engine import NonFiniteLossError, TrainingSetupError
@@ -400,8 +441,11 @@ def main(argv: list[str] | None = None) -> None:
         if ctx.is_main:
             parser.print_usage(sys.stderr)
         fail(str(exc), ctx.rank, ctx.world_size, status=2)
-    except (data.DatasetError, WeightsError, CheckpointError, NonFiniteLossError, DeployMismatchError) as exc:
+    except (data.DatasetError, WeightsError, CheckpointError, NonFiniteLossError, DeployMismatchError,
+            UnwritablePathError) as exc:
         fail(str(exc), ctx.rank, ctx.world_size)
+    except KeyboardInterrupt as exc:  # Ctrl-C: every file written is complete (atomic writes)
+        fail(interrupted(args, exc), ctx.rank, ctx.world_size, status=130)
     finally:
         cleanup()
 

@@ -4,7 +4,8 @@ Usage::
 
     python kernel_skeleton.py RUN_OR_FILE [RUN_OR_FILE ...] [-o skeleton.png] [--labels base acb] [-k 3]
 
-Each argument is a deploy weights file (``finish_deploy.hdf5``) or a run directory holding one. For
+Each argument is a deploy weights file (``finish_deploy.hdf5``, or any hdf5 or torch checkpoint
+:func:`acnet.load_state_dict_file` reads) or a run directory holding one. For
 every KxK conv kernel ``W`` (shape ``out x in x K x K``) of the file, the layer's magnitude matrix is
 ``M[i, j] = sum_{o, c} |W[o, c, i, j]|`` normalised by its maximum (so its largest entry is 1); the
 file's skeleton matrix is the mean of the layers' matrices. The ACNet paper shows that ACB models
@@ -23,7 +24,6 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from display_hdf5 import Hdf5InspectError, iter_arrays
 
 DEPLOY_FILE = "finish_deploy.hdf5"
 # Submodule names that only a training-time (unfused) weights file has (REFERENCE.md section 4).
@@ -125,11 +125,11 @@ def default_label(path: Path) -> str:
 
 
 def skeleton_of_file(path: Path, kernel_size: Optional[int] = None, label: Optional[str] = None) -> Skeleton:
+    from acnet import load_state_dict_file
+
     weights = resolve_weights_path(Path(path))
-    try:
-        arrays = {name: array for name, array, _ in iter_arrays(weights)}
-    except Hdf5InspectError as exc:
-        raise SkeletonError(str(exc)) from None
+    arrays = {name: tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+              for name, tensor in load_state_dict_file(weights).items()}  # WeightsError: one line
     return compute_skeleton(arrays, kernel_size, label or default_label(weights), str(weights))
 
 
@@ -178,6 +178,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("-k", "--kernel-size", type=int, default=None,
                         help="which KxK kernels to average (default: the most common K > 1)")
     args = parser.parse_args(argv)
+    from acnet import WeightsError
+    from acnet.fileio import UnwritablePathError
+
     try:
         if args.labels is not None and len(args.labels) != len(args.weights):
             raise SkeletonError(f"--labels got {len(args.labels)} names for {len(args.weights)} weights arguments")
@@ -192,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.output is not None:
             draw_skeletons(skeletons, args.output)
             print(f"\nfigure written to {args.output}", file=sys.stderr)
-    except SkeletonError as exc:
+    except (SkeletonError, WeightsError, UnwritablePathError) as exc:
         print(f"kernel_skeleton.py: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -25,6 +25,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from show_log import render_table, run_dataset
+from utils.checkpoint import ExperimentPaths
+from utils.guards import amp_cpu_warning
 
 
 Distortion = Callable[[torch.Tensor], torch.Tensor]
@@ -78,9 +80,6 @@ class Target:
     data_dir: Optional[str] = None  # --data-dir, else the run's own (recipe.json), else the default root
 
 
-WEIGHT_FILES = ("finish_deploy.hdf5", "finish.hdf5")
-
-
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -107,9 +106,9 @@ def resolve_target(path: Path, args: argparse.Namespace) -> Target:
         if not recipe and not summary:
             raise RobustnessError(f"{path} has no recipe.json: pass a run directory written by do_acnet.py, "
                                   f"or a weights file with -a/-b/--dataset")
-        weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        weights = ExperimentPaths(path).final_weights()
         if weights is None:
-            raise RobustnessError(f"{path} has neither {' nor '.join(WEIGHT_FILES)}: the run has not finished")
+            raise RobustnessError(f"{path} has neither finish_deploy.hdf5 nor finish.hdf5: the run has not finished")
         label = path.name
         run_name = path.name
     else:
@@ -218,6 +217,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise RobustnessError(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RobustnessError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        amp_warning = amp_cpu_warning(device.type, args.amp)
+        if amp_warning:
+            print(f"robustness.py: warning: {amp_warning}", file=sys.stderr)
         targets = [resolve_target(path, args) for path in args.targets]
         labels = [t.label for t in targets]
         if len(set(labels)) < len(labels):

@@ -553,7 +553,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"(written by do_acnet.py)")
         print(report(runs, args.num_evals, args.format))
         if args.plot is not None:
-            plot_runs(runs, args.plot)
+            try:
+                plot_runs(runs, args.plot)
+            except OSError as exc:  # acnet.fileio.UnwritablePathError: one line, the path and the reason
+                raise UsageError(f"--plot: {exc}") from None
             print(f"\nplot written to {args.plot}", file=sys.stderr)
     except UsageError as exc:
         print(f"show_log.py: error: {exc}", file=sys.stderr)

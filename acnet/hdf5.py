@@ -74,9 +74,9 @@ def load_hdf5(path: PathLike) -> Dict[str, Tensor]:
     try:
         with h5py.File(file, "r") as f:
             _read_group(h5py, f, "", result)
-    except WeightsError:
-        raise
-    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+    except WeightsError as exc:  # a dataset that holds no numbers
+        raise WeightsError(f"'{file}' is not a weights file: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - h5py raises many types for damaged files (OSError, KeyError, ...)
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
             f"'{file}' is not a readable hdf5 weights file (corrupt, truncated or another format): "
@@ -117,7 +117,7 @@ def _to_numpy(key: str, value: Any) -> "tuple[np.ndarray, str | None]":
 def _to_tensor(key: str, value: Any, torch_dtype: Any) -> Tensor:
     array = np.asarray(value)
     if array.dtype.kind not in "biufc":
-        raise WeightsError(f"hdf5 dataset {key!r} holds non-numeric data ({array.dtype}); not a weights file")
+        raise WeightsError(f"its hdf5 dataset {key!r} holds non-numeric data ({array.dtype})")
     tensor = torch.from_numpy(np.array(array, copy=True))
     if torch_dtype is not None:
         name = torch_dtype.decode() if isinstance(torch_dtype, bytes) else str(torch_dtype)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
@@ -72,7 +73,10 @@ def load_state_dict_file(path: PathLike) -> StateDict:
         raw: Any = load_hdf5(file)
     else:
         raw = _torch_load_weights_only(file)
-    return as_state_dict(raw, source=f"'{file}'")
+    state = as_state_dict(raw, source=f"'{file}'")
+    if not state:
+        raise WeightsError(f"'{file}' holds no tensors (an empty state dict): not the weights of a model")
+    return state
 
 
 def as_state_dict(obj: Any, source: str = "the given weights") -> StateDict:
@@ -87,7 +91,7 @@ def as_state_dict(obj: Any, source: str = "the given weights") -> StateDict:
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise WeightsError(
-            f"{source} holds a {type(obj).__name__}, not a state dict (expected a mapping from "
+            f"{source} holds {_with_article(type(obj).__name__)}, not a state dict (expected a mapping from "
             "parameter names to tensors, or a checkpoint dict with a 'state_dict' or 'model' entry)"
         )
     obj = _unwrap_container(obj)
@@ -121,6 +125,10 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> StateDict:
     return result
 
 
+def _with_article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def _unwrap_container(obj: Mapping) -> Mapping:
     """Descend into ``{"state_dict": {...}}``-style containers until a mapping of tensors remains."""
     while not _looks_like_state_dict(obj):
@@ -152,35 +160,118 @@ def _is_hdf5(file: Path) -> bool:
 
 
 def _torch_load_weights_only(file: Path) -> Any:
-    """``torch.load(weights_only=True)`` on CPU, every failure turned into one :class:`WeightsError`."""
+    """``torch.load(weights_only=True)`` on CPU, every failure turned into one :class:`WeightsError`.
+
+    Unpickling bytes of unknown origin can fail with almost any exception type (``IndexError`` for a
+    text file, ``KeyError``, ``UnicodeDecodeError``, ``RuntimeError`` from the zip reader, ...); each
+    becomes a :class:`WeightsError` saying what the file is instead (see :func:`_describe_content`).
+    """
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a plain pickle
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if unsafe is None:  # the unpickler met bytes that are no pickle at all
-            raise WeightsError(_corrupt_message(file, exc)) from None
+            raise WeightsError(_not_weights_message(file, exc)) from None
         raise WeightsError(
             f"refusing to load '{file}': it contains Python objects other than tensors and plain "
             f"containers ({unsafe.group(1)}), and loading them could run code from the file. Save only "
             "the state dict (torch.save(model.state_dict(), path)); if you trust the file, load it "
             "yourself with torch.load(path, weights_only=False) and pass the resulting state dict"
         ) from None
-    except (zipfile.BadZipFile, EOFError, UnicodeDecodeError, ValueError) as exc:
-        raise WeightsError(_corrupt_message(file, exc)) from None
     except OSError as exc:
-        raise WeightsError(f"cannot read weights file '{file}': {exc}") from None
-    except RuntimeError as exc:  # torch's zip reader reports corrupt archives as RuntimeError
-        raise WeightsError(_corrupt_message(file, exc)) from None
+        raise WeightsError(f"cannot read weights file '{file}': {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - see the docstring: any type, from arbitrary bytes
+        raise WeightsError(_not_weights_message(file, exc)) from None
 
 
-def _corrupt_message(file: Path, exc: BaseException) -> str:
+_ZIP_SIGNATURE = b"PK\x03\x04"
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled 0x1950a86a20f9469cfc6c
+
+
+def _first_line(exc: BaseException, limit: int = 120) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if isinstance(exc, pickle.UnpicklingError):
-        found = re.search(r"Unsupported operand[^\n]*|invalid load key[^\n]*", str(exc))
-        detail = f"unpickling failed ({found.group(0).strip() if found else 'not a pickle'})"
-    else:
-        detail = lines[0] if lines else type(exc).__name__
-    return (
-        f"'{file}' is not a readable weights file: neither hdf5 nor an intact torch checkpoint "
-        f"(corrupt or truncated?): {detail}. Re-create or re-download the file"
-    )
+    text = lines[0].split(". ")[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _not_weights_message(file: Path, exc: BaseException) -> str:
+    """One line: a damaged torch checkpoint, or what the file is instead of a weights file."""
+    damaged = _damaged_checkpoint(file)
+    if damaged is not None:
+        return (f"'{file}' is a damaged torch checkpoint ({damaged}; torch.load: {_first_line(exc)}). "
+                "Re-create or re-download the file")
+    return (f"'{file}' is not a weights file: neither hdf5 nor a torch checkpoint, it is "
+            f"{_describe_content(file)}. Pass an .hdf5 file (do_acnet.py's finish.hdf5, acnet.save_hdf5) "
+            "or a torch.save()'d state dict")
+
+
+def _damaged_checkpoint(file: Path) -> str | None:
+    """Why a file that starts like a torch checkpoint cannot be read, ``None`` if it is none."""
+    head = _head(file)
+    if head.startswith(_LEGACY_TORCH_MAGIC):
+        return "legacy torch format, corrupt or truncated"
+    if not head.startswith(_ZIP_SIGNATURE):
+        return None
+    try:
+        with zipfile.ZipFile(file) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return "a truncated or corrupt zip archive"
+    if _is_torchscript(names):
+        return None  # intact, but a whole scripted model: described by _describe_content
+    if any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        return "its zip archive is intact but its content is corrupt"
+    return None
+
+
+def _is_torchscript(names: list) -> bool:
+    return any(name.endswith("/constants.pkl") or "/code/" in name for name in names)
+
+
+def _head(file: Path, size: int = 512) -> bytes:
+    try:
+        with open(file, "rb") as fh:
+            return fh.read(size)
+    except OSError:
+        return b""
+
+
+def _describe_content(file: Path) -> str:
+    """What a file that is no weights file looks like: empty, text, a zip or pickle of something else."""
+    head = _head(file)
+    if not head:
+        return "an empty file (0 bytes)"
+    if head.startswith(_ZIP_SIGNATURE):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                names = archive.namelist()
+            shown = ", ".join(repr(n) for n in names[:3]) + (" ..." if len(names) > 3 else "")
+            if _is_torchscript(names):
+                return ("a TorchScript archive (torch.jit.save), a whole scripted model: load it with "
+                        "torch.jit.load and save its state_dict()")
+            if names and all(name.endswith(".npy") for name in names):
+                return f"a numpy .npz archive ({shown}), not named tensors in a torch or hdf5 file"
+            return f"a zip archive of other files ({shown or 'empty'})"
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            return "a truncated or corrupt zip archive"
+    if head.startswith(b"\x93NUMPY"):
+        return "a numpy .npy array, not a state dict"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip-compressed file (decompress it first)"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "a UTF-16 text file"
+    if file.suffix.lower() == ".onnx":
+        return "an ONNX model (its initializers are no state dict; keep the training's .hdf5 or .pth)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle that is not a torch checkpoint"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = head[: exc.start].decode("utf-8") if exc.start >= len(head) - 3 else None
+    if text is not None and text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        first = first if len(first) <= 40 else first[:37] + "..."
+        return f"a text file (beginning {first!r})"
+    return f"binary data of an unknown format (first bytes {head[:8].hex(' ')})"

@@ -217,6 +217,7 @@ def test_compare_models_reports_max_logit_difference():
 
     out = compare_models(PickPixel(), Shifted(), loader, CPU)
     assert out["max_abs_logit_diff"] == pytest.approx(0.25)
+    assert out["max_abs_logit"] == pytest.approx(images.abs().max().item())  # the reference's logits: the pixels
     same = compare_models(PickPixel(), PickPixel(), loader, CPU)
     assert same["max_abs_logit_diff"] == 0.0 and same["reference"] == same["candidate"]
 

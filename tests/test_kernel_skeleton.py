@@ -132,8 +132,10 @@ def test_cli_side_by_side_png(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["{missing}"], "no such file"),
+    (["{missing}"], "weights file not found"),
     (["{dir}"], "has no finish_deploy.hdf5"),
+    (["{notes}"], "is not a weights file: neither hdf5 nor a torch checkpoint, it is a text file"),
+    (["{good}", "-o", "{blocked}"], "is a file, not a directory"),
     (["{good}", "--labels", "a", "b"], "--labels got 2 names for 1"),
     (["{good}", "-k", "5"], "has no 5x5 kernels; it has 3x3 (3 layers)"),
     (["{good}", "{five}"], "choose one with -k"),
@@ -146,10 +148,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
         "good": write_arrays(tmp_path / "good.hdf5", random_deploy_arrays(0)),
         "five": write_arrays(tmp_path / "five.hdf5", random_deploy_arrays(0, k=5)),
         "flat": write_arrays(tmp_path / "flat.hdf5", {"fc.weight": np.ones((2, 2), np.float32)}),
+        "notes": tmp_path / "notes.hdf5",
+        "blocked": tmp_path / "notes.hdf5" / "sub" / "s.png",  # under a regular file: unwritable, even for root
     }
+    paths["notes"].write_text("see notes\n")
     assert ks.main([a.format(**paths) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_a_torch_checkpoint_of_deploy_weights_gives_the_hdf5_files_skeleton(tmp_path):
+    arrays = random_deploy_arrays(0)
+    torch.save({name: torch.from_numpy(a) for name, a in arrays.items()}, tmp_path / "deploy.pth")
+    from_pth = ks.skeleton_of_file(tmp_path / "deploy.pth")
+    from_hdf5 = ks.skeleton_of_file(write_arrays(tmp_path / "deploy.hdf5", arrays))
+    np.testing.assert_array_equal(from_pth.matrix, from_hdf5.matrix)
+    assert from_pth.layers == from_hdf5.layers
 
 
 def test_drawing_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch):

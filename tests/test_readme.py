@@ -90,3 +90,31 @@ def test_ci_runs_the_readme_commands_exactly():
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert install in ci_lines and test in ci_lines
     assert ci_lines.index(install) < ci_lines.index(test)
+
+
+def test_the_quickstart_duration_is_one_figure_everywhere():
+    """README's quickstart section and do_acnet.py -h state the same duration (no "minute" elsewhere)."""
+    quickstart = section("Quickstart")
+    figures = set(re.findall(r"about (\d+ s)\b", quickstart))
+    assert len(figures) == 1 and "minute" not in quickstart, figures
+    (figure,) = figures
+    assert f"~{figure} on CPU" in (REPO / "do_acnet.py").read_text()
+
+
+def test_the_readme_examples_match_what_the_quickstart_writes(quickstart_run):
+    """The example summary.json has the run's keys; the example log's deploy line has the run's format."""
+    (example,) = code_blocks(section("Quickstart"), "json")
+    assert set(json.loads(example)) == SUMMARY_KEYS == set(json.loads((quickstart_run / "summary.json").read_text()))
+
+    def deploy_line_shape(text: str) -> str:
+        (line,) = [line for line in text.splitlines() if "final deploy model" in line]
+        return re.sub(r"\d[\d.e+-]*", "N", line.split(" ", 2)[2])
+    example_log = code_blocks(section("Quickstart"), "text")[0]
+    assert deploy_line_shape(example_log) == deploy_line_shape((quickstart_run / "log.txt").read_text())
+
+
+def test_no_readme_command_writes_into_the_repositorys_docs():
+    """Tracked files (docs/*.png) must not be overwritten by running the README's commands."""
+    commands = [line for block in code_blocks(readme_text(), "bash") for line in block.splitlines()]
+    writers = [c for c in commands if re.search(r"(?:-o|--output|--plot)\s+docs/", c)]
+    assert not writers, writers

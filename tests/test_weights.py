@@ -1,7 +1,13 @@
 """Safe loading of weight files: formats, containers, wrapper prefixes, and the documented errors."""
 from __future__ import annotations
 
+import gzip
+import os
 import pathlib
+import pickle
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
@@ -9,6 +15,8 @@ from torch import nn
 
 from acnet.hdf5 import save_hdf5
 from acnet.weights import WeightsError, as_state_dict, load_state_dict_file, strip_wrapper_prefixes
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _small_state() -> dict:
@@ -92,21 +100,77 @@ def test_directory(tmp_path):
         load_state_dict_file(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "content", [b"", b"\x00\x01garbage" * 100, b"PK\x03\x04 not really a zip"], ids=["empty", "garbage", "fake-zip"]
-)
-def test_corrupt_files(tmp_path, content):
-    (tmp_path / "bad.pth").write_bytes(content)
-    with pytest.raises(WeightsError, match="not a readable weights file.*corrupt or truncated"):
-        load_state_dict_file(tmp_path / "bad.pth")
+def _zip_of_other_files(path: pathlib.Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "hello")
 
 
-def test_truncated_checkpoint(tmp_path):
-    torch.save({f"w{i}": torch.randn(128, 128) for i in range(4)}, tmp_path / "w.pth")
+def _hdf5_of_strings(path: pathlib.Path) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("name", data="resnet18")
+
+
+# (how to make the file, what the one-line error must say it is)
+NOT_WEIGHTS = {
+    "text": (lambda p: p.write_text("see notes\n"), r"is not a weights file: .*a text file \(beginning 'see notes'\)"),
+    "empty": (lambda p: p.write_bytes(b""), r"is not a weights file: .*an empty file \(0 bytes\)"),
+    "garbage": (lambda p: p.write_bytes(b"\x00\x01garbage" * 100), r"binary data of an unknown format"),
+    "fake-zip": (lambda p: p.write_bytes(b"PK\x03\x04 not really a zip"), r"a truncated or corrupt zip archive"),
+    "other-zip": (_zip_of_other_files, r"a zip archive of other files \('notes.txt'\)"),
+    "plain-pickle": (lambda p: p.write_bytes(pickle.dumps({"a": 1}, protocol=4)),
+                     r"a Python pickle that is not a torch checkpoint"),
+    "single-byte": (lambda p: p.write_bytes(b"Q"), r"is not a weights file"),
+    "torch-str": (lambda p: torch.save("hello", p), r"holds a str, not a state dict"),
+    "torch-int": (lambda p: torch.save(3, p), r"holds an int, not a state dict"),
+    "torch-empty-dict": (lambda p: torch.save({}, p), r"holds no tensors \(an empty state dict\)"),
+    "hdf5-strings": (_hdf5_of_strings, r"non-numeric"),
+    "torchscript": (lambda p: torch.jit.save(torch.jit.script(nn.Conv2d(2, 2, 1)), p),
+                    r"a TorchScript archive \(torch.jit.save\).*torch.jit.load"),
+    "npy": (lambda p: p.write_bytes(b"\x93NUMPY\x01\x00" + b" " * 64), r"a numpy \.npy array"),
+    "npz": (lambda p: _numpy_archive(p), r"a numpy \.npz archive \('w.npy'\)"),
+    "gzip": (lambda p: p.write_bytes(gzip.compress(b"x" * 100)), r"a gzip-compressed file"),
+}
+
+
+def _numpy_archive(path: pathlib.Path) -> None:
+    import numpy as np
+
+    with open(path, "wb") as fh:
+        np.savez(fh, w=np.zeros(3))
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_WEIGHTS))
+def test_a_file_that_is_no_weights_file_is_one_weights_error_saying_what_it_is(tmp_path, kind, recwarn):
+    make, says = NOT_WEIGHTS[kind]
+    path = tmp_path / "n.pth"
+    make(path)
+    with pytest.raises(WeightsError, match=says) as caught:
+        load_state_dict_file(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]  # no torch warning on the way
+
+
+@pytest.mark.parametrize("serialization", ["zip", "legacy"])
+def test_truncated_checkpoint(tmp_path, serialization):
+    torch.save({f"w{i}": torch.randn(128, 128) for i in range(4)}, tmp_path / "w.pth",
+               _use_new_zipfile_serialization=serialization == "zip")
     data = (tmp_path / "w.pth").read_bytes()
     (tmp_path / "w.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match="corrupt or truncated"):
+    with pytest.raises(WeightsError, match=r"is a damaged torch checkpoint \(.*corrupt or truncated|"
+                                           r"truncated or corrupt zip"):
         load_state_dict_file(tmp_path / "w.pth")
+
+
+def test_random_and_damaged_files_are_weights_errors_or_state_dicts(tmp_path):
+    """Hypothesis over random bytes and truncated / byte-flipped real checkpoints and hdf5 files
+    (tests/weights_fuzz.py), in a subprocess: a reader crash or hang fails the test, not pytest."""
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "weights_fuzz.py"), str(tmp_path), "200"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout.strip() == "ok 400"
 
 
 class _RunsCodeWhenUnpickled:

@@ -25,7 +25,7 @@ import torch
 
 from acnet.fileio import atomic_open, atomic_path
 
-__all__ = ["CheckpointError", "ExperimentPaths", "save_json", "save_state", "load_state",
+__all__ = ["CheckpointError", "ExperimentPaths", "weights_argument", "save_json", "save_state", "load_state",
            "capture_rng_state", "restore_rng_state", "seed_everything"]
 
 
@@ -68,6 +68,25 @@ class ExperimentPaths:
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
+
+    def final_weights(self) -> Path | None:
+        """The run's weights to evaluate: ``finish_deploy.hdf5``, else ``finish.hdf5``; ``None`` if neither."""
+        return next((p for p in (self.deploy_weights, self.finish_weights) if p.is_file()), None)
+
+
+def weights_argument(path: str | os.PathLike, option: str) -> Path:
+    """The weights file a command-line ``path`` stands for: the file itself, or a run directory's
+    :meth:`ExperimentPaths.final_weights`. Raises ``ValueError`` with one line otherwise."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        weights = ExperimentPaths(path).final_weights()
+        if weights is None:
+            raise ValueError(f"{option}: {str(path)!r} is a directory with no weights file (neither finish_deploy.hdf5 "
+                             "nor finish.hdf5: not a finished run); pass a weights file or a finished run directory")
+        return weights
+    raise ValueError(f"{option}: weights file {str(path)!r} does not exist")
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

@@ -34,8 +34,8 @@ from utils.metrics import MetricSums
 from utils.optim import CosineWarmupSchedule, make_sgd
 from utils.runlog import RunLog, TensorBoard
 
-__all__ = ["TrainOptions", "TrainResult", "NonFiniteLossError", "TrainingSetupError", "Trainer", "save_weights_hdf5",
-           "cpu_state_dict"]
+__all__ = ["TrainOptions", "TrainResult", "NonFiniteLossError", "TrainingSetupError", "RunInterrupted", "Trainer",
+           "save_weights_hdf5", "cpu_state_dict"]
 
 logger = logging.getLogger("do_acnet")
 
@@ -46,6 +46,16 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingSetupError(ValueError):
     """The model, data and recipe cannot train together (e.g. no full batch per rank)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) in the training loop: ``where`` it stopped and what the resumable state holds
+    (``saved``, ``None`` when this process saved none). Every file written so far is complete."""
+
+    def __init__(self, where: str, saved: str | None):
+        super().__init__(where)
+        self.where = where
+        self.saved = saved
 
 
 @dataclass
@@ -120,6 +130,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.wall_seconds_before = 0.0
         self.last_saved_epoch = 0
+        self.last_saved_iteration = 0
+        self.current_epoch = 0
         self._step_model: nn.Module | None = None
 
     # ----------------------------------------------------------------------------------- state
@@ -129,7 +141,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.start_epoch = self.last_saved_epoch = int(state["epoch"])
-        self.iteration = int(state["iteration"])
+        self.iteration = self.last_saved_iteration = int(state["iteration"])
         self.train_images = int(state.get("train_images", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
@@ -159,7 +171,7 @@ class Trainer:
                 "meta": dict(self.options.meta),
             }, self.paths.state)
             self.run_log.write(f"epoch {next_epoch} iter {self.iteration} saved resumable state {self.paths.state.name}")
-        self.last_saved_epoch = next_epoch
+        self.last_saved_epoch, self.last_saved_iteration = next_epoch, self.iteration
         barrier()
 
     # ----------------------------------------------------------------------------------- training
@@ -192,9 +204,29 @@ class Trainer:
         barrier()
         self._step_model = self._build_step_model()
         self.epochs_done = 0
-        last_val = None
         criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        self.current_epoch = self.start_epoch
+        try:
+            last_val = self._run_epochs(criterion, tensorboard, process_start)
+        except KeyboardInterrupt:
+            saved = (f"the state after epoch {self.last_saved_epoch} (iteration {self.last_saved_iteration})"
+                     if self.last_saved_epoch else None)
+            raise RunInterrupted(f"in epoch {self.current_epoch + 1}/{recipe.epochs} at iteration {self.iteration}",
+                                 saved) from None
+        if ctx.is_main:
+            save_weights_hdf5(self.model, self.paths.finish_weights)
+            self.run_log.write(f"training done: {self.paths.finish_weights.name} written")
+        barrier()
+        return TrainResult(epochs_run=self.epochs_done, iteration=self.iteration, train_images=self.train_images,
+                           train_seconds=self.train_seconds, wall_seconds_before=self.wall_seconds_before,
+                           last_val=last_val)
+
+    def _run_epochs(self, criterion: nn.Module, tensorboard: TensorBoard,
+                    process_start: float) -> dict[str, float] | None:
+        """The epochs of :meth:`fit`; returns the last validation metrics (``None`` if none ran)."""
+        recipe, last_val = self.recipe, None
         for epoch in range(self.start_epoch, recipe.epochs):
+            self.current_epoch = epoch
             epoch_metrics, epoch_seconds, epoch_images = self._train_one_epoch(epoch, criterion, tensorboard)
             if not self.options.sync_bn:
                 average_buffers(self.model)
@@ -212,13 +244,7 @@ class Trainer:
             self.epochs_done += 1
             wall = self.wall_seconds_before + (time.perf_counter() - process_start)
             self._save_resumable_state(epoch + 1, wall)
-        if ctx.is_main:
-            save_weights_hdf5(self.model, self.paths.finish_weights)
-            self.run_log.write(f"training done: {self.paths.finish_weights.name} written")
-        barrier()
-        return TrainResult(epochs_run=self.epochs_done, iteration=self.iteration, train_images=self.train_images,
-                           train_seconds=self.train_seconds, wall_seconds_before=self.wall_seconds_before,
-                           last_val=last_val)
+        return last_val
 
     def _train_one_epoch(self, epoch: int, criterion: nn.Module, tensorboard: TensorBoard):
         from tqdm import tqdm
@@ -253,28 +279,30 @@ class Trainer:
             window_sums.reset()
             window.update(start=now, images=0, steps=0)
 
-        for images, labels in self.train_loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-            with autocast_context(device, opts.amp):
-                logits = model(images)
-            loss = criterion(logits.float(), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.schedule.step()
-            self.iteration += 1
-            bad |= ~torch.isfinite(loss.detach())
-            window_sums.update(loss, logits, labels)
-            batch_images = labels.shape[0] * ctx.world_size
-            images_seen += batch_images
-            window["images"] += batch_images
-            window["steps"] += 1
-            if window["steps"] == opts.print_freq:
+        try:  # the bar is closed on Ctrl-C too, so it does not stay on the terminal
+            for images, labels in self.train_loader:
+                images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                labels = labels.to(device, non_blocking=True)
+                with autocast_context(device, opts.amp):
+                    logits = model(images)
+                loss = criterion(logits.float(), labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.schedule.step()
+                self.iteration += 1
+                bad |= ~torch.isfinite(loss.detach())
+                window_sums.update(loss, logits, labels)
+                batch_images = labels.shape[0] * ctx.world_size
+                images_seen += batch_images
+                window["images"] += batch_images
+                window["steps"] += 1
+                if window["steps"] == opts.print_freq:
+                    flush()
+            if window["steps"]:
                 flush()
-        if window["steps"]:
-            flush()
-        bar.close()
+        finally:
+            bar.close()
         seconds = time.perf_counter() - start
         self.train_images += images_seen
         self.train_seconds += seconds

@@ -79,8 +79,10 @@ def compare_models(reference: nn.Module, candidate: nn.Module, loader, device: t
                    channels_last: bool = False) -> dict[str, Any]:
     """Evaluate two models on the same batches (float32, TF32 off) in one pass.
 
-    Returns ``{"reference": metrics, "candidate": metrics, "max_abs_logit_diff": float}`` with the
-    metrics of :func:`evaluate`; the logit difference is the max over the whole set (and all ranks).
+    Returns ``{"reference": metrics, "candidate": metrics, "max_abs_logit_diff": float,
+    "max_abs_logit": float}`` with the metrics of :func:`evaluate`; the logit difference
+    ``max|reference - candidate|`` and the reference's scale ``max|reference|`` are maxima over the
+    whole set (and all ranks).
     """
     device = torch.device(device)
     modes = (reference.training, candidate.training)
@@ -88,6 +90,7 @@ def compare_models(reference: nn.Module, candidate: nn.Module, loader, device: t
     candidate.eval()
     ref_sums, cand_sums = MetricSums(device), MetricSums(device)
     max_diff = torch.zeros((), dtype=torch.float64, device=device)
+    max_logit = torch.zeros((), dtype=torch.float64, device=device)
     try:
         with exact_math():
             for images, labels in _batches(loader, device, channels_last):
@@ -96,12 +99,14 @@ def compare_models(reference: nn.Module, candidate: nn.Module, loader, device: t
                 ref_sums.update(F.cross_entropy(ref_logits, labels), ref_logits, labels)
                 cand_sums.update(F.cross_entropy(cand_logits, labels), cand_logits, labels)
                 max_diff = torch.maximum(max_diff, (ref_logits - cand_logits).abs().max().to(torch.float64))
+                max_logit = torch.maximum(max_logit, ref_logits.abs().max().to(torch.float64))
     finally:
         reference.train(modes[0])
         candidate.train(modes[1])
     all_reduce_max(max_diff)
+    all_reduce_max(max_logit)
     return {"reference": ref_sums.all_reduce().read(), "candidate": cand_sums.all_reduce().read(),
-            "max_abs_logit_diff": float(max_diff.item())}
+            "max_abs_logit_diff": float(max_diff.item()), "max_abs_logit": float(max_logit.item())}
 
 
 def _describe_keys(missing: list[str], unexpected: list[str], limit: int = 5) -> str:

@@ -20,7 +20,8 @@ from utils.engine import save_weights_hdf5
 from utils.evaluation import compare_models, load_weights_strict
 from utils.runlog import RunLog
 
-__all__ = ["DeployMismatchError", "TOP1_TOLERANCE", "count_parameters", "convert_weights", "post_training"]
+__all__ = ["DeployMismatchError", "TOP1_TOLERANCE", "count_parameters", "convert_weights", "relative_logit_diff",
+           "describe_logit_diff", "post_training"]
 
 TOP1_TOLERANCE = 0.01  # percentage points of top-1 (0.01% of the test set)
 
@@ -31,6 +32,19 @@ class DeployMismatchError(RuntimeError):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def relative_logit_diff(max_abs_diff: float, max_abs_logit: float) -> float:
+    """``max|diff| / max|logits|``: the deploy model's error relative to the logits' scale (0 when both are 0)."""
+    if max_abs_logit > 0:
+        return max_abs_diff / max_abs_logit
+    return 0.0 if max_abs_diff == 0 else float("inf")
+
+
+def describe_logit_diff(max_abs_diff: float, max_abs_logit: float) -> str:
+    """``"max abs logit diff 4.77e-06 (relative 2.1e-07 of max |logit| 22.7)"``."""
+    return (f"max abs logit diff {max_abs_diff:.3g} (relative {relative_logit_diff(max_abs_diff, max_abs_logit):.3g} "
+            f"of max |logit| {max_abs_logit:.3g})")
 
 
 def convert_weights(train_model: nn.Module) -> nn.Module:
@@ -74,6 +88,7 @@ def post_training(build_model: Callable[..., nn.Module], eval_loader, ctx: DistC
         "deploy_top1": deploy_m["top1"],
         "deploy_top5": deploy_m["top5"],
         "max_abs_logit_diff": result["max_abs_logit_diff"],
+        "max_rel_logit_diff": relative_logit_diff(result["max_abs_logit_diff"], result["max_abs_logit"]),
         "train_images_per_sec": summary_fields.get("train_images_per_sec"),
         "params_train": count_parameters(train_model),
         "params_deploy": count_parameters(deploy_model),
@@ -82,8 +97,9 @@ def post_training(build_model: Callable[..., nn.Module], eval_loader, ctx: DistC
     run_log.write(f"final training-time model: acc1 {train_m['top1']:.4f} acc5 {train_m['top5']:.4f} "
                   f"loss {train_m['loss']:.6f} on {train_m['num_samples']} images")
     run_log.write(f"final deploy model ({paths.deploy_weights.name}): acc1 {deploy_m['top1']:.4f} "
-                  f"acc5 {deploy_m['top5']:.4f} loss {deploy_m['loss']:.6f}; max abs logit diff "
-                  f"{result['max_abs_logit_diff']:.3g}; params {summary['params_train']} -> {summary['params_deploy']}")
+                  f"acc5 {deploy_m['top5']:.4f} loss {deploy_m['loss']:.6f}; "
+                  f"{describe_logit_diff(result['max_abs_logit_diff'], result['max_abs_logit'])}; "
+                  f"params {summary['params_train']} -> {summary['params_deploy']}")
     mismatch = abs(train_m["top1"] - deploy_m["top1"]) > TOP1_TOLERANCE
     if ctx.is_main:
         save_json(summary, paths.summary)
@@ -91,8 +107,9 @@ def post_training(build_model: Callable[..., nn.Module], eval_loader, ctx: DistC
     barrier()
     if mismatch:
         message = (f"the deploy model's top-1 ({deploy_m['top1']:.4f}) differs from the training-time model's "
-                   f"({train_m['top1']:.4f}) by more than {TOP1_TOLERANCE} points (max abs logit diff "
-                   f"{result['max_abs_logit_diff']:.3g}): the conversion is wrong for this model")
+                   f"({train_m['top1']:.4f}) by more than {TOP1_TOLERANCE} points "
+                   f"({describe_logit_diff(result['max_abs_logit_diff'], result['max_abs_logit'])}): "
+                   "the conversion is wrong for this model")
         run_log.write("ERROR: " + message, logging.ERROR)
         raise DeployMismatchError(message)
     return summary

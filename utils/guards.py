@@ -1,0 +1,114 @@
+"""Checks that keep a run from silently doing something other than what the command asked.
+
+* :func:`finished_run_conflicts`: a finished run folder re-used with a different recipe (it would not
+  be retrained, and the old results would be reported as if they were this command's);
+* :func:`check_batch_fits`: a global batch larger than the training set (every epoch would be one
+  smaller batch than the recipe and the log state);
+* :func:`amp_cpu_warning`: bf16 autocast on a CPU without native bf16 instructions, which emulates
+  bf16 and trains several times slower than float32;
+* :func:`interrupted_message`: what a Ctrl-C left behind and how to resume, in one line.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["finished_run_record", "finished_run_conflicts", "check_batch_fits", "cpu_has_native_bf16", "amp_cpu_warning",
+           "resume_argv", "interrupted_message"]
+
+#: Options of recipe.json besides the recipe's fields that decide what is trained.
+RUN_FIELDS = ("seed", "synthetic_num_train")
+#: Flags in /proc/cpuinfo of CPUs with native bf16 arithmetic (x86 AVX512-BF16 / AMX, Arm BF16).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+_CONTI_FLAGS = ("-c", "--conti-or-fs", "--conti_or_fs")
+
+
+def _canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples as lists, as recipe.json stores them
+
+
+def finished_run_record(paths) -> dict[str, Any]:
+    """What a finished run was trained with: its recipe.json, else its latest.pth's recipe, else ``{}``."""
+    from utils.checkpoint import CheckpointError, load_state
+
+    try:
+        saved = json.loads(paths.recipe.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no (readable) recipe.json
+        try:
+            saved = load_state(paths.state)["recipe"] if paths.state.is_file() else {}
+        except CheckpointError:
+            saved = {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def finished_run_conflicts(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``"field=wanted (run has saved)"`` for every field of ``wanted`` the finished run ``saved`` differs in.
+
+    ``saved`` is the run's recipe.json (or its latest.pth recipe); a field it lacks is not compared.
+    """
+    return [f"{field}={value!r} (run has {saved[field]!r})" for field, value in wanted.items()
+            if field in saved and _canonical(saved[field]) != _canonical(value)]
+
+
+def check_batch_fits(batch_size: int, num_train: int, world_size: int, error: type[Exception]) -> None:
+    """Raise ``error`` when the global batch is larger than the training set (after sharding)."""
+    if batch_size > num_train:
+        largest = num_train - num_train % world_size
+        raise error(f"the global batch size {batch_size} is larger than the training set ({num_train} images): "
+                    f"every epoch would be one batch of {num_train}, not {batch_size} as the recipe and the log "
+                    f"would state; pass --batch-size {largest} or less (a multiple of the {world_size} rank(s)) "
+                    "or train on more images")
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """Whether the CPU has native bf16 instructions (a flag of :data:`NATIVE_BF16_FLAGS`); ``None``: unknown."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None  # not Linux: cannot tell
+    flags = {flag for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for flag in line.split(":", 1)[-1].split()}
+    return bool(flags & set(NATIVE_BF16_FLAGS))
+
+
+def amp_cpu_warning(device_type: str, amp: bool) -> str | None:
+    """The warning for ``--amp`` on a CPU that would emulate bf16, else ``None``."""
+    if not amp or device_type != "cpu" or cpu_has_native_bf16() is not False:
+        return None
+    return ("--amp on a CPU without native bf16 (no avx512_bf16, amx_bf16 or bf16 flag in /proc/cpuinfo): "
+            "bf16 autocast is emulated there and runs several times slower than float32 (about 7x measured "
+            "on such a CPU); drop --amp (the CPU default) unless you mean to test bf16 numerics")
+
+
+def resume_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with any ``-c/--conti-or-fs`` option replaced by ``-c continue``."""
+    result: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in _CONTI_FLAGS:
+            skip = True
+        elif not any(token.startswith(flag + "=") for flag in _CONTI_FLAGS[1:]) and not (
+                token.startswith("-c") and token[2:] in ("fs", "continue", "=fs", "=continue")):
+            result.append(token)
+    return [*result, "-c", "continue"]
+
+
+def interrupted_message(argv: Sequence[str], run_dir: Path, where: str | None, saved: str | None) -> str:
+    """One line after Ctrl-C: where the run stopped, what ``latest.pth`` holds, and how to go on.
+
+    ``where``: e.g. ``"in epoch 3/10 at iteration 25"`` (``None``: outside the training loop);
+    ``saved``: what the last resumable state holds (``None``: nothing saved by this process).
+    """
+    stopped = f"interrupted {where}" if where else "interrupted"
+    command = shlex.join(["python", "do_acnet.py", *resume_argv(argv)])
+    if (run_dir / "finish.hdf5").is_file():
+        return (f"{stopped}: training had finished ({run_dir / 'finish.hdf5'} is complete); run the same command "
+                "again to redo the post-training steps")
+    if not (run_dir / "latest.pth").is_file():
+        return f"{stopped}: no epoch was completed, so there is nothing to resume; run the same command again"
+    holds = saved or "the state of the last completed epoch"
+    return f"{stopped}; {run_dir / 'latest.pth'} holds {holds}; resume with: {command}"
