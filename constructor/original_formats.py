@@ -50,6 +50,7 @@ from .builder import BLOCK_TYPES, BiasFreeConv, is_reparameterizable_kernel
 from .registry import build_model, get_arch_spec
 
 __all__ = ["Unit", "Recognised", "recognise_weights", "own_schemes", "original_schemes", "export_scheme",
+           "export_original", "EXPORT_USAGE",
            "EXPORT_FORMATS", "FAMILIES", "DBB_ARCH_NAMES"]
 
 #: Unit kinds (ours and the originals'): where the conv sits and whether a BN comes before it.
@@ -219,6 +220,24 @@ def export_scheme(arch: str, fmt: str, block_type: str, num_classes: Optional[in
     their_type = "acb" if fmt == "acnet" else ("base" if block_type == "base" else "DBB")
     return next(s for s in original_schemes(arch, num_classes) if s.info["family"] == fmt and s.info["deploy"]
                 and s.info["their_block_type"] == their_type and not s.info.get("stem_prefix_dropped"))
+
+
+def export_original(arch: str, fmt: str, block_type: str, deploy_state: Mapping[str, Tensor]
+                    ) -> Tuple[Dict[str, Tensor], NamingScheme]:
+    """Our deploy state dict of ``arch`` under the names of ``fmt``'s repository (:func:`export_scheme`),
+    with the classifier size of ``deploy_state``; returns ``(state, scheme)``."""
+    classifier = str(own_schemes(arch)[-1].info["classifier"])
+    num_classes = int(deploy_state[classifier].shape[0]) if classifier in deploy_state else None
+    scheme = export_scheme(arch, fmt, block_type, num_classes)
+    return scheme.from_ours(deploy_state), scheme
+
+
+#: How to use an exported file with the original code, by format.
+EXPORT_USAGE = {
+    "acnet": "load it into the original ACNet code's deploy model (ACNetBuilder(deploy=True)), "
+             "e.g. acnet_test.py's general_test(network_type='{arch}', weights=FILE)",
+    "dbb": "test it with the DBB repository: python test.py IMGNET_PATH deploy FILE -a {their} -t {their_type}",
+}
 
 
 def _scheme(arch: str, num_classes: Optional[int], family: str, their_type: str, our_type: Optional[str],
