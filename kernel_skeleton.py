@@ -79,8 +79,12 @@ def _check_deploy_form(arrays: Mapping[str, np.ndarray], source: str) -> None:
         prefix, _, leaf = name.rpartition(".")
         # a conv-BN unit's bias-free conv next to its BN (a deploy conv always has a bias; a BN
         # beside a conv WITH bias is a pre-activation unit's own BN, which stays in deploy form)
+        # (only a KxK conv with 1 < K < 7 would be a block: the original ACNet's finish_deploy.hdf5
+        # keeps its 1x1 and 7x7 conv-BN units unfused)
+        shape = np.shape(arrays[name])
+        block_sized = len(shape) == 4 and shape[2] == shape[3] and 1 < shape[2] < 7
         conv_bn_pair = (leaf == "weight" and prefix.endswith("conv") and f"{prefix}.bias" not in names
-                        and f"{prefix[:-len('conv')]}bn.running_var" in names)
+                        and f"{prefix[:-len('conv')]}bn.running_var" in names and block_sized)
         if unfused or conv_bn_pair:
             raise SkeletonError(
                 f"{source} holds training-time (unfused) weights ({name}); the skeleton is defined on the "
@@ -129,8 +133,22 @@ def skeleton_of_file(path: Path, kernel_size: Optional[int] = None, label: Optio
     try:
         arrays = {name: array for name, array, _ in iter_arrays(weights)}
     except Hdf5InspectError as exc:
-        raise SkeletonError(str(exc)) from None
+        if not weights.is_file() or weights.suffix not in (".pth", ".pt", ".tar"):
+            raise SkeletonError(str(exc)) from None
+        arrays = _torch_arrays(weights)  # e.g. the DBB repository's convert.py output
     return compute_skeleton(arrays, kernel_size, label or default_label(weights), str(weights))
+
+
+def _torch_arrays(path: Path) -> dict:
+    """The float tensors of a torch checkpoint as numpy arrays (loaded safely, container and ``module.`` undone)."""
+    from acnet import WeightsError, load_state_dict_file
+
+    try:
+        state = load_state_dict_file(path)
+    except WeightsError as exc:
+        raise SkeletonError(str(exc)) from None
+    return {name: tensor.detach().float().numpy() if tensor.is_floating_point() else tensor.numpy()
+            for name, tensor in state.items()}
 
 
 def format_skeleton(skeleton: Skeleton) -> str:
