@@ -20,13 +20,15 @@ import pytest
 import torch
 
 from acnet import WeightsError, load_hdf5
-from constructor.original_formats import export_original, original_schemes, recognise_weights
+from constructor.original_formats import export_original, original_schemes, own_schemes, recognise_weights
 from utils.evaluation import load_model_for_eval
 from utils.init_weights import load_init_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DBB_ARCHS = {"ResNet-18": "sres18", "ResNet-50": "sres50", "MobileNet": "smi1"}
 OUR_BLOCK = {"acb": "acb", "base": "base", "DBB": "dbb"}
+LOADED = {"acnet_cfqkbnc_acb_train", "acnet_vc_base_train", "acnet_wrnc16plain_acb_deploy", "dbb_ResNet-18_DBB_train",
+          "dbb_MobileNet_DBB_deploy"}
 
 
 def _formats_dir() -> Path | None:
@@ -109,38 +111,53 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------ recognition
+def unwrap(path: Path) -> Dict[str, torch.Tensor]:
+    """The file's entries as the original code reads them (independently of our loader)."""
+    if path.suffix == ".hdf5":
+        return load_hdf5(path)
+    return {k[len("module."):]: v for k, v in torch.load(path)["state_dict"].items()}
+
+
 @needs_lists
 @pytest.mark.parametrize("key_file", KEY_FILES, ids=lambda p: p.name[: -len(".keys.txt")])
-def test_every_listed_original_file_loads_into_the_matching_model(key_file, tmp_path):
+def test_every_listed_original_file_is_recognised_and_loads(key_file, tmp_path):
     path, state, family, arch, block, form = fixture(key_file, tmp_path)
-    model = load_model_for_eval(arch, OUR_BLOCK[block], path)
-    found = recognise_weights(arch, load_hdf5(path) if path.suffix == ".hdf5" else
-                              {k[len("module."):]: v for k, v in torch.load(path)["state_dict"].items()})
+    found = recognise_weights(arch, unwrap(path))
     assert found.scheme.name == f"{family}/{block}/{form}"
     assert found.block_type == (None if form == "deploy" else OUR_BLOCK[block])
-    ours = model.state_dict()
-    # every value of the file is in the model (copied, or folded for ACNet's unfused deploy conv-BN units)
+    # every value of the file lands in our state dict (copied, or folded for ACNet's unfused deploy units)
     copies = [r for r in found.scheme.rules if r.kind == "copy"]
-    assert copies and all(torch.equal(ours[r.ours[0]], state[r.theirs[0]].to(ours[r.ours[0]].dtype)) for r in copies)
-    assert torch.isfinite(logits(model, arch)).all()
+    assert copies and all(torch.equal(found.state[r.ours[0]], state[r.theirs[0]]) for r in copies)
+    own = next(s for s in own_schemes(arch, found.num_classes) if s.info["block_type"] == found.block_type)
+    assert {k: tuple(v.shape) for k, v in found.state.items()} == dict(own.our_shapes)  # loads strictly
+    if key_file.name[: -len(".keys.txt")] in LOADED:  # the whole path, file to logits, for one file of each kind
+        model = load_model_for_eval(arch, OUR_BLOCK[block], path)
+        assert torch.isfinite(logits(model, arch)).all()
 
 
 @needs_lists
-@pytest.mark.parametrize("name", ["acnet_sres18_acb_train", "dbb_ResNet-18_DBB_train", "dbb_MobileNet_DBB_deploy"])
+@pytest.mark.parametrize("name", ["acnet_sres18_acb_train", "dbb_ResNet-50_DBB_train", "dbb_MobileNet_DBB_deploy"])
 @pytest.mark.parametrize("classes", [7, 100])
-def test_any_classifier_size_loads(name, classes, tmp_path):
+def test_any_classifier_size_is_recognised(name, classes, tmp_path):
     path, _, _, arch, block, _ = fixture(FORMATS / f"{name}.keys.txt", tmp_path, classes=classes)
-    model = load_model_for_eval(arch, OUR_BLOCK[block], path)
-    assert model.fc.out_features == classes
+    found = recognise_weights(arch, unwrap(path))
+    assert found.num_classes == classes and found.state["fc.weight"].shape[0] == classes
+
+
+@needs_lists
+def test_a_fine_tuning_class_count_loads_for_evaluation(tmp_path):
+    path = fixture(FORMATS / "acnet_vc_base_train.keys.txt", tmp_path, classes=37)[0]
+    model = load_model_for_eval("vc", "base", path)
+    assert logits(model, "vc").shape == (2, 37)
 
 
 @needs_lists
 def test_dbb_hdf5_without_the_stem_prefix_equals_the_pth(tmp_path):
-    key_file = FORMATS / "dbb_ResNet-18_DBB_train.keys.txt"
+    key_file = FORMATS / "dbb_ResNet-18_base_train.keys.txt"
     pth = fixture(key_file, tmp_path)[0]
     hdf5 = fixture(key_file, tmp_path, suffix=".hdf5")[0]
     assert any(k.startswith("conv1.") for k in load_hdf5(hdf5))  # stage0. dropped, as model_load_hdf5 reads it
-    a, b = load_model_for_eval("sres18", "dbb", pth), load_model_for_eval("sres18", "dbb", hdf5)
+    a, b = load_model_for_eval("sres18", "base", pth), load_model_for_eval("sres18", "base", hdf5)
     assert torch.equal(logits(a, "sres18"), logits(b, "sres18"))
 
 
@@ -148,7 +165,7 @@ def test_dbb_hdf5_without_the_stem_prefix_equals_the_pth(tmp_path):
 def test_acnet_deploy_file_computes_what_its_training_file_computes(tmp_path):
     """ACNet's converter (re-implemented here from its documented maths) fuses only the ACBs; the
     plain conv-BN units stay. Loading both files must give the same network."""
-    train_path, train_state, *_ = fixture(FORMATS / "acnet_sres18_acb_train.keys.txt", tmp_path)
+    train_path, train_state, *_ = fixture(FORMATS / "acnet_src56_acb_train.keys.txt", tmp_path)
     deploy = {}
     for name, value in train_state.items():
         if "square_conv.weight" in name:
@@ -165,11 +182,12 @@ def test_acnet_deploy_file_computes_what_its_training_file_computes(tmp_path):
             deploy[f"{unit}fused_conv.weight"], deploy[f"{unit}fused_conv.bias"] = kernel.float(), bias.float()
         elif not re.search(r"(square|ver|hor)_", name):
             deploy[name] = value
-    assert set(deploy) == set(read_keys(FORMATS / "acnet_sres18_acb_deploy.keys.txt"))
+    assert set(deploy) == set(read_keys(FORMATS / "acnet_src56_acb_deploy.keys.txt"))
+    assert any(".projection.bn." in k for k in deploy)  # a plain conv-BN unit, folded when loading
     deploy_path = write_like_the_original(deploy, "acnet", tmp_path / "finish_deploy.hdf5")
-    trained = load_model_for_eval("sres18", "acb", train_path)
-    deployed = load_model_for_eval("sres18", "acb", deploy_path)
-    assert relative(logits(deployed, "sres18"), logits(trained, "sres18")) < 1e-5
+    trained = load_model_for_eval("src56", "acb", train_path)
+    deployed = load_model_for_eval("src56", "acb", deploy_path)
+    assert relative(logits(deployed, "src56"), logits(trained, "src56")) < 1e-5
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -220,12 +238,13 @@ def test_the_tables_cover_every_arch_and_form():
     ("dbb", "dbb_MobileNet_DBB_train", "dbb_MobileNet_DBB_deploy"),
     ("dbb", "dbb_ResNet-18_base_train", "dbb_ResNet-18_base_deploy"),
 ])
-def test_convert_exports_the_original_deploy_names_and_round_trips(fmt, source, deploy_list, tmp_path):
+def test_convert_exports_the_original_deploy_names_and_round_trips(fmt, source, deploy_list, tmp_path, capsys):
+    import do_acnet
+
     src, _, _, arch, block, _ = fixture(FORMATS / f"{source}.keys.txt", tmp_path)
     dst = tmp_path / ("finish_deploy.hdf5" if fmt == "acnet" else "deploy.pth")
-    result = subprocess.run([sys.executable, "do_acnet.py", "-a", arch, "-b", OUR_BLOCK[block], "--convert", str(src),
-                             str(dst), "--format", fmt], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    do_acnet.main(["-a", arch, "-b", OUR_BLOCK[block], "--convert", str(src), str(dst), "--format", fmt])
+    assert "test.py IMGNET_PATH deploy FILE" in capsys.readouterr().out or fmt == "acnet"
     written = load_hdf5(dst) if fmt == "acnet" else torch.load(dst)
     expected = read_keys(FORMATS / f"{deploy_list}.keys.txt")
     assert {k: tuple(v.shape) for k, v in written.items()} == {k: shape for k, (shape, _) in expected.items()}
@@ -239,6 +258,20 @@ def test_export_to_a_repository_without_the_arch_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="DBB repository has no src56"):
         export_original("src56", "dbb", "acb", constructor.build_model("src56", "base", deploy=True).state_dict())
+
+
+@needs_lists
+def test_convert_format_from_the_command_line(tmp_path):
+    src = fixture(FORMATS / "acnet_cfqkbnc_acb_train.keys.txt", tmp_path)[0]
+    dst = tmp_path / "deploy.hdf5"
+    command = [sys.executable, "do_acnet.py", "-a", "cfqkbnc", "-b", "acb", "--convert", str(src), str(dst)]
+    done = subprocess.run(command + ["--format", "acnet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert set(load_hdf5(dst)) == set(read_keys(FORMATS / "acnet_cfqkbnc_acb_deploy.keys.txt"))
+    refused = subprocess.run(command[:-1] + [str(tmp_path / "x.pth"), "--format", "dbb"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "DBB repository has no cfqkbnc" in refused.stderr
+    assert not (tmp_path / "x.pth").exists()
 
 
 # ------------------------------------------------------------------------------------ fine-tuning
