@@ -347,3 +347,16 @@ def test_kernel_skeleton_reads_original_deploy_files(name, tmp_path):
     path = fixture(FORMATS / f"{name}.keys.txt", tmp_path)[0]
     skeleton = skeleton_of_file(path)
     assert skeleton.kernel_size == 3 and np.isfinite(skeleton.matrix).all()
+
+
+@needs_lists
+@pytest.mark.parametrize("name, block", [("acnet_src56_acb_train", "acb"), ("dbb_MobileNet_DBB_train", "dbb")])
+def test_fuse_and_load_folds_an_original_training_file_into_our_base_model(name, block, tmp_path):
+    import constructor
+    from acnet import acnet_fuse_and_load
+
+    path = fixture(FORMATS / f"{name}.keys.txt", tmp_path)[0]
+    arch = describe(FORMATS / f"{name}.keys.txt")[1]
+    trained = load_model_for_eval(arch, block, path)
+    plain = acnet_fuse_and_load(constructor.build_model(arch, "base", num_classes=10), path)
+    assert relative(logits(plain, arch), logits(trained, arch)) < 1e-5
