@@ -94,16 +94,11 @@ class NamingScheme:
 
     def shape_problems(self, state: Mapping[str, Tensor]) -> List[str]:
         """``"name: file (a, b) vs expected (c, d)"`` for every entry whose shape differs."""
-        return [f"{k}: file {tuple(state[k].shape)} vs expected {shape}"
-                for k, shape in self.their_shapes.items() if k in state and tuple(state[k].shape) != shape]
+        return _shape_problems(state, self.their_shapes)
 
     def to_ours(self, state: Mapping[str, Tensor]) -> StateDict:
         """Our state dict from a foreign one that matches this scheme (names and shapes checked)."""
-        problems = self.shape_problems(state)
-        missing = sorted(set(self.their_shapes) - set(state))
-        if missing or problems:
-            raise WeightsError(f"the weights do not fit {self.description}: "
-                               + describe_difference(missing, [], problems))
+        _require(state, self.their_shapes, f"the weights do not fit {self.description}")
         result: StateDict = {}
         for rule in self.rules:
             values = [state[k] for k in rule.theirs]
@@ -123,12 +118,7 @@ class NamingScheme:
         Raises :class:`acnet.WeightsError` when ``state`` lacks an entry or has a wrong shape, or when a
         ``zero_bias`` conv has a bias that is not zero (the foreign model has no place for it).
         """
-        missing = sorted(set(self.our_shapes) - set(state))
-        problems = [f"{k}: given {tuple(state[k].shape)} vs expected {shape}"
-                    for k, shape in self.our_shapes.items() if k in state and tuple(state[k].shape) != shape]
-        if missing or problems:
-            raise WeightsError(f"the weights cannot be written as {self.description}: "
-                               + describe_difference(missing, [], problems))
+        _require(state, self.our_shapes, f"the weights cannot be written as {self.description}")
         result: StateDict = {}
         for rule in self.rules:
             values = [state[k] for k in rule.ours]
@@ -144,6 +134,19 @@ class NamingScheme:
                 weight, bias = values
                 result.update(zip(rule.theirs, _identity_bn(weight, bias, rule.eps)))
         return result
+
+
+def _shape_problems(state: Mapping[str, Tensor], shapes: Mapping[str, Shape]) -> List[str]:
+    return [f"{k}: file {tuple(state[k].shape)} vs expected {shape}"
+            for k, shape in shapes.items() if k in state and tuple(state[k].shape) != shape]
+
+
+def _require(state: Mapping[str, Tensor], shapes: Mapping[str, Shape], what: str) -> None:
+    """Every entry of ``shapes`` in ``state`` with its shape, else one :class:`acnet.WeightsError` (``what: ...``)."""
+    missing = sorted(set(shapes) - set(state))
+    problems = _shape_problems(state, shapes)
+    if missing or problems:
+        raise WeightsError(f"{what}: " + describe_difference(missing, [], problems))
 
 
 def _fuse(values: Sequence[Tensor], eps: float) -> Tuple[Tensor, Tensor]:

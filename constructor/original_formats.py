@@ -380,9 +380,14 @@ def recognise_weights(arch: str, state: Mapping[str, Tensor], source: str = "the
     raises :class:`acnet.WeightsError` naming the closest scheme and what differs.
     """
     names = list(state)
-    default = known_schemes(arch)
-    named = [s for s in default if s.matches_names(names)]
+    kinds = (own_schemes, original_schemes)  # our own names first: the originals' tables are not built then
+    named, schemes_of = [], own_schemes
+    for schemes_of in kinds:
+        named = [s for s in schemes_of(arch) if s.matches_names(names)]
+        if named:
+            break
     if not named:
+        default = known_schemes(arch)
         expected = [s for s in default if s.info["family"] == "ours" and s.info["block_type"] in (block_type, None)]
         own = " nor ".join(s.description for s in expected) if block_type else "any of our models"
         scheme, missing, unexpected = closest_scheme(names, default)
@@ -393,7 +398,7 @@ def recognise_weights(arch: str, state: Mapping[str, Tensor], source: str = "the
     if num_classes is None:
         classifier = state[str(named[0].info["classifier"])]
         num_classes = int(classifier.shape[0]) if classifier.dim() == 2 else None
-    scheme = recognise(state, known_schemes(arch, num_classes), source)
+    scheme = recognise(state, schemes_of(arch, num_classes), source)
     if scheme is None:  # pragma: no cover - the names matched above, the class count changes no name
         raise WeightsError(f"{source}: no naming scheme of {arch} fits")
     classes = num_classes if num_classes is not None else get_arch_spec(arch).num_classes
