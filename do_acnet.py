@@ -245,6 +245,12 @@ def run_convert(args, spec) -> None:
     from utils.posttrain import convert_weights
 
     src, dst = args.convert
+    if args.format != "ours":
+        from constructor.original_formats import families_of
+
+        if args.format not in families_of(args.arch):
+            raise UsageError(f"--format {args.format}: the DBB repository has no {args.arch}; export it with "
+                             "--format acnet")
     # the class count is the weights' own (an ImageFolder set may have any number of classes)
     train_model = load_model_for_eval(args.arch, args.block_type, src, "cpu")
     deploy_keys = set(constructor.build_model(args.arch, args.block_type, deploy=True).state_dict())

@@ -270,7 +270,7 @@ def test_convert_format_from_the_command_line(tmp_path):
     assert set(load_hdf5(dst)) == set(read_keys(FORMATS / "acnet_cfqkbnc_acb_deploy.keys.txt"))
     refused = subprocess.run(command[:-1] + [str(tmp_path / "x.pth"), "--format", "dbb"], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "DBB repository has no cfqkbnc" in refused.stderr
+    assert refused.returncode == 2 and "DBB repository has no cfqkbnc" in refused.stderr, refused.stderr
     assert not (tmp_path / "x.pth").exists()
 
 
