@@ -8,6 +8,7 @@ the original code writes them (ACNet: hdf5 via its ``save_hdf5``; DBB: ``torch.s
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +33,8 @@ LOADED = {"acnet_cfqkbnc_acb_train", "acnet_vc_base_train", "acnet_wrnc16plain_a
 
 
 def _formats_dir() -> Path | None:
+    if os.environ.get("ACNET_ORIGINAL_FORMATS"):  # elsewhere than ../shared/original_formats
+        return Path(os.environ["ACNET_ORIGINAL_FORMATS"])
     for parent in ROOT.parents:  # ../shared beside the checkout (or a worktree's parents)
         candidate = parent / "shared" / "original_formats"
         if candidate.is_dir():
