@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--warmup-epochs", type=float, help="linear warmup length (default 0, the original)")
     recipe.add_argument("--label-smoothing", type=float)
     recipe.add_argument("--val-every", type=int, help="evaluate every N epochs (and every epoch near the end)")
+    recipe.add_argument("--init-weights", metavar="FILE",
+                        help="start from FILE (ours or the original ACNet/DBB code's; same block type, base or deploy "
+                             "weights: utils/init_weights.py) instead of a fresh initialisation")
+    recipe.add_argument("--init-weights-skip-classifier", action="store_true",
+                        help="with --init-weights: keep a fresh classifier (e.g. another number of classes)")
     io = parser.add_argument_group("data and outputs")
     io.add_argument("--dataset", choices=data.DATASETS, help="default: the arch's own (cifar10 or imagenet)")
     io.add_argument("--data-dir", help="dataset root (default: cifar10_data / cifar100_data / imagenet_data)")
@@ -99,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="evaluate WEIGHTS (hdf5 or .pth; training-time or deploy form) on --dataset")
     tools.add_argument("--convert", nargs=2, metavar=("SRC", "DST"),
                        help="convert training-time weights SRC into deploy weights DST (hdf5, or .pth/.pt)")
+    tools.add_argument("--format", choices=("ours", "acnet", "dbb"), default="ours",
+                       help="names in --convert's DST: ours (default), or the original ACNet / DBB code's deploy "
+                            "names (then SRC may also be deploy weights)")
     return parser
 
 
@@ -125,6 +133,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if args.eval_only and args.convert:
         raise UsageError("--eval-only and --convert are separate tools; give one of them")
+    if args.init_weights_skip_classifier and not args.init_weights:
+        raise UsageError("--init-weights-skip-classifier applies to --init-weights FILE")
+    if args.init_weights and (args.eval_only or args.convert):
+        raise UsageError("--init-weights starts a training run; it does not apply to --eval-only / --convert")
+    if args.init_weights and not Path(args.init_weights).is_file():
+        raise UsageError(f"--init-weights: weights file {args.init_weights!r} does not exist")
+    if args.format != "ours" and not args.convert:
+        raise UsageError("--format applies to --convert SRC DST")
     if args.eval_only:
         args.eval_weights = weights_argument(args.eval_only, "--eval-only")  # a file, or a run directory's
     if args.convert:
@@ -184,7 +200,8 @@ def create_loaders(args: argparse.Namespace, spec, dataset: str, recipe: Recipe,
                                **kwargs)
 
 
-def write_recipe_json(path: Path, args: argparse.Namespace, recipe: Recipe, dataset: str, ctx, options) -> None:
+def write_recipe_json(path: Path, args: argparse.Namespace, recipe: Recipe, dataset: str, ctx, options,
+                      init_weights: dict[str, Any] | None = None) -> None:
     from utils.checkpoint import save_json
 
     # The dataset actually used comes after the recipe's fields: the recipe only names the arch's default.
@@ -195,7 +212,7 @@ def write_recipe_json(path: Path, args: argparse.Namespace, recipe: Recipe, data
               "synthetic_num_val": args.synthetic_num_val,
               "device": str(ctx.device), "amp_bf16": options.amp, "channels_last": options.channels_last,
               "compile": options.compile, "sync_bn": options.sync_bn, "torch_version": torch.__version__,
-              "command_line": args.command_line}
+              "command_line": args.command_line, "init_weights": init_weights}
     save_json(record, path)
 
 
@@ -233,13 +250,27 @@ def run_convert(args, spec) -> None:
     from utils.posttrain import convert_weights, describe_logit_diff
 
     src, dst = args.convert
+    if args.format != "ours":
+        from constructor.original_formats import families_of
+
+        if args.format not in families_of(args.arch):
+            raise UsageError(f"--format {args.format}: the DBB repository has no {args.arch}; export it with "
+                             "--format acnet")
     # the class count is the weights' own (an ImageFolder set may have any number of classes)
     train_model = load_model_for_eval(args.arch, args.block_type, src, "cpu")
     deploy_keys = set(constructor.build_model(args.arch, args.block_type, deploy=True).state_dict())
-    if set(train_model.state_dict()) == deploy_keys:
+    already_deploy = set(train_model.state_dict()) == deploy_keys
+    if already_deploy and args.format == "ours":
         raise UsageError(f"--convert: {src} already holds deploy weights (nothing to convert)")
-    deploy_model = convert_weights(train_model)
+    deploy_model = train_model if already_deploy else convert_weights(train_model)
     state = cpu_state_dict(deploy_model)
+    if args.format != "ours":  # the deploy names of the original repository
+        from constructor.original_formats import export_original
+
+        try:
+            state, scheme = export_original(args.arch, args.format, args.block_type, state)
+        except ValueError as exc:
+            raise UsageError(f"--format {args.format}: {exc}") from None
     if Path(dst).suffix in (".pth", ".pt"):
         with atomic_path(dst) as tmp:
             torch.save(state, tmp)
@@ -252,6 +283,12 @@ def run_convert(args, spec) -> None:
         diff = (reference - check(x)).abs().max().item()
     print(f"converted {src} -> {dst} ({len(state)} tensors); deploy vs training-time logits on a random batch: "
           f"{describe_logit_diff(diff, reference.abs().max().item())}", flush=True)
+    if args.format != "ours":
+        from constructor.original_formats import DBB_ARCH_NAMES, EXPORT_USAGE
+
+        usage = EXPORT_USAGE[args.format].format(arch=args.arch, their=DBB_ARCH_NAMES.get(args.arch),
+                                                 their_type=scheme.info["their_block_type"])
+        print(f"{dst} holds {scheme.description}: {usage}", flush=True)
 
 
 def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
@@ -296,6 +333,12 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
 
     seed_everything(args.seed)
     model = build()  # before any file is written: bad block options fail here
+    init_weights = None
+    if args.init_weights and state is None and not finished:  # a continued run has its own weights
+        from utils.init_weights import load_init_weights
+
+        init_weights = load_init_weights(model, args.init_weights, block_type=args.block_type, arch=args.arch,
+                                         skip_classifier=args.init_weights_skip_classifier, logger=logger)
     # Everything is validated: from here on files are written.
     run_log = RunLog(paths.log, enabled=ctx.is_main, keep_existing=state is not None or finished)
     wall_before = 0.0
@@ -309,7 +352,7 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
         images_per_sec = done.get("train_images", 0) / seconds if seconds > 0 else None
     else:
         if ctx.is_main:
-            write_recipe_json(paths.recipe, args, recipe, dataset, ctx, options)
+            write_recipe_json(paths.recipe, args, recipe, dataset, ctx, options, init_weights)
         trainer = Trainer(model, train_loader, eval_loader, recipe, ctx, paths, run_log, options)
         if state is None and ctx.is_main:
             stale = [p for p in (paths.state, paths.deploy_weights, paths.summary) if p.exists()]
@@ -323,7 +366,8 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
             run_log.write(f"continuing from {paths.state.name}: epoch {trainer.start_epoch} iter {trainer.iteration}"
                           f" (world size {ctx.world_size})")
         else:
-            run_log.write(f"training {args.arch} / {args.block_type} on {dataset} from scratch: {recipe.epochs} "
+            start = "from scratch" if init_weights is None else f"from {args.init_weights} ({init_weights['form']})"
+            run_log.write(f"training {args.arch} / {args.block_type} on {dataset} {start}: {recipe.epochs} "
                           f"epochs, global batch {recipe.batch_size} over {ctx.world_size} rank(s), lr {recipe.lr}, "
                           f"device {ctx.device}, amp {options.amp}, channels_last {options.channels_last}")
         amp_warning = amp_cpu_warning(ctx.device.type, options.amp)

@@ -79,8 +79,12 @@ def _check_deploy_form(arrays: Mapping[str, np.ndarray], source: str) -> None:
         prefix, _, leaf = name.rpartition(".")
         # a conv-BN unit's bias-free conv next to its BN (a deploy conv always has a bias; a BN
         # beside a conv WITH bias is a pre-activation unit's own BN, which stays in deploy form)
+        # (only a KxK conv with 1 < K < 7 would be a block: the original ACNet's finish_deploy.hdf5
+        # keeps its 1x1 and 7x7 conv-BN units unfused)
+        shape = np.shape(arrays[name])
+        block_sized = len(shape) == 4 and shape[2] == shape[3] and 1 < shape[2] < 7
         conv_bn_pair = (leaf == "weight" and prefix.endswith("conv") and f"{prefix}.bias" not in names
-                        and f"{prefix[:-len('conv')]}bn.running_var" in names)
+                        and f"{prefix[:-len('conv')]}bn.running_var" in names and block_sized)
         if unfused or conv_bn_pair:
             raise SkeletonError(
                 f"{source} holds training-time (unfused) weights ({name}); the skeleton is defined on the "

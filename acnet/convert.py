@@ -473,6 +473,7 @@ def acnet_fuse_and_load(
     else:
         source = f"'{weights}'"
         state = load_state_dict_file(weights)
+    state = _own_names(base_model, state, source)
     target = base_model.state_dict()
     modules = dict(base_model.named_modules())
     bn_after = {p.conv_name: p.bn_name for p in find_conv_bn_pairs(base_model)}
@@ -484,6 +485,7 @@ def acnet_fuse_and_load(
         prefix = f"{conv_name}." if conv_name else ""
         if not isinstance(conv, nn.Conv2d) or f"{prefix}weight" in state:
             continue
+        prefix = _block_prefix(modules, conv_name, state)
         kind = _stored_block_kind(state, prefix)
         if kind is None:
             continue
@@ -493,6 +495,8 @@ def acnet_fuse_and_load(
         sub_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         consumed.update(prefix + k for k in sub_state)
         bn_name = bn_after.get(conv_name)
+        if bn_name is None and prefix != f"{conv_name}." and isinstance(modules.get(prefix + "bn"), nn.BatchNorm2d):
+            bn_name = prefix + "bn"  # the ConvBN unit's own BN (units are not traced into)
         bn = modules[bn_name] if bn_name is not None else None
         try:
             kernel, bias = _equivalent_kernel_bias(kind, sub_state, conv, bn, block_kwargs)
@@ -515,6 +519,36 @@ def acnet_fuse_and_load(
     ordered._metadata = getattr(target, "_metadata", None)  # module versions some loaders check
     base_model.load_state_dict(ordered, strict=True)
     return base_model.eval()
+
+
+def _own_names(base_model: nn.Module, state: Dict[str, Tensor], source: str) -> Dict[str, Tensor]:
+    """``state`` under the model's own names when the model names foreign schemes and one matches.
+
+    A model may carry ``weight_naming_schemes()`` (e.g. the framework's architectures: the original
+    ACNet / DBB repositories' names, see :mod:`acnet.schemes`); a state dict matching one of them
+    exactly (names, then shapes) is translated, anything else is used as it is.
+    """
+    from .schemes import recognise
+
+    schemes_of = getattr(base_model, "weight_naming_schemes", None)
+    if not callable(schemes_of):
+        return state
+    scheme = recognise(state, schemes_of(), source)
+    return state if scheme is None else scheme.to_ours(state)
+
+
+def _block_prefix(modules: Mapping[str, nn.Module], conv_name: str, state: Mapping[str, Tensor]) -> str:
+    """Where ``state`` holds the block that replaces conv ``conv_name``: under the conv's own name, or,
+    for the ``conv`` of a plain unit (a ``ConvBN`` of a framework's base model), under the unit's name."""
+    prefix = f"{conv_name}." if conv_name else ""
+    parent, _, leaf = conv_name.rpartition(".")
+    unit = modules.get(parent)
+    if (leaf == "conv" and _stored_block_kind(state, prefix) is None and isinstance(unit, ReparamBlock)
+            and not isinstance(unit, (ACBlock, DiverseBranchBlock))):
+        unit_prefix = f"{parent}." if parent else ""
+        if _stored_block_kind(state, unit_prefix) in ("acb", "dbb", "deployed"):
+            return unit_prefix
+    return prefix
 
 
 def _stored_block_kind(state: Mapping[str, Tensor], prefix: str) -> Optional[str]:

@@ -1,6 +1,7 @@
 """The architecture registry: short name -> factory, dataset, input size, classes; and ``build_model``."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -89,4 +90,13 @@ def build_model(
     """
     spec = get_arch_spec(arch)
     builder = make_builder(block_type, deploy=deploy, **block_kwargs)
-    return spec.build(builder, num_classes)
+    model = spec.build(builder, num_classes)
+    # the weight names other code gives this model (acnet.acnet_fuse_and_load reads them)
+    model.weight_naming_schemes = functools.partial(_naming_schemes, arch, num_classes)
+    return model
+
+
+def _naming_schemes(arch: str, num_classes: Optional[int]):
+    from .original_formats import known_schemes  # imports this module
+
+    return known_schemes(arch, num_classes)

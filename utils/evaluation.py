@@ -139,18 +139,6 @@ def load_weights_strict(model: nn.Module, state: Mapping[str, torch.Tensor], wha
     model.load_state_dict(state, strict=True)
 
 
-def _classifier_outputs(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:
-    """Output size of ``state``'s tensor for ``model``'s last ``nn.Linear`` when it differs from the model's."""
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        return None
-    name, linear = linears[-1]
-    weight = state.get(f"{name}.weight" if name else "weight")
-    if weight is None or weight.dim() != 2 or weight.shape[0] == linear.out_features:
-        return None
-    return int(weight.shape[0])
-
-
 def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike | Mapping[str, torch.Tensor],
                         device: torch.device | str = "cpu", num_classes: int | None = None,
                         **block_kwargs: Any) -> nn.Module:
@@ -158,39 +146,28 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
 
     ``weights``: a path (hdf5 in the original format, or a torch ``.pth``/``.pt`` checkpoint, possibly
     wrapped in ``state_dict``/``model`` and with a DDP ``module.`` prefix) or a state dict. The form is
-    detected from the keys: the training-time model of ``block_type`` or the deploy model (the same
-    for every block type). ``num_classes=None``: the size of the weights' classifier (e.g. an
-    ImageFolder set with its own class count), else the arch's default. Raises
-    ``acnet.WeightsError`` naming missing/unexpected keys otherwise.
+    recognised from the names (``constructor.original_formats.recognise_weights``): the training-time
+    model of ``block_type``, the deploy model (the same for every block type), or a file the original
+    ACNet / DBB code wrote for this arch (training-time of the same block type, or deploy; translated
+    to our names). ``num_classes=None``: the size of the weights' classifier (e.g. an ImageFolder set
+    with its own class count). Raises ``acnet.WeightsError`` naming the closest form and what differs.
     """
     import constructor
     from acnet import WeightsError, load_state_dict_file
     from acnet.weights import as_state_dict
+    from constructor.original_formats import recognise_weights
 
     if isinstance(weights, Mapping):
         # the same unwrapping as for files: checkpoint containers, a DDP ``module.`` prefix
         state, source = as_state_dict(weights, "the given state dict"), "the given state dict"
     else:
         state, source = load_state_dict_file(weights), f"weights file {os.fspath(weights)!r}"
-    train_model = constructor.build_model(arch, block_type, num_classes=num_classes, **block_kwargs)
-    if num_classes is None:
-        classes = _classifier_outputs(train_model, state)
-        if classes is not None:
-            num_classes = classes
-            train_model = constructor.build_model(arch, block_type, num_classes=num_classes, **block_kwargs)
-    deploy_model = constructor.build_model(arch, block_type, deploy=True, num_classes=num_classes, **block_kwargs)
-    keys = set(state)
-    candidates = [(f"the training-time {arch}/{block_type} model", train_model),
-                  (f"the deploy {arch} model", deploy_model)]
-    for _, model in candidates:
-        if set(model.state_dict()) == keys:
-            load_weights_strict(model, state, f"The tensors of {source}")
-            return model.to(device).eval()
-    # Neither form matches: report the closer one.
-    what, model = min(candidates, key=lambda c: len(set(c[1].state_dict()) ^ keys))
-    expected = set(model.state_dict())
-    detail = _describe_keys(sorted(expected - keys), sorted(keys - expected))
-    raise WeightsError(
-        f"{source} matches neither the training-time {arch}/{block_type} model nor the deploy {arch} model; "
-        f"compared with {what}: {detail}. Check -a/--arch and -b/--block-type (and --dataset for the "
-        "number of classes).")
+    found = recognise_weights(arch, state, source, num_classes=num_classes, block_type=block_type)
+    if found.block_type is not None and found.block_type != block_type:
+        raise WeightsError(
+            f"{source} holds {found.scheme.description}, not {block_type} weights: pass -b/--block-type "
+            f"{found.block_type} (or convert the file to deploy weights, which fit every block type)")
+    model = constructor.build_model(arch, block_type, deploy=found.block_type is None,
+                                    num_classes=found.num_classes, **block_kwargs)
+    load_weights_strict(model, found.state, f"The tensors of {source}")
+    return model.to(device).eval()
