@@ -12,7 +12,7 @@ Distributed (the global batch is split over the ranks; NCCL on CUDA, gloo on CPU
     python -m torch.distributed.launch --nproc_per_node=8 do_acnet.py -a sres18 -b acb
 
 Outputs go to ``<output-dir>/<arch>_<block>_train/`` (``<arch>_<block>_<dataset>_train/`` when the
-dataset is not the arch's own): log.txt, recipe.json, init.hdf5, finish.hdf5, finish_deploy.hdf5,
+dataset is not the arch's own; ``..._s<seed>_train/`` for a --seed other than 0): log.txt, recipe.json, init.hdf5, finish.hdf5, finish_deploy.hdf5,
 latest.pth (resumable, every epoch), summary.json, tensorboard/. ``-c continue`` resumes from
 latest.pth; when finish.hdf5 exists training is skipped and only the post-training steps run.
 
@@ -48,6 +48,10 @@ _OVERRIDES = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weigh
               "warmup_epochs": "warmup_epochs", "label_smoothing": "label_smoothing", "val_every": "val_every"}
 
 
+#: The seed of a run whose folder name carries no ``_s<seed>``.
+DEFAULT_SEED = 0
+
+
 class UsageError(Exception):
     """A command line that cannot run; reported argparse-style (exit status 2), nothing written."""
 
@@ -77,10 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--synthetic-num-train", type=int, help="synthetic dataset: training images")
     io.add_argument("--synthetic-num-val", type=int, help="synthetic dataset: evaluation images")
     io.add_argument("--output-dir", default="acnet_exps", help="default: acnet_exps")
-    io.add_argument("--exp-name", help="experiment folder name (default: <arch>_<block>[_<dataset>]_train)")
+    io.add_argument("--exp-name", help="experiment folder name (default: <arch>_<block>[_<dataset>][_s<seed>]_train)")
     io.add_argument("--workers", type=int, default=4, help="data loader worker processes per rank (default 4)")
     run = parser.add_argument_group("execution")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                     help="random seed, part of the run's identity: a seed other than 0 adds _s<seed> to the "
+                          "folder name (default 0)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                      help="bf16 autocast (default: on with CUDA, off on CPU)")
@@ -147,9 +153,13 @@ def make_recipe(args: argparse.Namespace) -> Recipe:
 
 
 def experiment_name(args: argparse.Namespace, spec, dataset: str) -> str:
+    """``<arch>_<block>[_<dataset>][_s<seed>]_train``: the dataset when it is not the arch's own, the
+    seed when it is not the default 0 (so a run of seed 0 keeps the name it always had)."""
     if args.exp_name:
         return args.exp_name
     suffix = "" if dataset == spec.dataset else f"_{dataset}"
+    if args.seed != DEFAULT_SEED:
+        suffix += f"_s{args.seed}"
     return f"{args.arch}_{args.block_type}{suffix}_train"
 
 
@@ -326,7 +336,7 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
         log_rank_agreement(trainer.model, ctx, run_log)
     barrier()
     summary_fields = {"arch": args.arch, "block_type": args.block_type, "dataset": dataset,
-                      "epochs": recipe.epochs, "world_size": ctx.world_size,
+                      "seed": args.seed, "epochs": recipe.epochs, "world_size": ctx.world_size,
                       "train_images_per_sec": None if images_per_sec is None else round(images_per_sec, 2)}
     post_training(build, eval_loader, ctx, paths, run_log, summary_fields,
                   wall_seconds=lambda: wall_before + (time.perf_counter() - run_start),
