@@ -186,9 +186,13 @@ def create_loaders(args: argparse.Namespace, spec, dataset: str, recipe: Recipe,
             kwargs["num_train"] = args.synthetic_num_train
         if args.synthetic_num_val is not None:
             kwargs["num_val"] = args.synthetic_num_val
-    return data.create_loaders(dataset, args.data_dir, recipe.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                               device=ctx.device, workers=args.workers, seed=args.seed, download=args.download,
-                               **kwargs)
+    from utils.distributed import in_turn
+
+    return in_turn(lambda: data.create_loaders(dataset, args.data_dir, recipe.batch_size, rank=ctx.rank,
+                                               world_size=ctx.world_size, device=ctx.device, workers=args.workers,
+                                               seed=args.seed, download=args.download, **kwargs),
+                   ctx, lambda ranks: data.DatasetError(f"rank(s) {ranks} could not load the dataset (their error "
+                                                        "is printed above)"))
 
 
 def write_recipe_json(path: Path, args: argparse.Namespace, recipe: Recipe, dataset: str, ctx, options) -> None:
@@ -260,7 +264,7 @@ def run_convert(args, spec) -> None:
 
 def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
     from utils.checkpoint import ExperimentPaths, load_state, seed_everything
-    from utils.distributed import barrier
+    from utils.distributed import barrier, ranks_not_seeing
     from utils.engine import Trainer, TrainOptions
     from utils.posttrain import post_training
     from utils.runlog import RunLog, TensorBoard
@@ -274,6 +278,10 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
     if options.sync_bn and not on_cuda:
         raise UsageError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
     paths = ExperimentPaths(Path(args.output_dir) / experiment_name(args, spec, dataset))
+    blind = ranks_not_seeing(paths.root)
+    if blind:
+        raise UsageError(f"rank(s) {blind} do not see rank 0's {paths.root}: with several nodes --output-dir must be "
+                         "on a filesystem that every node mounts (every rank reads the run's files back)")
     finished = paths.finish_weights.is_file()
     state = None
     done = read_finished_run(paths) if finished else {}
