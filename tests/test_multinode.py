@@ -114,43 +114,42 @@ def test_an_output_dir_that_a_node_does_not_see_is_one_clear_error(tmp_path):
 
 IN_TURN_SCRIPT = """
 import sys, torch.distributed as dist, torch.multiprocessing as mp
-from pathlib import Path
 sys.path.insert(0, {repo!r})
 from utils.distributed import DistContext, in_turn
 
-def worker(rank, port, record, fail_rank):
+def worker(rank, port, folder):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{port}}", rank=rank, world_size=3)
     ctx = DistContext(rank=rank, world_size=3, local_rank=(0, 1, 0)[rank], device="cpu")  # 2 nodes: {{0, 1}}, {{2}}
-    def load():
-        if rank == fail_rank:
-            raise OSError("no data here")
-        with open(record, "a") as f:
-            f.write(f"{{rank}}\\n")
-        return rank * 10
-    try:
-        print(f"rank {{rank}} result {{in_turn(load, ctx, lambda ranks: RuntimeError(f'failed on {{ranks}}'))}}")
-    except Exception as exc:
-        print(f"rank {{rank}} raised {{type(exc).__name__}}: {{exc}}")
+    for fail_rank in (-1, 2):
+        def load():
+            if rank == fail_rank:
+                raise OSError("no data here")
+            with open(f"{{folder}}/order{{fail_rank}}.txt", "a") as f:
+                f.write(f"{{rank}}\\n")
+            return rank * 10
+        try:
+            outcome = f"result {{in_turn(load, ctx, lambda ranks: RuntimeError(f'failed on {{ranks}}'))}}"
+        except Exception as exc:
+            outcome = f"raised {{type(exc).__name__}}: {{exc}}"
+        print(f"{{fail_rank}} rank {{rank}} {{outcome}}", flush=True)
     dist.destroy_process_group()
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])), nprocs=3)
+    mp.spawn(worker, args=(int(sys.argv[1]), sys.argv[2]), nprocs=3)
 """
 
 
-@pytest.mark.parametrize("fail_rank", [-1, 2])
-def test_in_turn_runs_rank_0_then_each_node_then_the_rest(tmp_path, fail_rank):
+def test_in_turn_runs_rank_0_then_each_node_then_the_rest(tmp_path):
     script = tmp_path / "in_turn.py"
     script.write_text(IN_TURN_SCRIPT.format(repo=str(REPO)))
-    record = tmp_path / "order.txt"
-    result = subprocess.run([sys.executable, str(script), str(free_port()), str(record), str(fail_rank)],
+    result = subprocess.run([sys.executable, str(script), str(free_port()), str(tmp_path)],
                             env=env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(result.stdout.split("\n"))
-    if fail_rank < 0:
-        assert record.read_text().split() == ["0", "2", "1"]  # global rank 0, node 1's local rank 0, the rest
-        assert lines[1:] == ["rank 0 result 0", "rank 1 result 10", "rank 2 result 20"]
-    else:  # rank 2 fails in phase 2: it re-raises its error, the others stop there too, rank 1 never loads
-        assert record.read_text().split() == ["0"]
-        assert lines[1:] == ["rank 0 raised RuntimeError: failed on [2]", "rank 1 raised RuntimeError: failed on [2]",
-                             "rank 2 raised OSError: no data here"]
+    lines = sorted(line for line in result.stdout.splitlines() if " rank " in line)
+    # global rank 0, then node 1's local rank 0 (global rank 2), then the rest
+    assert (tmp_path / "order-1.txt").read_text().split() == ["0", "2", "1"]
+    assert lines[:3] == ["-1 rank 0 result 0", "-1 rank 1 result 10", "-1 rank 2 result 20"]
+    # rank 2 fails in phase 2: it re-raises its error, the others stop there too, rank 1 never loads
+    assert (tmp_path / "order2.txt").read_text().split() == ["0"]
+    assert lines[3:] == ["2 rank 0 raised RuntimeError: failed on [2]", "2 rank 1 raised RuntimeError: failed on [2]",
+                         "2 rank 2 raised OSError: no data here"]

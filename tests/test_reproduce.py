@@ -180,3 +180,22 @@ def test_a_sweep_interrupted_resumed_and_with_a_failing_run(tmp_path, capsys):
     assert reproduce.main([*SWEEP, "--output-dir", str(out), "--dry-run", "--", "--epochs", "2", *TINY[2:]]) == 0
     conflicts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# conflict:")]
     assert len(conflicts) == 7 and all("epochs 1 (sweep: 2)" in line for line in conflicts)
+
+
+def test_the_readme_sweep_commands_plan_as_described(tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from quickstart import code_blocks, section
+
+    (block,) = code_blocks(section("Reproducing a table"), "bash")
+    commands = [shlex.split(line) for line in block.strip().splitlines()]
+    monkeypatch.chdir(tmp_path)
+    expected = {"cfqkbnc src56 vc": 45, "cfqkbnc": 9}
+    for argv in commands:
+        assert argv[:2] == ["python", "reproduce.py"]
+        own, extra = reproduce.split_extra(argv[2:])
+        assert reproduce.main([*own, "--gpus", "cpu", "--dry-run", "--", *extra]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        archs = " ".join(argv[argv.index("--archs") + 1:argv.index("--blocks")])
+        assert lines[0].startswith(f"# {expected[archs]} runs (CPU") and len(lines) == expected[archs] + 1
+    assert not any(tmp_path.iterdir())

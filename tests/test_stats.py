@@ -181,3 +181,10 @@ def test_seed_comes_from_the_run_files_before_the_name(tmp_path):
     write_run(tmp_path, "vc_base_train", [1.0])  # no files, no _s: unknown (e.g. a log of other code)
     seeds = {run.name: run.seed for run in show_log.discover_runs(tmp_path)}
     assert seeds == {"vc_acb_s4_train": 7, "vc_dbb_s4_train": 4, "vc_base_train": None}
+
+
+def test_the_seed_suffix_is_not_taken_for_a_dataset():
+    # robustness.py and show_log.py find a run's dataset through run_dataset
+    assert show_log.run_dataset("cfqkbnc_acb_s3_train", {}, {}) is None  # the arch's own
+    assert show_log.run_dataset("cfqkbnc_acb_synthetic_s3_train", {}, {}) == "synthetic"
+    assert show_log.run_seed("cfqkbnc_acb_synthetic_s3_train", {}, {}) == 3
