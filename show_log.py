@@ -658,7 +658,7 @@ def _plot_bars(ax, groups: list, n: int, plt) -> None:
     ax.set_xticks(range(len(cells)))
     ax.set_xticklabels([f"{arch}\n{dataset or '?'}" for arch, dataset in cells])
     ax.set_ylabel(f"mean of last {n} top-1 (%) over seeds")
-    ax.set_title("over seeds: mean +- std (error bars), published values (diamonds)")
+    ax.set_title("over seeds: mean score, +-1 std; diamonds: published")
     ax.grid(alpha=0.3, axis="y")
 
 
@@ -677,7 +677,7 @@ def plot_runs(runs: Sequence[Run], path: Path, n: int = 5) -> None:
     keys = sorted(curves, key=lambda k: (k[0], k[1] or ""))
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig = plt.figure(figsize=(5.5 * cols, 4 * (rows + 1)))
+    fig = plt.figure(figsize=(5.5 * max(cols, 2), 4 * (rows + 1)))
     grid = fig.add_gridspec(rows + 1, cols)
     for index, key in enumerate(keys):
         _plot_curves(fig.add_subplot(grid[index // cols, index % cols]), *key, curves[key], plt)

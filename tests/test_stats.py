@@ -188,3 +188,21 @@ def test_the_seed_suffix_is_not_taken_for_a_dataset():
     assert show_log.run_dataset("cfqkbnc_acb_s3_train", {}, {}) is None  # the arch's own
     assert show_log.run_dataset("cfqkbnc_acb_synthetic_s3_train", {}, {}) == "synthetic"
     assert show_log.run_seed("cfqkbnc_acb_synthetic_s3_train", {}, {}) == 3
+
+
+def test_plot_draws_the_seeds_table_with_any_block_type(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    write_seeds(tmp_path / "exps", "vc", "base", {0: 80.0, 1: 81.0})
+    write_seeds(tmp_path / "exps", "vc", "acb", {0: 82.0})
+    write_seeds(tmp_path / "exps", "vc", "orepa", {0: 82.5, 2: 83.0})  # a block type show_log has no colour for
+    out = tmp_path / "plot.png"
+    assert show_log.main([str(tmp_path / "exps"), "-n", "2", "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _, groups, comparison = read_sections_text(capsys)
+    assert [g.split()[2] for g in groups] == ["base", "acb", "orepa"]
+    assert [row.split()[2] for row in comparison] == ["acb", "orepa"]
+
+
+def read_sections_text(capsys):
+    """The data rows of the three text tables."""
+    return [part.splitlines()[3:] for part in capsys.readouterr().out.strip().split("\n\n")]
