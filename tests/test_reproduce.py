@@ -175,7 +175,19 @@ def test_a_sweep_interrupted_resumed_and_with_a_failing_run(tmp_path, capsys):
     cfqkbnc = next(line for line in comparison.splitlines() if line.startswith("cfqkbnc")).split()
     assert cfqkbnc[3:5] == ["2", "2"] and cfqkbnc[10] != "-"  # an interval and a p-value
 
-    # 4. a sweep of another recipe into the same folder does not take these runs for its own
+    # 4. a run killed after training (finish.hdf5, no summary.json yet) is continued, not retrained
+    resumed = out / NAMES[3]
+    (resumed / "summary.json").unlink()
+    (resumed / "finish_deploy.hdf5").unlink()
+    finish = (resumed / "finish.hdf5").stat().st_mtime_ns
+    third = subprocess.run(sweep_command(out), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 1, third.stdout + third.stderr
+    assert third.stdout.splitlines()[0].startswith(f"sweep of 8 runs into {out}: 6 already done, 2 to continue, 0 to start")
+    assert f"continuing {NAMES[3]} on CPU" in third.stdout and f"done {NAMES[3]} in" in third.stdout
+    assert (resumed / "summary.json").is_file() and (resumed / "finish.hdf5").stat().st_mtime_ns == finish
+    assert "finish.hdf5 exists: training skipped" in (resumed / "log.txt").read_text()
+
+    # 5. a sweep of another recipe into the same folder does not take these runs for its own
     capsys.readouterr()
     assert reproduce.main([*SWEEP, "--output-dir", str(out), "--dry-run", "--", "--epochs", "2", *TINY[2:]]) == 0
     conflicts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# conflict:")]
