@@ -47,6 +47,7 @@ SWEEP_OWNED = {"arch": "--archs", "block_type": "--blocks", "seed": "--seeds", "
                "output_dir": "--output-dir", "exp_name": "(the run's folder)", "dataset": "--dataset",
                "eval_only": "(training only)", "convert": "(training only)"}
 STOP_GRACE_SECONDS = 20.0
+_UNSET = object()
 
 
 class SweepError(Exception):
@@ -134,13 +135,15 @@ def plan(args: argparse.Namespace, extra: list) -> list:
     if bad_blocks:
         raise SweepError(f"unknown block type {bad_blocks[0]!r}; choose from "
                          f"{', '.join(do_acnet.constructor.BLOCK_TYPES)}")
-    defaults = vars(_do_acnet_namespace(do_acnet.build_parser(), ["-a", args.archs[0]]))
-    extra_ns = vars(_do_acnet_namespace(do_acnet.build_parser(), ["-a", args.archs[0], *extra]))
-    owned = [key for key in SWEEP_OWNED if key != "arch" and extra_ns[key] != defaults[key]]
-    if "-a" in extra or any(token.startswith("--arch") for token in extra) or owned:
-        key = owned[0] if owned else "arch"
-        raise SweepError(f"do_acnet.py's {key.replace('_', '-')} is set by the sweep, not after '--': "
-                         f"use {SWEEP_OWNED[key]}")
+    probe = do_acnet.build_parser()  # which of the sweep's own options the extra ones set (any spelling)
+    for action in probe._actions:
+        if action.dest in SWEEP_OWNED:
+            action.default, action.required = _UNSET, False
+    extra_ns = vars(_do_acnet_namespace(probe, extra))
+    owned = [key for key in SWEEP_OWNED if extra_ns[key] is not _UNSET]
+    if owned:
+        raise SweepError(f"do_acnet.py's {owned[0].replace('_', '-')} is set by the sweep, not after '--': "
+                         f"use {SWEEP_OWNED[owned[0]]}")
     runs = []
     for arch in _unique(args.archs):
         for block in _unique(args.blocks):

@@ -74,6 +74,9 @@ def test_resume_actions_from_the_run_folders(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--seed", "3"], "seed is set by the sweep, not after '--': use --seeds"),
+    (["--seed", "0"], "seed is set by the sweep"),  # even the default: it would override every run's
+    (["--se=2"], "seed is set by the sweep"),  # an abbreviation argparse accepts
+    (["--arch", "cfqkbnc"], "arch is set by the sweep"),
     (["-a", "vc"], "arch is set by the sweep"),
     (["--output-dir", "x"], "output-dir is set by the sweep, not after '--': use --output-dir"),
     (["-c", "continue"], "conti-or-fs is set by the sweep"),
