@@ -10,11 +10,14 @@ Distributed (the global batch is split over the ranks; NCCL on CUDA, gloo on CPU
 
     torchrun --nproc_per_node=8 do_acnet.py -a sres18 -b acb
     python -m torch.distributed.launch --nproc_per_node=8 do_acnet.py -a sres18 -b acb
+    torchrun --nnodes 2 --node-rank R --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        do_acnet.py -a sres50 -b dbb --output-dir /shared/acnet_exps     # multi-node: a shared --output-dir
 
 Outputs go to ``<output-dir>/<arch>_<block>_train/`` (``<arch>_<block>_<dataset>_train/`` when the
-dataset is not the arch's own; ``..._s<seed>_train/`` for a --seed other than 0): log.txt, recipe.json, init.hdf5, finish.hdf5, finish_deploy.hdf5,
-latest.pth (resumable, every epoch), summary.json, tensorboard/. ``-c continue`` resumes from
-latest.pth; when finish.hdf5 exists training is skipped and only the post-training steps run.
+dataset is not the arch's own; ``..._s<seed>_train/`` for a --seed other than 0): log.txt, recipe.json,
+init.hdf5, finish.hdf5, finish_deploy.hdf5, latest.pth (resumable, every epoch), summary.json,
+tensorboard/. ``-c continue`` resumes from latest.pth; when finish.hdf5 exists training is skipped and
+only the post-training steps run.
 
 Standalone tools (no training)::
 

@@ -388,7 +388,8 @@ RUN_HEADERS = ("run", "arch", "block", "dataset", "seed", "epochs", "evals", "me
 def run_rows(runs: Iterable[Run], n: int) -> list:
     """One row per run, in RUN_HEADERS order."""
     return [
-        (run.name, run.arch, run.block_type, run.dataset or "-", _fmt(run.seed), _epochs(run), str(len(run.evaluations)),
+        (run.name, run.arch, run.block_type, run.dataset or "-", _fmt(run.seed), _epochs(run),
+         str(len(run.evaluations)),
          _fmt(run.mean_last(n)), _fmt(run.max_top1()), _fmt(run.last_top1()), _fmt(run.deploy_top1),
          _fmt_params(run.params_train), _fmt_params(run.params_deploy), _fmt(run.images_per_sec, 1),
          run.status(n))

@@ -103,8 +103,9 @@ def test_an_output_dir_that_a_node_does_not_see_is_one_clear_error(tmp_path):
         (tmp_path / f"node{node_rank}").mkdir()
         launcher = ["--nnodes=2", f"--node-rank={node_rank}", "--nproc-per-node=1", "--rdzv-backend=c10d",
                     f"--rdzv-endpoint={endpoint}", f"--rdzv-conf=is_host={int(node_rank == 0)}", "--max-restarts=0"]
-        nodes.append(subprocess.Popen(torchrun(*launcher) + RUN + ["--output-dir", "out"], cwd=tmp_path / f"node{node_rank}",
-                                      env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        nodes.append(subprocess.Popen(torchrun(*launcher) + RUN + ["--output-dir", "out"],
+                                      cwd=tmp_path / f"node{node_rank}", env=env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     outputs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
     assert all(node.returncode != 0 for node in nodes)
     errors = [line for line in outputs[0].splitlines() if "do_acnet.py: error:" in line]

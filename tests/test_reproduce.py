@@ -118,7 +118,8 @@ def processes_mentioning(text: str) -> list:
 
 def headers(run: Path) -> int:
     """How many times reproduce.py started this run (one header line in console.txt per start)."""
-    return sum("reproduce.py:" in line and line.startswith("# ") for line in (run / "console.txt").read_text().splitlines())
+    lines = (run / "console.txt").read_text().splitlines()
+    return sum("reproduce.py:" in line and line.startswith("# ") for line in lines)
 
 
 def test_a_sweep_interrupted_resumed_and_with_a_failing_run(tmp_path, capsys):
@@ -185,7 +186,8 @@ def test_a_sweep_interrupted_resumed_and_with_a_failing_run(tmp_path, capsys):
     finish = (resumed / "finish.hdf5").stat().st_mtime_ns
     third = subprocess.run(sweep_command(out), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 1, third.stdout + third.stderr
-    assert third.stdout.splitlines()[0].startswith(f"sweep of 8 runs into {out}: 6 already done, 2 to continue, 0 to start")
+    assert third.stdout.splitlines()[0].startswith(
+        f"sweep of 8 runs into {out}: 6 already done, 2 to continue, 0 to start")
     assert f"continuing {NAMES[3]} on CPU" in third.stdout and f"done {NAMES[3]} in" in third.stdout
     assert (resumed / "summary.json").is_file() and (resumed / "finish.hdf5").stat().st_mtime_ns == finish
     assert "finish.hdf5 exists: training skipped" in (resumed / "log.txt").read_text()
