@@ -8,6 +8,8 @@
     python reproduce.py ... --gpus 0,1,2,3 --nproc-per-run 2      # two runs at a time, 2 GPUs each (torchrun)
     python reproduce.py ... --dry-run                              # print the commands, run nothing
 
+(``--dry-run`` writes ``python`` for the interpreter that runs reproduce.py, which the sweep itself uses.)
+
 Each run is ``do_acnet.py -a ARCH -b BLOCK --seed SEED --output-dir DIR [--dataset D] [extra options]``
 and lands in do_acnet.py's folder for it (``<arch>_<block>[_<dataset>][_s<seed>]_train``). Options after
 ``--`` go to every run unchanged (recipe overrides such as ``--epochs``, ``--amp``, ...).
