@@ -10,12 +10,15 @@ Distributed (the global batch is split over the ranks; NCCL on CUDA, gloo on CPU
 
     torchrun --nproc_per_node=8 do_acnet.py -a sres18 -b acb
     python -m torch.distributed.launch --nproc_per_node=8 do_acnet.py -a sres18 -b acb
+    torchrun --nnodes 2 --node-rank R --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        do_acnet.py -a sres50 -b dbb --output-dir /shared/acnet_exps     # multi-node: a shared --output-dir
 
 Outputs go to ``<output-dir>/<arch>_<block>_train/`` (``<arch>_<block>_<dataset>_train/`` when the
-dataset is not the arch's own): log.txt, recipe.json, init.hdf5, finish.hdf5, finish_deploy.hdf5,
-latest.pth (resumable, every epoch), summary.json, tensorboard/. ``-c continue`` resumes from
-latest.pth; when finish.hdf5 exists training is skipped and only the post-training steps run (a command
-whose recipe differs from the finished run's is refused). Ctrl-C stops with exit status 130 and the resume command.
+dataset is not the arch's own; ``..._s<seed>_train/`` for a --seed other than 0): log.txt, recipe.json,
+init.hdf5, finish.hdf5, finish_deploy.hdf5, latest.pth (resumable, every epoch), summary.json,
+tensorboard/. ``-c continue`` resumes from latest.pth; when finish.hdf5 exists training is skipped and
+only the post-training steps run (a command whose recipe differs from the finished run's is refused).
+Ctrl-C stops with exit status 130 and the resume command.
 
 Standalone tools (no training)::
 
@@ -48,6 +51,10 @@ _DATASETS_BY_INPUT_SIZE = {32: ("cifar10", "cifar100", "synthetic"), 224: ("imag
 #: Recipe fields that command-line options override.
 _OVERRIDES = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
               "warmup_epochs": "warmup_epochs", "label_smoothing": "label_smoothing", "val_every": "val_every"}
+
+
+#: The seed of a run whose folder name carries no ``_s<seed>``.
+DEFAULT_SEED = 0
 
 
 class UsageError(Exception):
@@ -84,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--synthetic-num-train", type=int, help="synthetic dataset: training images")
     io.add_argument("--synthetic-num-val", type=int, help="synthetic dataset: evaluation images")
     io.add_argument("--output-dir", default="acnet_exps", help="default: acnet_exps")
-    io.add_argument("--exp-name", help="experiment folder name (default: <arch>_<block>[_<dataset>]_train)")
+    io.add_argument("--exp-name", help="experiment folder name (default: <arch>_<block>[_<dataset>][_s<seed>]_train)")
     io.add_argument("--workers", type=int, default=4, help="data loader worker processes per rank (default 4)")
     run = parser.add_argument_group("execution")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                     help="random seed, part of the run's identity: a seed other than 0 adds _s<seed> to the "
+                          "folder name (default 0)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                      help="bf16 autocast (default: on with CUDA, off on CPU)")
@@ -166,9 +175,13 @@ def make_recipe(args: argparse.Namespace) -> Recipe:
 
 
 def experiment_name(args: argparse.Namespace, spec, dataset: str) -> str:
+    """``<arch>_<block>[_<dataset>][_s<seed>]_train``: the dataset when it is not the arch's own, the
+    seed when it is not the default 0 (so a run of seed 0 keeps the name it always had)."""
     if args.exp_name:
         return args.exp_name
     suffix = "" if dataset == spec.dataset else f"_{dataset}"
+    if args.seed != DEFAULT_SEED:
+        suffix += f"_s{args.seed}"
     return f"{args.arch}_{args.block_type}{suffix}_train"
 
 
@@ -195,9 +208,13 @@ def create_loaders(args: argparse.Namespace, spec, dataset: str, recipe: Recipe,
             kwargs["num_train"] = args.synthetic_num_train
         if args.synthetic_num_val is not None:
             kwargs["num_val"] = args.synthetic_num_val
-    return data.create_loaders(dataset, args.data_dir, recipe.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                               device=ctx.device, workers=args.workers, seed=args.seed, download=args.download,
-                               **kwargs)
+    from utils.distributed import in_turn
+
+    return in_turn(lambda: data.create_loaders(dataset, args.data_dir, recipe.batch_size, rank=ctx.rank,
+                                               world_size=ctx.world_size, device=ctx.device, workers=args.workers,
+                                               seed=args.seed, download=args.download, **kwargs),
+                   ctx, lambda ranks: data.DatasetError(f"rank(s) {ranks} could not load the dataset (their error "
+                                                        "is printed above)"))
 
 
 def write_recipe_json(path: Path, args: argparse.Namespace, recipe: Recipe, dataset: str, ctx, options,
@@ -294,7 +311,7 @@ def run_convert(args, spec) -> None:
 def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
     from acnet.fileio import ensure_writable_dir
     from utils.checkpoint import ExperimentPaths, load_state, seed_everything
-    from utils.distributed import barrier
+    from utils.distributed import barrier, ranks_not_seeing
     from utils.engine import Trainer, TrainingSetupError, TrainOptions
     from utils.guards import amp_cpu_warning, check_batch_fits
     from utils.posttrain import post_training
@@ -309,6 +326,10 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
     if options.sync_bn and not on_cuda:
         raise UsageError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop it on CPU")
     paths = ExperimentPaths(Path(args.output_dir) / experiment_name(args, spec, dataset))
+    blind = ranks_not_seeing(paths.root)
+    if blind:
+        raise UsageError(f"rank(s) {blind} do not see rank 0's {paths.root}: with several nodes --output-dir must be "
+                         "on a filesystem that every node mounts (every rank reads the run's files back)")
     finished = paths.finish_weights.is_file()
     state = None
     done = read_finished_run(paths) if finished else {}
@@ -384,7 +405,7 @@ def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
         log_rank_agreement(trainer.model, ctx, run_log)
     barrier()
     summary_fields = {"arch": args.arch, "block_type": args.block_type, "dataset": dataset,
-                      "epochs": recipe.epochs, "world_size": ctx.world_size,
+                      "seed": args.seed, "epochs": recipe.epochs, "world_size": ctx.world_size,
                       "train_images_per_sec": None if images_per_sec is None else round(images_per_sec, 2)}
     post_training(build, eval_loader, ctx, paths, run_log, summary_fields,
                   wall_seconds=lambda: wall_before + (time.perf_counter() - run_start),

@@ -1,20 +1,28 @@
-"""Summarise training runs: accuracy table, base-vs-ACB/DBB comparison and the papers' numbers.
+"""Summarise training runs: accuracy per run, statistics over seeds, base vs ACB/DBB with a Welch test.
 
 Usage (as the original ``show_log.py``, plus options)::
 
     python show_log.py [ROOT] [EXCLUDE ...] [-n 5] [--format text|markdown|csv] [--plot FILE.png]
 
-``ROOT`` (default ``acnet_exps``) holds one directory per run (``<arch>_<block>_train`` or
-``<arch>_<block>_<dataset>_train``) with ``log.txt`` and, once finished, ``summary.json``; ``ROOT``
-may also be a single run directory. A run whose path contains any ``EXCLUDE`` substring is skipped.
+``ROOT`` (default ``acnet_exps``) holds one directory per run (``<arch>_<block>[_<dataset>][_s<seed>]_train``,
+do_acnet.py's names) with ``log.txt`` and, once finished, ``summary.json``; ``ROOT`` may also be a single
+run directory. A run whose path contains any ``EXCLUDE`` substring is skipped. Arch, block type,
+dataset and seed come from ``summary.json``, else ``recipe.json``, else the directory name.
 
 Only evaluation lines of ``log.txt`` contain ``top1=``; each carries ``epoch <int>``,
-``top1=<float>``, ``top5=<float>`` and ``loss=<float>`` (the original's tokens). For each run the
-table shows the mean top-1 over the last ``n`` evaluations, the max and the last top-1, the deploy
-top-1, parameters and training speed; the comparison pairs each arch's ``base`` run with its
-``acb``/``dbb`` runs (gain in mean and in max top-1) beside the published numbers. Runs in
-progress, runs with fewer than ``n`` evaluations and unreadable logs are listed with their status,
-never dropped. Beyond the standard library it needs matplotlib only for ``--plot``.
+``top1=<float>``, ``top5=<float>`` and ``loss=<float>`` (the original's tokens). Three tables:
+
+1. one row per run: mean top-1 over the last ``n`` evaluations (the run's *score*), max, last and
+   deploy top-1, parameters, training speed, status;
+2. one row per (arch, dataset, block type) over its seeds: count, mean, standard deviation (n-1),
+   min and max of the scores, and mean / std of the deploy top-1;
+3. each non-base group against the base group of its (arch, dataset): gain of the mean score with a
+   95 % Welch confidence interval and its two-sided p-value (``utils/stats.py``; needs two runs on
+   each side, else the note says so), gain of the mean deploy top-1, beside the published numbers.
+
+Runs in progress, runs with fewer than ``n`` evaluations and unreadable logs are listed with their
+status, never dropped (a run with evaluations counts in the statistics; the notes name the
+unfinished ones). Beyond the standard library it needs matplotlib only for ``--plot``.
 """
 from __future__ import annotations
 
@@ -27,7 +35,9 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
+
+from utils.stats import Summary, summarize, welch
 
 BLOCK_TYPES = ("base", "acb", "dbb")
 RUN_FILES = ("log.txt", "recipe.json", "summary.json")
@@ -152,6 +162,7 @@ class Run:
     arch: str = "?"
     block_type: str = "?"
     dataset: Optional[str] = None
+    seed: Optional[int] = None
     epochs_planned: Optional[int] = None
     epochs_done: Optional[int] = None
     evaluations: list = field(default_factory=list)
@@ -221,22 +232,49 @@ def _as_float(value) -> Optional[float]:
     return result if math.isfinite(result) else None
 
 
-def parse_run_name(name: str) -> tuple:
-    """``(arch, block, dataset)`` from ``<arch>_<block>[_<dataset>]_train``; unknown parts are None."""
+class RunName(NamedTuple):
+    """The parts of a run directory's name; those it does not carry are None."""
+
+    arch: Optional[str]
+    block_type: Optional[str]
+    dataset: Optional[str]
+    seed: Optional[int]
+
+
+_SEED_TOKEN = re.compile(r"s(\d+)")
+
+
+def parse_run_name(name: str) -> RunName:
+    """Parts of ``<arch>_<block>[_<dataset>][_s<seed>]_train`` (do_acnet.py's ``experiment_name``).
+
+    A name without ``_s<seed>`` has seed None here (do_acnet.py then used seed 0, other code may not
+    have): :func:`run_seed` reads the seed the run recorded.
+    """
     stem = name[: -len("_train")] if name.endswith("_train") else name
     tokens = stem.split("_")
     for index, token in enumerate(tokens):
         if token in BLOCK_TYPES and index > 0:
-            arch = "_".join(tokens[:index])
-            dataset = "_".join(tokens[index + 1:]) or None
-            return arch, token, dataset
-    return None, None, None
+            arch, rest, seed = "_".join(tokens[:index]), tokens[index + 1:], None
+            if rest and _SEED_TOKEN.fullmatch(rest[-1]):
+                seed = int(rest.pop()[1:])
+            return RunName(arch, token, "_".join(rest) or None, seed)
+    return RunName(None, None, None, None)
 
 
 def run_dataset(run_dir_name: str, summary: dict, recipe: dict) -> Optional[str]:
     """The dataset a run used: ``summary.json``, else ``recipe.json`` (do_acnet.py records the dataset
     actually used), else the directory name (which names any dataset that is not the arch's own)."""
-    return summary.get("dataset") or recipe.get("dataset") or parse_run_name(run_dir_name)[2]
+    return summary.get("dataset") or recipe.get("dataset") or parse_run_name(run_dir_name).dataset
+
+
+def run_seed(run_dir_name: str, summary: dict, recipe: dict) -> Optional[int]:
+    """The seed a run used: ``summary.json``, else ``recipe.json`` (do_acnet.py records it in both),
+    else the directory name's ``_s<seed>``; None when unknown (e.g. a log of the original code)."""
+    for source in (summary, recipe):
+        seed = _as_int(source.get("seed"))
+        if seed is not None:
+            return seed
+    return parse_run_name(run_dir_name).seed
 
 
 def own_dataset(arch: str) -> Optional[str]:
@@ -256,7 +294,7 @@ def read_run(run_dir: Path) -> Run:
     run = Run(name=run_dir.name, path=run_dir)
     recipe = _read_json(run_dir / "recipe.json", run)
     summary = _read_json(run_dir / "summary.json", run)
-    name_arch, name_block, _ = parse_run_name(run_dir.name)
+    name_arch, name_block, _, _ = parse_run_name(run_dir.name)
 
     def pick(*keys, default=None):
         for source in (summary, recipe):
@@ -271,6 +309,7 @@ def read_run(run_dir: Path) -> Run:
     if dataset is None and run.arch != "?":
         dataset = own_dataset(run.arch)
     run.dataset = str(dataset) if dataset is not None else None
+    run.seed = run_seed(run_dir.name, summary, recipe)
     run.epochs_planned = _as_int(pick("epochs"))
     run.finished = bool(summary)
     run.deploy_top1 = _as_float(summary.get("deploy_top1"))
@@ -342,14 +381,15 @@ def _epochs(run: Run) -> str:
     return f"{done}/{planned}"
 
 
-RUN_HEADERS = ("run", "arch", "block", "dataset", "epochs", "evals", "mean_top1", "max_top1",
+RUN_HEADERS = ("run", "arch", "block", "dataset", "seed", "epochs", "evals", "mean_top1", "max_top1",
                "last_top1", "deploy_top1", "params_train", "params_deploy", "train_img/s", "status")
 
 
 def run_rows(runs: Iterable[Run], n: int) -> list:
     """One row per run, in RUN_HEADERS order."""
     return [
-        (run.name, run.arch, run.block_type, run.dataset or "-", _epochs(run), str(len(run.evaluations)),
+        (run.name, run.arch, run.block_type, run.dataset or "-", _fmt(run.seed), _epochs(run),
+         str(len(run.evaluations)),
          _fmt(run.mean_last(n)), _fmt(run.max_top1()), _fmt(run.last_top1()), _fmt(run.deploy_top1),
          _fmt_params(run.params_train), _fmt_params(run.params_deploy), _fmt(run.images_per_sec, 1),
          run.status(n))
@@ -357,37 +397,93 @@ def run_rows(runs: Iterable[Run], n: int) -> list:
     ]
 
 
-COMPARISON_HEADERS = ("arch", "dataset", "block", "base_mean", "mean", "gain_mean", "base_max", "max",
-                      "gain_max", "paper_base", "paper", "paper_gain", "paper_source", "note")
+GROUP_HEADERS = ("arch", "dataset", "block", "runs", "seeds", "mean", "std", "min", "max", "deploy_mean",
+                 "deploy_std", "note")
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """An arch's base run against one of its acb/dbb runs (``other`` None: base run alone)."""
+@dataclass
+class Group:
+    """The runs of one (arch, dataset, block type): the seeds of one table cell."""
 
-    base: Optional[Run]
-    other: Optional[Run]
+    arch: str
+    dataset: Optional[str]
+    block_type: str
+    runs: list = field(default_factory=list)
+
+    def scores(self, n: int) -> list:
+        """Each run's score: the mean top-1 of its last ``n`` evaluations (runs with none are left out)."""
+        return [run.mean_last(n) for run in self.runs if run.evaluations]
+
+    def deploy_scores(self) -> list:
+        return [run.deploy_top1 for run in self.runs if run.deploy_top1 is not None]
+
+    def notes(self, n: int) -> list:
+        """Why the statistics may mislead: runs not finished or short of evaluations, repeated seeds."""
+        notes = [f"{run.name}: {run.status(n)}" for run in self.runs
+                 if not run.finished or len(run.evaluations) < n or run.problems]
+        seeds = [run.seed for run in self.runs if run.seed is not None]
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            notes.append("seed " + ", ".join(map(str, repeated)) + " counted more than once")
+        return notes
 
 
-def _pick_base(candidates: list) -> Optional[Run]:
-    """Prefer a finished base run, then the one with most evaluations."""
-    if not candidates:
-        return None
-    return max(candidates, key=lambda r: (r.finished, len(r.evaluations)))
+def _block_order(block_type: str) -> tuple:
+    return (BLOCK_TYPES.index(block_type) if block_type in BLOCK_TYPES else len(BLOCK_TYPES), block_type)
 
 
-def comparisons(runs: Iterable[Run]) -> list:
-    """Pair each (arch, dataset)'s base run with each of its non-base runs."""
+def group_runs(runs: Iterable[Run]) -> list:
+    """Runs grouped by (arch, dataset, block type), sorted; unreadable runs without evaluations are left out."""
     groups: dict = {}
     for run in runs:
         if run.unreadable and not run.evaluations:
             continue
-        groups.setdefault((run.arch, run.dataset), []).append(run)
+        key = (run.arch, run.dataset, run.block_type)
+        groups.setdefault(key, Group(*key)).runs.append(run)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1] or "", _block_order(k[2])))]
+
+
+def _seeds(group: Group) -> str:
+    seeds = sorted((run.seed for run in group.runs if run.seed is not None))
+    unknown = sum(run.seed is None for run in group.runs)
+    return ",".join([str(s) for s in seeds] + ["?"] * unknown)
+
+
+def group_rows(groups: Iterable[Group], n: int) -> list:
+    """One row per group, in GROUP_HEADERS order (std needs two runs)."""
+    rows = []
+    for group in groups:
+        score: Optional[Summary] = summarize(group.scores(n))
+        deploy = summarize(group.deploy_scores())
+        rows.append((group.arch, group.dataset or "-", group.block_type, str(len(group.runs)), _seeds(group),
+                     _fmt(score and score.mean), _fmt(score and score.std), _fmt(score and score.min),
+                     _fmt(score and score.max), _fmt(deploy and deploy.mean), _fmt(deploy and deploy.std),
+                     "; ".join(group.notes(n))))
+    return rows
+
+
+COMPARISON_HEADERS = ("arch", "dataset", "block", "base_runs", "runs", "base_mean", "mean", "gain_mean",
+                      "ci95_low", "ci95_high", "p_value", "gain_deploy", "paper_base", "paper", "paper_gain",
+                      "paper_source", "note")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """An (arch, dataset)'s base group against one of its other groups (``other`` None: base alone)."""
+
+    base: Optional[Group]
+    other: Optional[Group]
+
+
+def comparisons(runs: Iterable[Run]) -> list:
+    """Pair each (arch, dataset)'s base group with each of its non-base groups (acb, dbb, ...)."""
+    by_key: dict = {}
+    for group in group_runs(runs):
+        by_key.setdefault((group.arch, group.dataset), []).append(group)
     result = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1] or "")):
-        members = groups[key]
-        base = _pick_base([r for r in members if r.block_type == "base"])
-        others = sorted((r for r in members if r.block_type != "base"), key=lambda r: (r.block_type, r.name))
+    for members in by_key.values():
+        base = next((g for g in members if g.block_type == "base"), None)
+        others = [g for g in members if g.block_type != "base"]
         if not others and base is not None:
             result.append(Comparison(base, None))
         result.extend(Comparison(base, other) for other in others)
@@ -398,29 +494,47 @@ def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None else a - b
 
 
+def _mean(values: list) -> Optional[float]:
+    summary = summarize(values)
+    return summary.mean if summary else None
+
+
+def _fmt_p(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
+
+
 def comparison_rows(items: Iterable[Comparison], n: int) -> list:
-    """Rows in COMPARISON_HEADERS order: our gains beside the published ones."""
+    """Rows in COMPARISON_HEADERS order: the gain of the mean score over seeds, its 95 % Welch interval
+    and p-value (two runs or more on each side), the gain of the mean deploy top-1, the published gain."""
     rows = []
     for item in items:
-        ref_run = item.other or item.base
-        block = item.other.block_type if item.other else "base"
-        base_mean = item.base.mean_last(n) if item.base else None
-        base_max = item.base.max_top1() if item.base else None
-        mean = item.other.mean_last(n) if item.other else None
-        best = item.other.max_top1() if item.other else None
-        paper = published_reference(ref_run.arch, ref_run.dataset, block)
+        ref = item.other or item.base
+        block = ref.block_type
+        base_scores = item.base.scores(n) if item.base else []
+        scores = item.other.scores(n) if item.other else []
+        base_mean, mean = _mean(base_scores), _mean(scores)
+        test = welch(scores, base_scores) if item.base and item.other else None
+        gain_deploy = (_diff(_mean(item.other.deploy_scores()), _mean(item.base.deploy_scores()))
+                       if item.base and item.other else None)
+        paper = published_reference(ref.arch, ref.dataset, block)
         paper_base = paper.top1["base"] if paper else None
         paper_block = paper.top1[block] if paper and block != "base" else None
         notes = []
         if item.base is None:
             notes.append("no base run")
-        for run in (item.base, item.other):
-            if run is not None and (not run.finished or len(run.evaluations) < n):
-                notes.append(f"{run.name}: {run.status(n)}")
+        elif item.other is not None and test is None and base_scores and scores:
+            notes.append(f"no interval: {len(base_scores)} base and {len(scores)} {block} run(s) with evaluations, "
+                         "needs 2+ seeds each")
+        for group in (item.base, item.other):
+            if group is not None:
+                notes.extend(group.notes(n))
         rows.append((
-            ref_run.arch, ref_run.dataset or "-", block, _fmt(base_mean), _fmt(mean),
-            _fmt_signed(_diff(mean, base_mean)), _fmt(base_max), _fmt(best), _fmt_signed(_diff(best, base_max)),
-            _fmt(paper_base), _fmt(paper_block), _fmt_signed(_diff(paper_block, paper_base)),
+            ref.arch, ref.dataset or "-", block, str(len(base_scores)) if item.base else "0",
+            str(len(scores)) if item.other else "-", _fmt(base_mean), _fmt(mean), _fmt_signed(_diff(mean, base_mean)),
+            _fmt_signed(test and test.low), _fmt_signed(test and test.high), _fmt_p(test and test.p_value),
+            _fmt_signed(gain_deploy), _fmt(paper_base), _fmt(paper_block), _fmt_signed(_diff(paper_block, paper_base)),
             paper.source if paper else "-", "; ".join(notes),
         ))
     return rows
@@ -446,11 +560,13 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], fmt: str
 
 
 def report(runs: Sequence[Run], n: int, fmt: str) -> str:
-    """Both tables, titled (the csv sections are separated by one blank line)."""
+    """The three tables, titled (the csv sections are separated by one blank line)."""
     sections = [
         (f"Runs (mean_top1 = mean of the last {n} evaluations)", RUN_HEADERS, run_rows(runs, n)),
-        ("Base vs ACB/DBB (gains in top-1 points; paper = published numbers)", COMPARISON_HEADERS,
-         comparison_rows(comparisons(runs), n)),
+        (f"Over seeds (score = a run's mean_top1; mean, std, min, max of the scores; deploy = deploy_top1)",
+         GROUP_HEADERS, group_rows(group_runs(runs), n)),
+        ("Base vs ACB/DBB (gain of the mean score in top-1 points, 95 % Welch interval and p-value; "
+         "paper = published numbers)", COMPARISON_HEADERS, comparison_rows(comparisons(runs), n)),
     ]
     parts = []
     for title, headers, rows in sections:
@@ -477,42 +593,96 @@ def _import_pyplot():
     return import_pyplot(UsageError, "--plot", 'or pip install -e ".[plot]"')
 
 
-def plot_runs(runs: Sequence[Run], path: Path) -> None:
-    """Validation top-1 over epochs: one panel per (arch, dataset), one line per run, papers dashed."""
+_COLOURS = {"base": "tab:blue", "acb": "tab:orange", "dbb": "tab:green"}
+
+
+def _colour(block_type: str, plt) -> str:
+    """A fixed colour per block type (others take the next of matplotlib's cycle, stably)."""
+    if block_type not in _COLOURS:
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        _COLOURS[block_type] = cycle[(len(_COLOURS) + 2) % len(cycle)]
+    return _COLOURS[block_type]
+
+
+def _plot_curves(ax, arch: str, dataset: Optional[str], runs: list, plt) -> None:
+    for run in sorted(runs, key=lambda r: (_block_order(r.block_type), r.seed or 0, r.name)):
+        seed = "" if run.seed is None else f" s{run.seed}"
+        ax.plot([e.epoch for e in run.evaluations], run.top1_values(), marker=".", linewidth=1,
+                color=_colour(run.block_type, plt), label=f"{run.block_type}{seed} ({run.name})")
+    drawn = set()
+    for block in sorted({r.block_type for r in runs} | set(BLOCK_TYPES), key=_block_order):
+        paper = published_reference(arch, dataset, block)
+        if paper is not None and (paper.source, block) not in drawn and block in paper.top1:
+            drawn.add((paper.source, block))
+            ax.axhline(paper.top1[block], linestyle="--", linewidth=0.8, color=_colour(block, plt),
+                       label=f"{block}, {paper.source}: {paper.top1[block]:.2f}")
+    ax.set_title(f"{arch} on {dataset or 'its dataset'}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+
+
+def _plot_bars(ax, groups: list, n: int, plt) -> None:
+    """The seeds table as grouped bars: mean score per (arch, dataset) and block, +-1 std error bars
+    (two runs or more), the published top-1 as a black diamond on its bar."""
+    cells = sorted({(g.arch, g.dataset) for g in groups}, key=lambda k: (k[0], k[1] or ""))
+    blocks = sorted({g.block_type for g in groups}, key=_block_order)
+    width = 0.8 / len(blocks)
+    tops, bottoms = [], []
+    papers_labelled = False
+    for b_index, block in enumerate(blocks):
+        for c_index, (arch, dataset) in enumerate(cells):
+            group = next((g for g in groups if (g.arch, g.dataset, g.block_type) == (arch, dataset, block)), None)
+            score = summarize(group.scores(n)) if group else None
+            x = c_index - 0.4 + width * (b_index + 0.5)
+            if score is not None:
+                err = score.std or 0.0
+                ax.bar(x, score.mean, width, yerr=err if score.std is not None else None, capsize=3,
+                       color=_colour(block, plt), label=block)
+                ax.annotate(f"n={score.count}", (x, score.mean + err), ha="center", va="bottom", fontsize=6)
+                tops.append(score.mean + err)
+                bottoms.append(score.mean - err)
+            paper = published_reference(arch, dataset, block)
+            if paper is not None and block in paper.top1:
+                ax.plot([x], [paper.top1[block]], marker="D", color="black", markersize=5, linestyle="none",
+                        label=None if papers_labelled else "published")
+                papers_labelled = True
+                tops.append(paper.top1[block])
+                bottoms.append(paper.top1[block])
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    if tops:
+        span = max(tops) - min(bottoms)
+        ax.set_ylim(max(0.0, min(bottoms) - 0.5 * span - 0.5), min(100.0, max(tops) + 0.3 * span + 0.5))
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels([f"{arch}\n{dataset or '?'}" for arch, dataset in cells])
+    ax.set_ylabel(f"mean of last {n} top-1 (%) over seeds")
+    ax.set_title("over seeds: mean score, +-1 std; diamonds: published")
+    ax.grid(alpha=0.3, axis="y")
+
+
+def plot_runs(runs: Sequence[Run], path: Path, n: int = 5) -> None:
+    """Validation top-1 over epochs (one panel per (arch, dataset), one line per run, papers dashed),
+    and below them the over-seeds table as grouped bars with error bars (:func:`_plot_bars`)."""
     plt = _import_pyplot()
     from acnet.fileio import atomic_path
 
-    groups: dict = {}
+    curves: dict = {}
     for run in runs:
         if run.evaluations:
-            groups.setdefault((run.arch, run.dataset), []).append(run)
-    if not groups:
+            curves.setdefault((run.arch, run.dataset), []).append(run)
+    if not curves:
         raise UsageError("--plot: no run has any evaluation line to draw")
-    keys = sorted(groups, key=lambda k: (k[0], k[1] or ""))
+    keys = sorted(curves, key=lambda k: (k[0], k[1] or ""))
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
-    colours = {"base": "tab:blue", "acb": "tab:orange", "dbb": "tab:green"}
-    for ax, key in zip(axes.flat, keys):
-        arch, dataset = key
-        for run in sorted(groups[key], key=lambda r: (BLOCK_TYPES + (r.block_type,)).index(r.block_type)):
-            colour = colours.get(run.block_type)
-            ax.plot([e.epoch for e in run.evaluations], run.top1_values(), marker=".", color=colour,
-                    label=f"{run.block_type} ({run.name})")
-        drawn = set()
-        for block in BLOCK_TYPES:
-            paper = published_reference(arch, dataset, block)
-            if paper is not None and (paper.source, block) not in drawn and block in paper.top1:
-                drawn.add((paper.source, block))
-                ax.axhline(paper.top1[block], linestyle="--", linewidth=0.8, color=colours[block],
-                           label=f"{block}, {paper.source}: {paper.top1[block]:.2f}")
-        ax.set_title(f"{arch} on {dataset or 'its dataset'}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.set_visible(False)
+    fig = plt.figure(figsize=(5.5 * max(cols, 2), 4 * (rows + 1)))
+    grid = fig.add_gridspec(rows + 1, cols)
+    for index, key in enumerate(keys):
+        _plot_curves(fig.add_subplot(grid[index // cols, index % cols]), *key, curves[key], plt)
+    _plot_bars(fig.add_subplot(grid[rows, :]), [g for g in group_runs(runs) if g.scores(n)], n, plt)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -533,7 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="average top-1 over the last N evaluations (default: 5)")
     parser.add_argument("--format", choices=("text", "markdown", "csv"), default="text")
     parser.add_argument("--plot", metavar="FILE.png", type=Path, default=None,
-                        help="also draw validation top-1 over epochs (needs matplotlib)")
+                        help="also draw validation top-1 over epochs and the over-seeds table as bars with "
+                             "error bars (needs matplotlib)")
     return parser
 
 
@@ -554,7 +725,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(report(runs, args.num_evals, args.format))
         if args.plot is not None:
             try:
-                plot_runs(runs, args.plot)
+                plot_runs(runs, args.plot, args.num_evals)
             except OSError as exc:  # acnet.fileio.UnwritablePathError: one line, the path and the reason
                 raise UsageError(f"--plot: {exc}") from None
             print(f"\nplot written to {args.plot}", file=sys.stderr)

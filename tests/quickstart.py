@@ -15,9 +15,9 @@ README = REPO / "README.md"
 QUICKSTART_RUN = Path("acnet_exps") / "cfqkbnc_acb_synthetic_train"
 SCRIPTS = ("do_acnet.py", "show_log.py", "display_hdf5.py", "kernel_skeleton.py", "robustness.py")
 #: The keys of a run's summary.json.
-SUMMARY_KEYS = {"arch", "block_type", "dataset", "epochs", "world_size", "train_top1", "train_top5", "deploy_top1",
-                "deploy_top5", "max_abs_logit_diff", "max_rel_logit_diff", "train_images_per_sec", "params_train",
-                "params_deploy", "wall_seconds"}
+SUMMARY_KEYS = {"arch", "block_type", "dataset", "seed", "epochs", "world_size", "train_top1", "train_top5",
+                "deploy_top1", "deploy_top5", "max_abs_logit_diff", "max_rel_logit_diff", "train_images_per_sec",
+                "params_train", "params_deploy", "wall_seconds"}
 
 
 def readme_text() -> str:

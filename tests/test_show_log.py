@@ -91,11 +91,13 @@ def test_train_loss_is_not_taken_for_the_eval_loss():
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("cfqkbnc_acb_train", ("cfqkbnc", "acb", None)),
-    ("cfqkbnc_acb_synthetic_train", ("cfqkbnc", "acb", "synthetic")),
-    ("wrnc16plain_dbb_train", ("wrnc16plain", "dbb", None)),
-    ("my_net_base_cifar100_train", ("my_net", "base", "cifar100")),
-    ("whatever", (None, None, None)),
+    ("cfqkbnc_acb_train", ("cfqkbnc", "acb", None, None)),
+    ("cfqkbnc_acb_synthetic_train", ("cfqkbnc", "acb", "synthetic", None)),
+    ("cfqkbnc_acb_synthetic_s12_train", ("cfqkbnc", "acb", "synthetic", 12)),
+    ("src56_dbb_s3_train", ("src56", "dbb", None, 3)),
+    ("wrnc16plain_dbb_train", ("wrnc16plain", "dbb", None, None)),
+    ("my_net_base_cifar100_train", ("my_net", "base", "cifar100", None)),
+    ("whatever", (None, None, None, None)),
 ])
 def test_parse_run_name(name, expected):
     assert show_log.parse_run_name(name) == expected
@@ -150,20 +152,21 @@ def test_root_may_be_one_run_and_exclusion(tmp_path):
 
 # ------------------------------------------------------------------------------------- comparison
 def test_comparison_gains_and_published_numbers(tmp_path):
-    write_run(tmp_path, "cfqkbnc_base_train", [10, 80, 81, 82, 83, 84], summary={"epochs": 30})
-    write_run(tmp_path, "cfqkbnc_acb_train", [20, 81, 83, 83, 85, 88], summary={"epochs": 30})
+    write_run(tmp_path, "cfqkbnc_base_train", [10, 80, 81, 82, 83, 84], summary={"epochs": 30, "deploy_top1": 84})
+    write_run(tmp_path, "cfqkbnc_acb_train", [20, 81, 83, 83, 85, 88], summary={"epochs": 30, "deploy_top1": 88.5})
     write_run(tmp_path, "cfqkbnc_dbb_train", [84, 84, 84, 84, 84], summary={"epochs": 30})
     rows = show_log.comparison_rows(show_log.comparisons(show_log.discover_runs(tmp_path)), 5)
     table = {row[2]: dict(zip(show_log.COMPARISON_HEADERS, row)) for row in rows}
     assert set(table) == {"acb", "dbb"}
     acb = table["acb"]
     assert (acb["dataset"], acb["base_mean"], acb["mean"], acb["gain_mean"]) == ("cifar10", "82.00", "84.00", "+2.00")
-    assert (acb["base_max"], acb["max"], acb["gain_max"]) == ("84.00", "88.00", "+4.00")
+    assert (acb["base_runs"], acb["runs"], acb["ci95_low"], acb["p_value"], acb["gain_deploy"]) == (
+        "1", "1", "-", "-", "+4.50")
     assert (acb["paper_base"], acb["paper"], acb["paper_gain"], acb["paper_source"]) == (
         "86.20", "86.87", "+0.67", "ACNet repo")
-    assert acb["note"] == ""
+    assert acb["note"] == "no interval: 1 base and 1 acb run(s) with evaluations, needs 2+ seeds each"
     dbb = table["dbb"]
-    assert (dbb["gain_mean"], dbb["gain_max"], dbb["paper"]) == ("+2.00", "+0.00", "-")
+    assert (dbb["gain_mean"], dbb["gain_deploy"], dbb["paper"]) == ("+2.00", "-", "-")
 
 
 def test_comparison_flags_missing_base_and_unfinished_runs(tmp_path):
@@ -171,6 +174,7 @@ def test_comparison_flags_missing_base_and_unfinished_runs(tmp_path):
     (row,) = show_log.comparison_rows(show_log.comparisons(show_log.discover_runs(tmp_path)), 5)
     fields = dict(zip(show_log.COMPARISON_HEADERS, row))
     assert (fields["dataset"], fields["paper_base"], fields["paper"]) == ("cifar100", "74.05", "75.72")
+    assert (fields["base_runs"], fields["runs"], fields["gain_mean"]) == ("0", "1", "-")
     assert fields["note"] == "no base run; vc_dbb_cifar100_train: running, 3/5 evals"
 
 
@@ -178,10 +182,10 @@ def test_runs_on_other_datasets_are_not_paired_with_the_arch_default(tmp_path):
     write_run(tmp_path, "cfqkbnc_base_train", [80] * 5, summary={"epochs": 5})
     write_run(tmp_path, "cfqkbnc_acb_synthetic_train", [50] * 5, summary={"epochs": 5})
     rows = show_log.comparison_rows(show_log.comparisons(show_log.discover_runs(tmp_path)), 5)
-    by_dataset = {row[1]: row for row in rows}
-    assert by_dataset["synthetic"][3] == "-"  # no synthetic base run to compare with
-    assert by_dataset["synthetic"][9] == "-"  # and no paper numbers for synthetic data
-    assert by_dataset["cifar10"][2] == "base"
+    by_dataset = {row[1]: dict(zip(show_log.COMPARISON_HEADERS, row)) for row in rows}
+    assert by_dataset["synthetic"]["base_mean"] == "-"  # no synthetic base run to compare with
+    assert by_dataset["synthetic"]["paper_base"] == "-"  # and no paper numbers for synthetic data
+    assert by_dataset["cifar10"]["block"] == "base"
 
 
 def test_dataset_of_an_unfinished_run_with_a_custom_name_comes_from_its_recipe(tmp_path):
@@ -212,17 +216,19 @@ def test_cli_formats(tmp_path, capsys):
     write_run(tmp_path, "vc_acb_train", [91, 92, 93, 94, 95], summary={"epochs": 25, "params_train": 123})
 
     assert show_log.main([str(tmp_path), "--format", "csv"]) == 0
-    runs_csv, comparison_csv = capsys.readouterr().out.strip().split("\n\n")
+    runs_csv, groups_csv, comparison_csv = capsys.readouterr().out.strip().split("\n\n")
     runs = list(csv.DictReader(io.StringIO(runs_csv)))
     assert [(r["run"], r["mean_top1"], r["epochs"], r["status"]) for r in runs] == [
         ("vc_acb_train", "93.00", "25/25", "done"), ("vc_base_train", "92.00", "25/25", "done")]
     assert runs[0]["params_train"] == "123"
+    assert [(g["block"], g["runs"], g["mean"], g["std"]) for g in csv.DictReader(io.StringIO(groups_csv))] == [
+        ("base", "1", "92.00", "-"), ("acb", "1", "93.00", "-")]
     (comparison,) = csv.DictReader(io.StringIO(comparison_csv))
     assert (comparison["block"], comparison["gain_mean"], comparison["paper_gain"]) == ("acb", "+1.00", "+0.55")
 
     assert show_log.main([str(tmp_path), "--format", "markdown", "-n", "2"]) == 0
     markdown = capsys.readouterr().out
-    assert "| vc_acb_train | vc | acb | cifar10 | 25/25 | 5 | 94.50 |" in markdown
+    assert "| vc_acb_train | vc | acb | cifar10 | - | 25/25 | 5 | 94.50 |" in markdown
     assert "### Base vs ACB/DBB" in markdown
 
     assert show_log.main([str(tmp_path), "acb"]) == 0

@@ -148,7 +148,9 @@ def test_a_finished_run_with_another_recipe_is_refused(quickstart_run, tmp_path,
                r"holds a finished run with a different recipe: lr=0\.05 \(run has 0\.1\), epochs=4 \(run has 3\); "
                r".*new --exp-name, or remove that folder")
     main_fails([*SYNTHETIC, "--output-dir", out], capsys, 2, r"epochs=150 \(run has 3\)")  # the arch's default
-    main_fails([*SYNTHETIC, "--epochs", "3", "--seed", "1", "--output-dir", out], capsys, 2, r"seed=1 \(run has 0\)")
+    # another seed is another run folder, unless --exp-name names this one
+    main_fails([*SYNTHETIC, "--epochs", "3", "--seed", "1", "--exp-name", run.name, "--output-dir", out], capsys, 2,
+               r"seed=1 \(run has 0\)")
     main_fails([*SYNTHETIC, "--epochs", "5", "-c", "continue", "--output-dir", out], capsys, 2, r"epochs=5")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 

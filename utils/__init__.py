@@ -4,5 +4,6 @@
 ``optim`` parameter groups and the per-iteration cosine schedule; ``metrics`` device-side top-k
 sums; ``evaluation`` evaluate / compare / load weights for evaluation; ``checkpoint`` the
 experiment folder's files, resumable state and RNG state; ``runlog`` log.txt and TensorBoard;
-``engine`` the training loop; ``posttrain`` conversion, deploy check and summary.json.
+``engine`` the training loop; ``posttrain`` conversion, deploy check and summary.json; ``stats`` mean,
+std and Welch's t-test over seeds (standard library only, for show_log.py).
 """

@@ -1,17 +1,26 @@
 """Process-group setup for ``torchrun`` / ``torch.distributed.launch`` and small collective helpers.
 
 A run is distributed when ``WORLD_SIZE`` > 1 in the environment (both launchers set it, together
-with ``RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``). The local rank comes from ``LOCAL_RANK``
-(torchrun, and ``torch.distributed.launch --use-env``) or from the ``--local-rank``/``--local_rank``
-argument that ``torch.distributed.launch`` passes otherwise. Backend: NCCL on CUDA, gloo on CPU.
-Every helper here is a no-op (or the identity) in a single-process run.
+with ``RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``). ``RANK`` is the global rank (0 .. world size - 1
+over all nodes): global rank 0 alone writes the run's files. The local rank (the process's index on
+its node, which picks its GPU) comes from ``LOCAL_RANK`` (torchrun, and ``torch.distributed.launch
+--use-env``) or from the ``--local-rank``/``--local_rank`` argument that ``torch.distributed.launch``
+passes otherwise. Backend: NCCL on CUDA, gloo on CPU. Every helper here is a no-op (or the identity)
+in a single-process run.
+
+Multi-node (``torchrun --nnodes N --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT``): the
+output directory must be one that every node sees (ranks read ``finish.hdf5`` / ``latest.pth`` back;
+:func:`ranks_not_seeing` checks it), and :func:`in_turn` lets a dataset download happen once per
+shared folder instead of in every process at the same time.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import secrets
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,7 +37,11 @@ __all__ = [
     "average_buffers",
     "barrier",
     "cleanup",
+    "in_turn",
+    "ranks_not_seeing",
 ]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -146,6 +159,64 @@ def average_buffers(model: nn.Module) -> None:
         if buf.is_floating_point():
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
             buf.div_(world)
+
+
+def in_turn(fn: Callable[[], T], ctx: DistContext, failure: Callable[[list], Exception]) -> T:
+    """``fn()`` on global rank 0 first, then on every other node's local rank 0, then on the other ranks.
+
+    Each phase ends when every rank knows whether it succeeded: a download into a folder that all nodes
+    share happens once (rank 0's), into a node-local folder once per node, and no two processes of a
+    node write the same files at once. If ``fn`` raises on some ranks, they re-raise it and every other
+    rank raises ``failure(failed_ranks)`` at the end of that phase (nobody waits for a dead rank).
+    """
+    if not ctx.distributed:
+        return fn()
+    my_phase = 0 if ctx.rank == 0 else 1 if ctx.local_rank == 0 else 2
+    result, error = None, None
+    for phase in range(3):
+        if phase == my_phase:
+            try:
+                result = fn()
+            except Exception as exc:  # re-raised below, after telling the other ranks
+                error = exc
+        failed = [rank for rank, bad in enumerate(all_gather_objects(error is not None)) if bad]
+        if error is not None:
+            raise error
+        if failed:
+            raise failure(failed)
+    return result  # type: ignore[return-value]
+
+
+def ranks_not_seeing(folder: str | os.PathLike) -> list[int]:
+    """The ranks that do not see what rank 0 sees at ``folder`` (``[]``: it is shared, or cannot be told).
+
+    Rank 0 writes a random token into ``folder``, or into its nearest existing parent (nothing is
+    created), and every rank reads it back through the same path. Collective: call it on every rank.
+    """
+    if not is_distributed():
+        return []
+    probe: str | None = None
+    token = secrets.token_hex(8)
+    if dist.get_rank() == 0:
+        path = Path(folder)
+        existing = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
+        candidate = existing / f".shared_folder_check_{token}"
+        try:
+            candidate.write_text(token, encoding="utf-8")
+            probe = str(candidate)
+        except OSError:  # not writable here: no check
+            probe = None
+    probe, token = broadcast_object((probe, token))
+    if probe is None:
+        return []
+    try:
+        seen = Path(probe).read_text(encoding="utf-8") == token
+    except OSError:
+        seen = False
+    blind = [rank for rank, ok in enumerate(all_gather_objects(seen)) if not ok]
+    if dist.get_rank() == 0:
+        Path(probe).unlink(missing_ok=True)
+    return blind
 
 
 def barrier() -> None:

@@ -59,7 +59,7 @@ def post_training(build_model: Callable[..., nn.Module], eval_loader, ctx: DistC
                   channels_last: bool = False) -> dict[str, Any]:
     """Steps 1-4 of the run's end (module docstring). ``build_model(deploy=False|True)`` builds the arch.
 
-    ``summary_fields`` supplies ``arch, block_type, dataset, epochs, world_size, train_images_per_sec``;
+    ``summary_fields`` supplies ``arch, block_type, dataset, seed, epochs, world_size, train_images_per_sec``;
     ``wall_seconds()`` gives the run's wall time so far (read when the summary is written).
     """
     from acnet import load_hdf5
@@ -81,6 +81,7 @@ def post_training(build_model: Callable[..., nn.Module], eval_loader, ctx: DistC
         "arch": summary_fields["arch"],
         "block_type": summary_fields["block_type"],
         "dataset": summary_fields["dataset"],
+        "seed": summary_fields.get("seed"),
         "epochs": summary_fields["epochs"],
         "world_size": summary_fields["world_size"],
         "train_top1": train_m["top1"],
