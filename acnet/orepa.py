@@ -25,12 +25,14 @@ values are the original's (JUGGHM/OREPA_CVPR2022, ``blocks.py`` class ``OREPA``)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn import init
 
 from . import transforms
@@ -159,24 +161,21 @@ class OREPABlock(ReparamBlock):
 
     # --- the kernel -------------------------------------------------------------------------
     def weight_gen(self) -> Tensor:
-        """The merged kernel ``W`` (``(O, C/g, K, K)``) of the six scaled branches; differentiable."""
+        """The merged kernel ``W`` (``(O, C/g, K, K)``) of the six scaled branches.
+
+        Differentiable in every parameter (first order: the gradients are written out in
+        :class:`_MergedKernel`, a few small ops per block and step instead of an autograd graph of
+        about thirty nodes).
+        """
         self._training_form()
-        v = self.vector.unsqueeze(2).unsqueeze(3).unsqueeze(4)  # (6, O, 1, 1, 1)
-        g, k = self.groups, self.kernel_size
-        # The three branches with a fixed spatial pattern: 1x1 weights times (K, K) maps.
-        kernel = torch.addcmul(self.weight_orepa_origin * v[0], self.weight_orepa_avg_conv * v[1],
-                               self.weight_orepa_avg_avg)
-        kernel = kernel.addcmul(self.weight_orepa_pfir_conv * v[2], self.weight_orepa_prior.unsqueeze(1))
-        first = self.weight_orepa_1x1_kxk_idconv1 + self.id_tensor
-        kernel = kernel + transforms.merge_1x1_kxk_kernel(first, self.weight_orepa_1x1_kxk_conv2 * v[3], g)
         pointwise = self.weight_orepa_gconv_pw
-        if 1 < g < self.out_channels:
-            pointwise = _original_pointwise_order(pointwise, g)
-        pointwise = pointwise * v[5]
-        kernel = kernel + transforms.merge_depthwise_pointwise(self.weight_orepa_gconv_dw, pointwise,
-                                                               self.in_channels, g)
-        centre = self.weight_orepa_1x1 * v[4]
-        return kernel + (F.pad(centre, [k // 2] * 4) if k > 1 else centre)
+        if 1 < self.groups < self.out_channels:
+            pointwise = _original_pointwise_order(pointwise, self.groups)
+        return _MergedKernel.apply(
+            self.weight_orepa_origin, self.weight_orepa_avg_conv, self.weight_orepa_pfir_conv, self.weight_orepa_1x1,
+            self.weight_orepa_1x1_kxk_idconv1, self.weight_orepa_1x1_kxk_conv2, self.weight_orepa_gconv_dw, pointwise,
+            self.vector, self.weight_orepa_avg_avg, self.weight_orepa_prior, self.id_tensor, self.groups,
+        )
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if self.padding_mode != "zeros":
@@ -220,3 +219,88 @@ def _original_pointwise_order(pointwise: Tensor, groups: int) -> Tensor:
     """
     rows = pointwise.shape[0]
     return pointwise.reshape(rows // groups, groups, *pointwise.shape[1:]).transpose(0, 1).reshape(pointwise.shape)
+
+
+def _no_autocast(device_type: str):
+    """The kernel is assembled in its parameters' dtype (autocast applies to the conv that uses it)."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        return contextlib.nullcontext()
+
+
+class _MergedKernel(torch.autograd.Function):
+    """``W = v0*W0 + v1*a⊗A + v2*f⊗P + v3*merge(I + c1, c2) + v4*pad(e) + v5*merge(dw, pw)`` and its gradients.
+
+    Shapes: ``W0 (O, C/g, K, K)``; ``a, f, e (O, C/g, 1, 1)``; ``c1 (D, C/g, 1, 1)``; ``c2 (O, D/g, K, K)``;
+    ``dw (m*C, 1, K, K)``; ``pw (O, m*C/g, 1, 1)``; ``vector (6, O)``; constants ``A (K, K)``,
+    ``P (O, K, K)``, ``I`` like ``c1``. With ``G = dL/dW``: ``dL/dW0 = v0*G``,
+    ``dL/da = v1 * <G, A>_taps``, ``dL/df = v2 * <G, P>_taps``, ``dL/de = v4 * G[centre]``,
+    ``dL/dv_b = <G, B_b>`` per output channel (``B_b`` the unscaled branch kernel); the two products
+    (``1x1-KxK``, depthwise-pointwise) are batched matrix products whose gradients are two more each.
+    The products are the only work that grows with the channels: ``3 * O * D * (C/g) * K^2``
+    multiply-adds per step for the 1x1-KxK branch, independent of the batch.
+    """
+
+    @staticmethod
+    def forward(ctx, origin, avg_conv, prior_conv, centre, idconv1, conv2, dw, pw, vector, avg_kernel, prior,
+                identity, groups):
+        with _no_autocast(origin.device.type):
+            out_ch, c_g, k, _ = origin.shape
+            taps, g = k * k, groups
+            o_g, d_g, m = out_ch // g, conv2.shape[1], dw.shape[0] // (c_g * g)
+            v = vector.view(6, out_ch, 1, 1)
+            # 1x1 then KxK: M[g, o, c] = sum_d conv2[g, o, d] first[g, d, c]  (one bmm over the groups)
+            first = (idconv1 + identity).view(g, d_g, c_g)
+            conv2_t = conv2.view(g, o_g, d_g, taps).transpose(1, 2).reshape(g, d_g, o_g * taps)
+            m11 = torch.bmm(first.transpose(1, 2), conv2_t).view(g, c_g, o_g, taps).transpose(1, 2)
+            # depthwise then pointwise: Q[g, o, i] = sum_t pw[g, o, i, t] dw[g, i, t]  (one bmm over (g, i))
+            pw_b = pw.view(g, o_g, c_g, m).transpose(1, 2).reshape(g * c_g, o_g, m)
+            dw_b = dw.view(g * c_g, m, taps)
+            mdp = torch.bmm(pw_b, dw_b).view(g, c_g, o_g, taps).transpose(1, 2)
+            kernel = origin.reshape(out_ch, c_g, taps) * v[0]
+            kernel.addcmul_(avg_conv.view(out_ch, c_g, 1) * v[1], avg_kernel.reshape(1, 1, taps))
+            kernel.addcmul_(prior_conv.view(out_ch, c_g, 1) * v[2], prior.reshape(out_ch, 1, taps))
+            kernel.view(g, o_g, c_g, taps).addcmul_(m11, v[3].view(g, o_g, 1, 1))
+            kernel.view(g, o_g, c_g, taps).addcmul_(mdp, v[5].view(g, o_g, 1, 1))
+            kernel[:, :, taps // 2].addcmul_(centre.view(out_ch, c_g), vector[4].view(out_ch, 1))
+        ctx.save_for_backward(origin, avg_conv, prior_conv, centre, first, conv2_t, dw_b, pw_b, vector, avg_kernel,
+                              prior, m11, mdp)
+        ctx.groups = groups
+        return kernel.view(out_ch, c_g, k, k)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (origin, avg_conv, prior_conv, centre, first, conv2_t, dw_b, pw_b, vector, avg_kernel, prior, m11,
+         mdp) = ctx.saved_tensors
+        g = ctx.groups
+        with _no_autocast(grad.device.type):
+            out_ch, c_g, k, _ = origin.shape
+            taps, o_g, d_g, m = k * k, out_ch // g, first.shape[1], pw_b.shape[2]
+            grad = grad.reshape(out_ch, c_g, taps)
+            grad_g = grad.view(g, o_g, c_g, taps)
+            v = vector.view(6, out_ch, 1, 1)
+            grad_vector = torch.empty_like(vector)
+            grad_vector[0] = (grad * origin.view(out_ch, c_g, taps)).sum((1, 2))
+            grad_vector[3] = (grad_g * m11).sum((2, 3)).view(out_ch)
+            grad_vector[5] = (grad_g * mdp).sum((2, 3)).view(out_ch)
+            grad_origin = (grad * v[0]).view(origin.shape)
+            # the fixed-pattern branches: <G, pattern> over the taps, per (o, c)
+            on_avg = torch.mv(grad.view(-1, taps), avg_kernel.reshape(taps)).view(out_ch, c_g)
+            on_prior = torch.bmm(grad, prior.reshape(out_ch, taps, 1)).view(out_ch, c_g)
+            on_centre = grad[:, :, taps // 2]
+            grads = []
+            for row, on, weight in ((1, on_avg, avg_conv), (2, on_prior, prior_conv), (4, on_centre, centre)):
+                grad_vector[row] = (on * weight.view(out_ch, c_g)).sum(1)
+                grads.append((on * vector[row].view(out_ch, 1)).view(weight.shape))
+            # 1x1 then KxK
+            g3 = (grad_g * v[3].view(g, o_g, 1, 1)).transpose(1, 2).reshape(g, c_g, o_g * taps)
+            grad_conv2 = torch.bmm(first, g3).view(g, d_g, o_g, taps).transpose(1, 2).reshape(out_ch, d_g, k, k)
+            grad_first = torch.bmm(conv2_t, g3.transpose(1, 2)).view(g * d_g, c_g, 1, 1)
+            # depthwise then pointwise
+            g5 = (grad_g * v[5].view(g, o_g, 1, 1)).transpose(1, 2).reshape(g * c_g, o_g, taps)
+            grad_pw = torch.bmm(g5, dw_b.transpose(1, 2)).view(g, c_g, o_g, m).transpose(1, 2)
+            grad_pw = grad_pw.reshape(out_ch, c_g * m, 1, 1)
+            grad_dw = torch.bmm(pw_b.transpose(1, 2), g5).view(g * c_g * m, 1, k, k)
+        return (grad_origin, *grads, grad_first, grad_conv2, grad_dw, grad_pw, grad_vector, None, None, None, None)

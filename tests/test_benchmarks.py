@@ -39,9 +39,10 @@ def test_bench_archs_prints_training_inference_and_deploy_size_tables():
     rows = [line for line in out.splitlines() if line.startswith("cfqkbnc ")]
     # per-arch progress tables, then the summary: training row, inference row, deploy-size row
     train, infer, size = rows[-3:]
-    assert re.search(r"(ok|BELOW) \(acb >= 0\.55\)$", train) and re.search(r"(ok|BELOW) \(deploy >= 0\.97\)$", infer)
-    for row, count in ((train, 5), (infer, 7)):  # images/s and ratios, before the verdict
+    assert re.search(r"(ok|BELOW) \(acb >= 0\.55, orepa >= 0\.85, orepa/dbb >= 2\.5\)$", train)
+    assert re.search(r"(ok|BELOW) \(deploy >= 0\.97\)$", infer)
+    for row, count in ((train, 8), (infer, 9)):  # images/s and ratios, before the verdict
         values = numbers(re.split(r"\s(?:ok|BELOW)\s", row)[0])
         assert len(values) == count and all(v > 0 and math.isfinite(v) for v in values)
     params = [int(v.replace(",", "")) for v in re.findall(r"\d{1,3}(?:,\d{3})+", size)]
-    assert len(params) == 3 and len(set(params)) == 1  # same deploy parameter count for base / acb / dbb
+    assert len(params) == 4 and len(set(params)) == 1  # same deploy parameter count for base / acb / dbb / orepa
