@@ -1,4 +1,4 @@
-"""Summarise training runs: accuracy table, base-vs-ACB/DBB comparison and the papers' numbers.
+"""Summarise training runs: accuracy table, base-vs-ACB/DBB/OREPA comparison and the papers' numbers.
 
 Usage (as the original ``show_log.py``, plus options)::
 
@@ -12,7 +12,7 @@ Only evaluation lines of ``log.txt`` contain ``top1=``; each carries ``epoch <in
 ``top1=<float>``, ``top5=<float>`` and ``loss=<float>`` (the original's tokens). For each run the
 table shows the mean top-1 over the last ``n`` evaluations, the max and the last top-1, the deploy
 top-1, parameters and training speed; the comparison pairs each arch's ``base`` run with its
-``acb``/``dbb`` runs (gain in mean and in max top-1) beside the published numbers. Runs in
+``acb``/``dbb``/``orepa`` runs (gain in mean and in max top-1) beside the published numbers. Runs in
 progress, runs with fewer than ``n`` evaluations and unreadable logs are listed with their status,
 never dropped. Beyond the standard library it needs matplotlib only for ``--plot``.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-BLOCK_TYPES = ("base", "acb", "dbb")
+BLOCK_TYPES = ("base", "acb", "dbb", "orepa")  # = acnet.registry.block_type_names() (tests/test_registry.py)
 RUN_FILES = ("log.txt", "recipe.json", "summary.json")
 
 
@@ -52,6 +52,7 @@ class PublishedResult:
 ACNET_REPO = "ACNet repo"
 ACNET_PAPER = "ACNet paper"
 DBB_PAPER = "DBB paper T2"
+OREPA_PAPER = "OREPA paper T4"
 
 # Listed in order of preference: for an (arch, dataset, block) the first source reporting both the
 # baseline and that block type is shown. "acb" in the DBB paper is its own re-run of ACNet.
@@ -67,6 +68,9 @@ PUBLISHED_RESULTS: tuple[PublishedResult, ...] = (
     PublishedResult("sres18", "imagenet", DBB_PAPER, {"base": 69.54, "acb": 70.53, "dbb": 70.99}),
     PublishedResult("sres50", "imagenet", DBB_PAPER, {"base": 76.14, "acb": 76.46, "dbb": 76.71}),
     PublishedResult("smi1", "imagenet", DBB_PAPER, {"base": 71.89, "acb": 72.14, "dbb": 72.88}),
+    # OREPA (CVPR 2022) Table 4: ImageNet, 120 epochs, its own baseline and DBB re-runs.
+    PublishedResult("sres18", "imagenet", OREPA_PAPER, {"base": 71.21, "dbb": 71.77, "orepa": 72.13}),
+    PublishedResult("sres50", "imagenet", OREPA_PAPER, {"base": 76.70, "dbb": 76.89, "orepa": 77.31}),
 )
 
 
@@ -492,7 +496,7 @@ def plot_runs(runs: Sequence[Run], path: Path) -> None:
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
-    colours = {"base": "tab:blue", "acb": "tab:orange", "dbb": "tab:green"}
+    colours = {"base": "tab:blue", "acb": "tab:orange", "dbb": "tab:green", "orepa": "tab:red"}
     for ax, key in zip(axes.flat, keys):
         arch, dataset = key
         for run in sorted(groups[key], key=lambda r: (BLOCK_TYPES + (r.block_type,)).index(r.block_type)):

@@ -294,11 +294,12 @@ def convert_to_acnet(
 def _block_class(block_type: str) -> type:
     """The class :func:`convert_to_acnet` plugs in for ``block_type`` (a non-plain registry entry)."""
     key = block_type.lower() if isinstance(block_type, str) else block_type
-    if key not in BLOCK_CLASSES:
+    pluggable = {name: t.block_class for name, t in BLOCK_REGISTRY.items() if not t.plain}
+    if key not in pluggable:
         raise ValueError(
-            f"unknown block_type {block_type!r}; valid block types: {', '.join(map(repr, BLOCK_CLASSES))}"
+            f"unknown block_type {block_type!r}; valid block types: {', '.join(map(repr, pluggable))}"
         )
-    return BLOCK_CLASSES[key]
+    return pluggable[key]
 
 
 def _check_block_options(block_class: type, block_kwargs: Dict[str, Any]) -> None:
@@ -414,17 +415,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 # acnet_fuse_and_load
 # --------------------------------------------------------------------------------------------
-# Kinds stored as a ready kernel: the sub-module holding it (the deployed blocks', then a wrapped conv).
-_READY_KERNEL_HOLDERS = tuple(dict.fromkeys(t.deploy_conv_name for t in BLOCK_REGISTRY.values())) + ("conv",)
-# How a block stored under a conv's name is recognised in a state dict: key -> block kind. The
-# multi-branch blocks first (an OREPA block also holds "bn.running_mean", the plain unit's key).
-_BLOCK_SIGNATURES: Tuple[Tuple[str, str], ...] = (
-    tuple((t.signature, name) for name, t in BLOCK_REGISTRY.items() if not t.plain)
-    + tuple((t.signature, name) for name, t in BLOCK_REGISTRY.items() if t.plain)
-    + tuple((f"{holder}.weight", "deployed") for holder in _READY_KERNEL_HOLDERS[:-1])
-    + (("conv.weight", "wrapped conv"),)  # a block holding one plain conv (e.g. a bias-free conv unit)
-)
-_FUSABLE_CLASSES: Dict[str, type] = {name: t.block_class for name, t in BLOCK_REGISTRY.items()}
+def _ready_kernel_holders() -> Tuple[str, ...]:
+    """Sub-modules that hold a kernel stored ready: the deployed blocks' fused convs, then a wrapped conv."""
+    return tuple(dict.fromkeys(t.deploy_conv_name for t in BLOCK_REGISTRY.values())) + ("conv",)
+
+
+def _block_signatures() -> Tuple[Tuple[str, str], ...]:
+    """How a block stored under a conv's name is recognised in a state dict: ``(key, kind)`` in order.
+
+    The multi-branch blocks first (an OREPA block also holds ``bn.running_mean``, the plain unit's key).
+    """
+    return (tuple((t.signature, name) for name, t in BLOCK_REGISTRY.items() if not t.plain)
+            + tuple((t.signature, name) for name, t in BLOCK_REGISTRY.items() if t.plain)
+            + tuple((f"{holder}.weight", "deployed") for holder in _ready_kernel_holders()[:-1])
+            + (("conv.weight", "wrapped conv"),))  # a block holding one plain conv (e.g. a bias-free conv unit)
 
 
 def acnet_fuse_and_load(
@@ -460,9 +464,9 @@ def acnet_fuse_and_load(
     not fit the baseline conv, raise one :class:`acnet.WeightsError` listing them. The model is put
     in eval mode (its BNs hold folded statistics) and returned.
     """
-    if block_type is not None and block_type.lower() not in _FUSABLE_CLASSES:
+    if block_type is not None and block_type.lower() not in BLOCK_REGISTRY:
         raise ValueError(
-            f"unknown block_type {block_type!r}; valid block types: {', '.join(map(repr, _FUSABLE_CLASSES))}"
+            f"unknown block_type {block_type!r}; valid block types: {', '.join(map(repr, BLOCK_REGISTRY))}"
         )
     if isinstance(weights, (Mapping, nn.Module)):
         source = "the given state dict"
@@ -484,7 +488,7 @@ def acnet_fuse_and_load(
         kind = _stored_block_kind(state, prefix)
         if kind is None:
             continue
-        if block_type is not None and kind in _FUSABLE_CLASSES and kind != block_type.lower():
+        if block_type is not None and kind in BLOCK_REGISTRY and kind != block_type.lower():
             problems.append(f"'{conv_name}' holds a {kind} block, not the requested {block_type}")
             continue
         sub_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -515,7 +519,7 @@ def acnet_fuse_and_load(
 
 
 def _stored_block_kind(state: Mapping[str, Tensor], prefix: str) -> Optional[str]:
-    for suffix, kind in _BLOCK_SIGNATURES:
+    for suffix, kind in _block_signatures():
         if prefix + suffix in state:
             return kind
     return None
@@ -537,8 +541,8 @@ def _equivalent_kernel_bias(kind: str, sub_state: Dict[str, Tensor], conv: nn.Co
     """Rebuild the stored block on the baseline conv's geometry; its equivalent (K, b) in float64."""
     as64 = {k: (v.detach().to("cpu", torch.float64) if v.is_floating_point() else v.detach().cpu())
             for k, v in sub_state.items()}
-    if kind not in _FUSABLE_CLASSES:  # a kernel stored as it is: fused_conv / dbb_reparam / conv
-        holder = next(h for h in _READY_KERNEL_HOLDERS if f"{h}.weight" in as64)
+    if kind not in BLOCK_REGISTRY:  # a kernel stored as it is: fused_conv / dbb_reparam / orepa_reparam / conv
+        holder = next(h for h in _ready_kernel_holders() if f"{h}.weight" in as64)
         extra = sorted(set(as64) - {f"{holder}.weight", f"{holder}.bias"})
         if extra:
             raise ValueError(f"a {kind} holds only {holder}.weight and {holder}.bias, found also {extra}")

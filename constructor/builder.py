@@ -302,6 +302,7 @@ def _square(kernel_size: IntOrPair) -> int:
 def make_builder(block_type: str = "base", deploy: bool = False, **block_kwargs: Any) -> ConvBuilder:
     """The builder for a block type name in ``BLOCK_TYPES``; ``block_kwargs``: ``bn_eps``,
     ``bn_momentum`` and the block's own options. Unknown names raise one ``ValueError``."""
-    if block_type not in BLOCK_CLASSES:
-        raise ValueError(f"unknown block type {block_type!r}; valid block types: {', '.join(BLOCK_TYPES)}")
-    return ConvBuilder(BLOCK_CLASSES[block_type], deploy=deploy, block_type=block_type, **block_kwargs)
+    if block_type not in BLOCK_REGISTRY:
+        raise ValueError(f"unknown block type {block_type!r}; valid block types: {', '.join(BLOCK_REGISTRY)}")
+    spec = BLOCK_REGISTRY[block_type]
+    return ConvBuilder(None if spec.plain else spec.block_class, deploy=deploy, block_type=block_type, **block_kwargs)
