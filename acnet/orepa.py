@@ -262,27 +262,26 @@ class _MergedKernel(torch.autograd.Function):
             kernel.view(g, o_g, c_g, taps).addcmul_(m11, v[3].view(g, o_g, 1, 1))
             kernel.view(g, o_g, c_g, taps).addcmul_(mdp, v[5].view(g, o_g, 1, 1))
             kernel[:, :, taps // 2].addcmul_(centre.view(out_ch, c_g), vector[4].view(out_ch, 1))
-        ctx.save_for_backward(origin, avg_conv, prior_conv, centre, first, conv2, dw_b, pw_b, vector, avg_kernel,
-                              prior, m11, mdp)
+        # Only inputs are saved (parameters and constants): the kernel-sized intermediates are
+        # recomputed or avoided in backward, so the block holds no memory beyond the conv's own.
+        ctx.save_for_backward(origin, avg_conv, prior_conv, centre, idconv1, conv2, dw, pw, vector, avg_kernel,
+                              prior, identity)
         ctx.groups = groups
         return kernel.view(out_ch, c_g, k, k)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (origin, avg_conv, prior_conv, centre, first, conv2, dw_b, pw_b, vector, avg_kernel, prior, m11,
-         mdp) = ctx.saved_tensors
+        origin, avg_conv, prior_conv, centre, idconv1, conv2, dw, pw, vector, avg_kernel, prior, identity = \
+            ctx.saved_tensors
         g = ctx.groups
         with _no_autocast(grad.device.type):
             out_ch, c_g, k, _ = origin.shape
-            taps, o_g, m = k * k, out_ch // g, pw_b.shape[2]
+            taps, o_g, m = k * k, out_ch // g, dw.shape[0] // (c_g * g)
             grad = grad.reshape(out_ch, c_g, taps)
-            grad_g = grad.view(g, o_g, c_g, taps)
             v = vector.view(6, out_ch, 1, 1)
             grad_vector = torch.empty_like(vector)
             grad_vector[0] = (grad * origin.view(out_ch, c_g, taps)).sum((1, 2))
-            grad_vector[3] = (grad_g * m11).sum((2, 3)).view(out_ch)
-            grad_vector[5] = (grad_g * mdp).sum((2, 3)).view(out_ch)
             grad_origin = (grad * v[0]).view(origin.shape)
             # the fixed-pattern branches: <G, pattern> over the taps, per (o, c)
             on_avg = torch.mv(grad.view(-1, taps), avg_kernel.reshape(taps)).view(out_ch, c_g)
@@ -292,13 +291,24 @@ class _MergedKernel(torch.autograd.Function):
             for row, on, weight in ((1, on_avg, avg_conv), (2, on_prior, prior_conv), (4, on_centre, centre)):
                 grad_vector[row] = (on * weight.view(out_ch, c_g)).sum(1)
                 grads.append((on * vector[row].view(out_ch, 1)).view(weight.shape))
-            # 1x1 then KxK
-            grad_first, grad_conv2 = _merge_1x1_kxk_backward((grad * v[3]).view(out_ch, c_g, k, k), first, conv2, g)
-            # depthwise then pointwise
-            g5 = (grad_g * v[5].view(g, o_g, 1, 1)).transpose(1, 2).reshape(g * c_g, o_g, taps)
-            grad_pw = torch.bmm(g5, dw_b.transpose(1, 2)).view(g, c_g, o_g, m).transpose(1, 2)
-            grad_pw = grad_pw.reshape(out_ch, c_g * m, 1, 1)
-            grad_dw = torch.bmm(pw_b.transpose(1, 2), g5).view(g * c_g * m, 1, k, k)
+            # 1x1 then KxK, v3*M(first, conv2) = M(first, v3*conv2): d/d first from the scaled conv2;
+            # H = dL/d(v3*conv2) is the unscaled gradient of conv2, and <G, M>_o = <H, conv2>_o.
+            first = idconv1 + identity
+            scale3 = vector[3].view(out_ch, 1, 1, 1)
+            grad_first, on_conv2 = _merge_1x1_kxk_backward(grad.view(out_ch, c_g, k, k), first, conv2 * scale3, g)
+            grad_vector[3] = (on_conv2 * conv2).sum((1, 2, 3))
+            grad_conv2 = on_conv2 * scale3
+            # depthwise then pointwise, the same way: <G, Q>_o = <dL/d(pw) unscaled, pw>_o
+            grad_t = grad.view(g, o_g, c_g, taps).transpose(1, 2).reshape(g * c_g, o_g, taps)
+            dw_b = dw.view(g * c_g, m, taps)
+            pw_b = pw.view(g, o_g, c_g, m).transpose(1, 2).reshape(g * c_g, o_g, m)
+            on_pw = torch.bmm(grad_t, dw_b.transpose(1, 2)).view(g, c_g, o_g, m).transpose(1, 2)
+            on_pw = on_pw.reshape(out_ch, c_g * m)
+            grad_vector[5] = (on_pw * pw.view(out_ch, -1)).sum(1)
+            grad_pw = (on_pw * vector[5].view(out_ch, 1)).view(pw.shape)
+            scaled_pw_b = (pw.view(out_ch, c_g * m) * vector[5].view(out_ch, 1)).view(g, o_g, c_g, m)
+            scaled_pw_b = scaled_pw_b.transpose(1, 2).reshape(g * c_g, o_g, m)
+            grad_dw = torch.bmm(scaled_pw_b.transpose(1, 2), grad_t).view(dw.shape)
         return (grad_origin, *grads, grad_first, grad_conv2, grad_dw, grad_pw, grad_vector, None, None, None, None)
 
 
@@ -333,7 +343,7 @@ def _merge_1x1_kxk_backward(grad: Tensor, first: Tensor, conv2: Tensor, groups: 
     if _merge_by_conv(first, conv2, groups):
         grad_conv2, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad, conv2, first.transpose(0, 1), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
-        return grad_weight.transpose(0, 1), grad_conv2
+        return grad_weight.transpose(0, 1).reshape(first.shape), grad_conv2
     out_ch, d_g, k, _ = conv2.shape
     c_g, o_g, taps = first.shape[1], out_ch // groups, k * k
     grad_t = grad.reshape(groups, o_g, c_g, taps).transpose(1, 2).reshape(groups, c_g, o_g * taps)
