@@ -278,7 +278,7 @@ class _MergedKernel(torch.autograd.Function):
         with _no_autocast(grad.device.type):
             out_ch, c_g, k, _ = origin.shape
             taps, o_g, m = k * k, out_ch // g, dw.shape[0] // (c_g * g)
-            grad = grad.reshape(out_ch, c_g, taps)
+            grad = grad.contiguous().view(out_ch, c_g, taps)  # a channels_last conv gives an NHWC-strided one
             v = vector.view(6, out_ch, 1, 1)
             grad_vector = torch.empty_like(vector)
             grad_vector[0] = (grad * origin.view(out_ch, c_g, taps)).sum((1, 2))

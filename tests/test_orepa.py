@@ -167,6 +167,20 @@ def test_training_step_uses_batch_statistics_and_updates_every_branch():
     assert block.bn.num_batches_tracked.item() == 1
 
 
+def test_channels_last_training_step_matches_the_contiguous_one():
+    """A channels_last input makes the conv return an NHWC-strided kernel gradient."""
+    torch.manual_seed(0)
+    block = OREPABlock(8, 8, 3, padding=1).double()
+    x = torch.randn(4, 8, 6, 6, dtype=torch.float64)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        block.zero_grad()
+        block(x.contiguous(memory_format=layout)).square().sum().backward()
+        grads.append([p.grad.clone() for p in block.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_structure_names_initial_values_and_buffers_match_the_original():
     block = OREPABlock(8, 16, 3, padding=1)
     keys = set(block.state_dict())
