@@ -280,3 +280,22 @@ def test_keep_weights_conversion_starts_as_the_trained_pair():
         expected = model(x)
         converted = convert_to_acnet(model, "orepa", keep_weights=True).eval()
         assert relative_difference(converted(x), expected) <= 1e-5
+
+
+def test_orepa_run_learns_like_base_and_its_deploy_model_scores_the_same(tmp_path):
+    """End to end through do_acnet.py on the learnable synthetic set: train, convert, evaluate both."""
+    import json
+
+    import do_acnet
+
+    scores = {}
+    for block in ("base", "orepa"):
+        do_acnet.main(["-a", "cfqkbnc", "-b", block, "--dataset", "synthetic", "--synthetic-num-train", "384",
+                       "--synthetic-num-val", "200", "--epochs", "3", "--batch-size", "64", "--workers", "0",
+                       "--no-progress", "--output-dir", str(tmp_path)])
+        summary = json.loads((tmp_path / f"cfqkbnc_{block}_synthetic_train" / "summary.json").read_text())
+        assert summary["deploy_top1"] == summary["train_top1"], summary  # the deploy model is the same function
+        assert summary["max_abs_logit_diff"] < 1e-3
+        scores[block] = summary["train_top1"]
+    assert scores["base"] > 50 and scores["orepa"] > 50  # 10 classes: chance is 10 %
+    assert abs(scores["orepa"] - scores["base"]) < 35, scores
