@@ -13,7 +13,7 @@ from torch import nn
 from acnet import OREPABlock, acnet_fuse_and_load, acnet_switch_to_deploy, convert_to_acnet
 from acnet.base import ReparamBlock
 from acnet.orepa import OREPA_INITIAL_SCALES
-from helpers import randomize_, relative_difference
+from helpers import assert_deploy_forms_equal, gradcheck_equivalent_kernel, randomize_, relative_difference
 
 
 def original_weight_gen(block: OREPABlock) -> torch.Tensor:
@@ -90,13 +90,7 @@ def reference_forward(block: OREPABlock, x: torch.Tensor) -> torch.Tensor:
 @given(orepa_cases())
 def test_deploy_equals_training_form_float64(case):
     block, x = build(case)
-    expected = reference_forward(block, x)
-    torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
-    deploy_conv = block.make_deploy_conv()
-    assert isinstance(deploy_conv, nn.Conv2d) and deploy_conv.bias is not None
-    assert (deploy_conv(x) - expected).abs().max().item() <= 1e-10
-    block.switch_to_deploy()
-    assert (block(x) - expected).abs().max().item() <= 1e-10
+    assert_deploy_forms_equal(block, x, reference_forward(block, x))
 
 
 @settings(max_examples=12)
@@ -135,20 +129,8 @@ def test_large_ungrouped_product_path_matches_the_formulas():
 
 def test_equivalent_kernel_passes_gradcheck():
     block = randomize_orepa_(OREPABlock(2, 4, 3, groups=2, internal_channels_1x1_3x3=4).double(), 5).eval()
-
-    class Equivalent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = block
-
-        def forward(self):
-            return self.block.get_equivalent_kernel_bias()
-
-    wrapper = Equivalent()
-    names = [n for n, _ in wrapper.named_parameters()]
-    inputs = tuple(p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters())
-    assert any("vector" in n for n in names) and any("gconv_pw" in n for n in names)
-    assert torch.autograd.gradcheck(lambda *t: torch.func.functional_call(wrapper, dict(zip(names, t)), ()), inputs)
+    names = gradcheck_equivalent_kernel(block)
+    assert "vector" in names and "weight_orepa_gconv_pw" in names
 
 
 def test_training_step_uses_batch_statistics_and_updates_every_branch():
