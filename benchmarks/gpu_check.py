@@ -1,4 +1,4 @@
-"""GPU readiness check: every block type on one CUDA GPU, in about 5 minutes; prints tables, writes JSON.
+"""GPU readiness check: every block type on one CUDA GPU (sized for under 8 minutes); prints tables, writes JSON.
 
 Three phases (each block type of ``acnet.registry``):
 
