@@ -248,14 +248,11 @@ class _MergedKernel(torch.autograd.Function):
         with _no_autocast(origin.device.type):
             out_ch, c_g, k, _ = origin.shape
             taps, g = k * k, groups
-            o_g, d_g, m = out_ch // g, conv2.shape[1], dw.shape[0] // (c_g * g)
+            o_g = out_ch // g
             v = vector.view(6, out_ch, 1, 1)
             first = idconv1 + identity
-            m11 = _merge_1x1_kxk(first, conv2, g).view(g, o_g, c_g, taps)
-            # depthwise then pointwise: Q[g, o, i] = sum_t pw[g, o, i, t] dw[g, i, t]  (one bmm over (g, i))
-            pw_b = pw.view(g, o_g, c_g, m).transpose(1, 2).reshape(g * c_g, o_g, m)
-            dw_b = dw.view(g * c_g, m, taps)
-            mdp = torch.bmm(pw_b, dw_b).view(g, c_g, o_g, taps).transpose(1, 2)
+            m11 = transforms.merge_1x1_kxk_kernel(first, conv2, g).view(g, o_g, c_g, taps)
+            mdp = transforms.merge_depthwise_pointwise(dw, pw, c_g * g, g).view(g, o_g, c_g, taps)
             kernel = origin.reshape(out_ch, c_g, taps) * v[0]
             kernel.addcmul_(avg_conv.view(out_ch, c_g, 1) * v[1], avg_kernel.reshape(1, 1, taps))
             kernel.addcmul_(prior_conv.view(out_ch, c_g, 1) * v[2], prior.reshape(out_ch, 1, taps))
@@ -312,35 +309,9 @@ class _MergedKernel(torch.autograd.Function):
         return (grad_origin, *grads, grad_first, grad_conv2, grad_dw, grad_pw, grad_vector, None, None, None, None)
 
 
-#: Size (multiply-adds) from which the ungrouped 1x1-KxK product runs as a conv (see :func:`_merge_1x1_kxk`).
-CONV_MERGE_MIN_MACS = 1 << 24
-
-
-def _merge_by_conv(first: Tensor, conv2: Tensor, groups: int) -> bool:
-    return groups == 1 and conv2.numel() * first.shape[1] >= CONV_MERGE_MIN_MACS
-
-
-def _merge_1x1_kxk(first: Tensor, conv2: Tensor, groups: int) -> Tensor:
-    """``M[o, c] = sum_d conv2[o, d] first[d, c]`` per group, ``(O, C/g, K, K)``.
-
-    Ungrouped and large (at least :data:`CONV_MERGE_MIN_MACS` multiply-adds), the product is a 1x1
-    conv of ``conv2`` (a batch of ``O`` maps of ``D`` channels) with the weight ``first^T``: oneDNN
-    runs it and its backward 20-35% faster than a matrix product on CPU, but a conv call costs about
-    0.4 ms, more than the whole product below 128 channels. Otherwise one batched matrix product
-    over the groups.
-    """
-    if _merge_by_conv(first, conv2, groups):
-        return F.conv2d(conv2, first.transpose(0, 1))
-    out_ch, d_g, k, _ = conv2.shape
-    c_g, o_g = first.shape[1], out_ch // groups
-    conv2_t = conv2.view(groups, o_g, d_g, k * k).transpose(1, 2).reshape(groups, d_g, o_g * k * k)
-    merged = torch.bmm(first.view(groups, d_g, c_g).transpose(1, 2), conv2_t)
-    return merged.view(groups, c_g, o_g, k * k).transpose(1, 2).reshape(out_ch, c_g, k, k)
-
-
 def _merge_1x1_kxk_backward(grad: Tensor, first: Tensor, conv2: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
-    """Gradients ``(d/d first, d/d conv2)`` of :func:`_merge_1x1_kxk` for the output gradient ``grad``."""
-    if _merge_by_conv(first, conv2, groups):
+    """Gradients ``(d/d first, d/d conv2)`` of :func:`acnet.transforms.merge_1x1_kxk_kernel` for ``grad``."""
+    if transforms.merge_by_conv(first, conv2, groups):
         grad_conv2, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad, conv2, first.transpose(0, 1), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
         return grad_weight.transpose(0, 1).reshape(first.shape), grad_conv2
