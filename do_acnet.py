@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Train an ACNet/DBB/baseline model, convert it and test the deploy weights (the original's entry point).
+"""Train an ACNet/DBB/OREPA/baseline model, convert it and test the deploy weights (the original's entry point).
 
-Train (CIFAR-10 ResNet-56 with ACBs; baseline with -b base; DBB with -b dbb)::
+Train (CIFAR-10 ResNet-56 with ACBs; baseline with -b base; DBB with -b dbb; OREPA with -b orepa)::
 
     python do_acnet.py -a src56 -b acb
     python do_acnet.py -a cfqkbnc -b acb --dataset synthetic --epochs 3      # offline smoke run, ~10 s on CPU
@@ -40,6 +40,7 @@ import torch
 
 import constructor
 import data
+from acnet.registry import block_type_names, get_block_type
 from train_configs import get_recipe
 from train_configs.recipes import Recipe, should_validate
 from utils.checkpoint import weights_argument
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-a", "--arch", required=True, choices=constructor.list_archs(), metavar="ARCH",
                         help="architecture: " + ", ".join(constructor.list_archs()))
     parser.add_argument("-b", "--block-type", "--block_type", dest="block_type", default="acb",
-                        choices=constructor.BLOCK_TYPES, help="conv-BN unit type (default: acb)")
+                        choices=block_type_names(), help="conv-BN unit type (default: acb)")
     parser.add_argument("-c", "--conti-or-fs", "--conti_or_fs", dest="conti_or_fs", default="fs",
                         choices=("fs", "continue"), help="fs: from scratch (default); continue: resume latest.pth")
     recipe = parser.add_argument_group("recipe overrides (defaults: train_configs/recipes.py for the arch)")
@@ -186,8 +187,8 @@ def experiment_name(args: argparse.Namespace, spec, dataset: str) -> str:
 
 
 def block_kwargs(block_type: str, recipe: Recipe) -> dict[str, Any]:
-    """Per-block options from the recipe: the ACB branches' initial BN weight (gamma init)."""
-    return {"gamma_init": recipe.gamma_init} if block_type == "acb" else {}
+    """Per-block options from the recipe, as the block registry names them (ACB: gamma init)."""
+    return {name: getattr(recipe, name) for name in get_block_type(block_type).recipe_options}
 
 
 def fail(message: str, rank: int, world_size: int, status: int = 1) -> NoReturn:

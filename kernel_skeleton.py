@@ -27,7 +27,8 @@ import numpy as np
 
 DEPLOY_FILE = "finish_deploy.hdf5"
 # Submodule names that only a training-time (unfused) weights file has (REFERENCE.md section 4).
-TRAINING_FORM_MARKERS = ("square_conv", "ver_conv", "hor_conv", "dbb_origin", "dbb_1x1", "dbb_1x1_kxk", "dbb_avg")
+TRAINING_FORM_MARKERS = ("square_conv", "ver_conv", "hor_conv", "dbb_origin", "dbb_1x1", "dbb_1x1_kxk", "dbb_avg",
+                         "weight_orepa_origin")
 
 
 class SkeletonError(Exception):

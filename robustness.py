@@ -191,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Top-1 on the test set as is, flipped left-right / up-down, rotated 90 / 180 degrees.")
     parser.add_argument("targets", nargs="+", type=Path, help="run directories or weights files")
     parser.add_argument("-a", "--arch", default=None, help="architecture (for a bare weights file)")
-    parser.add_argument("-b", "--block-type", default=None, help="base, acb or dbb (for a bare weights file)")
+    parser.add_argument("-b", "--block-type", default=None, help="base, acb, dbb or orepa (for a bare weights file)")
     parser.add_argument("--dataset", default=None, help="test set (default: the run's, else the arch's own)")
     parser.add_argument("--data-dir", default=None,
                         help="dataset root (default: the run's own, else <dataset>_data)")

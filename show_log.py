@@ -39,7 +39,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 from utils.stats import Summary, summarize, welch
 
-BLOCK_TYPES = ("base", "acb", "dbb")
+BLOCK_TYPES = ("base", "acb", "dbb", "orepa")  # = acnet.registry.block_type_names() (tests/test_registry.py)
 RUN_FILES = ("log.txt", "recipe.json", "summary.json")
 
 
@@ -62,6 +62,7 @@ class PublishedResult:
 ACNET_REPO = "ACNet repo"
 ACNET_PAPER = "ACNet paper"
 DBB_PAPER = "DBB paper T2"
+OREPA_PAPER = "OREPA paper T4"
 
 # Listed in order of preference: for an (arch, dataset, block) the first source reporting both the
 # baseline and that block type is shown. "acb" in the DBB paper is its own re-run of ACNet.
@@ -77,6 +78,9 @@ PUBLISHED_RESULTS: tuple[PublishedResult, ...] = (
     PublishedResult("sres18", "imagenet", DBB_PAPER, {"base": 69.54, "acb": 70.53, "dbb": 70.99}),
     PublishedResult("sres50", "imagenet", DBB_PAPER, {"base": 76.14, "acb": 76.46, "dbb": 76.71}),
     PublishedResult("smi1", "imagenet", DBB_PAPER, {"base": 71.89, "acb": 72.14, "dbb": 72.88}),
+    # OREPA (CVPR 2022) Table 4: ImageNet, 120 epochs, its own baseline and DBB re-runs.
+    PublishedResult("sres18", "imagenet", OREPA_PAPER, {"base": 71.21, "dbb": 71.77, "orepa": 72.13}),
+    PublishedResult("sres50", "imagenet", OREPA_PAPER, {"base": 76.70, "dbb": 76.89, "orepa": 77.31}),
 )
 
 

@@ -1,9 +1,10 @@
-"""acnet: structural re-parameterization blocks (ACB, DBB) and their exact fusion into one conv.
+"""acnet: structural re-parameterization blocks (ACB, DBB, OREPA) and their exact fusion into one conv.
 
 Depends on torch only (h5py for the hdf5 weight files).
 
-Blocks: :class:`ACBlock` (alias :class:`AsymConvBlock`), :class:`DiverseBranchBlock`, :class:`ConvBN`,
-all :class:`ReparamBlock` s (in eval mode each equals one conv with bias). Whole models:
+Blocks: :class:`ACBlock` (alias :class:`AsymConvBlock`), :class:`DiverseBranchBlock`, :class:`OREPABlock`,
+:class:`ConvBN`, all :class:`ReparamBlock` s (in eval mode each equals one conv with bias); the one
+registry of block types: :data:`BLOCK_REGISTRY` / :func:`get_block_type` (module :mod:`acnet.registry`). Whole models:
 :func:`convert_to_acnet` plugs blocks into any model, :func:`acnet_switch_to_deploy` turns every
 block into its plain conv, :func:`acnet_fuse_and_load` loads training-time weights into the
 unmodified baseline model. Weights: :func:`save_hdf5` / :func:`load_hdf5` (the original hdf5 format),
@@ -17,6 +18,8 @@ from .acb import ACBlock, AsymConvBlock
 from .base import ConvBN, ReparamBlock
 from .convert import acnet_fuse_and_load, acnet_switch_to_deploy, convert_to_acnet
 from .dbb import DiverseBranchBlock
+from .orepa import OREPABlock
+from .registry import BLOCK_REGISTRY, BlockType, get_block_type
 from .hdf5 import load_hdf5, save_hdf5
 from .weights import WeightsError, load_state_dict_file
 
@@ -28,6 +31,10 @@ __all__ = [
     "ACBlock",
     "AsymConvBlock",
     "DiverseBranchBlock",
+    "OREPABlock",
+    "BLOCK_REGISTRY",
+    "BlockType",
+    "get_block_type",
     "acnet_switch_to_deploy",
     "convert_to_acnet",
     "acnet_fuse_and_load",

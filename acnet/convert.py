@@ -4,7 +4,8 @@ fold training-time weights back into the unmodified baseline architecture.
 Three operations, all working on arbitrary ``nn.Module`` trees:
 
 * :func:`convert_to_acnet` finds every conv-BN pair (a KxK ``nn.Conv2d`` whose output goes only
-  into a ``BatchNorm2d``) and replaces the conv by an ACB/DBB and the BN by ``nn.Identity``.
+  into a ``BatchNorm2d``) and replaces the conv by an ACB/DBB/OREPA block (:mod:`acnet.registry`)
+  and the BN by ``nn.Identity``.
 * :func:`acnet_switch_to_deploy` replaces every :class:`~acnet.base.ReparamBlock` by the one
   ``nn.Conv2d(bias=True)`` it equals in eval mode.
 * :func:`acnet_fuse_and_load` loads training-time weights into the baseline model (the class the
@@ -28,9 +29,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .acb import ACBlock
-from .base import ConvBN, ReparamBlock
-from .dbb import DiverseBranchBlock
+from .base import ReparamBlock
+from .registry import BLOCK_REGISTRY, get_block_type
 from .weights import PathLike, WeightsError, as_state_dict, load_state_dict_file
 
 __all__ = [
@@ -44,8 +44,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Block types :func:`convert_to_acnet` plugs in, by name.
-BLOCK_CLASSES: Dict[str, type] = {"acb": ACBlock, "dbb": DiverseBranchBlock}
+#: Block types :func:`convert_to_acnet` plugs in, by name (from :mod:`acnet.registry`).
+BLOCK_CLASSES: Dict[str, type] = {name: t.block_class for name, t in BLOCK_REGISTRY.items() if not t.plain}
 
 BatchNormTypes = (nn.BatchNorm2d, nn.SyncBatchNorm)
 # Constructor arguments taken from the model, never from the caller's block_kwargs.
@@ -292,12 +292,14 @@ def convert_to_acnet(
 
 
 def _block_class(block_type: str) -> type:
+    """The class :func:`convert_to_acnet` plugs in for ``block_type`` (a non-plain registry entry)."""
     key = block_type.lower() if isinstance(block_type, str) else block_type
-    if key not in BLOCK_CLASSES:
+    pluggable = {name: t.block_class for name, t in BLOCK_REGISTRY.items() if not t.plain}
+    if key not in pluggable:
         raise ValueError(
-            f"unknown block_type {block_type!r}; valid block types: {', '.join(map(repr, BLOCK_CLASSES))}"
+            f"unknown block_type {block_type!r}; valid block types: {', '.join(map(repr, pluggable))}"
         )
-    return BLOCK_CLASSES[key]
+    return pluggable[key]
 
 
 def _check_block_options(block_class: type, block_kwargs: Dict[str, Any]) -> None:
@@ -381,14 +383,11 @@ def _block_geometry(conv: nn.Module, bn: nn.Module, sizes: frozenset, block_clas
     return geometry
 
 
-def _main_branch(block: nn.Module) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:
-    """The block's KxK conv and its BN (the branch that equals the original conv-BN pair)."""
-    if isinstance(block, ACBlock):
-        return block.square_conv, block.square_bn
-    if isinstance(block, DiverseBranchBlock):
-        return block.dbb_origin.conv, block.dbb_origin.bn
-    if isinstance(block, ConvBN):
-        return block.conv, block.bn
+def _main_branch(block: nn.Module) -> Tuple[Tensor, nn.BatchNorm2d]:
+    """The block's KxK weight and its BN (the branch that equals the original conv-BN pair)."""
+    for spec in BLOCK_REGISTRY.values():
+        if type(block) is spec.block_class:
+            return spec.main_branch(block)
     raise TypeError(f"no main branch known for {type(block).__name__}")
 
 
@@ -396,8 +395,8 @@ def _main_branch(block: nn.Module) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:
 def _copy_pair_into_block(conv: nn.Conv2d, bn: nn.Module, block: nn.Module) -> None:
     """Make ``block`` compute ``bn(conv(x))`` in eval mode: main branch = the pair, others zero."""
     block.single_init()
-    main_conv, main_bn = _main_branch(block)
-    main_conv.weight.copy_(conv.weight)
+    main_weight, main_bn = _main_branch(block)
+    main_weight.copy_(conv.weight)
     main_bn.weight.copy_(bn.weight if bn.affine else torch.ones_like(main_bn.weight))
     main_bn.bias.copy_(bn.bias if bn.affine else torch.zeros_like(main_bn.bias))
     mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
@@ -416,18 +415,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 # acnet_fuse_and_load
 # --------------------------------------------------------------------------------------------
-# How a block stored under a conv's name is recognised in a state dict: key -> block kind.
-_BLOCK_SIGNATURES: Tuple[Tuple[str, str], ...] = (
-    ("square_conv.weight", "acb"),
-    ("dbb_origin.conv.weight", "dbb"),
-    ("bn.running_mean", "base"),  # ConvBN: conv + bn
-    ("fused_conv.weight", "deployed"),
-    ("dbb_reparam.weight", "deployed"),
-    ("conv.weight", "wrapped conv"),  # a block holding one plain conv (e.g. a bias-free conv unit)
-)
-# Kinds stored as a ready kernel: the sub-module holding it.
-_READY_KERNEL_HOLDERS = ("fused_conv", "dbb_reparam", "conv")
-_FUSABLE_CLASSES: Dict[str, type] = {"acb": ACBlock, "dbb": DiverseBranchBlock, "base": ConvBN}
+def _ready_kernel_holders() -> Tuple[str, ...]:
+    """Sub-modules that hold a kernel stored ready: the deployed blocks' fused convs, then a wrapped conv."""
+    return tuple(dict.fromkeys(t.deploy_conv_name for t in BLOCK_REGISTRY.values())) + ("conv",)
+
+
+def _block_signatures() -> Tuple[Tuple[str, str], ...]:
+    """How a block stored under a conv's name is recognised in a state dict: ``(key, kind)`` in order.
+
+    The multi-branch blocks first (an OREPA block also holds ``bn.running_mean``, the plain unit's key).
+    """
+    return (tuple((t.signature, name) for name, t in BLOCK_REGISTRY.items() if not t.plain)
+            + tuple((t.signature, name) for name, t in BLOCK_REGISTRY.items() if t.plain)
+            + tuple((f"{holder}.weight", "deployed") for holder in _ready_kernel_holders()[:-1])
+            + (("conv.weight", "wrapped conv"),))  # a block holding one plain conv (e.g. a bias-free conv unit)
 
 
 def acnet_fuse_and_load(
@@ -443,9 +444,9 @@ def acnet_fuse_and_load(
     hdf5, see :func:`acnet.load_state_dict_file`); a ``module.`` prefix is stripped.
 
     For every ``nn.Conv2d`` named ``c`` in ``base_model`` whose weights hold a block under ``c.``
-    instead of ``c.weight`` (an ACB, a DBB, a ``ConvBN``; or a kernel stored ready, as an already
-    deployed ``fused_conv`` / ``dbb_reparam`` or a block wrapping one plain ``conv``), the block is rebuilt with that conv's geometry and the eps of the BN after it
-    (inferred: ACB ``use_affine`` from the keys, DBB internal channels from the 1x1-KxK branch's
+    instead of ``c.weight`` (an ACB, a DBB, an OREPA block, a ``ConvBN``: any type of
+    :mod:`acnet.registry`; or a kernel stored ready, as an already deployed ``fused_conv`` / ``dbb_reparam`` / ``orepa_reparam`` or a block wrapping one plain ``conv``), the block is rebuilt with that conv's geometry and the eps of the BN after it
+    (inferred: ACB ``use_affine`` from the keys, DBB / OREPA internal channels from the 1x1-KxK branch's
     shapes; ``block_kwargs`` override, ``block_type`` asserts the kind), loaded strictly, and its
     equivalent ``(K, b)`` is computed in float64 and written as:
 
@@ -463,9 +464,9 @@ def acnet_fuse_and_load(
     not fit the baseline conv, raise one :class:`acnet.WeightsError` listing them. The model is put
     in eval mode (its BNs hold folded statistics) and returned.
     """
-    if block_type is not None and block_type.lower() not in _FUSABLE_CLASSES:
+    if block_type is not None and block_type.lower() not in BLOCK_REGISTRY:
         raise ValueError(
-            f"unknown block_type {block_type!r}; valid block types: {', '.join(map(repr, _FUSABLE_CLASSES))}"
+            f"unknown block_type {block_type!r}; valid block types: {', '.join(map(repr, BLOCK_REGISTRY))}"
         )
     if isinstance(weights, (Mapping, nn.Module)):
         source = "the given state dict"
@@ -489,7 +490,7 @@ def acnet_fuse_and_load(
         kind = _stored_block_kind(state, prefix)
         if kind is None:
             continue
-        if block_type is not None and kind in _FUSABLE_CLASSES and kind != block_type.lower():
+        if block_type is not None and kind in BLOCK_REGISTRY and kind != block_type.lower():
             problems.append(f"'{conv_name}' holds a {kind} block, not the requested {block_type}")
             continue
         sub_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -552,7 +553,7 @@ def _block_prefix(modules: Mapping[str, nn.Module], conv_name: str, state: Mappi
 
 
 def _stored_block_kind(state: Mapping[str, Tensor], prefix: str) -> Optional[str]:
-    for suffix, kind in _BLOCK_SIGNATURES:
+    for suffix, kind in _block_signatures():
         if prefix + suffix in state:
             return kind
     return None
@@ -574,8 +575,8 @@ def _equivalent_kernel_bias(kind: str, sub_state: Dict[str, Tensor], conv: nn.Co
     """Rebuild the stored block on the baseline conv's geometry; its equivalent (K, b) in float64."""
     as64 = {k: (v.detach().to("cpu", torch.float64) if v.is_floating_point() else v.detach().cpu())
             for k, v in sub_state.items()}
-    if kind not in _FUSABLE_CLASSES:  # a kernel stored as it is: fused_conv / dbb_reparam / conv
-        holder = next(h for h in _READY_KERNEL_HOLDERS if f"{h}.weight" in as64)
+    if kind not in BLOCK_REGISTRY:  # a kernel stored as it is: fused_conv / dbb_reparam / orepa_reparam / conv
+        holder = next(h for h in _ready_kernel_holders() if f"{h}.weight" in as64)
         extra = sorted(set(as64) - {f"{holder}.weight", f"{holder}.bias"})
         if extra:
             raise ValueError(f"a {kind} holds only {holder}.weight and {holder}.bias, found also {extra}")
@@ -587,18 +588,13 @@ def _equivalent_kernel_bias(kind: str, sub_state: Dict[str, Tensor], conv: nn.Co
     geometry = _conv_geometry(conv)
     if isinstance(geometry, str):
         raise ValueError(geometry)
-    block_class = _FUSABLE_CLASSES[kind]
+    block_type = get_block_type(kind)
+    block_class = block_type.block_class
     if not _accepts(block_class, "padding_mode"):
         if geometry.pop("padding_mode") != "zeros":
             raise ValueError(f"{block_class.__name__} has no padding_mode")
-    inferred: Dict[str, Any] = {"bn_eps": bn.eps if bn is not None else 1e-5}
-    if kind == "acb":
-        inferred["use_affine"] = "hor_bn.weight" in as64
-    elif kind == "dbb":
-        if "dbb_1x1_kxk.conv1.weight" in as64:
-            inferred["internal_channels_1x1_3x3"] = as64["dbb_1x1_kxk.conv1.weight"].shape[0]
-        elif "dbb_1x1_kxk.idconv1.weight" in as64:
-            inferred["internal_channels_1x1_3x3"] = conv.in_channels
+    inferred: Dict[str, Any] = {"bn_eps": bn.eps if bn is not None else 1e-5,
+                                **block_type.stored_options(as64, conv.in_channels)}
     options = {**inferred, **block_kwargs}
     block = block_class(**geometry, **options).to(torch.float64)
     block.load_state_dict(as64, strict=True)

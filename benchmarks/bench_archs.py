@@ -3,15 +3,16 @@
 Training step = forward, cross-entropy, backward, SGD step (momentum 0.9), on random images.
 Inference = eval-mode forward under ``torch.inference_mode``. Variants:
 
-* training: ``base``, ``acb``, ``dbb`` training forms;
+* training: ``base``, ``acb``, ``dbb``, ``orepa`` training forms;
 * inference: ``base`` deploy model, ``acb`` training form (eval mode, unconverted), ``acb``
-  converted with ``acnet.acnet_switch_to_deploy`` (and ``dbb`` converted).
+  converted with ``acnet.acnet_switch_to_deploy`` (and ``dbb``, ``orepa`` converted).
 
 Timings on a shared machine are noisy, so every measurement round runs all variants of an
 architecture one after the other (alternated, the order rotating each round), and the tables give
 the median throughput over rounds and the median over rounds of each ratio to the baseline measured
 in the same round. Targets (CPU): converted / base deploy >= 0.97 (the deploy model costs nothing
-extra) and acb / base training >= 0.55 on the CIFAR archs.
+extra), and on the CIFAR archs acb / base training >= 0.55, orepa / base training >= 0.85 and
+orepa / dbb training >= 2.5 (online re-parameterization: one conv and one BN per block).
 
     python benchmarks/bench_archs.py --quick            # 3 rounds of 1 step, all default archs
     python benchmarks/bench_archs.py --archs src56 --rounds 9 --steps 3
@@ -37,10 +38,13 @@ from constructor import build_model, get_arch_spec, list_archs  # noqa: E402
 #: (arch, batch size) of the default table: the CIFAR archs at batch 128 (WRN-16-8 at 32) and
 #: ResNet-18 at batch 16 on 224x224.
 DEFAULT_BATCHES = {"cfqkbnc": 128, "vc": 128, "src56": 128, "src110": 128, "wrnc16plain": 32, "sres18": 16}
-TRAIN_VARIANTS = ("base", "acb", "dbb")
-INFER_VARIANTS = ("base deploy", "acb train form", "acb deploy", "dbb deploy")
+TRAIN_VARIANTS = ("base", "acb", "dbb", "orepa")
+INFER_VARIANTS = ("base deploy", "acb train form", "acb deploy", "dbb deploy", "orepa deploy")
+CONVERTED_TYPES = ("acb", "dbb", "orepa")
 TARGET_DEPLOY_RATIO = 0.97
 TARGET_ACB_TRAIN_RATIO = 0.55
+TARGET_OREPA_TRAIN_RATIO = 0.85
+TARGET_OREPA_OVER_DBB = 2.5
 
 
 @dataclass
@@ -81,19 +85,20 @@ def count_macs(model: nn.Module, input_size: int) -> int:
 
 def deploy_cost_table(archs: Sequence[str]) -> str:
     """Parameters and MACs/image of each block type's converted model next to the base deploy model's."""
+    names = ("base",) + CONVERTED_TYPES
     lines = ["Deploy models (converted from each training form): parameters and MACs per image",
-             f"{'arch':<12} {'params base':>12} {'params acb':>12} {'params dbb':>12} {'GMACs base':>11} "
-             f"{'GMACs acb':>10} {'GMACs dbb':>10}"]
+             f"{'arch':<12} " + " ".join(f"{'params ' + n:>13}" for n in names) + " "
+             + " ".join(f"{'GMACs ' + n:>11}" for n in names)]
     for arch in archs:
         size = get_arch_spec(arch).input_size
         models = [build_model(arch, "base", deploy=True)] + [
-            acnet_switch_to_deploy(build_model(arch, block_type)).to("meta") for block_type in ("acb", "dbb")
+            acnet_switch_to_deploy(build_model(arch, block_type)).to("meta") for block_type in CONVERTED_TYPES
         ]
         models[0] = models[0].to("meta")
         params = [sum(p.numel() for p in m.parameters()) for m in models]
         macs = [count_macs(m, size) / 1e9 for m in models]
-        lines.append(f"{arch:<12} {params[0]:>12,} {params[1]:>12,} {params[2]:>12,} {macs[0]:>11.4f} "
-                     f"{macs[1]:>10.4f} {macs[2]:>10.4f}")
+        lines.append(f"{arch:<12} " + " ".join(f"{p:>13,}" for p in params) + " "
+                     + " ".join(f"{m:>11.4f}" for m in macs))
     return "\n".join(lines)
 
 
@@ -168,6 +173,7 @@ def bench_arch(arch: str, batch: int, args: argparse.Namespace, device: torch.de
         "acb train form": acb,
         "acb deploy": prepared(acnet_switch_to_deploy(build_model(arch, "acb"))),
         "dbb deploy": prepared(acnet_switch_to_deploy(build_model(arch, "dbb"))),
+        "orepa deploy": prepared(acnet_switch_to_deploy(build_model(arch, "orepa"))),
     }
     infer_steps = {name: make_infer_step(model, images) for name, model in infer_models.items()}
     infer = measure(infer_steps, batch, args.rounds, args.steps, args.warmup, device)
@@ -176,27 +182,37 @@ def bench_arch(arch: str, batch: int, args: argparse.Namespace, device: torch.de
 
 def format_tables(results: Dict[str, Dict[str, Measurement]], batches: Dict[str, int]) -> str:
     lines = ["Training step (forward + loss + backward + SGD step), images/s (median), ratio = paired median",
-             f"{'arch':<12} {'batch':>5} {'base':>9} {'acb':>9} {'dbb':>9} {'acb/base':>9} {'dbb/base':>9}  target"]
+             f"{'arch':<12} {'batch':>5} {'base':>9} {'acb':>9} {'dbb':>9} {'orepa':>9} {'acb/base':>9} "
+             f"{'dbb/base':>9} {'orepa/b':>9} {'orepa/dbb':>9}  target"]
     for arch, result in results.items():
         m = results[arch]["train"]
-        acb_ratio = m.paired_ratio("acb", "base")
+        acb_ratio, orepa_ratio = m.paired_ratio("acb", "base"), m.paired_ratio("orepa", "base")
+        orepa_over_dbb = m.paired_ratio("orepa", "dbb")
         cifar = get_arch_spec(arch).dataset == "cifar10"
-        verdict = ("ok" if acb_ratio >= TARGET_ACB_TRAIN_RATIO else "BELOW") + f" (acb >= {TARGET_ACB_TRAIN_RATIO})" if cifar else "-"
+        verdict = "-"
+        if cifar:
+            ok = (acb_ratio >= TARGET_ACB_TRAIN_RATIO and orepa_ratio >= TARGET_OREPA_TRAIN_RATIO
+                  and orepa_over_dbb >= TARGET_OREPA_OVER_DBB)
+            verdict = (("ok" if ok else "BELOW") + f" (acb >= {TARGET_ACB_TRAIN_RATIO}, orepa >= "
+                       f"{TARGET_OREPA_TRAIN_RATIO}, orepa/dbb >= {TARGET_OREPA_OVER_DBB})")
         lines.append(
             f"{arch:<12} {batches[arch]:>5} {m.median('base'):>9.1f} {m.median('acb'):>9.1f} {m.median('dbb'):>9.1f} "
-            f"{acb_ratio:>9.3f} {m.paired_ratio('dbb', 'base'):>9.3f}  {verdict}"
+            f"{m.median('orepa'):>9.1f} {acb_ratio:>9.3f} {m.paired_ratio('dbb', 'base'):>9.3f} "
+            f"{orepa_ratio:>9.3f} {orepa_over_dbb:>9.3f}  {verdict}"
         )
     lines += ["", "Inference (eval forward), images/s (median), ratios to base deploy = paired median",
-              f"{'arch':<12} {'batch':>5} {'base dep':>9} {'acb trn':>9} {'acb dep':>9} {'dbb dep':>9} "
-              f"{'acbdep/b':>9} {'dbbdep/b':>9} {'acbtrn/b':>9}  target"]
+              f"{'arch':<12} {'batch':>5} {'base dep':>9} {'acb trn':>9} {'acb dep':>9} {'dbb dep':>9} {'orepa dep':>9} "
+              f"{'acbdep/b':>9} {'dbbdep/b':>9} {'orepdep/b':>9} {'acbtrn/b':>9}  target"]
     for arch in results:
         m = results[arch]["infer"]
         acb_deploy = m.paired_ratio("acb deploy", "base deploy")
         dbb_deploy = m.paired_ratio("dbb deploy", "base deploy")
-        ok = min(acb_deploy, dbb_deploy) >= TARGET_DEPLOY_RATIO
+        orepa_deploy = m.paired_ratio("orepa deploy", "base deploy")
+        ok = min(acb_deploy, dbb_deploy, orepa_deploy) >= TARGET_DEPLOY_RATIO
         lines.append(
             f"{arch:<12} {batches[arch]:>5} {m.median('base deploy'):>9.1f} {m.median('acb train form'):>9.1f} "
-            f"{m.median('acb deploy'):>9.1f} {m.median('dbb deploy'):>9.1f} {acb_deploy:>9.3f} {dbb_deploy:>9.3f} "
+            f"{m.median('acb deploy'):>9.1f} {m.median('dbb deploy'):>9.1f} {m.median('orepa deploy'):>9.1f} "
+            f"{acb_deploy:>9.3f} {dbb_deploy:>9.3f} {orepa_deploy:>9.3f} "
             f"{m.paired_ratio('acb train form', 'base deploy'):>9.3f}  "
             f"{'ok' if ok else 'BELOW'} (deploy >= {TARGET_DEPLOY_RATIO})"
         )

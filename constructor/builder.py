@@ -17,7 +17,7 @@ Which conv becomes a re-parameterizable block (the original rule): a KxK conv wi
 1x1 convs and the 7x7 ImageNet stem stay plain. The conv inside each unit takes one of these forms:
 
 ================  ===================  ==============================  ===========================
-conv of a unit    ``base`` training    ``acb`` / ``dbb`` training      deploy (any block type)
+conv of a unit    ``base`` training    ``acb``/``dbb``/``orepa``       deploy (any block type)
 ================  ===================  ==============================  ===========================
 ``conv_bn``       ``acnet.ConvBN``     block if 1 < K < 7, else ConvBN ``nn.Conv2d(bias=True)``
 ``conv``          :class:`BiasFreeConv` block if 1 < K < 7, else       ``nn.Conv2d(bias=True)``
@@ -43,9 +43,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 
-from acnet.acb import ACBlock
 from acnet.base import ConvBN, IntOrPair, ReparamBlock
-from acnet.dbb import DiverseBranchBlock
+from acnet.registry import BLOCK_REGISTRY, block_type_names
 
 __all__ = [
     "BLOCK_TYPES",
@@ -56,13 +55,12 @@ __all__ = [
     "is_reparameterizable_kernel",
 ]
 
-#: Block type name -> the class of re-parameterizable block it trains (``None``: plain conv-BN).
+#: Block type name -> the class of re-parameterizable block it trains (``None``: plain conv-BN), from
+#: the one registry of block types, :mod:`acnet.registry`.
 BLOCK_CLASSES: Dict[str, Optional[Callable[..., ReparamBlock]]] = {
-    "base": None,
-    "acb": ACBlock,
-    "dbb": DiverseBranchBlock,
+    name: None if spec.plain else spec.block_class for name, spec in BLOCK_REGISTRY.items()
 }
-BLOCK_TYPES: Tuple[str, ...] = tuple(BLOCK_CLASSES)
+BLOCK_TYPES: Tuple[str, ...] = block_type_names()
 
 #: Arguments the builder itself controls: not accepted as per-block options.
 _GEOMETRY_ARGS = frozenset(
@@ -304,6 +302,7 @@ def _square(kernel_size: IntOrPair) -> int:
 def make_builder(block_type: str = "base", deploy: bool = False, **block_kwargs: Any) -> ConvBuilder:
     """The builder for a block type name in ``BLOCK_TYPES``; ``block_kwargs``: ``bn_eps``,
     ``bn_momentum`` and the block's own options. Unknown names raise one ``ValueError``."""
-    if block_type not in BLOCK_CLASSES:
-        raise ValueError(f"unknown block type {block_type!r}; valid block types: {', '.join(BLOCK_TYPES)}")
-    return ConvBuilder(BLOCK_CLASSES[block_type], deploy=deploy, block_type=block_type, **block_kwargs)
+    if block_type not in BLOCK_REGISTRY:
+        raise ValueError(f"unknown block type {block_type!r}; valid block types: {', '.join(BLOCK_REGISTRY)}")
+    spec = BLOCK_REGISTRY[block_type]
+    return ConvBuilder(None if spec.plain else spec.block_class, deploy=deploy, block_type=block_type, **block_kwargs)

@@ -39,9 +39,46 @@ def test_bench_archs_prints_training_inference_and_deploy_size_tables():
     rows = [line for line in out.splitlines() if line.startswith("cfqkbnc ")]
     # per-arch progress tables, then the summary: training row, inference row, deploy-size row
     train, infer, size = rows[-3:]
-    assert re.search(r"(ok|BELOW) \(acb >= 0\.55\)$", train) and re.search(r"(ok|BELOW) \(deploy >= 0\.97\)$", infer)
-    for row, count in ((train, 5), (infer, 7)):  # images/s and ratios, before the verdict
+    assert re.search(r"(ok|BELOW) \(acb >= 0\.55, orepa >= 0\.85, orepa/dbb >= 2\.5\)$", train)
+    assert re.search(r"(ok|BELOW) \(deploy >= 0\.97\)$", infer)
+    for row, count in ((train, 8), (infer, 9)):  # images/s and ratios, before the verdict
         values = numbers(re.split(r"\s(?:ok|BELOW)\s", row)[0])
         assert len(values) == count and all(v > 0 and math.isfinite(v) for v in values)
     params = [int(v.replace(",", "")) for v in re.findall(r"\d{1,3}(?:,\d{3})+", size)]
-    assert len(params) == 3 and len(set(params)) == 1  # same deploy parameter count for base / acb / dbb
+    assert len(params) == 4 and len(set(params)) == 1  # same deploy parameter count for base / acb / dbb / orepa
+
+
+def test_bench_memory_counts_saved_tensors_per_image_and_fixed():
+    out = run_script("benchmarks/bench_memory.py", "--archs", "cfqkbnc", "--batch", "2", "--threads", "1")
+    row = next(line for line in out.splitlines() if line.startswith("cfqkbnc "))
+    assert re.search(r"(ok|ABOVE) \(orepa <= 1\.25\)$", row)
+    cells = row.split()[2:8]  # base, acb, acb-orig, dbb, dbb-orig, orepa: "per_image[+fixed]" MiB
+    per_image = [float(c.split("+")[0]) for c in cells]
+    base, acb, acb_orig, dbb, dbb_orig, orepa = per_image
+    assert acb > base and dbb > acb and acb_orig > base and dbb_orig > base
+    assert orepa == base  # the kernel assembly keeps no per-image tensor: one conv and one BN, as the base
+    ratios = numbers(" ".join(row.split()[8:13]))
+    assert len(ratios) == 5 and ratios[-1] < ratios[2]  # orepa below dbb
+
+
+def test_gpu_check_refuses_without_cuda_in_one_line_and_smoke_runs_on_cpu(tmp_path):
+    import json
+    import os
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--output", str(tmp_path / "x.json")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "no CUDA device" in refused.stderr
+    assert not (tmp_path / "x.json").exists()
+
+    output = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--steps", "1",
+                             "--no-compile", "--batch", "2", "--archs", "src56", "--output", str(output)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads(output.read_text())
+    assert record["ok"] and {r["block"] for r in record["blocks"]} == {"base", "acb", "dbb", "orepa"}
+    assert [r["block"] for r in record["runs"]] == ["base", "acb", "dbb", "orepa"]
+    assert all(r["deploy_error"] <= 1e-4 and r["images_per_sec"] > 0 for r in record["runs"])
+    assert "all checks passed" in result.stdout and "(c) eager training" in result.stdout

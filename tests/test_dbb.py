@@ -12,7 +12,7 @@ from torch import nn
 
 from acnet.base import ReparamBlock
 from acnet.dbb import BNAndPadLayer, DiverseBranchBlock, IdentityBasedConv1x1
-from helpers import randomize_
+from helpers import gradcheck_equivalent_kernel, randomize_
 
 
 def reference_forward(block: DiverseBranchBlock, x: torch.Tensor) -> torch.Tensor:
@@ -183,20 +183,8 @@ def test_single_init_block_equals_its_kxk_branch_in_eval_mode():
 
 def test_equivalent_kernel_passes_gradcheck():
     block = randomize_(DiverseBranchBlock(2, 2, 3, padding=1, internal_channels_1x1_3x3=2), 12).double().eval()
-
-    class Equivalent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = block
-
-        def forward(self):
-            return self.block.get_equivalent_kernel_bias()
-
-    wrapper = Equivalent()
-    names = [n for n, _ in wrapper.named_parameters()]
-    inputs = tuple(p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters())
+    names = gradcheck_equivalent_kernel(block)
     assert any("idconv1" in n for n in names) and any("dbb_avg.conv" in n for n in names)
-    assert torch.autograd.gradcheck(lambda *t: torch.func.functional_call(wrapper, dict(zip(names, t)), ()), inputs)
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,12 @@ def test_training_time_files_are_refused(tmp_path):
         "unit/bn.weight": np.ones(2, np.float32), "unit/bn.running_var": np.ones(2, np.float32)})
     with pytest.raises(ks.SkeletonError, match="training-time"):
         ks.skeleton_of_file(conv_bn)
+    from acnet import OREPABlock
+
+    orepa = tmp_path / "orepa_finish.hdf5"
+    save_hdf5({f"layer.{k}": v for k, v in OREPABlock(2, 2, 3, padding=1).state_dict().items()}, orepa)
+    with pytest.raises(ks.SkeletonError, match="training-time"):
+        ks.skeleton_of_file(orepa)
 
 
 def test_pre_activation_bn_of_a_deploy_file_is_accepted(tmp_path):

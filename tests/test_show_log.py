@@ -203,11 +203,14 @@ def test_dataset_of_an_unfinished_run_with_a_custom_name_comes_from_its_recipe(t
     ("sres18", "imagenet", "dbb", (69.54, 70.99)),
     ("smi1", "imagenet", "dbb", (71.89, 72.88)),
     ("vc", None, "dbb", (93.95, 94.62)),
+    ("sres18", "imagenet", "orepa", (71.21, 72.13)),  # OREPA paper Table 4, its own baseline
+    ("sres50", None, "orepa", (76.70, 77.31)),
 ])
 def test_published_reference(arch, dataset, block, expected):
     ref = show_log.published_reference(arch, dataset, block)
     assert (ref.top1["base"], ref.top1[block]) == expected
     assert show_log.published_reference("cfqkbnc", "cifar10", "dbb") is None
+    assert show_log.published_reference("src56", "cifar10", "orepa") is None
 
 
 # ------------------------------------------------------------------------------------ command line
