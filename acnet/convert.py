@@ -545,7 +545,7 @@ def _block_prefix(modules: Mapping[str, nn.Module], conv_name: str, state: Mappi
     parent, _, leaf = conv_name.rpartition(".")
     unit = modules.get(parent)
     if (leaf == "conv" and _stored_block_kind(state, prefix) is None and isinstance(unit, ReparamBlock)
-            and not isinstance(unit, (ACBlock, DiverseBranchBlock))):
+            and not isinstance(unit, tuple(BLOCK_CLASSES.values()))):
         unit_prefix = f"{parent}." if parent else ""
         if _stored_block_kind(state, unit_prefix) in ("acb", "dbb", "deployed"):
             return unit_prefix
