@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,8 +81,10 @@ def test_converting_nothing_warns_with_the_reasons():
     import torchvision
 
     with pytest.warns(UserWarning, match=r"no conv of DenseNet was replaced .*61 conv\(s\): its output does not go "
-                                         r"only into one BatchNorm2d; 58 conv\(s\): kernel size 1 not in kernel_sizes"):
+                                         r"only into one BatchNorm2d; 58 conv\(s\): kernel size 1 not in kernel_sizes") as caught:
         convert_to_acnet(torchvision.models.densenet121(weights=None), "acb")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"UserWarning: {caught[0].message}" in readme.splitlines()  # the README shows it as printed
     with pytest.warns(UserWarning, match="the model has no nn.Conv2d"):
         convert_to_acnet(nn.Sequential(nn.Linear(3, 3)), "acb")
     with warnings.catch_warnings():
