@@ -16,8 +16,10 @@ block once.
 from __future__ import annotations
 
 import inspect
+import shutil
 from typing import Any, Dict, List
 
+import pytest
 import torch
 
 import acnet
@@ -152,3 +154,22 @@ def test_the_benchmarked_shapes_stay_on_the_nhwc_path():
                       acnet.DiverseBranchBlock(channels, channels, k)):
             assert block.branches_nhwc()
             assert layout_of(branch_input(torch.randn(1, channels, hw, hw), block.branches_nhwc())) == torch.channels_last
+
+
+def run_compiled_case(case: Dict[str, Any]) -> Dict[str, Any]:
+    """Worker side: train the case's block through ``torch.compile`` (the compiler picks layouts itself)."""
+    block = make_block(case).train().to(memory_format=torch.channels_last)
+    compiled = torch.compile(block)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):  # heap corruption shows after a few steps
+        _train_step(compiled, _input(case, *SIZES[-1], gen), gen, "training the compiled block")
+    return {}
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_a_compiled_block_keeps_the_faulty_conv_off_nhwc():
+    # the ConvBN 1x1 downsampling crashed under torch.compile until run_conv ran eagerly there
+    cases = [dict(block="ConvBN", cin=3, cout=8, kernel=1, stride=2, groups=1, layout="channels_last_module")]
+    results = run_isolated("test_block_sweep:run_compiled_case", cases, 300.0)
+    assert not failures(cases, results), failures(cases, results)
