@@ -4,7 +4,8 @@ For each model (built untrained: ``weights=None`` / ``pretrained=False``, 10 cla
 ``convert_to_acnet``, one SGD step (gradient norm clipped to 1) in training mode on a small random batch, then in eval mode both
 ``acnet_switch_to_deploy`` (of a copy) and ``acnet_fuse_and_load`` into a freshly built model of the
 same name must equal the trained model (float32, relative difference <= 1e-5 of the output's
-scale). Each (model, block) runs in a worker subprocess (``tests/isolated.py``): a crash or a hang
+scale; for a model whose own float32 output is further than that from its float64 output,
+the check is made in float64 within 1e-7: "ok (f64)"). Each (model, block) runs in a worker subprocess (``tests/isolated.py``): a crash or a hang
 is that row's failure. Models without a BatchNorm2d are listed as skipped, with the reason.
 
     python benchmarks/zoo_check.py                        # the full zoo, acb and dbb (long: ~1 h on 2 cores)
@@ -32,11 +33,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from isolated import run_isolated  # noqa: E402
 
 TOLERANCE = 1e-5
+#: For models whose float32 output is itself further than TOLERANCE from float64 (ill-conditioned).
+TOLERANCE_FLOAT64 = 1e-7
 NUM_CLASSES = 10
 BLOCKS = ("acb", "dbb")
 CASE_TIMEOUT_S = 900.0
-#: Inputs smaller than 64x64 where a model needs more (inception_v3: 75).
-INPUT_SIZE = {"tv:inception_v3": 96}
+#: Larger inputs where a model needs more than 64x64 (inception_v3: 75; maxvit_t: its 7x7 windows at 224).
+INPUT_SIZE = {"tv:inception_v3": 96, "tv:maxvit_t": 224}
 #: The models the test suite checks (tests/test_zoo.py): one of each family's structures, all small.
 CI_MODELS = (
     "tv:resnet18", "tv:mobilenet_v3_small", "tv:shufflenet_v2_x0_5", "tv:regnet_y_400mf",
@@ -131,8 +134,18 @@ def check_model(case: Dict[str, Any]) -> Dict[str, Any]:
         fused = _output(acnet_fuse_and_load(fresh, model.state_dict()), x)
     if not torch.isfinite(expected).all():
         raise AssertionError("the trained model's eval output is not finite")
-    return {"blocks": blocks, "deploy_diff": _relative(deployed, expected), "fuse_diff": _relative(fused, expected),
-            "warnings": [str(w.message)[:300] for w in caught]}
+    result = {"blocks": blocks, "deploy_diff": _relative(deployed, expected), "fuse_diff": _relative(fused, expected),
+              "warnings": [str(w.message)[:300] for w in caught]}
+    if max(result["deploy_diff"], result["fuse_diff"]) > TOLERANCE:
+        # Is float32 itself that far off for this model? Then the exactness check is done in float64.
+        with torch.no_grad():
+            model64, x64 = copy.deepcopy(model).double(), x.double()
+            expected64 = _output(model64, x64)
+            result["float32_noise"] = _relative(expected.double(), expected64)
+            result["deploy_diff64"] = _relative(_output(acnet_switch_to_deploy(copy.deepcopy(model64)), x64), expected64)
+            fresh64 = acnet_fuse_and_load(build(spec).double(), model.state_dict())
+            result["fuse_diff64"] = _relative(_output(fresh64, x64), expected64)
+    return result
 
 
 def verdict(result: Dict[str, Any]) -> Tuple[str, str]:
@@ -142,7 +155,13 @@ def verdict(result: Dict[str, Any]) -> Tuple[str, str]:
             return "FAIL", f"{kind}: {result[kind]}"
     diff = max(result["deploy_diff"], result["fuse_diff"])
     if diff > TOLERANCE:
-        return "FAIL", f"deploy {result['deploy_diff']:.1e}, fuse-and-load {result['fuse_diff']:.1e} > {TOLERANCE:g}"
+        detail = f"float32: deploy {result['deploy_diff']:.1e}, fuse-and-load {result['fuse_diff']:.1e} > {TOLERANCE:g}"
+        noise = result.get("float32_noise", 0.0)
+        diff64 = max(result.get("deploy_diff64", 1.0), result.get("fuse_diff64", 1.0))
+        if noise <= TOLERANCE or diff64 > TOLERANCE_FLOAT64:
+            return "FAIL", detail + (f"; float64 {diff64:.1e}" if "fuse_diff64" in result else "")
+        return "ok (f64)", (f"{detail}, but the trained model's own float32 output is {noise:.1e} off its float64 "
+                            f"output; in float64 deploy and fuse-and-load are within {diff64:.1e}")
     if result["blocks"] == 0:
         return "no blocks", (result["warnings"] or ["-"])[0]
     return "ok", ""
@@ -158,7 +177,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     specs = list(CI_MODELS) if args.ci else (args.models or all_models())
 
     print(f"torch {torch.__version__}; one SGD step at batch 2, 64x64 input; ok = deploy and fuse-and-load "
-          f"equal the trained model within {TOLERANCE:g} (relative), float32", flush=True)
+          f"equal the trained model within {TOLERANCE:g} (relative), float32; 'ok (f64)': float32 itself is further "
+          f"off for that model, checked in float64 within {TOLERANCE_FLOAT64:g}", flush=True)
     header = f"{'model':<38} {'block':<5} {'#blocks':>7} {'status':<9} {'rel diff':>9} {'seconds':>7}  detail"
     print(header)
     print("-" * len(header), flush=True)

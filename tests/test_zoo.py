@@ -28,7 +28,7 @@ def test_zoo_subset_deploys_and_fuses_to_the_trained_model():
     results = run_isolated("benchmarks.zoo_check:check_model", cases, CASE_TIMEOUT_S)
     rows = {(c["model"], c["block"]): (verdict(r), r) for c, r in zip(cases, results)}
     bad = [f"{model} {block}: {status} {detail}" for (model, block), ((status, detail), _) in rows.items()
-           if status != "ok"]
+           if not status.startswith("ok")]
     assert not bad, "\n".join(bad)
     # timm's efficientnet_b0 normalises with BatchNormAct2d: its 17 3x3 / 5x5 conv-BN pairs all convert
     assert all(rows[("timm:efficientnet_b0", block)][1]["blocks"] == 17 for block in BLOCKS)
