@@ -294,10 +294,24 @@ def run_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``conv(x)``; on CPU a conv for which :func:`nhwc_faulty` holds gets an NCHW input and weight.
 
     A weight made NHWC-strided by ``module.to(memory_format=torch.channels_last)`` is given NCHW
-    strides again in place (the same values: only the strides of its size-1 dims change).
+    strides again in place (the same values: only the strides of its size-1 dims change). Under
+    ``torch.compile`` that conv runs eagerly (a graph break): the compiler chooses its own layouts.
     """
     if x.device.type != "cpu" or not nhwc_faulty(conv):
         return conv(x)
+    return _run_conv_nchw(conv, x)
+
+
+try:
+    _not_compiled = torch.compiler.disable
+except AttributeError:  # torch < 2.1
+    import torch._dynamo
+
+    _not_compiled = torch._dynamo.disable
+
+
+@_not_compiled
+def _run_conv_nchw(conv: nn.Conv2d, x: Tensor) -> Tensor:
     x = as_nchw(x)
     weight = conv.weight
     if weight.stride() != _nchw_strides(weight.shape):

@@ -22,7 +22,8 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections import OrderedDict
+import warnings
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -48,6 +49,13 @@ logger = logging.getLogger(__name__)
 BLOCK_CLASSES: Dict[str, type] = {name: t.block_class for name, t in BLOCK_REGISTRY.items() if not t.plain}
 
 BatchNormTypes = (nn.BatchNorm2d, nn.SyncBatchNorm)
+#: BatchNorm2d subclasses whose forward is verified to be ``tail(batch_norm(x))`` (the parent's
+#: batch-norm, then the named children in this order), by exact class: the block takes the conv and the
+#: BN, ``nn.Sequential`` of these children (same names, so same state-dict keys) takes the BN's place.
+#: timm's BatchNormAct2d (timm >= 0.9, checked on 1.0): F.batch_norm as nn.BatchNorm2d, then drop, act.
+NORM_ACT_CLASSES: Dict[str, Tuple[str, ...]] = {
+    "timm.layers.norm_act.BatchNormAct2d": ("drop", "act"),
+}
 # Constructor arguments taken from the model, never from the caller's block_kwargs.
 _RESERVED_BLOCK_KWARGS = (
     "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
@@ -136,10 +144,11 @@ def find_conv_bn_pairs(model: nn.Module) -> List[ConvBNPair]:
 
 
 class _BlockOpaqueTracer(torch.fx.Tracer):
-    """fx tracer that keeps re-param blocks (as well as torch.nn layers) as single call_module nodes."""
+    """fx tracer that keeps re-param blocks, BN subclasses (e.g. timm's BatchNormAct2d) and torch.nn
+    layers as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, ReparamBlock) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (ReparamBlock, *BatchNormTypes)) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _pairs_by_dataflow(model: nn.Module) -> List[ConvBNPair]:
@@ -221,11 +230,14 @@ def convert_to_acnet(
     stem and 1x1 convs stay), square stride and dilation, symmetric padding (``'same'``/``'valid'``
     resolved), a ``padding_mode`` the block supports, and the BN tracks running statistics over
     the conv's output channels; and when the block accepts that geometry (e.g. ACB needs an odd
-    ``K >= 3``). Other convs are left as they are (logged at debug level with the reason).
+    ``K >= 3``). Other convs are left as they are (logged at debug level with the reason); a
+    ``UserWarning`` counts the reasons when no conv is replaced, and names refused BN subclasses.
 
     The conv is replaced by ``BLOCK_CLASSES[block_type](in, out, K, stride, padding, dilation,
     groups, [padding_mode,] bn_eps=bn.eps, bn_momentum=bn.momentum, **block_kwargs)`` on the conv's
-    device and dtype (frozen if the conv was frozen), the BN by ``nn.Identity``. ``block_kwargs``
+    device and dtype (frozen if the conv was frozen), the BN by ``nn.Identity`` -- or, for a BN
+    subclass that also applies an activation (timm's ``BatchNormAct2d``), by what it applies after
+    normalising (:func:`bn_tail`; other BN subclasses are refused). ``block_kwargs``
     are the block's own options (``gamma_init``, ``use_affine``, ``reduce_gamma``,
     ``internal_channels_1x1_3x3``, ``bn_momentum``, ...); the geometry and ``bn_eps`` always come
     from the model, and ``nonlinear`` is refused (it would change the function, and the result
@@ -261,21 +273,23 @@ def convert_to_acnet(
             "branches at zero; drop use_affine=False or keep_weights=True"
         )
 
-    converted, skipped = 0, 0
-    for pair in find_conv_bn_pairs(model):
+    pairs = find_conv_bn_pairs(model)
+    converted, kept = 0, Counter()
+    for pair in pairs:
         conv = model.get_submodule(pair.conv_name)
         bn = model.get_submodule(pair.bn_name)
-        geometry = _block_geometry(conv, bn, sizes, block_class)
+        tail = bn_tail(bn)
+        geometry = tail if isinstance(tail, str) else _block_geometry(conv, bn, sizes, block_class)
         if isinstance(geometry, str):
             logger.debug("convert_to_acnet: keeping %s as it is: %s", pair.conv_name, geometry)
-            skipped += 1
+            kept[geometry] += 1
             continue
         try:
             block = block_class(**geometry, bn_eps=bn.eps, **{"bn_momentum": bn.momentum, **block_kwargs})
         except ValueError as exc:
             logger.debug("convert_to_acnet: keeping %s as it is: %s cannot represent it (%s)",
                          pair.conv_name, block_class.__name__, exc)
-            skipped += 1
+            kept[f"{block_class.__name__} cannot represent its geometry (see the debug log)"] += 1
             continue
         block = block.to(device=conv.weight.device, dtype=conv.weight.dtype)
         if keep_weights:
@@ -284,11 +298,62 @@ def convert_to_acnet(
             block.requires_grad_(False)
         block.train(conv.training)
         _set_submodule(model, pair.conv_name, block)
-        _set_submodule(model, pair.bn_name, nn.Identity())
+        _set_submodule(model, pair.bn_name, tail)
         converted += 1
-    logger.info("convert_to_acnet: %d conv-BN pair(s) replaced by %s, %d left as they are",
-                converted, block_class.__name__, skipped)
+    paired = {p.conv_name for p in pairs}
+    unpaired = sum(1 for name, m in _modules_outside_blocks(model) if isinstance(m, nn.Conv2d) and name not in paired)
+    if unpaired:
+        kept["its output does not go only into one BatchNorm2d"] = unpaired
+    present = sum(1 for _, m in _modules_outside_blocks(model) if isinstance(m, ReparamBlock))
+    if present:
+        kept["already a re-param block"] = present
+    logger.info("convert_to_acnet: %d conv-BN pair(s) replaced by %s, %d conv(s) / block(s) left as they are",
+                converted, block_class.__name__, sum(kept.values()))
+    refused_bns = {reason: n for reason, n in kept.items() if reason.startswith(_UNVERIFIED_BN)}
+    if converted == 0:
+        reasons = "; ".join(f"{n} conv(s): {reason}" for reason, n in kept.most_common()) or "the model has no nn.Conv2d"
+        warnings.warn(f"convert_to_acnet: no conv of {type(model).__name__} was replaced by {block_class.__name__} "
+                      f"({reasons})", stacklevel=2)
+    elif refused_bns:
+        warnings.warn("convert_to_acnet: " + "; ".join(f"{n} conv(s) kept: {r}" for r, n in refused_bns.items()),
+                      stacklevel=2)
     return model
+
+
+_UNVERIFIED_BN = "its BN is a"
+
+
+def bn_tail(bn: nn.Module) -> Union[nn.Module, str]:
+    """What stays in the BN's place when a block takes the conv and ``bn``, or why ``bn`` cannot be taken.
+
+    ``nn.Identity`` for ``nn.BatchNorm2d`` / ``nn.SyncBatchNorm``; for a class of
+    :data:`NORM_ACT_CLASSES`, ``nn.Sequential`` of its post-norm children under their own names
+    (so the trained model computes what the BN subclass computes, with the same state-dict keys);
+    any other ``BatchNorm2d`` subclass (its forward may differ from a BN's) is refused.
+    """
+    cls = type(bn)
+    if cls in BatchNormTypes:
+        return nn.Identity()
+    children = NORM_ACT_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
+    own = {name for name, _ in bn.named_parameters(recurse=False)} | {name for name, _ in bn.named_buffers(recurse=False)}
+    if children is None or set(bn._modules) != set(children) or not own <= _BN_TENSORS:
+        return (f"{_UNVERIFIED_BN} {cls.__module__}.{cls.__qualname__}, a BatchNorm2d subclass whose forward "
+                "acnet cannot verify (supported: nn.BatchNorm2d, nn.SyncBatchNorm, "
+                f"{', '.join(NORM_ACT_CLASSES)})")
+    return nn.Sequential(OrderedDict((name, bn._modules[name]) for name in children))
+
+
+_BN_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def _modules_outside_blocks(model: nn.Module) -> Iterable[Tuple[str, nn.Module]]:
+    """``named_modules()`` without the insides of re-param blocks."""
+    def visit(module: nn.Module, prefix: str):
+        for name, child in module.named_children():
+            yield prefix + name, child
+            if not isinstance(child, ReparamBlock):
+                yield from visit(child, prefix + name + ".")
+    yield from visit(model, "")
 
 
 def _block_class(block_type: str) -> type:
@@ -608,7 +673,8 @@ def _place_kernel_bias(conv_name: str, conv: nn.Conv2d, bn_name: Optional[str], 
                        values: Dict[str, Tensor], consumed: set) -> List[str]:
     """Write ``(K, b)`` into the baseline conv (and the BN it feeds); returns the problems found."""
     prefix = f"{conv_name}." if conv_name else ""
-    bn_is_stored = bn_name is not None and any(k.startswith(bn_name + ".") for k in state)
+    # its own tensors, not those of a kept tail (e.g. timm BatchNormAct2d's ``act``)
+    bn_is_stored = bn_name is not None and any(f"{bn_name}.{t}" in state for t in _BN_TENSORS)
     if bn is not None and bn_is_stored:
         # The block was followed by a BN that was kept: bn(Kx + b) == bn'(Kx + 0), mean' = mean - b.
         mean_key = f"{bn_name}.running_mean"

@@ -1,23 +1,25 @@
 """Crash sweep: every block type trains (forward + backward) on every small geometry and layout.
 
 PyTorch's CPU weight gradient of a 1x1 strided conv on NHWC data with few input channels crashes
-or corrupts the heap (see ``acnet.base.NHWC_MIN_CHANNELS``); a block that sent such a conv to
+or corrupts the heap (see ``acnet.base.NHWC_STRIDED_1X1_MIN_CHANNELS``); a block that sent such a conv to
 oneDNN killed the whole process. Each case here runs in a worker subprocess
 (``tests/isolated.py``), so a crash or a hang fails its case and the sweep goes on.
 
 Cases: every block type acnet exports (:func:`block_types`) x input channels 1..16 x stride 1, 2
-x kernel 1, 3, 5 (where the block accepts it) x groups 1 and depthwise x input layout NCHW,
-channels_last, and channels_last with the module converted too (``module.to(memory_format=
-torch.channels_last)``, which makes even 1x1 weights NHWC-strided). Each case trains on a 1x1, a
-5x7 and a 64x64 map (the large one is where the oneDNN fault shows), checks every output and
+x kernel 1, 3, 5 where the block accepts it (and 3 with dilation 2 for a few channel counts)
+x groups 1 and depthwise x input layout NCHW, channels_last, and channels_last with the module
+converted too (``module.to(memory_format=torch.channels_last)``, which makes even 1x1 weights
+NHWC-strided). Each case trains on a 1x1, a 5x7 and a 64x64 map (the large one is where the oneDNN fault shows), checks every output and
 gradient is finite, checks the eval-mode block equals its deploy conv, then trains the deployed
 block once.
 """
 from __future__ import annotations
 
 import inspect
+import shutil
 from typing import Any, Dict, List
 
+import pytest
 import torch
 
 import acnet
@@ -29,6 +31,7 @@ CHANNELS = range(1, 17)
 STRIDES = (1, 2)
 KERNELS = (1, 3, 5)
 LAYOUTS = ("nchw", "channels_last", "channels_last_module")
+DILATED_CHANNELS = (1, 2, 3, 8, 15, 16)  # a 3x3 dilation-2 case for these input channel counts
 SIZES = ((2, 1, 1), (2, 5, 7), (2, 64, 64))  # (batch, height, width)
 OUT_CHANNELS = 8  # groups=1 cases; depthwise cases keep the channel count
 CASE_TIMEOUT_S = 60.0
@@ -59,8 +62,9 @@ def sweep_cases() -> List[Dict[str, Any]]:
             for groups in sorted({1, cin}):
                 cout = OUT_CHANNELS if groups == 1 else cin
                 for stride in STRIDES:
-                    for kernel in KERNELS:
-                        case = dict(block=name, cin=cin, cout=cout, kernel=kernel, stride=stride, groups=groups)
+                    for kernel, dilation in [(k, 1) for k in KERNELS] + [(3, 2)] * (cin in DILATED_CHANNELS):
+                        case = dict(block=name, cin=cin, cout=cout, kernel=kernel, stride=stride, groups=groups,
+                                    dilation=dilation)
                         try:
                             make_block(case)
                         except ValueError:
@@ -152,3 +156,22 @@ def test_the_benchmarked_shapes_stay_on_the_nhwc_path():
                       acnet.DiverseBranchBlock(channels, channels, k)):
             assert block.branches_nhwc()
             assert layout_of(branch_input(torch.randn(1, channels, hw, hw), block.branches_nhwc())) == torch.channels_last
+
+
+def run_compiled_case(case: Dict[str, Any]) -> Dict[str, Any]:
+    """Worker side: train the case's block through ``torch.compile`` (the compiler picks layouts itself)."""
+    block = make_block(case).train().to(memory_format=torch.channels_last)
+    compiled = torch.compile(block)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):  # heap corruption shows after a few steps
+        _train_step(compiled, _input(case, *SIZES[-1], gen), gen, "training the compiled block")
+    return {}
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_a_compiled_block_keeps_the_faulty_conv_off_nhwc():
+    # the ConvBN 1x1 downsampling crashed under torch.compile until run_conv ran eagerly there
+    cases = [dict(block="ConvBN", cin=3, cout=8, kernel=1, stride=2, groups=1, dilation=1, layout="channels_last_module")]
+    results = run_isolated("test_block_sweep:run_compiled_case", cases, 300.0)
+    assert not failures(cases, results), failures(cases, results)

@@ -1,0 +1,92 @@
+"""Model zoo (subset): acnet's blocks on torchvision and timm models, trained one step, then deployed and
+fused into a fresh model, each (model, block) in a worker subprocess.
+
+The whole zoo runs in ``benchmarks/zoo_check.py`` (too long for CI); this is its ``--ci`` subset:
+one model per structural family (residual, inverted-residual with SE, channel shuffle, RegNet,
+a segmentation head, timm's BatchNormAct2d models).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from acnet import ReparamBlock, acnet_fuse_and_load, convert_to_acnet
+from acnet.convert import bn_tail
+from benchmarks.zoo_check import BLOCKS, CASE_TIMEOUT_S, CI_MODELS, verdict
+from isolated import run_isolated
+
+timm = pytest.importorskip("timm")
+
+
+def test_zoo_subset_deploys_and_fuses_to_the_trained_model():
+    cases = [{"model": spec, "block": block} for spec in CI_MODELS for block in BLOCKS]
+    results = run_isolated("benchmarks.zoo_check:check_model", cases, CASE_TIMEOUT_S)
+    rows = {(c["model"], c["block"]): (verdict(r), r) for c, r in zip(cases, results)}
+    bad = [f"{model} {block}: {status} {detail}" for (model, block), ((status, detail), _) in rows.items()
+           if not status.startswith("ok")]
+    assert not bad, "\n".join(bad)
+    # timm's efficientnet_b0 normalises with BatchNormAct2d: its 17 3x3 / 5x5 conv-BN pairs all convert
+    assert all(rows[("timm:efficientnet_b0", block)][1]["blocks"] == 17 for block in BLOCKS)
+
+
+def test_timm_batchnormact_keeps_its_activation_and_fuses_into_a_fresh_model():
+    from timm.layers import BatchNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), BatchNormAct2d(8, act_layer=nn.Hardswish))
+    fresh = copy.deepcopy(model)  # the unconverted model, to fuse into
+    convert_to_acnet(model, "acb")
+    assert isinstance(model[0], ReparamBlock) and isinstance(model[1].act, nn.Hardswish)
+    x = torch.randn(2, 3, 9, 9)
+    model.train()
+    model(x).sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.1 * p.grad)
+    model.eval()
+    expected = model(x)
+    assert (expected >= -0.375 - 1e-6).all()  # the hardswish is applied (its minimum is -3/8)
+    torch.testing.assert_close(acnet_fuse_and_load(fresh, model.state_dict())(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _ScaledBN(nn.BatchNorm2d):
+    """A BN subclass whose forward is not a BN's: acnet must not take it."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_an_unverified_bn_subclass_is_refused_with_a_warning():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _ScaledBN(8), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+    assert isinstance(bn_tail(model[1]), str)
+    with pytest.warns(UserWarning, match=r"1 conv\(s\) kept: its BN is a .*_ScaledBN"):
+        convert_to_acnet(model, "dbb")
+    assert isinstance(model[0], nn.Conv2d) and isinstance(model[1], _ScaledBN)  # left as they were
+    assert isinstance(model[2], ReparamBlock)  # the plain pair still converts
+
+
+def test_a_timm_batchnormact_with_extra_children_is_refused():
+    from timm.layers import BatchNormAct2d
+
+    bn = BatchNormAct2d(8)
+    bn.extra = nn.Identity()  # no longer the verified structure (bn -> drop -> act)
+    assert isinstance(bn_tail(bn), str)
+
+
+def test_converting_nothing_warns_with_the_reasons():
+    import torchvision
+
+    with pytest.warns(UserWarning, match=r"no conv of DenseNet was replaced .*61 conv\(s\): its output does not go "
+                                         r"only into one BatchNorm2d; 58 conv\(s\): kernel size 1 not in kernel_sizes") as caught:
+        convert_to_acnet(torchvision.models.densenet121(weights=None), "acb")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"UserWarning: {caught[0].message}" in readme.splitlines()  # the README shows it as printed
+    with pytest.warns(UserWarning, match="the model has no nn.Conv2d"):
+        convert_to_acnet(nn.Sequential(nn.Linear(3, 3)), "acb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model that converts says nothing
+        convert_to_acnet(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), "acb")
