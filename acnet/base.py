@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from . import transforms
 
-__all__ = ["ReparamBlock", "ConvBN", "PADDING_MODES", "branch_input", "branch_bn_sum", "run_conv"]
+__all__ = ["ReparamBlock", "ConvBN", "PADDING_MODES", "branch_input", "branch_bn_sum", "run_conv", "conv2d"]
 
 IntOrPair = Union[int, Sequence[int]]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -257,10 +257,20 @@ def layout_of(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _pair(value: IntOrPair) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def nhwc_faulty_geometry(kernel_size: IntOrPair, stride: IntOrPair, groups: int, in_channels: int) -> bool:
+    """True for a conv geometry whose CPU NHWC weight gradient oneDNN gets wrong
+    (:data:`NHWC_STRIDED_1X1_MIN_CHANNELS`)."""
+    return (_pair(kernel_size) == (1, 1) and _pair(stride) != (1, 1) and groups == 1
+            and in_channels < NHWC_STRIDED_1X1_MIN_CHANNELS)
+
+
 def nhwc_faulty(conv: nn.Conv2d) -> bool:
-    """True for a conv whose CPU NHWC weight gradient oneDNN gets wrong (:data:`NHWC_STRIDED_1X1_MIN_CHANNELS`)."""
-    return (tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) != (1, 1) and conv.groups == 1
-            and conv.in_channels < NHWC_STRIDED_1X1_MIN_CHANNELS)
+    """True for a conv whose CPU NHWC weight gradient oneDNN gets wrong (:func:`nhwc_faulty_geometry`)."""
+    return nhwc_faulty_geometry(conv.kernel_size, conv.stride, conv.groups, conv.in_channels)
 
 
 def has_nhwc_faulty_conv(module: nn.Module) -> bool:
@@ -319,6 +329,21 @@ def _run_conv_nchw(conv: nn.Conv2d, x: Tensor) -> Tensor:
             return conv._conv_forward(x, as_nchw(weight), conv.bias)
         weight.data = as_nchw(weight.data)
     return conv(x)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: IntOrPair, padding: IntOrPair,
+           dilation: IntOrPair, groups: int) -> Tensor:
+    """``F.conv2d`` for a kernel built at run time; on CPU a geometry for which
+    :func:`nhwc_faulty_geometry` holds gets NCHW input and weight (run eagerly under ``torch.compile``)."""
+    if x.device.type == "cpu" and nhwc_faulty_geometry(weight.shape[2:], stride, groups, weight.shape[1]):
+        return _conv2d_nchw(x, weight, bias, stride, padding, dilation, groups)
+    return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+@_not_compiled
+def _conv2d_nchw(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: IntOrPair, padding: IntOrPair,
+                 dilation: IntOrPair, groups: int) -> Tensor:
+    return torch.nn.functional.conv2d(as_nchw(x), as_nchw(weight), bias, stride, padding, dilation, groups)
 
 
 def branch_input(x: Tensor, nhwc: bool = True) -> Tensor:

@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import init
 
 from . import transforms
-from .base import IntOrPair, ReparamBlock
+from .base import IntOrPair, ReparamBlock, conv2d, run_conv
 
 __all__ = ["OREPABlock", "OREPA_BRANCHES", "OREPA_INITIAL_SCALES"]
 
@@ -180,12 +180,12 @@ class OREPABlock(ReparamBlock):
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if self.padding_mode != "zeros":
             x = F.pad(x, [self.padding] * 4, mode=self.padding_mode)
-            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
-            return self.nonlinear(self.orepa_reparam(x))
+            return self.nonlinear(run_conv(self.orepa_reparam, x))
         return self.nonlinear(self.bn(self._conv(x, self.weight_gen())))
 
     # --- fusion -----------------------------------------------------------------------------
