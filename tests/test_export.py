@@ -199,3 +199,23 @@ def test_cli_unwritable_out_is_one_line(run_copy, tmp_path, capsys):
 def test_cli_usage_errors(extra, message, capsys):
     status, _, err = cli(["-a", "cfqkbnc", *extra], capsys)
     assert status == 2 and message in err
+
+
+def test_bench_deploy_prints_the_table_for_a_run(run_copy, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    exps = tmp_path / "exps"
+    exps.mkdir()
+    deploy_top1 = json.loads((run_copy / "summary.json").read_text())["deploy_top1"]
+    shutil.move(str(run_copy), exps / "cfqkbnc_acb_synthetic_train")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_deploy.py"), "--exps", str(exps),
+                             "--archs", "cfqkbnc", "--batch", "2", "--rounds", "1", "--steps", "1", "--threads", "1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| cfqkbnc | acb |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "synthetic" and float(cells[3]) == pytest.approx(deploy_top1, abs=0.01)
+    assert cells[4] == cells[5] == cells[6] == "-"  # no PTQ / QAT run yet
+    assert all(float(c) > 0 for c in cells[7:])
