@@ -33,3 +33,17 @@ def on_meta(arch: str, block_type: str = "base", deploy: bool = False, **kwargs)
     """The model built on the meta device: structure and shapes without initialisation cost."""
     with torch.device("meta"):
         return build_model(arch, block_type, deploy=deploy, **kwargs)
+
+
+def mild_bn_statistics_(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BN running statistics and affine parameters that keep deep nets finite (eval mode)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model.eval()

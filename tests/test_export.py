@@ -18,23 +18,10 @@ import constructor
 import do_acnet
 from acnet import acnet_switch_to_deploy, convert_to_acnet
 from acnet.export import ExportError, MissingExtraError, export_onnx, onnx_op_counts
+from helpers import mild_bn_statistics_
 from utils.deploy import int8_path
 
 SMALL_INPUT = 32  # every arch (ImageNet ones too) runs on 32x32; the graph does not depend on the size
-
-
-def mild_bn_statistics_(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BN running statistics and affine parameters that keep deep nets finite."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model.eval()
 
 
 def ort_run(path, x: torch.Tensor) -> torch.Tensor:

@@ -19,19 +19,7 @@ import do_acnet
 from acnet import ACBlock, ConvBN, DiverseBranchBlock, load_hdf5
 from acnet.quant import (INT8_MAX, ActivationQuantizer, FrozenBatchNorm2d, QATUnit, activation_qparams, convert_qat,
                          fake_quantize, prepare_qat, qat_units, weight_scale)
-
-
-def mild_bn_(model: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model
+from helpers import mild_bn_statistics_
 
 
 @given(st.integers(1, 6), st.integers(1, 4), st.sampled_from([1, 3]), st.integers(0, 2 ** 31 - 1),
@@ -78,7 +66,7 @@ def test_activation_range_follows_onnxruntime_rule():
 ])
 def test_qat_unit_is_the_quantized_equivalent_conv_and_trains_every_branch(make):
     torch.manual_seed(0)
-    block = mild_bn_(make(), 1)
+    block = mild_bn_statistics_(make(), 1)
     bn_state = {k: v.clone() for k, v in block.state_dict().items() if "running" in k}
     unit = QATUnit(block).train()
     x = torch.randn(3, 4, 8, 8)
@@ -104,7 +92,7 @@ def test_qat_unit_is_the_quantized_equivalent_conv_and_trains_every_branch(make)
 
 
 def test_prepare_qat_freezes_standalone_bns_and_convert_gives_the_arch_deploy_model():
-    model = prepare_qat(mild_bn_(constructor.build_model("wrnc16plain", "acb"), 0))
+    model = prepare_qat(mild_bn_statistics_(constructor.build_model("wrnc16plain", "acb"), 0))
     assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
     units = tuple(f"{name}." for name in qat_units(model))
     loose = [name for name, m in model.named_modules() if type(m) is nn.BatchNorm2d and not name.startswith(units)]
@@ -131,7 +119,7 @@ def test_int8_onnx_model_computes_what_the_qat_model_computes(block_type, tmp_pa
     from utils.deploy import calibration_batches, quantize_int8
 
     torch.manual_seed(0)
-    model = prepare_qat(mild_bn_(constructor.build_model("cfqkbnc", block_type), 0))
+    model = prepare_qat(mild_bn_statistics_(constructor.build_model("cfqkbnc", block_type), 0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     images, labels = torch.randn(64, 3, 32, 32, generator=gen), torch.randint(0, 10, (64,), generator=gen)
