@@ -19,7 +19,7 @@ import do_acnet
 from acnet import acnet_switch_to_deploy, convert_to_acnet
 from acnet.export import ExportError, MissingExtraError, export_onnx, onnx_op_counts
 from helpers import mild_bn_statistics_
-from utils.deploy import int8_path
+from utils.deploy import int8_path, quantize_int8
 
 SMALL_INPUT = 32  # every arch (ImageNet ones too) runs on 32x32; the graph does not depend on the size
 
@@ -44,6 +44,8 @@ def test_every_arch_exports_equal_to_pytorch_with_the_base_operator_counts(arch,
         assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
         counts[block] = result.op_counts
     assert counts["acb"] == counts["base"] and counts["dbb"] == counts["base"], counts
+    int8 = quantize_int8(tmp_path / "dbb.onnx", tmp_path / "dbb.int8.onnx", [x.numpy()])  # every arch quantizes
+    assert ort_run(int8, x).shape == (2, constructor.get_arch_spec(arch).num_classes)
 
 
 def test_plug_in_model_export_keeps_the_callers_model_and_has_a_dynamic_batch(tmp_path):

@@ -99,6 +99,7 @@ def run_qat(args, spec, dataset: str, recipe, ctx, loaders, build: Callable[...,
                                "epochs": recipe.epochs, "qat": True, "init_weights": info["path"],
                                "qat_top1": qat_metrics["top1"], "qat_top5": qat_metrics["top5"],
                                "fp32_top1": fp32_metrics["top1"], "fp32_top5": fp32_metrics["top5"]}
+    mismatch = ""
     if ctx.is_main:
         save_weights_hdf5(deploy, paths.deploy_weights)
         onnx_path = paths.root / "model.onnx"
@@ -120,9 +121,10 @@ def run_qat(args, spec, dataset: str, recipe, ctx, loaders, build: Callable[...,
         run_log.write(f"summary written: {paths.summary.name}")
         one_image = 100.0 / max(images, 1)
         if abs(int8_metrics["top1"] - qat_metrics["top1"]) > one_image + 1e-9:
-            message = (f"the int8 model's top-1 ({int8_metrics['top1']:.4f}) differs from the QAT model's "
-                       f"({qat_metrics['top1']:.4f}) by more than one eval image ({one_image:.4f} points)")
-            run_log.write("ERROR: " + message, logging.ERROR)
-            raise DeployMismatchError(message)
+            mismatch = (f"the int8 model's top-1 ({int8_metrics['top1']:.4f}) differs from the QAT model's "
+                        f"({qat_metrics['top1']:.4f}) by more than one eval image ({one_image:.4f} points)")
+            run_log.write("ERROR: " + mismatch, logging.ERROR)
     barrier()
+    if mismatch:
+        raise DeployMismatchError(mismatch)
     return summary
