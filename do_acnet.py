@@ -24,6 +24,8 @@ Standalone tools (no training)::
 
     python do_acnet.py -a src56 -b acb --eval-only weights.hdf5        # any form: training-time or deploy, hdf5 or .pth
     python do_acnet.py -a src56 -b acb --convert finish.hdf5 deploy.hdf5
+    python do_acnet.py -a src56 -b acb --export-onnx finish.hdf5 src56.onnx [--quantize int8]   # ONNX (+ int8 PTQ)
+    python do_acnet.py -a src56 -b acb --qat --init-weights finish.hdf5 --epochs 5                # int8 QAT
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from acnet.registry import block_type_names, get_block_type
 from train_configs import get_recipe
 from train_configs.recipes import Recipe, should_validate
 from utils.checkpoint import weights_argument
+from utils.deploy import DEFAULT_CALIB_IMAGES, QUANTIZE_CHOICES, check_deploy_args
 
 logger = logging.getLogger("do_acnet")
 
@@ -117,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_argument("--format", choices=("ours", "acnet", "dbb"), default="ours",
                        help="names in --convert's DST: ours (default), or the original ACNet / DBB code's deploy "
                             "names (then SRC may also be deploy weights)")
+    deploy = parser.add_argument_group("deployment: ONNX and int8 (the 'deploy' extra; see utils/deploy.py, utils/qat.py)")
+    deploy.add_argument("--export-onnx", nargs=2, metavar=("WEIGHTS", "OUT"),
+                        help="export WEIGHTS (any form --eval-only takes) as the checked ONNX deploy model OUT")
+    deploy.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                        help="with --export-onnx: also int8 static PTQ (OUT.int8.onnx), fp32/int8 top-1 on --dataset")
+    deploy.add_argument("--calib-images", type=int, default=DEFAULT_CALIB_IMAGES,
+                        help=f"training images to calibrate int8 activations on (default {DEFAULT_CALIB_IMAGES})")
+    deploy.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    deploy.add_argument("--qat", action="store_true",
+                        help="fine-tune --init-weights with int8 fake quantization of the equivalent kernels, "
+                             "then export and test the int8 model (lr default: the recipe's / 100)")
     return parser
 
 
@@ -160,6 +174,7 @@ def check_args(args: argparse.Namespace) -> None:
                              + ("is a directory" if Path(src).is_dir() else "does not exist"))
         if Path(dst).resolve() == Path(src).resolve():
             raise UsageError("--convert: DST must differ from SRC (the training-time weights are kept)")
+    check_deploy_args(args, UsageError)
     if args.exp_name is not None and (not args.exp_name or "/" in args.exp_name or args.exp_name in (".", "..")):
         raise UsageError(f"--exp-name must be a plain folder name, got {args.exp_name!r}")
 
@@ -307,6 +322,29 @@ def run_convert(args, spec) -> None:
         usage = EXPORT_USAGE[args.format].format(arch=args.arch, their=DBB_ARCH_NAMES.get(args.arch),
                                                  their_type=scheme.info["their_block_type"])
         print(f"{dst} holds {scheme.description}: {usage}", flush=True)
+
+
+def run_export_onnx(args, spec, dataset, recipe, ctx) -> None:
+    from utils.deploy import require_deploy_extras, run_export
+
+    require_deploy_extras()
+    run_export(args, spec, lambda: create_loaders(args, spec, dataset, recipe, ctx))
+
+
+def run_qat_mode(args, spec, dataset, recipe, ctx, run_start: float) -> None:
+    from utils.deploy import require_deploy_extras
+    from utils.qat import qat_experiment_name, qat_recipe, run_qat
+
+    require_deploy_extras()
+    recipe = qat_recipe(recipe, lr_given=args.lr is not None)
+    loaders = create_loaders(args, spec, dataset, recipe, ctx)
+
+    def build(deploy: bool = False) -> torch.nn.Module:
+        return constructor.build_model(args.arch, args.block_type, deploy=deploy,
+                                       num_classes=loaders[1].num_classes, **block_kwargs(args.block_type, recipe))
+
+    name = args.exp_name or qat_experiment_name(experiment_name(args, spec, dataset))
+    run_qat(args, spec, dataset, recipe, ctx, loaders, build, name, run_start)
 
 
 def run_training(args, spec, dataset, recipe, ctx, run_start: float) -> None:
@@ -481,6 +519,7 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = argv
     from acnet import WeightsError
     from acnet.fileio import UnwritablePathError
+    from acnet.export import ExportError, MissingExtraError
     from utils.checkpoint import CheckpointError
     from utils.distributed import cleanup, init_distributed
     from utils.engine import NonFiniteLossError, TrainingSetupError
@@ -499,8 +538,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.convert:
             if ctx.is_main:
                 run_convert(args, spec)
+        elif args.export_onnx:
+            if ctx.is_main:
+                run_export_onnx(args, spec, dataset, recipe, ctx)
         elif args.eval_only:
             run_eval_only(args, spec, dataset, recipe, ctx)
+        elif args.qat:
+            run_qat_mode(args, spec, dataset, recipe, ctx, run_start)
         else:
             run_training(args, spec, dataset, recipe, ctx, run_start)
     except (UsageError, TrainingSetupError) as exc:
@@ -508,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.print_usage(sys.stderr)
         fail(str(exc), ctx.rank, ctx.world_size, status=2)
     except (data.DatasetError, WeightsError, CheckpointError, NonFiniteLossError, DeployMismatchError,
-            UnwritablePathError) as exc:
+            UnwritablePathError, ExportError, MissingExtraError) as exc:
         fail(str(exc), ctx.rank, ctx.world_size)
     except KeyboardInterrupt as exc:  # Ctrl-C: every file written is complete (atomic writes)
         fail(interrupted(args, exc), ctx.rank, ctx.world_size, status=130)

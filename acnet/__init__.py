@@ -10,6 +10,8 @@ block into its plain conv, :func:`acnet_fuse_and_load` loads training-time weigh
 unmodified baseline model. Weights: :func:`save_hdf5` / :func:`load_hdf5` (the original hdf5 format),
 :func:`load_state_dict_file` (hdf5 or torch checkpoint, loaded safely), :class:`WeightsError`.
 The fusion maths: module :mod:`acnet.transforms`.
+Deployment: :func:`export_onnx` (checked ONNX export; needs the ``deploy`` extra), :func:`prepare_qat` /
+:func:`convert_qat` (int8 QAT on the equivalent kernel, module :mod:`acnet.quant`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from .convert import acnet_fuse_and_load, acnet_switch_to_deploy, convert_to_acn
 from .dbb import DiverseBranchBlock
 from .orepa import OREPABlock
 from .registry import BLOCK_REGISTRY, BlockType, get_block_type
+from .export import ExportError, MissingExtraError, export_onnx
 from .hdf5 import load_hdf5, save_hdf5
+from .quant import convert_qat, prepare_qat
 from .weights import WeightsError, load_state_dict_file
 
 __version__ = "0.1.0"
@@ -43,4 +47,9 @@ __all__ = [
     "load_state_dict_file",
     "WeightsError",
     "transforms",
+    "export_onnx",
+    "ExportError",
+    "MissingExtraError",
+    "prepare_qat",
+    "convert_qat",
 ]

@@ -62,3 +62,17 @@ def gradcheck_equivalent_kernel(block: nn.Module) -> list:
     inputs = tuple(p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters())
     assert torch.autograd.gradcheck(lambda *t: torch.func.functional_call(wrapper, dict(zip(names, t)), ()), inputs)
     return [n[len("block."):] for n in names]
+
+
+def mild_bn_statistics_(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BN running statistics and affine parameters that keep deep nets finite (eval mode)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model.eval()

@@ -22,7 +22,7 @@ from quickstart import QUICKSTART_RUN, README, REPO, SUMMARY_KEYS, code_blocks, 
 # ------------------------------------------------------------------------------------------ tests
 def test_install_and_test_commands_are_kept():
     (block,) = code_blocks(section("Install and test"), "bash")
-    assert block.strip().splitlines() == ['pip install -e ".[test]"', "python -m pytest -q"]
+    assert block.strip().splitlines() == ['pip install -e ".[test,deploy]"', "python -m pytest -q"]
 
 
 def test_quickstart_is_the_offline_smoke_run():

@@ -1,0 +1,270 @@
+"""Deployment tools: ONNX export of a weights file, int8 post-training quantization, onnxruntime evaluation.
+
+``do_acnet.py -a ARCH -b BLOCK --export-onnx WEIGHTS OUT.onnx [--quantize int8 --calib-images N]``:
+
+1. WEIGHTS (any form :func:`utils.evaluation.load_model_for_eval` takes) -> deploy model (training-time
+   weights are converted first) -> ``acnet.export_onnx`` (checked: onnx.checker, onnxruntime vs PyTorch).
+2. ``--quantize int8``: onnxruntime's static QDQ quantization (``quantize_static``: uint8 activations
+   per tensor, int8 weights per output channel, int32 biases, MinMax calibration on the first N
+   training images in the loader's epoch-0 order) -> ``OUT.int8.onnx``; fp32 (the ONNX model) and int8
+   top-1/top-5 on the eval set go to the log and into the run's ``summary.json`` (``fp32_top1``,
+   ``int8_top1``, ...): the run is the folder of WEIGHTS when it holds a ``summary.json``, else
+   ``OUT.summary.json`` is written.
+
+Everything is written atomically; onnx / onnxruntime are imported only here and in ``acnet.export``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from acnet.export import DEFAULT_RTOL, ExportError, ExportResult, export_onnx, require_extra
+from acnet.fileio import atomic_path
+from utils.checkpoint import save_json
+from utils.metrics import MetricSums
+
+__all__ = ["require_deploy_extras", "check_deploy_args", "DEFAULT_CALIB_IMAGES", "QUANTIZE_CHOICES", "int8_path", "export_weights", "calibration_batches",
+           "quantize_int8", "evaluate_onnx", "run_export", "merge_summary"]
+
+logger = logging.getLogger("do_acnet")
+
+DEFAULT_CALIB_IMAGES = 256
+QUANTIZE_CHOICES = ("int8",)
+
+
+def require_deploy_extras() -> None:
+    """One :class:`acnet.export.MissingExtraError` line unless onnx, onnxscript and onnxruntime import."""
+    for module in ("onnx", "onnxscript", "onnxruntime", "onnxruntime.quantization"):
+        require_extra(module)
+
+
+def check_deploy_args(args, usage_error: type[Exception]) -> None:
+    """The deploy options' consistency (raises ``usage_error`` with one line; nothing is written)."""
+    if args.export_onnx:
+        weights, out = args.export_onnx
+        others = [flag for flag, value in (("--eval-only", args.eval_only), ("--convert", args.convert),
+                                           ("--qat", args.qat)) if value]
+        if others:
+            raise usage_error(f"--export-onnx and {others[0]} are separate tools; give one of them")
+        if not Path(weights).is_file():
+            raise usage_error(f"--export-onnx: weights file {weights!r} does not exist")
+        if Path(out).resolve() == Path(weights).resolve():
+            raise usage_error("--export-onnx: OUT must differ from WEIGHTS")
+        if Path(out).is_dir():
+            raise usage_error(f"--export-onnx: OUT {out!r} is a directory; give a file name such as model.onnx")
+    if args.quantize and not args.export_onnx:
+        raise usage_error("--quantize applies to --export-onnx (--qat writes its own int8 model)")
+    if args.calib_images < 1:
+        raise usage_error(f"--calib-images must be >= 1, got {args.calib_images}")
+    if args.opset is not None and args.opset < 18:
+        raise usage_error(f"--opset must be >= 18 (the torch.export-based ONNX exporter), got {args.opset}")
+    if args.qat:
+        if not args.init_weights:
+            raise usage_error("--qat fine-tunes trained weights: give --init-weights FILE (e.g. a run's finish.hdf5)")
+        if args.conti_or_fs == "continue":
+            raise usage_error("--qat always starts from --init-weights; drop -c continue")
+        if args.eval_only or args.convert:
+            raise usage_error("--qat is a training mode; drop --eval-only / --convert")
+
+
+def int8_path(out: str | os.PathLike) -> Path:
+    """``model.onnx`` -> ``model.int8.onnx`` (beside it)."""
+    out = Path(out)
+    stem = out.name[:-5] if out.name.endswith(".onnx") else out.name
+    return out.with_name(stem + ".int8.onnx")
+
+
+def example_batch(input_size: int, batch: int = 4, seed: int = 0) -> torch.Tensor:
+    """The fixed batch the export is checked on (normal noise, the scale of normalised images)."""
+    return torch.randn(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed))
+
+
+def export_weights(arch: str, block_type: str, weights: str | os.PathLike | Mapping[str, torch.Tensor],
+                   out: str | os.PathLike, *, input_size: int, num_classes: Optional[int] = None,
+                   opset: Optional[int] = None) -> tuple[nn.Module, ExportResult]:
+    """Load ``weights`` for ``arch``/``block_type`` (either form), export the deploy model to ``out``.
+
+    Returns ``(deploy model, export result)``. ``acnet.WeightsError`` for weights of another model.
+    """
+    from utils.evaluation import load_model_for_eval
+    from utils.posttrain import convert_weights
+
+    model = load_model_for_eval(arch, block_type, weights, "cpu", num_classes=num_classes)
+    deploy = convert_weights(model)
+    return deploy, export_onnx(deploy, example_batch(input_size), out, opset=opset)
+
+
+def calibration_batches(loader, num_images: int) -> list[np.ndarray]:
+    """The first ``num_images`` images of ``loader`` (epoch 0 order) as float32 NCHW numpy batches."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(0)
+    batches, seen = [], 0
+    for images, _ in loader:
+        take = min(num_images - seen, images.shape[0])
+        batches.append(images[:take].detach().to("cpu", torch.float32).contiguous().numpy())
+        seen += take
+        if seen >= num_images:
+            break
+    if not batches:
+        raise ExportError("no calibration images: the training loader is empty")
+    return batches
+
+
+def _ort_session(path: str | os.PathLike):
+    ort = require_extra("onnxruntime")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
+def quantize_int8(fp32_path: str | os.PathLike, int8_out: str | os.PathLike, calibration: list[np.ndarray], *,
+                  input_qparams: Optional[Mapping[str, tuple[float, int]]] = None) -> Path:
+    """onnxruntime static QDQ int8 quantization of ``fp32_path`` into ``int8_out`` (atomically).
+
+    Default (post-training): every operator onnxruntime quantizes (Conv, Gemm, Add, pools, ...), uint8
+    activations calibrated by MinMax on ``calibration``, int8 per-channel symmetric weights, int32 biases.
+    ``input_qparams={module name: (scale, zero_point)}`` (QAT, ``acnet.quant.activation_qparams``): only
+    Conv and Gemm nodes are quantized; the input of the node whose weight is ``<module name>.weight`` gets
+    the given uint8 scale / zero point, weights per channel their own max-abs scale, biases int32 with
+    scale ``s_x * s_w`` (no weight-scale adjustment); outputs stay float.
+    """
+    require_extra("onnx")
+    quantization = require_extra("onnxruntime.quantization")
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(calibration)
+
+        def get_next(self) -> Optional[dict[str, np.ndarray]]:
+            batch = next(self._batches, None)
+            return None if batch is None else {"input": batch}
+
+    extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    op_types = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="acnet_quant_") as work, atomic_path(int8_out) as tmp:
+            prepared = Path(work) / "prepared.onnx"
+            quantization.quant_pre_process(os.fspath(fp32_path), os.fspath(prepared), skip_symbolic_shape=True)
+            if input_qparams is not None:
+                op_types = ["Conv", "Gemm"]
+                overrides = {name: [{"scale": np.array(scale, np.float32), "zero_point": np.array(zp, np.uint8)}]
+                             for name, (scale, zp) in _input_tensors(prepared, input_qparams).items()}
+                extra.update(OpTypesToExcludeOutputQuantization=op_types, QDQDisableWeightAdjustForInt32Bias=True,
+                             TensorQuantOverrides=overrides)
+            quantization.quantize_static(
+                os.fspath(prepared), tmp, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
+                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
+    except OSError as exc:
+        raise ExportError(f"cannot write {os.fspath(int8_out)!r} ({exc.strerror or exc}); choose a writable "
+                          "output path") from None
+    return Path(int8_out)
+
+
+def _input_tensors(model_path: Path, input_qparams: Mapping[str, tuple[float, int]]) -> dict[str, tuple[float, int]]:
+    """``{input tensor name: qparams}`` of the Conv/Gemm nodes whose weight is ``<module>.weight``."""
+    onnx = require_extra("onnx")
+    graph = onnx.load(os.fspath(model_path), load_external_data=False).graph
+    by_weight = {node.input[1]: node.input[0] for node in graph.node if node.op_type in ("Conv", "Gemm")}
+    missing = [name for name in input_qparams if f"{name}.weight" not in by_weight]
+    if missing:
+        raise ExportError(f"the ONNX graph has no Conv/Gemm with weight {missing[0]}.weight (of {len(missing)} "
+                          "quantized modules): the QAT model and its export disagree")
+    tensors: dict[str, tuple[float, int]] = {}
+    for name, qparams in input_qparams.items():
+        tensor = by_weight[f"{name}.weight"]
+        if tensors.setdefault(tensor, qparams) != qparams:  # two convs reading one tensor saw the same values
+            logger.warning("tensor %s: QAT input ranges of its readers differ (%s vs %s); using the first",
+                           tensor, tensors[tensor], qparams)
+    return tensors
+
+
+def evaluate_onnx(path: str | os.PathLike, loader) -> dict[str, float]:
+    """Cross-entropy ``loss``, ``top1``/``top5`` (percent), ``num_samples`` of an ONNX model (onnxruntime, CPU)."""
+    session = _ort_session(path)
+    name = session.get_inputs()[0].name
+    sums = MetricSums(torch.device("cpu"))
+    for images, labels in loader:
+        logits = torch.from_numpy(session.run(None, {name: images.to("cpu", torch.float32).numpy()})[0])
+        labels = labels.to("cpu")
+        sums.update(F.cross_entropy(logits, labels), logits, labels)
+    return sums.read()
+
+
+def merge_summary(path: Path, fields: Mapping[str, Any]) -> None:
+    """Add ``fields`` to the JSON object in ``path`` (created if missing), atomically."""
+    record: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = {}
+    record.update(fields)
+    save_json(record, path)
+
+
+def summary_target(weights: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Optional[Path]]:
+    """``(summary.json, log.txt or None)``: the run folder of ``weights`` when it has a summary, else beside ``out``."""
+    run = Path(weights).parent
+    if (run / "summary.json").is_file():
+        return run / "summary.json", run / "log.txt"
+    out = Path(out)
+    stem = out.name[:-5] if out.name.endswith(".onnx") else out.name
+    return out.with_name(stem + ".summary.json"), None
+
+
+def run_export(args, spec, create_loaders) -> dict[str, Any]:
+    """The ``--export-onnx WEIGHTS OUT [--quantize int8]`` mode (module docstring); prints the figures.
+
+    ``create_loaders()`` returns ``(train_loader, eval_loader)`` (only called for ``--quantize``).
+    """
+    from utils.evaluation import evaluate
+    from utils.runlog import RunLog
+
+    weights, out = args.export_onnx
+    summary, log = summary_target(weights, out)
+    run_log = RunLog(log, enabled=True, keep_existing=True) if log is not None else None
+
+    def report(message: str) -> None:  # to the run's log.txt (echoed by the logger) or to stdout
+        if run_log is not None:
+            run_log.write(message)
+        else:
+            print(message, flush=True)
+
+    deploy, result = export_weights(args.arch, args.block_type, weights, out, input_size=spec.input_size,
+                                    opset=args.opset)
+    report(f"exported {weights} -> {result.path} (opset {result.opset}, dynamic batch, "
+           f"{sum(result.op_counts.values())} nodes: " + ", ".join(f"{op} {n}" for op, n in result.op_counts.items())
+           + ")")
+    report(f"onnx.checker (full check): passed; onnxruntime vs PyTorch deploy model on a fixed batch of "
+           f"{result.batch_size}: max abs diff {result.max_abs_diff:.3g}, relative {result.rel_diff:.3g} "
+           f"(limit {DEFAULT_RTOL:g})")
+    fields: dict[str, Any] = {"onnx_path": os.fspath(result.path), "onnx_opset": result.opset,
+                              "onnx_rel_diff": result.rel_diff, "onnx_max_abs_diff": result.max_abs_diff}
+    if args.quantize == "int8":
+        train_loader, eval_loader = create_loaders()
+        calibration = calibration_batches(train_loader, args.calib_images)
+        int8 = quantize_int8(result.path, int8_path(out), calibration)
+        torch_metrics = evaluate(deploy, eval_loader, "cpu")
+        fp32 = evaluate_onnx(result.path, eval_loader)
+        int8_metrics = evaluate_onnx(int8, eval_loader)
+        images = sum(b.shape[0] for b in calibration)
+        fields.update(int8_path=os.fspath(int8), calib_images=images, eval_images=int(fp32["num_samples"]),
+                      torch_top1=torch_metrics["top1"], fp32_top1=fp32["top1"], fp32_top5=fp32["top5"],
+                      int8_top1=int8_metrics["top1"], int8_top5=int8_metrics["top5"])
+        report(f"int8 PTQ ({images} calibration images) -> {int8}: on {int(fp32['num_samples'])} eval images "
+               f"fp32 acc1 {fp32['top1']:.4f} acc5 {fp32['top5']:.4f}, int8 acc1 {int8_metrics['top1']:.4f} "
+               f"acc5 {int8_metrics['top5']:.4f} (PyTorch deploy acc1 {torch_metrics['top1']:.4f})")
+    merge_summary(summary, fields)
+    report(f"summary written: {summary}")
+    return fields

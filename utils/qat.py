@@ -1,0 +1,131 @@
+"""Quantization-aware fine-tuning on the equivalent kernel (``do_acnet.py ... --qat --init-weights W --epochs E``).
+
+1. The training-time model of ``-a/-b`` is loaded from ``--init-weights`` (``utils.init_weights``) and
+   wrapped by ``acnet.quant.prepare_qat``: every conv unit computes ``conv(fq_u8(x), fq_s8(K_eq)) + b_eq``
+   with its BN statistics frozen, so the fine-tuned block is exactly the conv it converts to.
+2. It is fine-tuned by the usual engine (``utils.engine.Trainer``: log.txt, evaluations, TensorBoard)
+   with the recipe (``--lr`` defaults to the recipe's / 100 and no warmup: a fine-tune, not a new run).
+3. ``acnet.quant.convert_qat`` -> ``finish_deploy.hdf5`` (the arch's plain deploy model; every conv kernel
+   is ``int8 * s_w``), ``model.onnx`` (``acnet.export_onnx``, checked) and ``model.int8.onnx``
+   (onnxruntime QDQ: Conv/Gemm inputs quantized with the QAT model's own uint8 scales and zero points,
+   weights per channel (their max-abs scale is the QAT scale), int32 biases).
+4. QAT (PyTorch), fp32 deploy and int8 (onnxruntime) top-1/top-5 on the eval set go to the log and
+   ``summary.json`` (``qat_top1``, ``fp32_top1``, ``int8_top1``, ...). The int8 top-1 must equal the QAT
+   model's within one eval image, else :class:`utils.posttrain.DeployMismatchError` (after the summary).
+
+Outputs go to ``<output-dir>/<arch>_<block>[_<dataset>]_qat/`` (``--exp-name`` to choose).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from utils.checkpoint import ExperimentPaths, save_json, seed_everything
+from utils.posttrain import DeployMismatchError, count_parameters
+
+__all__ = ["QAT_LR_FACTOR", "qat_recipe", "qat_experiment_name", "run_qat"]
+
+logger = logging.getLogger("do_acnet")
+
+QAT_LR_FACTOR = 0.01  # default fine-tuning lr: the recipe's x this
+
+
+def qat_recipe(recipe, lr_given: bool):
+    """The recipe of the fine-tune: ``lr`` x :data:`QAT_LR_FACTOR` unless ``--lr`` was given; no warmup."""
+    changes: dict[str, Any] = {"warmup_epochs": 0.0}
+    if not lr_given:
+        changes["lr"] = recipe.lr * QAT_LR_FACTOR
+    return dataclasses.replace(recipe, **changes)
+
+
+def qat_experiment_name(default_train_name: str) -> str:
+    """``cfqkbnc_acb_synthetic_train`` -> ``cfqkbnc_acb_synthetic_qat``."""
+    stem = default_train_name[:-len("_train")] if default_train_name.endswith("_train") else default_train_name
+    return stem + "_qat"
+
+
+def run_qat(args, spec, dataset: str, recipe, ctx, loaders, build: Callable[..., nn.Module], exp_name: str,
+            run_start: float) -> dict[str, Any]:
+    """The ``--qat`` mode (module docstring). ``loaders = (train, eval)``; ``build(deploy=)`` makes the arch."""
+    from acnet.export import export_onnx
+    from acnet.quant import activation_qparams, convert_qat, prepare_qat
+    from utils.deploy import calibration_batches, evaluate_onnx, example_batch, int8_path, quantize_int8
+    from utils.distributed import barrier
+    from utils.engine import Trainer, TrainOptions, save_weights_hdf5
+    from utils.evaluation import evaluate, load_weights_strict
+    from utils.init_weights import load_init_weights
+    from utils.runlog import RunLog, TensorBoard
+
+    train_loader, eval_loader = loaders
+    paths = ExperimentPaths(Path(args.output_dir) / exp_name)
+    seed_everything(args.seed)
+    model = build()
+    info = load_init_weights(model, args.init_weights, block_type=args.block_type, arch=args.arch,
+                             skip_classifier=args.init_weights_skip_classifier)
+    prepare_qat(model)
+    options = TrainOptions(print_freq=args.print_freq, progress_bar=not args.no_progress,
+                           meta={"arch": args.arch, "block_type": args.block_type, "dataset": dataset, "qat": True})
+    options.should_validate = lambda epoch: epoch == recipe.epochs - 1
+    if ctx.is_main:
+        paths.root.mkdir(parents=True, exist_ok=True)
+    run_log = RunLog(paths.log, enabled=ctx.is_main)
+    if ctx.is_main:
+        save_json({"arch": args.arch, "block_type": args.block_type, **recipe.to_dict(), "dataset": dataset,
+                   "qat": True, "init_weights": info["path"], "seed": args.seed, "torch_version": torch.__version__,
+                   "command_line": args.command_line}, paths.recipe)
+    run_log.write(f"QAT of {args.arch} / {args.block_type} on {dataset} from {info['path']} ({info['loaded']} "
+                  f"tensors): {recipe.epochs} epochs, lr {recipe.lr:g}, int8 fake quantization of every "
+                  "equivalent kernel (per output channel) and conv input (per tensor), BN statistics frozen")
+    trainer = Trainer(model, train_loader, eval_loader, recipe, ctx, paths, run_log, options)
+    tensorboard = TensorBoard(paths.tensorboard, enabled=ctx.is_main, purge_step=0)
+    try:
+        result = trainer.fit(tensorboard)
+    finally:
+        tensorboard.close()
+    barrier()
+    model = trainer.model.cpu()
+    qat_metrics = evaluate(model, eval_loader, "cpu")
+    deploy = convert_qat(model)
+    check = build(deploy=True)  # the converted weights are the arch's plain deploy model
+    load_weights_strict(check, deploy.state_dict(), "the converted QAT weights")
+    fp32_metrics = evaluate(deploy, eval_loader, "cpu")
+    summary: dict[str, Any] = {"arch": args.arch, "block_type": args.block_type, "dataset": dataset,
+                               "epochs": recipe.epochs, "qat": True, "init_weights": info["path"],
+                               "qat_top1": qat_metrics["top1"], "qat_top5": qat_metrics["top5"],
+                               "fp32_top1": fp32_metrics["top1"], "fp32_top5": fp32_metrics["top5"]}
+    mismatch = ""
+    if ctx.is_main:
+        save_weights_hdf5(deploy, paths.deploy_weights)
+        onnx_path = paths.root / "model.onnx"
+        exported = export_onnx(deploy, example_batch(spec.input_size), onnx_path, opset=getattr(args, "opset", None))
+        run_log.write(f"ONNX export {exported.summary()}")
+        calibration = calibration_batches(train_loader, args.calib_images)
+        int8 = quantize_int8(onnx_path, int8_path(onnx_path), calibration, input_qparams=activation_qparams(model))
+        int8_metrics = evaluate_onnx(int8, eval_loader)
+        images = int(int8_metrics["num_samples"])
+        summary.update(int8_top1=int8_metrics["top1"], int8_top5=int8_metrics["top5"], eval_images=images,
+                       onnx_path=os.fspath(onnx_path), int8_path=os.fspath(int8), onnx_opset=exported.opset,
+                       onnx_rel_diff=exported.rel_diff, params_deploy=count_parameters(deploy),
+                       train_images_per_sec=None if result.images_per_sec is None else round(result.images_per_sec, 2),
+                       wall_seconds=round(time.perf_counter() - run_start, 3))
+        run_log.write(f"QAT model acc1 {qat_metrics['top1']:.4f} acc5 {qat_metrics['top5']:.4f}; converted fp32 "
+                      f"({paths.deploy_weights.name}) acc1 {fp32_metrics['top1']:.4f}; int8 ({int8.name}, "
+                      f"onnxruntime) acc1 {int8_metrics['top1']:.4f} acc5 {int8_metrics['top5']:.4f} on {images} images")
+        save_json(summary, paths.summary)
+        run_log.write(f"summary written: {paths.summary.name}")
+        one_image = 100.0 / max(images, 1)
+        if abs(int8_metrics["top1"] - qat_metrics["top1"]) > one_image + 1e-9:
+            mismatch = (f"the int8 model's top-1 ({int8_metrics['top1']:.4f}) differs from the QAT model's "
+                        f"({qat_metrics['top1']:.4f}) by more than one eval image ({one_image:.4f} points)")
+            run_log.write("ERROR: " + mismatch, logging.ERROR)
+    barrier()
+    if mismatch:
+        raise DeployMismatchError(mismatch)
+    return summary
