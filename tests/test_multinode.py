@@ -132,7 +132,8 @@ def worker(rank, port, folder):
             outcome = f"result {{in_turn(load, ctx, lambda ranks: RuntimeError(f'failed on {{ranks}}'))}}"
         except Exception as exc:
             outcome = f"raised {{type(exc).__name__}}: {{exc}}"
-        print(f"{{fail_rank}} rank {{rank}} {{outcome}}", flush=True)
+        sys.stdout.write(f"{{fail_rank}} rank {{rank}} {{outcome}}\\n")  # one write: lines of ranks never interleave
+        sys.stdout.flush()
     dist.destroy_process_group()
 
 if __name__ == "__main__":

@@ -78,10 +78,10 @@ def run_qat(args, spec, dataset: str, recipe, ctx, loaders, build: Callable[...,
     run_log = RunLog(paths.log, enabled=ctx.is_main)
     if ctx.is_main:
         save_json({"arch": args.arch, "block_type": args.block_type, **recipe.to_dict(), "dataset": dataset,
-                   "qat": True, "init_weights": info["path"], "seed": args.seed, "torch_version": torch.__version__,
+                   "qat": True, "init_weights": info, "seed": args.seed, "torch_version": torch.__version__,
                    "command_line": args.command_line}, paths.recipe)
-    run_log.write(f"QAT of {args.arch} / {args.block_type} on {dataset} from {info['path']} ({info['loaded']} "
-                  f"tensors): {recipe.epochs} epochs, lr {recipe.lr:g}, int8 fake quantization of every "
+    run_log.write(f"QAT of {args.arch} / {args.block_type} on {dataset} from {info['path']} ({info['form']}, "
+                  f"{info['description']}): {recipe.epochs} epochs, lr {recipe.lr:g}, int8 fake quantization of every "
                   "equivalent kernel (per output channel) and conv input (per tensor), BN statistics frozen")
     trainer = Trainer(model, train_loader, eval_loader, recipe, ctx, paths, run_log, options)
     tensorboard = TensorBoard(paths.tensorboard, enabled=ctx.is_main, purge_step=0)
