@@ -276,52 +276,9 @@ def run_eval_only(args, spec, dataset, recipe, ctx) -> None:
 
 
 def run_convert(args, spec) -> None:
-    from acnet import save_hdf5
-    from acnet.fileio import atomic_path
-    from utils.engine import cpu_state_dict
-    from utils.evaluation import load_model_for_eval
-    from utils.posttrain import convert_weights, describe_logit_diff
+    from utils.conversion import convert_file
 
-    src, dst = args.convert
-    if args.format != "ours":
-        from constructor.original_formats import families_of
-
-        if args.format not in families_of(args.arch):
-            raise UsageError(f"--format {args.format}: the DBB repository has no {args.arch}; export it with "
-                             "--format acnet")
-    # the class count is the weights' own (an ImageFolder set may have any number of classes)
-    train_model = load_model_for_eval(args.arch, args.block_type, src, "cpu")
-    deploy_keys = set(constructor.build_model(args.arch, args.block_type, deploy=True).state_dict())
-    already_deploy = set(train_model.state_dict()) == deploy_keys
-    if already_deploy and args.format == "ours":
-        raise UsageError(f"--convert: {src} already holds deploy weights (nothing to convert)")
-    deploy_model = train_model if already_deploy else convert_weights(train_model)
-    state = cpu_state_dict(deploy_model)
-    if args.format != "ours":  # the deploy names of the original repository
-        from constructor.original_formats import export_original
-
-        try:
-            state, scheme = export_original(args.arch, args.format, args.block_type, state)
-        except ValueError as exc:
-            raise UsageError(f"--format {args.format}: {exc}") from None
-    if Path(dst).suffix in (".pth", ".pt"):
-        with atomic_path(dst) as tmp:
-            torch.save(state, tmp)
-    else:
-        save_hdf5(state, dst)
-    check = load_model_for_eval(args.arch, args.block_type, dst, "cpu")
-    with torch.no_grad():
-        x = torch.randn(2, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
-        reference = train_model(x)
-        diff = (reference - check(x)).abs().max().item()
-    print(f"converted {src} -> {dst} ({len(state)} tensors); deploy vs training-time logits on a random batch: "
-          f"{describe_logit_diff(diff, reference.abs().max().item())}", flush=True)
-    if args.format != "ours":
-        from constructor.original_formats import DBB_ARCH_NAMES, EXPORT_USAGE
-
-        usage = EXPORT_USAGE[args.format].format(arch=args.arch, their=DBB_ARCH_NAMES.get(args.arch),
-                                                 their_type=scheme.info["their_block_type"])
-        print(f"{dst} holds {scheme.description}: {usage}", flush=True)
+    convert_file(args.arch, args.block_type, *args.convert, spec.input_size, args.format, UsageError)
 
 
 def run_export_onnx(args, spec, dataset, recipe, ctx) -> None:
