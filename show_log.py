@@ -567,7 +567,7 @@ def report(runs: Sequence[Run], n: int, fmt: str) -> str:
     """The three tables, titled (the csv sections are separated by one blank line)."""
     sections = [
         (f"Runs (mean_top1 = mean of the last {n} evaluations)", RUN_HEADERS, run_rows(runs, n)),
-        (f"Over seeds (score = a run's mean_top1; mean, std, min, max of the scores; deploy = deploy_top1)",
+        ("Over seeds (score = a run's mean_top1; mean, std, min, max of the scores; deploy = deploy_top1)",
          GROUP_HEADERS, group_rows(group_runs(runs), n)),
         ("Base vs ACB/DBB (gain of the mean score in top-1 points, 95 % Welch interval and p-value; "
          "paper = published numbers)", COMPARISON_HEADERS, comparison_rows(comparisons(runs), n)),

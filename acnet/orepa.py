@@ -97,7 +97,7 @@ class OREPABlock(ReparamBlock):
         if deploy:
             self.orepa_reparam = self._empty_deploy_conv(torch.get_default_dtype(), torch.device("cpu"))
             return
-        k, g, c_g = self.kernel_size, groups, in_channels // groups
+        k, c_g = self.kernel_size, in_channels // groups
         if internal_channels_1x1_3x3 is None:
             internal_channels_1x1_3x3 = in_channels if groups <= 4 else 2 * in_channels
         internal = internal_channels_1x1_3x3
@@ -298,7 +298,6 @@ class _MergedKernel(torch.autograd.Function):
             # depthwise then pointwise, the same way: <G, Q>_o = <dL/d(pw) unscaled, pw>_o
             grad_t = grad.view(g, o_g, c_g, taps).transpose(1, 2).reshape(g * c_g, o_g, taps)
             dw_b = dw.view(g * c_g, m, taps)
-            pw_b = pw.view(g, o_g, c_g, m).transpose(1, 2).reshape(g * c_g, o_g, m)
             on_pw = torch.bmm(grad_t, dw_b.transpose(1, 2)).view(g, c_g, o_g, m).transpose(1, 2)
             on_pw = on_pw.reshape(out_ch, c_g * m)
             grad_vector[5] = (on_pw * pw.view(out_ch, -1)).sum(1)

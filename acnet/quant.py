@@ -28,7 +28,7 @@ model computes when its conv inputs, weights and biases are quantized with those
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F

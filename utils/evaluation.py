@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.distributed import all_reduce_max, is_distributed
+from utils.distributed import all_reduce_max
 from utils.metrics import MetricSums
 
 __all__ = ["evaluate", "compare_models", "load_model_for_eval", "exact_math", "autocast_context"]
