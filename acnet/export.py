@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .errors import ACNetError
 from .fileio import atomic_path
 
 __all__ = ["ExportError", "MissingExtraError", "ExportResult", "export_onnx", "onnx_op_counts", "require_extra",
@@ -43,11 +44,11 @@ OUTPUT_NAME = "logits"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class ExportError(RuntimeError):
+class ExportError(ACNetError, RuntimeError):
     """The model cannot be exported, the export fails its checks, or the file cannot be written."""
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(ACNetError, ImportError):
     """An optional dependency of the deploy tools is not installed."""
 
 

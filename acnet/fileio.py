@@ -18,12 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Union
 
+from .errors import ACNetError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["atomic_path", "atomic_open", "ensure_writable_dir", "UnwritablePathError"]
 
 
-class UnwritablePathError(OSError):
+class UnwritablePathError(ACNetError, OSError):
     """An output path that cannot be written; ``str()`` is one line: the path and the reason."""
 
     def __init__(self, path: PathLike, cause: OSError):

@@ -16,7 +16,8 @@ from .base import ConvBN, ReparamBlock
 from .dbb import DiverseBranchBlock
 from .orepa import OREPABlock
 
-__all__ = ["BlockType", "BLOCK_REGISTRY", "block_type_names", "get_block_type"]
+__all__ = ["BlockType", "BLOCK_REGISTRY", "block_type_names", "get_block_type", "register_block_type",
+           "unregister_block_type"]
 
 StoredOptions = Callable[[Mapping[str, Tensor], int], Dict[str, object]]
 MainBranch = Callable[[nn.Module], Tuple[Tensor, nn.BatchNorm2d]]
@@ -106,10 +107,32 @@ def get_block_type(name: str) -> BlockType:
     return BLOCK_REGISTRY[key]
 
 
-def _check_registry() -> None:
-    for spec in BLOCK_REGISTRY.values():
-        if not issubclass(spec.block_class, ReparamBlock):
-            raise TypeError(f"block type {spec.name!r}: {spec.block_class!r} is not a ReparamBlock")
+def _check_block_type(spec: BlockType) -> None:
+    if not isinstance(spec, BlockType):
+        raise TypeError(f"register_block_type takes a BlockType, got {type(spec).__name__}")
+    if not isinstance(spec.name, str) or not spec.name or spec.name != spec.name.lower():
+        raise ValueError(f"block type name must be a non-empty lower-case str, got {spec.name!r}")
+    if not (isinstance(spec.block_class, type) and issubclass(spec.block_class, ReparamBlock)):
+        raise TypeError(f"block type {spec.name!r}: {spec.block_class!r} is not a ReparamBlock")
 
 
-_check_registry()
+def register_block_type(spec: BlockType, *, replace: bool = False) -> BlockType:
+    """Add ``spec`` to :data:`BLOCK_REGISTRY` at run time; every path (conversion, builder, CLI, show_log)
+    reads the registry live, so the new type is usable at once. An existing name is a ``ValueError``
+    unless ``replace=True``. Returns ``spec``."""
+    _check_block_type(spec)
+    if spec.name in BLOCK_REGISTRY and not replace:
+        raise ValueError(f"block type {spec.name!r} is already registered (pass replace=True to replace it)")
+    BLOCK_REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_block_type(name: str) -> BlockType:
+    """Remove and return the block type called ``name`` (the inverse of :func:`register_block_type`)."""
+    spec = get_block_type(name)
+    del BLOCK_REGISTRY[spec.name]
+    return spec
+
+
+for _spec in BLOCK_REGISTRY.values():
+    _check_block_type(_spec)

@@ -31,6 +31,8 @@ from typing import Any, Dict, Mapping, Union
 import torch
 from torch import Tensor, nn
 
+from .errors import ACNetError
+
 __all__ = [
     "WeightsError",
     "load_state_dict_file",
@@ -51,7 +53,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ACNetError, RuntimeError):
     """A weights file or state dict cannot be used: missing, corrupt, unsafe or not matching the model."""
 
 

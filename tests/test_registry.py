@@ -13,7 +13,7 @@ from acnet import BLOCK_REGISTRY, BlockType, acnet_fuse_and_load, acnet_switch_t
 from acnet import convert as convert_module
 from acnet import transforms
 from acnet.base import ReparamBlock
-from acnet.registry import block_type_names, get_block_type
+from acnet.registry import block_type_names, get_block_type, register_block_type, unregister_block_type
 from do_acnet import block_kwargs, build_parser
 from train_configs import get_recipe
 
@@ -53,10 +53,10 @@ class TwoKernelBlock(ReparamBlock):
 
 
 @pytest.fixture
-def two_kernel(monkeypatch):
-    spec = BlockType("twok", TwoKernelBlock, "kernel_a", lambda b: (b.kernel_a, b.bn))
-    monkeypatch.setitem(BLOCK_REGISTRY, "twok", spec)
-    return spec
+def two_kernel():
+    spec = register_block_type(BlockType("twok", TwoKernelBlock, "kernel_a", lambda b: (b.kernel_a, b.bn)))
+    yield spec
+    unregister_block_type("twok")
 
 
 def test_every_consumer_lists_the_registered_block_types():
@@ -120,3 +120,23 @@ def test_keep_weights_uses_the_registered_main_branch(two_kernel):
         expected = net(x)
         converted = convert_to_acnet(net, "twok", keep_weights=True).eval()
         torch.testing.assert_close(converted(x), expected)
+
+
+def test_register_block_type_refuses_duplicates_and_non_blocks(two_kernel):
+    assert block_type_names()[-1] == "twok"
+    with pytest.raises(ValueError, match="already registered"):
+        register_block_type(two_kernel)
+    assert register_block_type(two_kernel, replace=True) is two_kernel
+    with pytest.raises(TypeError, match="is not a ReparamBlock"):
+        register_block_type(BlockType("conv", nn.Conv2d, "weight", lambda b: (b.weight, None)))
+    with pytest.raises(ValueError, match="lower-case"):
+        register_block_type(BlockType("TwoK", TwoKernelBlock, "kernel_a", lambda b: (b.kernel_a, b.bn)))
+    assert "conv" not in BLOCK_REGISTRY and "TwoK" not in BLOCK_REGISTRY
+
+
+def test_unregister_block_type_removes_the_name():
+    spec = register_block_type(BlockType("twok2", TwoKernelBlock, "kernel_a", lambda b: (b.kernel_a, b.bn)))
+    assert unregister_block_type("TWOK2") is spec
+    assert "twok2" not in block_type_names()
+    with pytest.raises(ValueError, match="unknown block type"):
+        unregister_block_type("twok2")

@@ -1,0 +1,13 @@
+"""The one base class of every error a user of the project is meant to read.
+
+Contract: ``str(error)`` is one line that names the problem and the fix (a file, an argument, a
+command to run). Library code raises its own subclasses; the scripts catch :class:`ACNetError` once
+and print ``SCRIPT: error: message`` (no traceback). Anything else that escapes is a bug.
+"""
+from __future__ import annotations
+
+__all__ = ["ACNetError"]
+
+
+class ACNetError(Exception):
+    """Base of every user-facing error (acnet and the framework around it): a one-line, actionable message."""
