@@ -184,8 +184,7 @@ class ImageFolderLoader(ShardedLoaderMixin):
         if key not in self._affine:
             self._affine[key] = normalization_affine(IMAGENET_MEAN, IMAGENET_STD, 3, device)
         scale, shift = self._affine[key]
-        out = torch.empty_like(images, dtype=torch.float32)  # keeps memory_format
-        return torch.mul(images, scale, out=out).sub_(shift)
+        return images.float().mul_(scale).sub_(shift)  # .float() keeps memory_format
 
     def __repr__(self) -> str:
         kind = "train" if self.train else "eval"
