@@ -134,6 +134,15 @@ class _KeyedBatches:
             yield [(index, epoch) for index in batch]
 
 
+def _worker_message(message: str) -> str:
+    """The one-line message of a ``DatasetError`` re-raised by ``DataLoader`` from a worker
+    (``"Caught DatasetError in DataLoader worker process 0. Original Traceback ...\n...Error: msg"``)."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 class ImageFolderLoader(ShardedLoaderMixin):
     """A ``DataLoader`` over image files following the data package's loader protocol.
 
@@ -167,7 +176,10 @@ class ImageFolderLoader(ShardedLoaderMixin):
         self._affine: dict = {}
 
     def __iter__(self) -> Iterator[Tuple[Batch, torch.Tensor]]:
-        return iter(self.loader)
+        try:
+            yield from self.loader
+        except DatasetError as exc:  # from a worker: its message holds the worker's traceback
+            raise type(exc)(_worker_message(str(exc))) from None
 
     def device_transform(self, images: Batch, device: Union[str, torch.device],
                          memory_format: torch.memory_format = torch.contiguous_format
