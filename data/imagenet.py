@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import normalization_affine
@@ -36,7 +35,7 @@ from .errors import DatasetArgumentError, DatasetError
 from .sharding import ShardedBatchSampler, ShardedLoaderMixin
 
 __all__ = ["DECODE_MODES", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderLoader", "ImageFiles",
-           "create_imagefolder_loaders", "load_rgb_image"]
+           "create_imagefolder_loaders"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +44,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DECODE_MODES = ("cpu", "gpu")
 
 Batch = Union[torch.Tensor, EncodedBatch]
-
-
-def load_rgb_image(path: str) -> Image.Image:
-    """Decode one image file as RGB with PIL; a corrupt file raises ``DatasetError`` naming it."""
-    try:
-        with open(path, "rb") as fh:
-            image = Image.open(fh)
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DatasetError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); the file "
-                           "is corrupt or not an image: replace or delete it") from None
 
 
 class ImageFiles(Dataset):
@@ -215,7 +203,7 @@ def _image_folder(folder: Path, root: Path) -> Any:
     if not any(entry.is_dir() for entry in folder.iterdir()):
         raise DatasetError(f"image folder {folder} is empty (no class folders): {hint}")
     try:
-        return ImageFolder(str(folder), loader=load_rgb_image)
+        return ImageFolder(str(folder))  # only its file list and classes: decoding is ImageFiles's
     except (FileNotFoundError, RuntimeError) as exc:
         raise DatasetError(f"image folder {folder} has no usable images ({exc}): {hint}") from None
 
