@@ -291,3 +291,15 @@ def test_sres18_trains_on_an_imagefolder_end_to_end(odd_root, tmp_path):
     assert summary["dataset"] == "imagenet" and summary["max_rel_logit_diff"] < 1e-4
     log = (run / "log.txt").read_text()
     assert "epoch 1 iter 1 val top1=" in log and "finish_deploy.hdf5 written" in log
+
+
+def test_decode_gpu_without_cuda_is_one_line_from_the_command_line(odd_root, tmp_path, capsys):
+    import do_acnet
+
+    with pytest.raises(SystemExit) as info:
+        do_acnet.main(["-a", "sres18", "--dataset", "imagenet", "--data-dir", str(odd_root), "--device", "cpu",
+                       "--decode", "gpu", "--output-dir", str(tmp_path), "--epochs", "1", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert info.value.code != 0 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert "decoding on the GPU needs a CUDA device, the device is cpu; use decode='cpu' (--decode cpu)" in line
