@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output-dir", default="acnet_exps", help="default: acnet_exps")
     io.add_argument("--exp-name", help="experiment folder name (default: <arch>_<block>[_<dataset>][_s<seed>]_train)")
     io.add_argument("--workers", type=int, default=4, help="data loader worker processes per rank (default 4)")
+    io.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                    help="ImageNet: decode JPEGs in the loader workers (cpu, default) or per batch on the GPU (gpu)")
     run = parser.add_argument_group("execution")
     run.add_argument("--seed", type=int, default=DEFAULT_SEED,
                      help="random seed, part of the run's identity: a seed other than 0 adds _s<seed> to the "
@@ -228,7 +230,7 @@ def create_loaders(args: argparse.Namespace, spec, dataset: str, recipe: Recipe,
 
     return in_turn(lambda: data.create_loaders(dataset, args.data_dir, recipe.batch_size, rank=ctx.rank,
                                                world_size=ctx.world_size, device=ctx.device, workers=args.workers,
-                                               seed=args.seed, download=args.download, **kwargs),
+                                               seed=args.seed, download=args.download, decode=args.decode, **kwargs),
                    ctx, lambda ranks: data.DatasetError(f"rank(s) {ranks} could not load the dataset (their error "
                                                         "is printed above)"))
 

@@ -10,7 +10,14 @@ Three phases (each block type of ``acnet.registry``):
     (``acnet_switch_to_deploy``, loaded into the arch's deploy build) must give the training-form
     model's eval outputs (float32, relative <= 1e-4) and the loss must have fallen;
 (c) cost: images/s of the timed steps and ``torch.cuda.max_memory_allocated`` per block type, with
-    ratios to base (the eager runs of (b)).
+    ratios to base (the eager runs of (b));
+(d) ImageNet input pipeline: on ``--decode-images`` realistic JPEGs written for the check
+    (``bench_data.write_imagenet_like``), images/s of ``decode="cpu"`` (``--workers`` loader
+    workers decode, uint8 batches) against ``decode="gpu"`` (nvJPEG, ``decode_jpeg(list,
+    device="cuda")``), each up to normalised channels_last batches on the device; and the two
+    modes' evaluation batches compared (nvJPEG's and libjpeg-turbo's pixels may differ slightly:
+    mean difference <= 2 uint8 levels required, the maximum reported). The faster mode is the
+    candidate for ``--decode``'s default on CUDA.
 
     python benchmarks/gpu_check.py                                  # on a CUDA machine; gpu_check.json
     python benchmarks/gpu_check.py --device cpu --steps 2 --no-compile --batch 2   # smoke run (CPU)
@@ -22,8 +29,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -37,6 +47,8 @@ from acnet import acnet_switch_to_deploy  # noqa: E402
 from acnet.fileio import atomic_open  # noqa: E402
 from acnet.registry import BLOCK_REGISTRY  # noqa: E402
 from constructor import build_model, get_arch_spec  # noqa: E402
+from data import to_device  # noqa: E402
+from data.imagenet import IMAGENET_STD, create_imagefolder_loaders  # noqa: E402
 from data.synthetic import make_synthetic  # noqa: E402
 
 ARCHS = ("src56", "sres18")
@@ -164,6 +176,37 @@ def cost_table(runs: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def decode_check(device: torch.device, images: int, batch: int, workers: int) -> Dict[str, Any]:
+    """(d) decode="cpu" vs decode="gpu" on realistic JPEGs: images/s and batch agreement."""
+    from bench_data import write_imagenet_like  # benchmarks/ is this script's folder
+
+    level = 1 / 255 / min(IMAGENET_STD)
+    rates: Dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = write_imagenet_like(Path(scratch), images, distinct=min(96, images))
+        evaluated = {}
+        for mode in ("cpu", "gpu"):
+            train, val = create_imagefolder_loaders(root, batch, batch, rank=0, world_size=1, device=device,
+                                                    workers=workers, seed=0, decode=mode)
+            per_epoch = []
+            for epoch in range(3):  # epoch 0 starts the workers and warms the decoder: not timed
+                train.set_epoch(epoch)
+                synchronize(device)
+                start, count = time.perf_counter(), 0
+                for x, y in train:
+                    to_device(train, x, device, torch.channels_last)
+                    count += len(y)
+                synchronize(device)
+                per_epoch.append(count / (time.perf_counter() - start))
+            rates[mode] = statistics.median(per_epoch[1:])
+            evaluated[mode] = torch.cat([to_device(val, x, device).cpu() for x, _ in val])
+    difference = (evaluated["cpu"] - evaluated["gpu"]).abs()
+    max_levels, mean_levels = difference.max().item() / level, difference.mean().item() / level
+    return dict(images=images, batch=batch, workers=workers, cpu_images_per_sec=rates["cpu"],
+                gpu_images_per_sec=rates["gpu"], faster=max(rates, key=rates.get),
+                max_diff_levels=max_levels, mean_diff_levels=mean_levels, ok=mean_levels <= 2.0)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
@@ -173,6 +216,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="batch for every arch (default 128 at 32x32, 32 at 224x224)")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS, metavar="ARCH")
     parser.add_argument("--output", default="gpu_check.json", help="JSON results (default gpu_check.json)")
+    parser.add_argument("--decode-images", type=int,
+                        help="(d) training JPEGs to write and decode (default 1024 on CUDA, 16 on CPU)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="(d) loader workers of the CPU decoding mode (default min(8, cores))")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.compile_steps < 1 or (args.batch is not None and args.batch < 2):
         parser.error("--steps and --compile-steps must be >= 1, --batch >= 2")
@@ -212,9 +259,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"loss {run['first_loss']:.3f} -> {run['last_loss']:.3f}, deploy error "
                       f"{run['deploy_error']:.2e}  {'ok' if run['ok'] else 'FAIL'}", flush=True)
     print(cost_table(runs))
-    ok = all(r["ok"] for r in blocks) and all(r["ok"] for r in runs)
+    images = args.decode_images or (1024 if device.type == "cuda" else 16)
+    decode = decode_check(device, images, min(128, images), args.workers)
+    print(f"(d) ImageNet decoding, {images} JPEGs, batch {decode['batch']}, up to normalised batches on "
+          f"{device}: cpu ({args.workers} workers) {decode['cpu_images_per_sec']:.0f} images/s, gpu (nvJPEG) "
+          f"{decode['gpu_images_per_sec']:.0f} images/s; eval batches differ by {decode['mean_diff_levels']:.3f} "
+          f"uint8 levels on average, {decode['max_diff_levels']:.1f} at most  {'ok' if decode['ok'] else 'FAIL'}",
+          flush=True)
+    ok = all(r["ok"] for r in blocks) and all(r["ok"] for r in runs) and decode["ok"]
     seconds = time.perf_counter() - began
-    record = dict(torch=torch.__version__, device=name, seconds=seconds, ok=ok, blocks=blocks, runs=runs)
+    record = dict(torch=torch.__version__, device=name, seconds=seconds, ok=ok, blocks=blocks, runs=runs,
+                  decode=decode)
     with atomic_open(args.output) as handle:
         json.dump(record, handle, indent=1)
     print(f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {seconds:.0f} s; results in {args.output}")

@@ -1,10 +1,12 @@
 """The errors the data package raises: one clear message naming the problem and the fix."""
 from __future__ import annotations
 
+from acnet.errors import ACNetError
+
 __all__ = ["DatasetError", "DatasetArgumentError"]
 
 
-class DatasetError(RuntimeError):
+class DatasetError(ACNetError, RuntimeError):
     """A dataset is missing, empty, corrupt or cannot be downloaded."""
 
 

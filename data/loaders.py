@@ -1,11 +1,14 @@
 """``create_loaders``: the one entry point the training engine calls, for every dataset.
 
 Both returned loaders follow one protocol: ``set_epoch(epoch)``; ``len(loader)`` is the number of
-batches per epoch on this rank; iterating yields ``(images, labels)`` (float32 NCHW normalised,
-int64); attributes ``num_classes``, ``image_size``, ``num_samples`` (on this rank),
-``batch_size`` (per rank). The train loader reshuffles every epoch and gives each rank a disjoint
-shard (every rank runs the same number of steps); the eval loader's shards are disjoint and cover
-the set exactly once. CIFAR and synthetic batches are produced directly on ``device``.
+batches per epoch on this rank; iterating yields ``(images, labels)``, and
+``to_device(loader, images, device, memory_format)`` makes ``images`` the model's input (float32
+NCHW normalised, on ``device``, in ``memory_format``); attributes ``num_classes``, ``image_size``,
+``num_samples`` (on this rank), ``batch_size`` (per rank). The train loader reshuffles every epoch
+and gives each rank a disjoint shard (every rank runs the same number of steps); the eval loader's
+shards are disjoint and cover the set exactly once. CIFAR and synthetic batches are produced
+normalised directly on ``device``; ImageNet batches are uint8 (or, decoding on the GPU, file
+bytes) until ``to_device`` (``data.imagenet``).
 """
 from __future__ import annotations
 
@@ -17,11 +20,11 @@ import torch
 
 from .cifar import CIFAR_SPECS, Downloader, load_cifar
 from .errors import DatasetArgumentError
-from .imagenet import create_imagefolder_loaders
+from .imagenet import DECODE_MODES, create_imagefolder_loaders
 from .synthetic import make_synthetic
 from .tensor_loader import TensorImageLoader
 
-__all__ = ["DATASETS", "DEFAULT_ROOTS", "create_loaders"]
+__all__ = ["DATASETS", "DEFAULT_ROOTS", "create_loaders", "to_device"]
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
 DEFAULT_ROOTS = {"cifar10": "cifar10_data", "cifar100": "cifar100_data",
@@ -69,7 +72,7 @@ def create_loaders(dataset: str, data_dir: Union[str, "os.PathLike[str]", None] 
                    device: Union[str, torch.device] = "cpu", workers: int = 4, seed: int = 0,
                    eval_batch_size: Union[int, None] = None, image_size: Union[int, None] = None,
                    num_classes: Union[int, None] = None,
-                   download: Union[bool, Downloader] = True,
+                   download: Union[bool, Downloader] = True, decode: str = "cpu",
                    **dataset_kwargs: int) -> Tuple[Any, Any]:
     """Build ``(train_loader, eval_loader)`` for ``dataset`` on this DDP ``rank``.
 
@@ -81,7 +84,8 @@ def create_loaders(dataset: str, data_dir: Union[str, "os.PathLike[str]", None] 
     (defaults 32 and 10) and, if given for a real dataset, must match it (ImageNet: the crop
     size, default 224). Synthetic also takes ``num_train`` / ``num_val`` (defaults 1280 / 256).
     ``download``: fetch missing CIFAR files through torchvision (``False`` disables it; a
-    callable ``(spec, parent_dir)`` replaces the downloader).
+    callable ``(spec, parent_dir)`` replaces the downloader). ``decode`` (ImageNet only): where
+    JPEGs are decoded, ``"cpu"`` (the workers) or ``"gpu"`` (the CUDA ``device``, per batch).
     Raises ``DatasetError`` (``DatasetArgumentError`` for invalid arguments).
     """
     _check_arguments(dataset, global_batch_size, rank, world_size, eval_batch_size, workers,
@@ -93,6 +97,12 @@ def create_loaders(dataset: str, data_dir: Union[str, "os.PathLike[str]", None] 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DatasetArgumentError(f"device {device} requested but CUDA is not available; "
                                    "use device='cpu'")
+    if decode not in DECODE_MODES:
+        raise DatasetArgumentError(f"unknown decode mode {decode!r}; choose one of "
+                                   f"{', '.join(DECODE_MODES)}")
+    if decode == "gpu" and dataset == "imagenet" and device.type != "cuda":
+        raise DatasetArgumentError(f"decoding on the GPU needs a CUDA device, the device is "
+                                   f"{device}; use decode='cpu' (--decode cpu)")
     batch_size = global_batch_size // world_size
     eval_batch_size = eval_batch_size or batch_size
     shard = dict(rank=rank, world_size=world_size, seed=seed)
@@ -101,7 +111,7 @@ def create_loaders(dataset: str, data_dir: Union[str, "os.PathLike[str]", None] 
         root = Path(data_dir if data_dir is not None else DEFAULT_ROOTS[dataset])
         return create_imagefolder_loaders(root, batch_size, eval_batch_size, device=device,
                                           workers=workers, image_size=image_size or 224,
-                                          num_classes=num_classes, **shard)
+                                          num_classes=num_classes, decode=decode, **shard)
 
     if dataset == "synthetic":
         size = 32 if image_size is None else int(image_size)
@@ -133,3 +143,14 @@ def create_loaders(dataset: str, data_dir: Union[str, "os.PathLike[str]", None] 
     val = TensorImageLoader(val_x.to(device), val_y.to(device), eval_batch_size, train=False,
                             **common)
     return train, val
+
+
+def to_device(loader: Any, images: Any, device: Union[str, torch.device],
+              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """A batch's images as the model's input: ``loader.device_transform`` where the loader has one
+    (ImageNet: uint8 -> float32, normalised, on ``device``, once per batch), else
+    ``images.to(device).contiguous(memory_format)`` (CIFAR, synthetic, any iterable of tensors)."""
+    transform = getattr(loader, "device_transform", None)
+    if transform is not None:
+        return transform(images, device, memory_format)
+    return images.to(device, non_blocking=True).contiguous(memory_format=memory_format)

@@ -237,7 +237,7 @@ def test_imagefolder_loaders(imagenet_root):
         3, 32, 15, 9)
     assert (len(train), len(val)) == (4, 3)
     images, labels = next(iter(train))
-    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8  # normalised on the device
     assert labels.dtype == torch.int64
     assert torch.cat([y for _, y in val]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 

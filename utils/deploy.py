@@ -29,6 +29,7 @@ from torch import nn
 
 from acnet.export import DEFAULT_RTOL, ExportError, ExportResult, export_onnx, require_extra
 from acnet.fileio import atomic_path
+from data import to_device
 from utils.checkpoint import save_json
 from utils.metrics import MetricSums
 
@@ -110,7 +111,7 @@ def calibration_batches(loader, num_images: int) -> list[np.ndarray]:
     batches, seen = [], 0
     for images, _ in loader:
         take = min(num_images - seen, images.shape[0])
-        batches.append(images[:take].detach().to("cpu", torch.float32).contiguous().numpy())
+        batches.append(to_device(loader, images, "cpu")[:take].detach().to(torch.float32).contiguous().numpy())
         seen += take
         if seen >= num_images:
             break
@@ -195,7 +196,7 @@ def evaluate_onnx(path: str | os.PathLike, loader) -> dict[str, float]:
     name = session.get_inputs()[0].name
     sums = MetricSums(torch.device("cpu"))
     for images, labels in loader:
-        logits = torch.from_numpy(session.run(None, {name: images.to("cpu", torch.float32).numpy()})[0])
+        logits = torch.from_numpy(session.run(None, {name: to_device(loader, images, "cpu").float().numpy()})[0])
         labels = labels.to("cpu")
         sums.update(F.cross_entropy(logits, labels), logits, labels)
     return sums.read()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from data import to_device
 from utils.checkpoint import ExperimentPaths, capture_rng_state, restore_rng_state, save_state
 from utils.distributed import (DistContext, all_gather_objects, all_reduce_sum, average_buffers, barrier)
 from utils.evaluation import autocast_context, evaluate
@@ -285,7 +286,7 @@ class Trainer:
 
         try:  # the bar is closed on Ctrl-C too, so it does not stay on the terminal
             for images, labels in self.train_loader:
-                images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                images = to_device(self.train_loader, images, device, memory_format)  # uint8 ImageNet: normalised here
                 labels = labels.to(device, non_blocking=True)
                 with autocast_context(device, opts.amp):
                     logits = model(images)

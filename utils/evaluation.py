@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data import to_device
 from utils.distributed import all_reduce_max
 from utils.metrics import MetricSums
 
@@ -45,7 +46,7 @@ def exact_math() -> Iterator[None]:
 def _batches(loader, device: torch.device, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for images, labels in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        images = to_device(loader, images, device, fmt)
         yield images, labels.to(device, non_blocking=True)
 
 
