@@ -165,11 +165,11 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
         """None when the block can represent this conv geometry (every tuple of length ``dim``), else
         one short reason (the converter calls it before constructing and reports the reason)."""
         if dim not in DIMS:
-            return f"dim {dim} is not 1, 2 or 3"
+            return f"dim must be 1, 2 or 3, got {dim!r}"
         if norm not in norms.NORM_KINDS:
-            return f"norm {norm!r} is not one of {norms.NORM_KINDS}"
+            return f"norm must be one of {norms.NORM_KINDS}, got {norm!r}"
         if padding_mode not in PADDING_MODES:
-            return f"padding_mode {padding_mode!r} is not one of {PADDING_MODES}"
+            return f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}"
         return None
 
     # --- the contract (abstract: a subclass that misses one cannot be instantiated) -----------

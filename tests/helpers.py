@@ -76,3 +76,19 @@ def mild_bn_statistics_(model: nn.Module, seed: int) -> nn.Module:
                 m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
     return model.eval()
+
+
+def randomize_all_(module: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
+    """Every parameter random (``scale * N(0, 1)``) and every norm buffer random -- running means and frozen
+    affine buffers ``N(0, 1)``, running variances in [0.5, 1.5] -- for any dimension and norm kind."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
+        for name, b in module.named_buffers():
+            last = name.rsplit(".", 1)[-1]
+            if last == "running_var":
+                b.copy_(torch.rand(b.shape, generator=gen, dtype=torch.float64) + 0.5)
+            elif last in ("running_mean", "weight", "bias"):
+                b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64))
+    return module
