@@ -251,15 +251,13 @@ def test_supported_geometries_have_no_reason():
                                        norm=case["norm"]) is None
 
 
-@pytest.mark.parametrize("cls, dim, norm", [
-    (ACBlock, 3, "frozen"), (ACBlock, 2, "none"), (DiverseBranchBlock, 1, "frozen"), (DiverseBranchBlock, 3, "none"),
-    (OREPABlock, 1, "none"), (OREPABlock, 3, "frozen"),
+@pytest.mark.parametrize("cls, dim, norm, kernel", [
+    (ACBlock, 3, "frozen", 3), (ACBlock, 2, "none", 3), (DiverseBranchBlock, 1, "frozen", 3),
+    (DiverseBranchBlock, 3, "none", (1, 3, 1)), (OREPABlock, 1, "none", 3), (OREPABlock, 3, "frozen", (3, 1, 1)),
 ])
-def test_equivalent_kernel_of_the_new_forms_passes_gradcheck(cls, dim, norm):
-    case = dict(cls=cls, dim=dim, norm=norm, kernel=3, stride=1, groups=1)
-    block = build(case, cin=2, cout=2)
-    if cls is DiverseBranchBlock:
-        block = randomize_all_(cls(2, 2, 3, dim=dim, norm=norm, internal_channels_1x1_3x3=2).double(), 4)
+def test_equivalent_kernel_of_the_new_forms_passes_gradcheck(cls, dim, norm, kernel):
+    extra = dict(internal_channels_1x1_3x3=2) if cls is DiverseBranchBlock else {}
+    block = randomize_all_(cls(2, 2, kernel, padding=same_padding(kernel), dim=dim, norm=norm, **extra).double(), 4)
     names = gradcheck_equivalent_kernel(block)
     assert len(names) == len(list(block.parameters()))
 
