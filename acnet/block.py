@@ -220,7 +220,10 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
     @classmethod
     def stored_options(cls, state: Mapping[str, Tensor], in_channels: int) -> Dict[str, object]:
         """Constructor options read from a stored training-time block's entries (keys relative to the
-        block's prefix): what the geometry of the conv it replaces does not tell."""
+        block's prefix): what the geometry of the conv it replaces does not tell (``dim`` when not 2,
+        ``norm`` when the entries tell it; a frozen BN is stored like a BN without its batch count, so a
+        block with one norm (ConvBN, OREPA) in the frozen form reads as the batch form: same eval-mode
+        function, the caller chooses the training form)."""
         return {}
 
     # --- deployment -------------------------------------------------------------------------

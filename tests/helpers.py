@@ -35,17 +35,6 @@ def on_meta(arch: str, block_type: str = "base", deploy: bool = False, **kwargs)
         return build_model(arch, block_type, deploy=deploy, **kwargs)
 
 
-def assert_deploy_forms_equal(block: nn.Module, x: torch.Tensor, expected: torch.Tensor, tol: float = 1e-10) -> None:
-    """The block (eval mode), its ``make_deploy_conv()`` and the block after ``switch_to_deploy()`` all
-    compute ``expected`` (the training form to 1e-12, the fused convs to ``tol``)."""
-    torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
-    deploy_conv = block.make_deploy_conv()
-    assert isinstance(deploy_conv, nn.Conv2d) and deploy_conv.bias is not None
-    assert (deploy_conv(x) - expected).abs().max().item() <= tol
-    block.switch_to_deploy()
-    assert (block(x) - expected).abs().max().item() <= tol
-
-
 def gradcheck_equivalent_kernel(block: nn.Module) -> list:
     """``torch.autograd.gradcheck`` of ``block.get_equivalent_kernel_bias()`` in all the block's parameters
     (float64); returns the parameter names checked."""
