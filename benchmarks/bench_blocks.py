@@ -19,6 +19,7 @@ paired the same way.
     python benchmarks/bench_blocks.py                 # the six reference shapes, 2 threads
     python benchmarks/bench_blocks.py --rounds 15 --shapes 128,16,32,3 32,256,14,3
     python benchmarks/bench_blocks.py --no-forms      # the 2-d BN table only (also with --shapes)
+    python benchmarks/bench_blocks.py --forms-only    # the other forms' table only
 """
 from __future__ import annotations
 
@@ -191,9 +192,14 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", nargs="*", default=None, help="N,C,HW,K (default: the six reference shapes)")
     parser.add_argument("--no-forms", action="store_true", help="skip the table of the 1-D / 3-D / frozen / BN-free forms")
+    parser.add_argument("--forms-only", action="store_true", help="only the table of the other forms")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+    if args.forms_only:
+        print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} alternated rounds; ratios: median of per-round ratios")
+        print_forms(args)
+        return 0
 
     header = (f"{'N,C,HW,K':>16} | {'conv+BN ms':>10} | {'ACB/cb':>6} {'orig':>6} {'paper':>6} | "
               f"{'DBB/cb':>6} {'orig':>6} {'paper':>6}")

@@ -280,3 +280,13 @@ def test_state_dict_names_of_the_new_forms():
     assert ConvBN.stored_options(ConvBN(4, 4, 3).state_dict(), 4) == {}
     two_d = ACBlock(2, 2, 3, padding=1)
     assert ACBlock.stored_options(two_d.state_dict(), 2) == {"use_affine": True}  # the 2-d BN form: as before
+
+
+def test_the_forms_benchmark_times_every_block_the_form_accepts():
+    from benchmarks.bench_blocks import FORM_SHAPES, bench_form
+
+    assert {(dim, norm) for _, dim, norm, _, _ in FORM_SHAPES} >= {(1, "batch"), (3, "batch"), (2, "frozen"), (2, "none")}
+    one_d = bench_form(1, "batch", (2, 4, 16), 3, rounds=1, warmup=0)
+    assert set(one_d) == {"plain", "DBB", "OREPA"}  # no 1-D ACB
+    three_d = bench_form(3, "frozen", (1, 4, 3, 5, 5), (1, 3, 3), rounds=1, warmup=0)
+    assert set(three_d) == {"plain", "ACB", "DBB", "OREPA"} and all(len(t) == 1 and t[0] > 0 for t in three_d.values())
