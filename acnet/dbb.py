@@ -12,36 +12,54 @@ Branches (each ends in a BN; their sum, then ``nonlinear``, is the output):
 The padded BNs make the 1x1-then-KxK merges exact at the borders: the intermediate map's padding
 holds ``bn(0) = beta - mu * gamma / sqrt(var + eps)`` (from the running statistics, as in the
 original), which is what the fused 1x1 conv produces on the zero-padded input.
-Geometry: odd ``kernel_size``, ``padding = dilation * (kernel_size // 2)``, any stride, any groups
-up to depthwise, any dilation (the KxK parts of every branch are dilated alike).
+Geometry: odd ``kernel_size`` (per axis; non-cubic kernels such as (1,3,3) or (3,1,1) too),
+``padding = dilation * (kernel_size // 2)``, any stride, any groups up to depthwise, any dilation
+(the KxK parts of every branch are dilated alike); ``dim`` 1, 2 or 3 (every branch in N-d).
+
+Norm kinds (``norm``): ``"batch"`` as above. ``"frozen"``: ``dbb_origin`` ends in a frozen BN (the
+pretrained pair); every other norm -- the final norm of each new branch and the padded intermediate
+ones -- is a learnable per-channel scale and shift (:class:`~acnet.norms.ChannelAffine`), no batch
+statistics anywhere. ``"none"`` (BN-free): every norm is such a scale and shift.
+
+Exactness at the borders without statistics (``"frozen"`` / ``"none"``). The 1x1 conv ``k1`` followed by
+the affine ``(w, b)`` computes ``u = w * (k1 * x) + b``: on a zero input exactly ``b``. The padded layer
+pads ``u`` with ``b`` (the preceding bias, as ECBSR does), so every tap of the following KxK window --
+inside the map or on its border -- reads ``w * (k1 * x_0) + b`` where ``x_0`` is the zero-padded input.
+That is the 1x1 conv (kernel ``w * k1``, bias ``b``) applied to ``x_0``, so the branch equals
+``conv(x_0; merge(w * k1, k2), b2 + sum_taps k2 * b)`` (:func:`acnet.transforms.fuse_1x1_kxk`), the fused
+conv on the zero-padded input, at every output pixel; the average branch is the same with ``k2`` the
+constant ``1 / prod(K)`` kernel. (With a BN instead of the affine the padding holds ``bn(0)`` from the
+running statistics: exact in eval mode, where the BN is that affine.)
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import transforms
-from .base import (
-    IntOrPair, ReparamBlock, _batch_stats, _bns_fusable, branch_bn_sum, branch_input, bn_train_backward, layout_of,
-    run_conv,
-)
+from . import norms, transforms
+from .block import IntOrPair, ReparamBlock, _dim_in, _norm_kind_in
+from .fastpath import _batch_stats, _bns_fusable, branch_bn_sum, branch_input, bn_train_backward, layout_of, run_conv
 
-__all__ = ["DiverseBranchBlock", "IdentityBasedConv1x1", "BNAndPadLayer", "AvgPoolKxK"]
+__all__ = ["DiverseBranchBlock", "IdentityBasedConv1x1", "IdentityBasedConv1x1_1d", "IdentityBasedConv1x1_3d",
+           "identity_based_conv1x1", "BNAndPadLayer", "AvgPoolKxK"]
+
+Sizes = Union[int, Sequence[int]]
 
 
-class IdentityBasedConv1x1(nn.Conv2d):
+class _IdentityBased:
     """A 1x1 conv whose effective kernel is ``identity + weight`` (``weight`` starts at 0).
 
     Same parameter name (``weight``) as the original; the identity is a non-persistent buffer.
     """
 
-    def __init__(self, channels: int, groups: int = 1) -> None:
-        super().__init__(channels, channels, kernel_size=1, stride=1, padding=0, groups=groups, bias=False)
-        self.register_buffer("id_tensor", transforms.identity_kernel(channels, groups), persistent=False)
+    def _init_identity(self, channels: int, groups: int, dim: int) -> None:
+        self.register_buffer("id_tensor", transforms.identity_kernel(channels, groups, dim=dim), persistent=False)
         nn.init.zeros_(self.weight)
 
     def get_actual_kernel(self) -> Tensor:
@@ -49,7 +67,36 @@ class IdentityBasedConv1x1(nn.Conv2d):
         return self.weight + self.id_tensor.to(dtype=self.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.get_actual_kernel(), None, 1, 0, 1, self.groups)
+        return self._conv_forward(x, self.get_actual_kernel(), None)
+
+
+class IdentityBasedConv1x1(_IdentityBased, nn.Conv2d):
+    """The 2-d identity-based 1x1 conv (:class:`_IdentityBased`), the original's ``IdentityBasedConv1x1``."""
+
+    def __init__(self, channels: int, groups: int = 1) -> None:
+        nn.Conv2d.__init__(self, channels, channels, kernel_size=1, stride=1, padding=0, groups=groups, bias=False)
+        self._init_identity(channels, groups, 2)
+
+
+class IdentityBasedConv1x1_1d(_IdentityBased, nn.Conv1d):
+    """The 1-d identity-based 1x1 conv (:class:`_IdentityBased`)."""
+
+    def __init__(self, channels: int, groups: int = 1) -> None:
+        nn.Conv1d.__init__(self, channels, channels, kernel_size=1, stride=1, padding=0, groups=groups, bias=False)
+        self._init_identity(channels, groups, 1)
+
+
+class IdentityBasedConv1x1_3d(_IdentityBased, nn.Conv3d):
+    """The 3-d identity-based 1x1 conv (:class:`_IdentityBased`)."""
+
+    def __init__(self, channels: int, groups: int = 1) -> None:
+        nn.Conv3d.__init__(self, channels, channels, kernel_size=1, stride=1, padding=0, groups=groups, bias=False)
+        self._init_identity(channels, groups, 3)
+
+
+def identity_based_conv1x1(channels: int, groups: int = 1, dim: int = 2) -> nn.Module:
+    """The identity-based 1x1 conv of dimension ``dim``."""
+    return {1: IdentityBasedConv1x1_1d, 2: IdentityBasedConv1x1, 3: IdentityBasedConv1x1_3d}[dim](channels, groups)
 
 
 class _BNTrainPad(torch.autograd.Function):
@@ -88,39 +135,49 @@ class _BNTrainPad(torch.autograd.Function):
 
 
 class BNAndPadLayer(nn.Module):
-    """BatchNorm, then pad ``pad_pixels`` on every side with the BN's output for a zero input.
+    """A norm, then pad ``pad_pixels`` on every side with the norm's output for a zero input.
 
-    The pad value per channel is ``beta - running_mean * gamma / sqrt(running_var + eps)`` (detached,
-    as in the original). The BN is the child ``bn`` (state-dict keys ``<name>.bn.*``).
+    For a BatchNorm (the default, ``BatchNorm{dim}d``) the pad value per channel is
+    ``beta - running_mean * gamma / sqrt(running_var + eps)`` (detached, as in the original); for a
+    :class:`~acnet.norms.ChannelAffine` (``norm=``, the frozen and BN-free forms) it is the shift
+    ``bias`` itself (not detached: the block then computes exactly its fused conv in training too).
+    The norm is the child ``bn`` (state-dict keys ``<name>.bn.*``). ``pad_pixels``: one int or one per axis.
     """
 
-    def __init__(self, pad_pixels: int, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
-                 affine: bool = True) -> None:
+    def __init__(self, pad_pixels: Sizes, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = True, *, dim: int = 2, norm: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=affine)
+        self.bn = norm if norm is not None else norms.batch_norm_class(dim)(num_features, eps=eps, momentum=momentum,
+                                                                            affine=affine)
         self.pad_pixels = pad_pixels
+        self.pad_nd = (pad_pixels,) * dim if isinstance(pad_pixels, int) else tuple(pad_pixels)
 
     def pad_values(self) -> Tensor:
-        """Per-channel value of ``bn(0)`` in eval mode (detached)."""
-        _, shift = transforms.bn_scale_shift(self.bn)
-        return shift.detach()
+        """Per-channel value of ``bn(0)`` in eval mode (detached for a BatchNorm)."""
+        _, shift = norms.scale_shift(self.bn)
+        return shift if isinstance(self.bn, norms.ChannelAffine) else shift.detach()
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.pad_pixels
-        if p > 0 and _bns_fusable([x], [self.bn]) and self.bn.affine:
+        if isinstance(p, int) and p > 0 and _bns_fusable([x], [self.bn]) and self.bn.affine:
             with torch.no_grad():
                 mean, var = _batch_stats(x, self.bn)
                 pad_value = self.pad_values().to(x.dtype)  # running stats after this batch's update, as the original
                 invstd = (var + self.bn.eps).rsqrt().to(x.dtype)
             return _BNTrainPad.apply(x, self.bn.weight, self.bn.bias, mean.to(x.dtype), invstd, pad_value, p)
         out = self.bn(x)
-        if p > 0:
-            value = self.pad_values().to(out.dtype).view(1, -1, 1, 1)
-            out = F.pad(out, [p, p, p, p])
-            out[:, :, :p, :] = value
-            out[:, :, -p:, :] = value
-            out[:, :, p:-p, :p] = value
-            out[:, :, p:-p, -p:] = value
+        if any(self.pad_nd):
+            value = self.pad_values().to(out.dtype).reshape(1, -1, *([1] * len(self.pad_nd)))
+            pads = []
+            for q in reversed(self.pad_nd):
+                pads += [q, q]
+            out = F.pad(out, pads)
+            for axis, q in enumerate(self.pad_nd):
+                if q > 0:
+                    for border in (slice(None, q), slice(-q, None)):
+                        index = [slice(None)] * out.dim()
+                        index[2 + axis] = border
+                        out[tuple(index)] = value
         return out
 
     # The original exposes the BN's tensors on the layer itself.
@@ -146,32 +203,36 @@ class BNAndPadLayer(nn.Module):
 
 
 class AvgPoolKxK(nn.Module):
-    """KxK average pooling (padded pixels counted) that also supports dilation; no parameters.
+    """K average pooling (padded pixels counted) that also supports dilation; no parameters.
 
-    Computed as a depthwise conv with the constant kernel ``1/K^2`` (``transforms.avg_pool_kernel``):
+    Computed as a depthwise conv with the constant kernel ``1/prod(K)`` (``transforms.avg_pool_kernel``):
     the same values as ``F.avg_pool2d(count_include_pad=True)`` and several times faster forward and
-    backward on CPU.
+    backward on CPU. ``kernel_size`` etc.: one int or one per axis; ``dim``: 1, 2 or 3.
     """
 
-    def __init__(self, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> None:
+    def __init__(self, kernel_size: Sizes, stride: Sizes = 1, padding: Sizes = 0, dilation: Sizes = 1, *,
+                 dim: int = 2) -> None:
         super().__init__()
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+        self.dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
-        channels, k = x.shape[1], self.kernel_size
-        kernel = x.new_full((channels, 1, k, k), 1.0 / (k * k))  # avg_pool_kernel(channels, k, groups=channels)
-        return F.conv2d(x, kernel, None, self.stride, self.padding, self.dilation, channels)
+        channels = x.shape[1]
+        k = (self.kernel_size,) * self.dim if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+        kernel = x.new_full((channels, 1, *k), 1.0 / math.prod(k))  # avg_pool_kernel(channels, k, groups=channels)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
+        return conv(x, kernel, None, self.stride, self.padding, self.dilation, channels)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
 
 
-def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, dilation: int,
-             groups: int, bn_eps: float, bn_momentum: float) -> nn.Sequential:
+def _conv_bn(in_channels: int, out_channels: int, kernel_size: Sizes, stride: Sizes, padding: Sizes,
+             dilation: Sizes, groups: int, norm: nn.Module, dim: int) -> nn.Sequential:
     seq = nn.Sequential()
-    seq.add_module("conv", nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                                     dilation=dilation, groups=groups, bias=False))
-    seq.add_module("bn", nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum))
+    seq.add_module("conv", norms.conv_class(dim)(in_channels, out_channels, kernel_size, stride=stride,
+                                                 padding=padding, dilation=dilation, groups=groups, bias=False))
+    seq.add_module("bn", norm)
     return seq
 
 
@@ -181,8 +242,13 @@ class DiverseBranchBlock(ReparamBlock):
     ``internal_channels_1x1_3x3``: width of the 1x1-KxK branch (default: ``in_channels``, or
     ``2 * in_channels`` for depthwise blocks); when it equals ``in_channels`` the first conv is the
     identity-based ``idconv1``. ``nonlinear`` (default identity) is applied after the branch sum and
-    kept by the deploy form. ``single_init``: only the KxK branch starts with BN weight 1.
+    kept by the deploy form. ``single_init``: only the KxK branch starts with norm weight 1.
+    ``dim`` / ``norm``: the form (module docstring). The frozen form: ``dbb_origin`` = KxK conv + frozen
+    BN; trainable: every conv weight and every other norm (learnable scale and shift per channel).
     """
+
+    deploy_conv_name = "dbb_reparam"
+    signature = "dbb_origin.conv.weight"
 
     def __init__(
         self,
@@ -200,22 +266,27 @@ class DiverseBranchBlock(ReparamBlock):
         *,
         bn_eps: float = 1e-5,
         bn_momentum: float = 0.1,
+        dim: int = 2,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
-        k_int = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
-        d_int = dilation if isinstance(dilation, int) else dilation[0]
-        if padding is None and isinstance(k_int, int) and isinstance(d_int, int):
-            padding = d_int * (k_int // 2)
+        if padding is None:
+            try:
+                k0 = kernel_size if isinstance(kernel_size, int) else tuple(kernel_size)
+                d0 = dilation if isinstance(dilation, int) else tuple(dilation)
+                if isinstance(k0, int) and isinstance(d0, int):
+                    padding = d0 * (k0 // 2)
+                else:
+                    ks = (k0,) * len(d0) if isinstance(k0, int) else k0
+                    ds = (d0,) * len(ks) if isinstance(d0, int) else d0
+                    padding = tuple(d * (k // 2) for k, d in zip(ks, ds))
+            except TypeError:
+                padding = 0  # an invalid kernel_size / dilation: _init_geometry names it
         self._init_geometry(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, "zeros",
-            min_kernel=1, odd_kernel=True,
+            dim=dim, norm=norm, min_kernel=1, odd_kernel=True,
         )
         k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
-        if p != d * (k // 2):
-            raise ValueError(
-                f"DiverseBranchBlock: padding must be dilation * (kernel_size // 2) = {d * (k // 2)} so that "
-                f"the 1x1 and average branches align with the KxK window, got {p}"
-            )
         self.nonlinear = nn.Identity() if nonlinear is None else nonlinear
         if deploy:
             self.dbb_reparam = self._empty_deploy_conv(torch.get_default_dtype(), torch.device("cpu"))
@@ -230,37 +301,60 @@ class DiverseBranchBlock(ReparamBlock):
                 f"DiverseBranchBlock: internal_channels_1x1_3x3 must be a positive multiple of groups ({groups}), "
                 f"got {internal!r}"
             )
-        bn_kw = dict(eps=bn_eps, momentum=bn_momentum)
+        conv_cls = norms.conv_class(dim)
 
-        self.dbb_origin = _conv_bn(in_channels, out_channels, k, s, p, d, groups, bn_eps, bn_momentum)
+        def norm_of(channels: int, main: bool = False) -> nn.Module:
+            return norms.make_norm(norm, channels, dim, main=main, eps=bn_eps, momentum=bn_momentum)
+
+        def padded(channels: int) -> BNAndPadLayer:
+            inner = None if norm == "batch" else norm_of(channels)
+            return BNAndPadLayer(p, channels, eps=bn_eps, momentum=bn_momentum, dim=dim, norm=inner)
+
+        self.dbb_origin = _conv_bn(in_channels, out_channels, k, s, p, d, groups, norm_of(out_channels, True), dim)
 
         self.dbb_avg = nn.Sequential()
         if pointwise:
-            self.dbb_avg.add_module("conv", nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=False))
-            self.dbb_avg.add_module("bn", BNAndPadLayer(p, out_channels, **bn_kw))
-            self.dbb_avg.add_module("avg", AvgPoolKxK(k, s, 0, d))
-            self.dbb_1x1 = _conv_bn(in_channels, out_channels, 1, s, 0, 1, groups, bn_eps, bn_momentum)
+            self.dbb_avg.add_module("conv", conv_cls(in_channels, out_channels, 1, groups=groups, bias=False))
+            self.dbb_avg.add_module("bn", padded(out_channels))
+            self.dbb_avg.add_module("avg", AvgPoolKxK(k, s, 0, d, dim=dim))
+            self.dbb_1x1 = _conv_bn(in_channels, out_channels, 1, s, 0, 1, groups, norm_of(out_channels), dim)
         else:
-            self.dbb_avg.add_module("avg", AvgPoolKxK(k, s, p, d))
-        self.dbb_avg.add_module("avgbn", nn.BatchNorm2d(out_channels, **bn_kw))
+            self.dbb_avg.add_module("avg", AvgPoolKxK(k, s, p, d, dim=dim))
+        self.dbb_avg.add_module("avgbn", norm_of(out_channels))
 
         self.dbb_1x1_kxk = nn.Sequential()
         if internal == in_channels:
-            self.dbb_1x1_kxk.add_module("idconv1", IdentityBasedConv1x1(in_channels, groups))
+            self.dbb_1x1_kxk.add_module("idconv1", identity_based_conv1x1(in_channels, groups, dim))
         else:
-            self.dbb_1x1_kxk.add_module("conv1", nn.Conv2d(in_channels, internal, 1, groups=groups, bias=False))
-        self.dbb_1x1_kxk.add_module("bn1", BNAndPadLayer(p, internal, **bn_kw))
-        self.dbb_1x1_kxk.add_module("conv2", nn.Conv2d(internal, out_channels, k, stride=s, padding=0, dilation=d,
-                                                       groups=groups, bias=False))
-        self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(out_channels, **bn_kw))
+            self.dbb_1x1_kxk.add_module("conv1", conv_cls(in_channels, internal, 1, groups=groups, bias=False))
+        self.dbb_1x1_kxk.add_module("bn1", padded(internal))
+        self.dbb_1x1_kxk.add_module("conv2", conv_cls(internal, out_channels, k, stride=s, padding=0, dilation=d,
+                                                      groups=groups, bias=False))
+        self.dbb_1x1_kxk.add_module("bn2", norm_of(out_channels))
 
         if single_init:
             self.single_init()
 
-    # --- state ------------------------------------------------------------------------------
-    deploy_conv_name = "dbb_reparam"
+    @classmethod
+    def unsupported(cls, *, dim, kernel_size, stride, padding, dilation, groups, padding_mode, norm) -> Optional[str]:
+        reason = super().unsupported(dim=dim, kernel_size=kernel_size, stride=stride, padding=padding,
+                                     dilation=dilation, groups=groups, padding_mode=padding_mode, norm=norm)
+        if reason is not None:
+            return reason
+        if any(k % 2 == 0 for k in kernel_size):
+            return f"DBB on a {'x'.join(map(str, kernel_size))} kernel: needs odd sizes (centred 1x1 and average branches)"
+        same = tuple(d * (k // 2) for k, d in zip(kernel_size, dilation))
+        if tuple(padding) != same:
+            shown_same = same[0] if len(set(same)) == 1 else same
+            shown = padding[0] if len(set(padding)) == 1 else tuple(padding)
+            return (f"padding must be dilation * (kernel_size // 2) = {shown_same} so that the 1x1 and average "
+                    f"branches align with the KxK window, got {shown}")
+        if padding_mode != "zeros":
+            return f"DBB supports only padding_mode='zeros', not {padding_mode!r}"
+        return None
 
-    def _branch_output_bns(self) -> Tuple[nn.BatchNorm2d, ...]:
+    # --- state ------------------------------------------------------------------------------
+    def _branch_output_bns(self) -> Tuple[nn.Module, ...]:
         if self.deployed:
             raise RuntimeError("DiverseBranchBlock: the block is deployed; its branches and BNs are gone")
         bns = [self.dbb_origin.bn, self.dbb_avg.avgbn, self.dbb_1x1_kxk.bn2]
@@ -268,17 +362,36 @@ class DiverseBranchBlock(ReparamBlock):
             bns.insert(1, self.dbb_1x1.bn)
         return tuple(bns)
 
+    def main_branch(self) -> Tuple[Tensor, nn.Module]:
+        """``(dbb_origin.conv.weight, dbb_origin.bn)``."""
+        self._branch_output_bns()
+        return self.dbb_origin.conv.weight, self.dbb_origin.bn
+
     def init_gamma(self, gamma_value: float) -> None:
-        """Set the weight of every branch's final BN to ``gamma_value``."""
+        """Set the weight of every branch's final norm to ``gamma_value`` (a frozen one is left as it is)."""
         with torch.no_grad():
-            for bn in self._branch_output_bns():
+            for bn in self._trainable_norms(self._branch_output_bns()):
                 bn.weight.fill_(gamma_value)
 
     def single_init(self) -> None:
-        """Final BN weights 0 except the KxK branch's (1): the block starts as a plain conv-BN."""
-        self.init_gamma(0.0)
+        """Final norm weights 0 except the KxK branch's (1; a frozen one unchanged): the block starts as a
+        plain conv-norm; the zeroed norms still get gradients, the convs behind them from the next step on."""
         with torch.no_grad():
-            self.dbb_origin.bn.weight.fill_(1.0)
+            for bn in self._branch_output_bns()[1:]:
+                bn.weight.fill_(0.0)
+            if norms.trainable_norm(self.dbb_origin.bn):
+                self.dbb_origin.bn.weight.fill_(1.0)
+
+    @classmethod
+    def stored_options(cls, state: Mapping[str, Tensor], in_channels: int) -> Dict[str, object]:
+        options: Dict[str, object] = {}
+        if "dbb_1x1_kxk.conv1.weight" in state:
+            options["internal_channels_1x1_3x3"] = state["dbb_1x1_kxk.conv1.weight"].shape[0]
+        elif "dbb_1x1_kxk.idconv1.weight" in state:
+            options["internal_channels_1x1_3x3"] = in_channels
+        options.update(_dim_in(state, "dbb_origin.conv.weight"))
+        options.update(_norm_kind_in(state, "dbb_origin.bn", "dbb_avg.avgbn"))
+        return options
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -300,35 +413,35 @@ class DiverseBranchBlock(ReparamBlock):
 
     # --- fusion -----------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
-        """Sum of the four branches' kernels/biases, each fused with its BNs (see module docstring)."""
+        """Sum of the four branches' kernels/biases, each fused with its norms (see module docstring)."""
         if self.deployed:
             return self.dbb_reparam.weight, self.dbb_reparam.bias
-        k, g = self.kernel_size, self.groups
+        k, g = self.kernel_nd, self.groups
         kernels, biases = [], []
 
-        k_origin, b_origin = transforms.fuse_bn(self.dbb_origin.conv.weight, self.dbb_origin.bn)
+        k_origin, b_origin = norms.fuse_norm(self.dbb_origin.conv.weight, self.dbb_origin.bn)
         kernels.append(k_origin)
         biases.append(b_origin)
 
         if hasattr(self, "dbb_1x1"):
-            k_1x1, b_1x1 = transforms.fuse_bn(self.dbb_1x1.conv.weight, self.dbb_1x1.bn)
+            k_1x1, b_1x1 = norms.fuse_norm(self.dbb_1x1.conv.weight, self.dbb_1x1.bn)
             kernels.append(transforms.pad_kernel_to(k_1x1, k))
             biases.append(b_1x1)
 
         branch = self.dbb_1x1_kxk
         first = branch.idconv1.get_actual_kernel() if hasattr(branch, "idconv1") else branch.conv1.weight
-        k_first, b_first = transforms.fuse_bn(first, branch.bn1.bn)
-        k_second, b_second = transforms.fuse_bn(branch.conv2.weight, branch.bn2)
+        k_first, b_first = norms.fuse_norm(first, branch.bn1.bn)
+        k_second, b_second = norms.fuse_norm(branch.conv2.weight, branch.bn2)
         k_merged, b_merged = transforms.fuse_1x1_kxk(k_first, b_first, k_second, b_second, groups=g)
         kernels.append(k_merged)
         biases.append(b_merged)
 
         avg = self.dbb_avg
-        ref = avg.avgbn.running_mean
-        k_avg = transforms.avg_pool_kernel(self.out_channels, k, g, dtype=k_origin.dtype, device=ref.device)
-        k_avg, b_avg = transforms.fuse_bn(k_avg, avg.avgbn)
+        k_avg = transforms.avg_pool_kernel(self.out_channels, k, g, dim=self.dim, dtype=k_origin.dtype,
+                                           device=k_origin.device)
+        k_avg, b_avg = norms.fuse_norm(k_avg, avg.avgbn)
         if hasattr(avg, "conv"):
-            k_first, b_first = transforms.fuse_bn(avg.conv.weight, avg.bn.bn)
+            k_first, b_first = norms.fuse_norm(avg.conv.weight, avg.bn.bn)
             k_avg, b_avg = transforms.fuse_1x1_kxk(k_first, b_first, k_avg, b_avg, groups=g)
         kernels.append(k_avg)
         biases.append(b_avg)

@@ -22,12 +22,21 @@ the branches are merged in kernel space, never on feature maps. Deploy form: ``o
 
 State-dict names, buffers (``weight_orepa_avg_avg``, ``weight_orepa_prior``, ``id_tensor``) and initial
 values are the original's (JUGGHM/OREPA_CVPR2022, ``blocks.py`` class ``OREPA``).
+
+Forms. ``dim`` 1, 2, 3: every branch in N-d (``K`` odd per axis, non-cubic kernels such as (1,3,3)
+too; the frequency prior of :func:`acnet.transforms.frequency_prior` splits the channels over the
+axes). ``norm``: the one norm after the conv is a ``BatchNorm{dim}d`` (``"batch"``), a frozen BN
+(``"frozen"``: the pretrained pair's; the new branches are normalised by their learned scales
+``vector[1:]`` only, no batch statistics anywhere, so a batch of one trains) or a learnable
+per-channel scale and shift (``"none"``, BN-free: the conv with a bias). The branches are merged in
+kernel space before the one conv on the zero-padded input, so every form is exact at the borders
+without any bias padding.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +44,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn import init
 
-from . import transforms
-from .base import IntOrPair, ReparamBlock, conv2d, run_conv
+from . import norms, transforms
+from .block import IntOrPair, ReparamBlock, _dim_in, _norm_kind_in
+from .fastpath import conv_nd, run_conv
 
 __all__ = ["OREPABlock", "OREPA_BRANCHES", "OREPA_INITIAL_SCALES"]
 
@@ -58,10 +68,13 @@ class OREPABlock(ReparamBlock):
     kept by the deploy form. ``single_init``: scales 1 for the KxK branch, 0 for the others (the block
     starts as a plain conv-BN). ``init_hyper_para`` multiplies the initial branch weights (square root
     of it for the depthwise-pointwise pair), ``init_hyper_gamma`` the squared initial scales.
-    ``bn_eps`` / ``bn_momentum`` configure the BN.
+    ``bn_eps`` / ``bn_momentum`` configure the BN; ``dim`` / ``norm`` the form (module docstring). The
+    frozen form: the main branch is ``weight_orepa_origin`` (scale ``vector[0]``) and the frozen ``bn``;
+    trainable: every branch weight and every scale.
     """
 
     deploy_conv_name = "orepa_reparam"
+    signature = "weight_orepa_origin"
 
     def __init__(
         self,
@@ -82,14 +95,20 @@ class OREPABlock(ReparamBlock):
         padding_mode: str = "zeros",
         bn_eps: float = 1e-5,
         bn_momentum: float = 0.1,
+        dim: int = 2,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if padding is None:
-            k0 = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
-            d0 = dilation if isinstance(dilation, int) else dilation[0]
-            padding = d0 * (k0 // 2) if isinstance(k0, int) and isinstance(d0, int) else 0
+            try:
+                ks = (kernel_size,) * dim if isinstance(kernel_size, int) else tuple(kernel_size)
+                ds = (dilation,) * len(ks) if isinstance(dilation, int) else tuple(dilation)
+                same = tuple(d * (k // 2) for k, d in zip(ks, ds))
+                padding = same[0] if len(set(same)) == 1 else same
+            except TypeError:
+                padding = 0  # an invalid kernel_size / dilation: _init_geometry names it
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
-                            min_kernel=1, odd_kernel=True)
+                            dim=dim, norm=norm, min_kernel=1, odd_kernel=True)
         for name, value in (("init_hyper_para", init_hyper_para), ("init_hyper_gamma", init_hyper_gamma)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"OREPABlock: {name} must be a number >= 0, got {value!r}")
@@ -97,7 +116,7 @@ class OREPABlock(ReparamBlock):
         if deploy:
             self.orepa_reparam = self._empty_deploy_conv(torch.get_default_dtype(), torch.device("cpu"))
             return
-        k, c_g = self.kernel_size, in_channels // groups
+        k, c_g = self.kernel_nd, in_channels // groups
         if internal_channels_1x1_3x3 is None:
             internal_channels_1x1_3x3 = in_channels if groups <= 4 else 2 * in_channels
         internal = internal_channels_1x1_3x3
@@ -109,19 +128,21 @@ class OREPABlock(ReparamBlock):
         def param(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape))
 
-        self.weight_orepa_origin = param(out_channels, c_g, k, k)
-        self.weight_orepa_avg_conv = param(out_channels, c_g, 1, 1)
-        self.weight_orepa_pfir_conv = param(out_channels, c_g, 1, 1)
-        self.register_buffer("weight_orepa_avg_avg", torch.full((k, k), 1.0 / (k * k)))
-        self.register_buffer("weight_orepa_prior", transforms.frequency_prior(out_channels, k))
-        self.weight_orepa_1x1 = param(out_channels, c_g, 1, 1)
-        self.weight_orepa_1x1_kxk_idconv1 = nn.Parameter(torch.zeros(internal, c_g, 1, 1))
-        self.register_buffer("id_tensor", transforms.identity_kernel(in_channels, groups, out_channels=internal))
-        self.weight_orepa_1x1_kxk_conv2 = param(out_channels, internal // groups, k, k)
-        self.weight_orepa_gconv_dw = param(in_channels * DEPTHWISE_EXPANSION, 1, k, k)
-        self.weight_orepa_gconv_pw = param(out_channels, in_channels * DEPTHWISE_EXPANSION // groups, 1, 1)
+        one = (1,) * dim
+        self.weight_orepa_origin = param(out_channels, c_g, *k)
+        self.weight_orepa_avg_conv = param(out_channels, c_g, *one)
+        self.weight_orepa_pfir_conv = param(out_channels, c_g, *one)
+        self.register_buffer("weight_orepa_avg_avg", torch.full(k, 1.0 / math.prod(k)))
+        self.register_buffer("weight_orepa_prior", transforms.frequency_prior(out_channels, k, dim=dim))
+        self.weight_orepa_1x1 = param(out_channels, c_g, *one)
+        self.weight_orepa_1x1_kxk_idconv1 = nn.Parameter(torch.zeros(internal, c_g, *one))
+        self.register_buffer("id_tensor", transforms.identity_kernel(in_channels, groups, out_channels=internal,
+                                                                     dim=dim))
+        self.weight_orepa_1x1_kxk_conv2 = param(out_channels, internal // groups, *k)
+        self.weight_orepa_gconv_dw = param(in_channels * DEPTHWISE_EXPANSION, 1, *k)
+        self.weight_orepa_gconv_pw = param(out_channels, in_channels * DEPTHWISE_EXPANSION // groups, *one)
         self.vector = param(len(OREPA_BRANCHES), out_channels)
-        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
+        self.bn = norms.make_norm(norm, out_channels, dim, main=True, eps=bn_eps, momentum=bn_momentum)
         self.reset_parameters(init_hyper_para, init_hyper_gamma)
         if single_init:
             self.single_init()
@@ -154,14 +175,36 @@ class OREPABlock(ReparamBlock):
             self.vector.fill_(gamma_value)
 
     def single_init(self) -> None:
-        """Scale 1 for the KxK branch, 0 for the others: the block starts as a plain conv-BN."""
+        """Scale 1 for the KxK branch, 0 for the others: the block starts as a plain conv-BN (the norm is
+        left as it is); the zeroed scales still get gradients, the branch weights from the next step on."""
         self.init_gamma(0.0)
         with torch.no_grad():
             self.vector[0].fill_(1.0)
 
+    def main_branch(self) -> Tuple[Tensor, nn.Module]:
+        """``(weight_orepa_origin, bn)`` (with ``vector[0] = 1`` after :meth:`single_init`)."""
+        self._training_form()
+        return self.weight_orepa_origin, self.bn
+
+    @classmethod
+    def unsupported(cls, *, dim, kernel_size, stride, padding, dilation, groups, padding_mode, norm) -> Optional[str]:
+        reason = super().unsupported(dim=dim, kernel_size=kernel_size, stride=stride, padding=padding,
+                                     dilation=dilation, groups=groups, padding_mode=padding_mode, norm=norm)
+        if reason is None and any(k % 2 == 0 for k in kernel_size):
+            return f"OREPA on a {'x'.join(map(str, kernel_size))} kernel: needs odd sizes (centred branches)"
+        return reason
+
+    @classmethod
+    def stored_options(cls, state: Mapping[str, Tensor], in_channels: int) -> Dict[str, object]:
+        key = "weight_orepa_1x1_kxk_idconv1"
+        options: Dict[str, object] = {"internal_channels_1x1_3x3": state[key].shape[0]} if key in state else {}
+        options.update(_dim_in(state, "weight_orepa_origin"))
+        options.update(_norm_kind_in(state, "bn", None))
+        return options
+
     # --- the kernel -------------------------------------------------------------------------
     def weight_gen(self) -> Tensor:
-        """The merged kernel ``W`` (``(O, C/g, K, K)``) of the six scaled branches.
+        """The merged kernel ``W`` (``(O, C/g, *K)``) of the six scaled branches.
 
         Differentiable in every parameter (first order: the gradients are written out in
         :class:`_MergedKernel`, a few small ops per block and step instead of an autograd graph of
@@ -179,9 +222,12 @@ class OREPABlock(ReparamBlock):
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if self.padding_mode != "zeros":
-            x = F.pad(x, [self.padding] * 4, mode=self.padding_mode)
-            return conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            pads = []
+            for q in reversed(self.padding_nd):
+                pads += [q, q]
+            x = F.pad(x, pads, mode=self.padding_mode)
+            return conv_nd(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv_nd(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
@@ -193,7 +239,7 @@ class OREPABlock(ReparamBlock):
         """``(W * s, t)``: the merged kernel folded with the BN's eval-mode scale ``s`` and shift ``t``."""
         if self.deployed:
             return self.orepa_reparam.weight, self.orepa_reparam.bias
-        return transforms.fuse_bn(self.weight_gen(), self.bn)
+        return norms.fuse_norm(self.weight_gen(), self.bn)
 
     def switch_to_deploy(self) -> None:
         """Fuse into ``orepa_reparam`` and drop the branches, scales and BN (idempotent); ``nonlinear`` stays."""
@@ -232,9 +278,9 @@ def _no_autocast(device_type: str):
 class _MergedKernel(torch.autograd.Function):
     """``W = v0*W0 + v1*a⊗A + v2*f⊗P + v3*merge(I + c1, c2) + v4*pad(e) + v5*merge(dw, pw)`` and its gradients.
 
-    Shapes: ``W0 (O, C/g, K, K)``; ``a, f, e (O, C/g, 1, 1)``; ``c1 (D, C/g, 1, 1)``; ``c2 (O, D/g, K, K)``;
-    ``dw (m*C, 1, K, K)``; ``pw (O, m*C/g, 1, 1)``; ``vector (6, O)``; constants ``A (K, K)``,
-    ``P (O, K, K)``, ``I`` like ``c1``. With ``G = dL/dW``: ``dL/dW0 = v0*G``,
+    Shapes (2-d; N-d alike with ``K`` the kernel's sizes): ``W0 (O, C/g, K, K)``; ``a, f, e (O, C/g, 1, 1)``;
+    ``c1 (D, C/g, 1, 1)``; ``c2 (O, D/g, K, K)``; ``dw (m*C, 1, K, K)``; ``pw (O, m*C/g, 1, 1)``; ``vector (6, O)``;
+    constants ``A (K, K)``, ``P (O, K, K)``, ``I`` like ``c1``. With ``G = dL/dW``: ``dL/dW0 = v0*G``,
     ``dL/da = v1 * <G, A>_taps``, ``dL/df = v2 * <G, P>_taps``, ``dL/de = v4 * G[centre]``,
     ``dL/dv_b = <G, B_b>`` per output channel (``B_b`` the unscaled branch kernel); the two products
     (``1x1-KxK``, depthwise-pointwise) are batched matrix products whose gradients are two more each.
@@ -246,8 +292,8 @@ class _MergedKernel(torch.autograd.Function):
     def forward(ctx, origin, avg_conv, prior_conv, centre, idconv1, conv2, dw, pw, vector, avg_kernel, prior,
                 identity, groups):
         with _no_autocast(origin.device.type):
-            out_ch, c_g, k, _ = origin.shape
-            taps, g = k * k, groups
+            out_ch, c_g = origin.shape[:2]
+            taps, g = math.prod(origin.shape[2:]), groups
             o_g = out_ch // g
             v = vector.view(6, out_ch, 1, 1)
             first = idconv1 + identity
@@ -264,7 +310,7 @@ class _MergedKernel(torch.autograd.Function):
         ctx.save_for_backward(origin, avg_conv, prior_conv, centre, idconv1, conv2, dw, pw, vector, avg_kernel,
                               prior, identity)
         ctx.groups = groups
-        return kernel.view(out_ch, c_g, k, k)
+        return kernel.view(origin.shape)
 
     @staticmethod
     @once_differentiable
@@ -273,8 +319,8 @@ class _MergedKernel(torch.autograd.Function):
             ctx.saved_tensors
         g = ctx.groups
         with _no_autocast(grad.device.type):
-            out_ch, c_g, k, _ = origin.shape
-            taps, o_g, m = k * k, out_ch // g, dw.shape[0] // (c_g * g)
+            out_ch, c_g = origin.shape[:2]
+            taps, o_g, m = math.prod(origin.shape[2:]), out_ch // g, dw.shape[0] // (c_g * g)
             grad = grad.contiguous().view(out_ch, c_g, taps)  # a channels_last conv gives an NHWC-strided one
             v = vector.view(6, out_ch, 1, 1)
             grad_vector = torch.empty_like(vector)
@@ -291,9 +337,9 @@ class _MergedKernel(torch.autograd.Function):
             # 1x1 then KxK, v3*M(first, conv2) = M(first, v3*conv2): d/d first from the scaled conv2;
             # H = dL/d(v3*conv2) is the unscaled gradient of conv2, and <G, M>_o = <H, conv2>_o.
             first = idconv1 + identity
-            scale3 = vector[3].view(out_ch, 1, 1, 1)
-            grad_first, on_conv2 = _merge_1x1_kxk_backward(grad.view(out_ch, c_g, k, k), first, conv2 * scale3, g)
-            grad_vector[3] = (on_conv2 * conv2).sum((1, 2, 3))
+            scale3 = vector[3].view(out_ch, *([1] * (origin.dim() - 1)))
+            grad_first, on_conv2 = _merge_1x1_kxk_backward(grad.view(origin.shape), first, conv2 * scale3, g)
+            grad_vector[3] = (on_conv2 * conv2).flatten(1).sum(1)
             grad_conv2 = on_conv2 * scale3
             # depthwise then pointwise, the same way: <G, Q>_o = <dL/d(pw) unscaled, pw>_o
             grad_t = grad.view(g, o_g, c_g, taps).transpose(1, 2).reshape(g * c_g, o_g, taps)
@@ -311,11 +357,13 @@ class _MergedKernel(torch.autograd.Function):
 def _merge_1x1_kxk_backward(grad: Tensor, first: Tensor, conv2: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     """Gradients ``(d/d first, d/d conv2)`` of :func:`acnet.transforms.merge_1x1_kxk_kernel` for ``grad``."""
     if transforms.merge_by_conv(first, conv2, groups):
+        nd = conv2.dim() - 2
         grad_conv2, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad, conv2, first.transpose(0, 1), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
+            grad, conv2, first.transpose(0, 1), None, [1] * nd, [0] * nd, [1] * nd, False, [0] * nd, 1,
+            [True, True, False])
         return grad_weight.transpose(0, 1).reshape(first.shape), grad_conv2
-    out_ch, d_g, k, _ = conv2.shape
-    c_g, o_g, taps = first.shape[1], out_ch // groups, k * k
+    out_ch, d_g = conv2.shape[:2]
+    c_g, o_g, taps = first.shape[1], out_ch // groups, math.prod(conv2.shape[2:])
     grad_t = grad.reshape(groups, o_g, c_g, taps).transpose(1, 2).reshape(groups, c_g, o_g * taps)
     first_g = first.view(groups, d_g, c_g)
     grad_conv2 = torch.bmm(first_g, grad_t).view(groups, d_g, o_g, taps).transpose(1, 2).reshape(conv2.shape)

@@ -4,14 +4,15 @@ Every function takes tensors (or a BatchNorm module, read only) and returns new 
 modified in place and everything is differentiable, so an equivalent kernel built from these can be
 used for quantization-aware training or pruning.
 
-Notation: a conv kernel ``k`` has shape ``(O, C/g, Kh, Kw)`` (``g`` groups) and a bias ``b`` has
-shape ``(O,)``; ``conv(x; k, b)`` is ``F.conv2d``. A BatchNorm in eval mode computes
-``bn(y) = gamma * (y - mu) / sqrt(var + eps) + beta`` per channel.
+Notation: a conv kernel ``k`` has shape ``(O, C/g, *K)`` (``g`` groups; ``K`` the kernel size on each of
+the 1, 2 or 3 spatial axes, e.g. ``(Kh, Kw)``) and a bias ``b`` has shape ``(O,)``; ``conv(x; k, b)`` is
+``F.conv1d`` / ``conv2d`` / ``conv3d``. Every function works in any of these dimensions (the kernel's
+own). A BatchNorm in eval mode computes ``bn(y) = gamma * (y - mu) / sqrt(var + eps) + beta`` per channel.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 __all__ = [
     "bn_scale_shift",
     "fuse_bn",
+    "fuse_scale_shift",
     "add_branches",
     "fuse_1x1_kxk",
     "concat_depth",
@@ -33,13 +35,32 @@ __all__ = [
 ]
 
 KernelBias = Tuple[Tensor, Tensor]
+Size = Union[int, Sequence[int]]
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _size(size: Size, dim: int) -> Tuple[int, ...]:
+    """``3`` -> ``(3,) * dim``; a sequence as a tuple (its length must be ``dim``)."""
+    if isinstance(size, int):
+        return (size,) * dim
+    size = tuple(int(v) for v in size)
+    if len(size) != dim:
+        raise ValueError(f"expected {dim} kernel sizes, got {size}")
+    return size
+
+
+def _per_channel(t: Tensor, ndim: int) -> Tensor:
+    """``(O,)`` -> ``(O, 1, ..., 1)`` broadcasting over a kernel of ``ndim`` dimensions."""
+    return t.reshape(-1, *([1] * (ndim - 1)))
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> KernelBias:
     """Per-channel ``(scale, shift)`` with ``bn(y) = scale * y + shift`` in eval mode.
 
     ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``, using the
-    BN's own ``eps``; ``gamma = 1, beta = 0`` when the BN has no affine parameters.
+    BN's own ``eps``; ``gamma = 1, beta = 0`` when the BN has no affine parameters. Any module with
+    ``running_mean`` / ``running_var`` / ``eps`` (and ``weight`` / ``bias`` or None) qualifies: BatchNorm
+    of any dimension, ``SyncBatchNorm``, a frozen BN.
     """
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
@@ -61,8 +82,14 @@ def fuse_bn(kernel: Tensor, bn: nn.BatchNorm2d, conv_bias: Optional[Tensor] = No
     (``s`` broadcast over each output channel's kernel slice).
     """
     scale, shift = bn_scale_shift(bn)
+    return fuse_scale_shift(kernel, scale, shift, conv_bias)
+
+
+def fuse_scale_shift(kernel: Tensor, scale: Tensor, shift: Tensor, conv_bias: Optional[Tensor] = None) -> KernelBias:
+    """A per-channel ``y -> scale * y + shift`` after ``conv(.; kernel, conv_bias)``, as one conv:
+    ``(kernel * scale, scale * conv_bias + shift)`` (``scale`` broadcast over each output channel's slice)."""
     scale = scale.to(kernel.dtype)
-    fused_kernel = kernel * scale.reshape(-1, 1, 1, 1)
+    fused_kernel = kernel * _per_channel(scale, kernel.dim())
     fused_bias = shift.to(kernel.dtype)
     if conv_bias is not None:
         fused_bias = fused_bias + conv_bias * scale
@@ -79,15 +106,17 @@ def add_branches(kernels: Sequence[Tensor], biases: Sequence[Tensor]) -> KernelB
 def fuse_1x1_kxk(k1: Tensor, b1: Tensor, k2: Tensor, b2: Tensor, groups: int = 1) -> KernelBias:
     """A 1x1 conv ``(k1, b1)`` followed by a KxK conv ``(k2, b2)``, both with ``groups``, as one KxK conv.
 
-    Within group ``g`` (``k1``: ``(D, C/g, 1, 1)``, ``k2``: ``(O, D/g, K, K)``):
-    ``k[o, c] = sum_d k2[o, d] * k1[d, c]`` and ``b[o] = b2[o] + sum_{d,h,w} k2[o, d, h, w] * b1[d]``.
+    Within group ``g`` (``k1``: ``(D, C/g, 1, ...)``, ``k2``: ``(O, D/g, *K)``):
+    ``k[o, c] = sum_d k2[o, d] * k1[d, c]`` and ``b[o] = b2[o] + sum_{d, taps} k2[o, d, taps] * b1[d]``.
     Exact where the KxK conv sees the 1x1 output of the (zero-)padded input, i.e. where the padding
-    of the intermediate map holds ``b1`` (see ``DiverseBranchBlock``'s padded BN).
+    of the intermediate map holds ``b1`` (the 1x1 conv's value on a zero input; see
+    ``DiverseBranchBlock``'s padded norm): then every tap of the KxK window, inside or on the border,
+    reads ``k1 * x + b1`` with ``x`` the zero-padded input, which is the fused conv's input.
     """
     kernel = merge_1x1_kxk_kernel(k1, k2, groups)
     O, d_g = k2.shape[0], k2.shape[1]
-    k2g = k2.reshape(groups, O // groups, d_g, k2.shape[2], k2.shape[3])
-    bias = b2 + torch.einsum("godhw,gd->go", k2g, b1.reshape(groups, d_g)).reshape(O)
+    k2g = k2.reshape(groups, O // groups, d_g, -1)
+    bias = b2 + torch.einsum("godt,gd->go", k2g, b1.reshape(groups, d_g)).reshape(O)
     return kernel, bias
 
 
@@ -103,8 +132,8 @@ def merge_by_conv(k1: Tensor, k2: Tensor, groups: int) -> bool:
 def merge_1x1_kxk_kernel(k1: Tensor, k2: Tensor, groups: int = 1) -> Tensor:
     """The kernel of a bias-free 1x1 conv ``k1`` followed by a KxK conv ``k2`` (both with ``groups``).
 
-    Within group ``g``: ``k[o, c] = sum_d k2[o, d] * k1[d, c]`` (``k1``: ``(D, C/g, 1, 1)``,
-    ``k2``: ``(O, D/g, K, K)``). Exact with zero padding: the 1x1 conv maps the zero border to zero.
+    Within group ``g``: ``k[o, c] = sum_d k2[o, d] * k1[d, c]`` (``k1``: ``(D, C/g, 1, ...)``,
+    ``k2``: ``(O, D/g, *K)``). Exact with zero padding: the 1x1 conv maps the zero border to zero.
     Computed as one batched matrix product over the groups; ungrouped and from
     :data:`CONV_MERGE_MIN_MACS` multiply-adds, as a 1x1 conv of ``k2`` (a batch of ``O`` maps of ``D``
     channels) with the weight ``k1^T``, which oneDNN runs (and differentiates) 20-35% faster than a
@@ -112,29 +141,31 @@ def merge_1x1_kxk_kernel(k1: Tensor, k2: Tensor, groups: int = 1) -> Tensor:
     """
     D, cin_g = k1.shape[0], k1.shape[1]
     O, d_g = k2.shape[0], k2.shape[1]
-    if k1.dim() != 4 or k1.shape[2:] != (1, 1) or D % groups or O % groups or D // groups != d_g:
+    if (k1.dim() != k2.dim() or k1.dim() not in (3, 4, 5) or any(v != 1 for v in k1.shape[2:]) or D % groups
+            or O % groups or D // groups != d_g):
         raise ValueError(
             f"fuse_1x1_kxk: incompatible shapes k1={tuple(k1.shape)}, k2={tuple(k2.shape)} for groups={groups}"
         )
     if merge_by_conv(k1, k2, groups):
-        return F.conv2d(k2, k1.transpose(0, 1))
-    kh, kw = k2.shape[2], k2.shape[3]
-    o_g, taps = O // groups, kh * kw
+        return _CONV_FUNCTIONS[k2.dim() - 2](k2, k1.transpose(0, 1))
+    spatial = tuple(k2.shape[2:])
+    o_g, taps = O // groups, math.prod(spatial)
     k2_t = k2.reshape(groups, o_g, d_g, taps).transpose(1, 2).reshape(groups, d_g, o_g * taps)
     merged = torch.bmm(k1.reshape(groups, d_g, cin_g).transpose(1, 2), k2_t)
-    return merged.view(groups, cin_g, o_g, taps).transpose(1, 2).reshape(O, cin_g, kh, kw)
+    return merged.view(groups, cin_g, o_g, taps).transpose(1, 2).reshape(O, cin_g, *spatial)
 
 
 def merge_depthwise_pointwise(depthwise: Tensor, pointwise: Tensor, in_channels: int, groups: int = 1) -> Tensor:
     """A depthwise KxK conv (``m`` output channels per input channel) then a 1x1 conv with ``groups``, as one kernel.
 
-    ``depthwise``: ``(C*m, 1, K, K)``, its channel ``c*m + t`` reads input channel ``c``;
-    ``pointwise``: ``(O, C*m/g, 1, 1)``. For output ``o`` in group ``j`` and input channel
+    ``depthwise``: ``(C*m, 1, *K)``, its channel ``c*m + t`` reads input channel ``c``;
+    ``pointwise``: ``(O, C*m/g, 1, ...)``. For output ``o`` in group ``j`` and input channel
     ``c = j*C/g + i``: ``k[o, i] = sum_t pointwise[o, i*m + t] * depthwise[c*m + t]``, a
-    ``(O, C/g, K, K)`` kernel (one batched matrix product over the input channels). Exact with zero
+    ``(O, C/g, *K)`` kernel (one batched matrix product over the input channels). Exact with zero
     padding (the depthwise conv keeps a zero border zero).
     """
-    cm, kh, kw = depthwise.shape[0], depthwise.shape[2], depthwise.shape[3]
+    cm, spatial = depthwise.shape[0], tuple(depthwise.shape[2:])
+    taps = math.prod(spatial)
     O = pointwise.shape[0]
     if (depthwise.shape[1] != 1 or cm % in_channels or in_channels % groups or O % groups
             or pointwise.shape[1] * groups != cm):
@@ -142,25 +173,32 @@ def merge_depthwise_pointwise(depthwise: Tensor, pointwise: Tensor, in_channels:
                          f"pointwise={tuple(pointwise.shape)} for in_channels={in_channels}, groups={groups}")
     m, c_g, o_g = cm // in_channels, in_channels // groups, O // groups
     pw = pointwise.reshape(groups, o_g, c_g, m).transpose(1, 2).reshape(groups * c_g, o_g, m)
-    merged = torch.bmm(pw, depthwise.reshape(groups * c_g, m, kh * kw))
-    return merged.view(groups, c_g, o_g, kh * kw).transpose(1, 2).reshape(O, c_g, kh, kw)
+    merged = torch.bmm(pw, depthwise.reshape(groups * c_g, m, taps))
+    return merged.view(groups, c_g, o_g, taps).transpose(1, 2).reshape(O, c_g, *spatial)
 
 
-def frequency_prior(channels: int, kernel_size: int, *, dtype=None, device=None) -> Tensor:
-    """OREPA's fixed "frequency prior" spatial patterns, one ``(K, K)`` map per output channel.
+def frequency_prior(channels: int, kernel_size: Size, *, dim: int = 2, dtype=None, device=None) -> Tensor:
+    """OREPA's fixed "frequency prior" patterns, one ``K`` map (``dim`` axes) per output channel.
 
-    Cosine (DCT-II) bases: for ``o < channels / 2``, ``prior[o, h, w] = cos(pi * (h + 1/2) * (o + 1) / K)``
-    (varying along rows); otherwise ``cos(pi * (w + 1/2) * (o + 1 - channels / 2) / K)`` (along
-    columns). For ``K = 3`` these are exactly the original's values (its loops cover only 3x3).
+    Cosine (DCT-II) bases, the channels split evenly over the axes: with ``n = channels / dim``, output
+    ``o`` varies along axis ``a = min(floor(o / n), dim - 1)`` only, with frequency ``f = o + 1 - a * n``:
+    ``prior[o, ..., x_a, ...] = cos(pi * (x_a + 1/2) * f / K_a)``. In 2-d: ``o < channels / 2`` varies along
+    rows with ``f = o + 1``, the others along columns with ``f = o + 1 - channels / 2``; for ``K = 3``
+    exactly the original's values (its loops cover only 3x3).
     """
-    half = channels / 2
-    o = torch.arange(channels, dtype=torch.float64).view(-1, 1)
-    pos = torch.arange(kernel_size, dtype=torch.float64).add(0.5).view(1, -1)
-    row_freq = torch.where(o < half, o + 1, o + 1 - half)
-    waves = torch.cos(math.pi * pos * row_freq / kernel_size)  # (O, K)
-    rows = waves.unsqueeze(2).expand(-1, -1, kernel_size)  # varies along h
-    cols = waves.unsqueeze(1).expand(-1, kernel_size, -1)  # varies along w
-    prior = torch.where((o < half).view(-1, 1, 1), rows, cols)
+    ks = _size(kernel_size, dim)
+    share = channels / dim
+    o = torch.arange(channels, dtype=torch.float64)
+    axis = torch.clamp(torch.floor(o / share), max=dim - 1)
+    freq = o + 1 - axis * share
+    prior = torch.ones(channels, *ks, dtype=torch.float64)
+    for a, k in enumerate(ks):
+        pos = torch.arange(k, dtype=torch.float64).add(0.5)
+        wave = torch.cos(math.pi * pos.view(1, -1) * freq.view(-1, 1) / k)  # (O, K_a)
+        wave = torch.where((axis == a).view(-1, 1), wave, torch.ones_like(wave))
+        shape = [channels] + [1] * dim
+        shape[1 + a] = k
+        prior = prior * wave.view(shape)
     return prior.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
 
@@ -169,59 +207,67 @@ def concat_depth(kernels: Sequence[Tensor], biases: Sequence[Tensor]) -> KernelB
     return torch.cat(list(kernels), dim=0), torch.cat(list(biases), dim=0)
 
 
-def identity_kernel(channels: int, groups: int = 1, kernel_size: int = 1, *, out_channels: Optional[int] = None,
-                    dtype=None, device=None) -> Tensor:
-    """The kernel ``(O, C/g, K, K)`` of the identity map: 1 at the centre tap of ``k[o, o mod (C/g)]``.
+def identity_kernel(channels: int, groups: int = 1, kernel_size: Size = 1, *, out_channels: Optional[int] = None,
+                    dim: int = 2, dtype=None, device=None) -> Tensor:
+    """The kernel ``(O, C/g, *K)`` of the identity map: 1 at the centre tap of ``k[o, o mod (C/g)]``.
 
     ``out_channels`` (default ``C``): more outputs than inputs repeat the identity (OREPA's and DBB's
-    identity-based 1x1 with ``2C`` internal channels).
+    identity-based 1x1 with ``2C`` internal channels). ``kernel_size``: odd, one int or ``dim`` ints.
     """
     if channels % groups:
         raise ValueError(f"identity_kernel: channels={channels} is not divisible by groups={groups}")
+    ks = _size(kernel_size, dim)
     per_group = channels // groups
     rows = channels if out_channels is None else out_channels
-    kernel = torch.zeros(rows, per_group, kernel_size, kernel_size, dtype=dtype, device=device)
+    kernel = torch.zeros(rows, per_group, *ks, dtype=dtype, device=device)
     idx = torch.arange(rows, device=device)
-    kernel[idx, idx % per_group, kernel_size // 2, kernel_size // 2] = 1
+    kernel[(idx, idx % per_group) + tuple(k // 2 for k in ks)] = 1
     return kernel
 
 
-def avg_pool_kernel(channels: int, kernel_size: int, groups: int = 1, *, dtype=None, device=None) -> Tensor:
-    """KxK average pooling (zero padding, padded pixels counted) as a grouped conv kernel.
+def avg_pool_kernel(channels: int, kernel_size: Size, groups: int = 1, *, dim: int = 2, dtype=None,
+                    device=None) -> Tensor:
+    """K average pooling (zero padding, padded pixels counted) as a grouped conv kernel.
 
-    ``k[o, o mod (C/g), :, :] = 1 / K^2`` and 0 elsewhere, so ``conv(x; k) = avg_pool(x)`` with the
-    same stride and padding (``count_include_pad=True``).
+    ``k[o, o mod (C/g), ...] = 1 / prod(K)`` and 0 elsewhere, so ``conv(x; k) = avg_pool(x)`` with the
+    same stride and padding (``count_include_pad=True``). ``kernel_size``: one int or ``dim`` ints.
     """
     if channels % groups:
         raise ValueError(f"avg_pool_kernel: channels={channels} is not divisible by groups={groups}")
+    ks = _size(kernel_size, dim)
     per_group = channels // groups
-    kernel = torch.zeros(channels, per_group, kernel_size, kernel_size, dtype=dtype, device=device)
+    kernel = torch.zeros(channels, per_group, *ks, dtype=dtype, device=device)
     idx = torch.arange(channels, device=device)
-    kernel[idx, idx % per_group] = 1.0 / (kernel_size * kernel_size)
+    kernel[idx, idx % per_group] = 1.0 / math.prod(ks)
     return kernel
 
 
-def pad_kernel_to(kernel: Tensor, size: int | Tuple[int, int]) -> Tensor:
-    """Zero-pad a ``(kh, kw)`` kernel symmetrically to ``(Kh, Kw)`` (centres aligned; odd differences).
+def pad_kernel_to(kernel: Tensor, size: Size) -> Tensor:
+    """Zero-pad a ``k`` kernel symmetrically to ``K`` on every spatial axis (centres aligned; odd differences).
 
-    ``conv(x; pad_kernel_to(k, K), padding=p)`` equals ``conv(x; k, padding=p - d*(K - kh)/2)`` per axis
-    (dilation ``d``): the small kernel becomes the centre of the large one.
+    ``conv(x; pad_kernel_to(k, K), padding=p)`` equals ``conv(x; k, padding=p - d*(K - k)/2)`` per axis
+    (dilation ``d``): the small kernel becomes the centre of the large one. ``size``: one int (every
+    axis) or one per spatial axis.
     """
-    target_h, target_w = (size, size) if isinstance(size, int) else size
-    kh, kw = kernel.shape[-2:]
-    dh, dw = target_h - kh, target_w - kw
-    if dh < 0 or dw < 0 or dh % 2 or dw % 2:
+    dim = kernel.dim() - 2
+    target = _size(size, dim)
+    small = tuple(kernel.shape[2:])
+    diffs = [t - k for t, k in zip(target, small)]
+    if any(d < 0 or d % 2 for d in diffs):
         raise ValueError(
-            f"pad_kernel_to: cannot centre a {kh}x{kw} kernel in {target_h}x{target_w} (needs a larger size "
-            "with an even difference)"
+            f"pad_kernel_to: cannot centre a {'x'.join(map(str, small))} kernel in {'x'.join(map(str, target))} "
+            "(needs a larger size with an even difference)"
         )
-    return F.pad(kernel, [dw // 2, dw // 2, dh // 2, dh // 2])
+    pads = []
+    for d in reversed(diffs):
+        pads += [d // 2, d // 2]
+    return F.pad(kernel, pads)
 
 
 def add_to_centre(square: Tensor, small: Tensor) -> Tensor:
-    """Add a smaller (e.g. asymmetric 1xK or Kx1) kernel onto the centre skeleton of a KxK kernel.
+    """Add a smaller (e.g. asymmetric 1xK or Kx1) kernel onto the centre lines of a larger kernel.
 
-    ``square + pad_kernel_to(small, K)``: the 1xK kernel lands on the centre row, the Kx1 on the
-    centre column (ACNet's kernel skeleton).
+    ``square + pad_kernel_to(small, K)``: a 1xK kernel lands on the centre row, a Kx1 on the centre
+    column, a Kx1x1 on the centre line along the first axis (ACNet's kernel skeleton).
     """
-    return square + pad_kernel_to(small, tuple(square.shape[-2:]))
+    return square + pad_kernel_to(small, tuple(square.shape[2:]))

@@ -246,7 +246,11 @@ def test_equivalent_kernel_passes_gradcheck():
         (dict(kernel_size=3, padding=1, groups=4), "divisible by groups"),
         (dict(kernel_size=3, stride=0), "stride must be >= 1"),
         (dict(kernel_size=3, dilation=0), "dilation must be >= 1"),
-        (dict(kernel_size=(3, 5)), "kernel_size must be square"),
+        (dict(kernel_size=(1, 3)), "two axes of size > 1"),  # non-square kernels: where the 1-D branches fit
+        (dict(kernel_size=(3, 4)), "kernel_size must be an odd int >= 3"),
+        (dict(kernel_size=3, dim=1), "ACB on a 1-D conv"),
+        (dict(kernel_size=3, norm="group"), "norm must be one of"),
+        (dict(kernel_size=3, norm="frozen", use_affine=False), "use_affine=False needs norm='batch'"),
         (dict(kernel_size=3, padding_mode="mirror"), "padding_mode must be one of"),
     ],
 )

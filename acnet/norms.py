@@ -1,0 +1,163 @@
+"""The norms a block's branches end in, for every norm kind and dimension, and their eval-mode algebra.
+
+A block's ``norm`` argument chooses the kind (:data:`NORM_KINDS`):
+
+* ``"batch"``: every branch ends in a ``BatchNorm{dim}d`` (the papers' form; batch statistics in training).
+* ``"frozen"``: the main (KxK) branch ends in a :class:`FrozenBatchNorm` (buffers only, never updated:
+  the pretrained pair of a detector backbone), every new branch in a :class:`ChannelAffine` (learnable
+  per-channel scale and shift, no statistics). No batch statistics anywhere: a batch of one trains.
+* ``"none"``: BN-free: every branch ends in a :class:`ChannelAffine`; the main branch's shift is the
+  conv's bias.
+
+Every such norm is, in eval mode, ``y -> scale * y + shift`` per channel (:func:`scale_shift`), so a
+conv followed by it folds into one conv with bias (:func:`fuse_norm`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import transforms
+
+__all__ = ["NORM_KINDS", "FrozenBatchNorm", "ChannelAffine", "batch_norm_class", "conv_class", "make_norm",
+           "scale_shift", "fuse_norm", "load_norm", "trainable_norm"]
+
+#: The values of a block's ``norm`` argument.
+NORM_KINDS: Tuple[str, ...] = ("batch", "frozen", "none")
+_BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def batch_norm_class(dim: int) -> type:
+    """``nn.BatchNorm1d`` / ``2d`` / ``3d``."""
+    return _BATCH_NORMS[dim]
+
+
+def conv_class(dim: int) -> type:
+    """``nn.Conv1d`` / ``2d`` / ``3d``."""
+    return _CONVS[dim]
+
+
+def _channel_view(t: Tensor, ndim: int) -> Tensor:
+    return t.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+class FrozenBatchNorm(nn.Module):
+    """A BatchNorm with fixed statistics and affine parameters, for any input dimension.
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel, always (train or
+    eval mode). ``weight``, ``bias``, ``running_mean``, ``running_var`` are buffers (never trained nor
+    updated), ``eps`` an attribute: torchvision's ``FrozenBatchNorm2d`` (same state-dict names), for
+    1-, 2- and 3-d data.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = transforms.bn_scale_shift(self)
+        return x * _channel_view(scale.to(x.dtype), x.dim()) + _channel_view(shift.to(x.dtype), x.dim())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class ChannelAffine(nn.Module):
+    """A learnable per-channel scale and shift, ``y = weight * x + bias``: a branch norm without statistics.
+
+    ``weight`` starts at 1 and ``bias`` at 0 (a BN's affine initialisation); the same in train and eval mode.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addcmul(_channel_view(self.bias, x.dim()), x, _channel_view(self.weight, x.dim()))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}"
+
+
+def make_norm(kind: str, channels: int, dim: int, *, main: bool, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+              affine: bool = True) -> nn.Module:
+    """The norm ending a branch: ``BatchNorm{dim}d`` for ``"batch"``; for ``"frozen"`` a
+    :class:`FrozenBatchNorm` on the main branch (``main=True``) and a :class:`ChannelAffine` elsewhere;
+    a :class:`ChannelAffine` everywhere for ``"none"``."""
+    if kind == "batch":
+        return batch_norm_class(dim)(channels, eps=eps, momentum=momentum, affine=affine)
+    if kind == "frozen" and main:
+        return FrozenBatchNorm(channels, eps=eps)
+    if kind in ("frozen", "none"):
+        return ChannelAffine(channels)
+    raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")
+
+
+def trainable_norm(norm: nn.Module) -> bool:
+    """Whether ``norm``'s affine weight is a parameter a block may initialise (not a frozen norm's buffer)."""
+    return isinstance(getattr(norm, "weight", None), nn.Parameter)
+
+
+def scale_shift(norm: nn.Module) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``(scale, shift)`` with ``norm(y) = scale * y + shift`` in eval mode.
+
+    :class:`ChannelAffine`: ``(weight, bias)``; a BatchNorm of any dimension, ``SyncBatchNorm`` or a
+    frozen BN (anything with ``running_mean`` / ``running_var`` / ``eps``):
+    :func:`acnet.transforms.bn_scale_shift`.
+    """
+    if isinstance(norm, ChannelAffine):
+        return norm.weight, norm.bias
+    return transforms.bn_scale_shift(norm)
+
+
+def fuse_norm(kernel: Tensor, norm: nn.Module, conv_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``norm(conv(x; kernel, conv_bias)) = conv(x; kernel * s, s * conv_bias + t)``, ``(s, t) = scale_shift(norm)``."""
+    scale, shift = scale_shift(norm)
+    return transforms.fuse_scale_shift(kernel, scale, shift, conv_bias)
+
+
+@torch.no_grad()
+def load_norm(target: nn.Module, source: Optional[nn.Module], conv_bias: Optional[Tensor] = None) -> None:
+    """Make ``target(y)`` equal ``source(y + conv_bias)`` in eval mode (``source=None``: ``y + conv_bias``).
+
+    A BatchNorm / :class:`FrozenBatchNorm` target takes the source's affine parameters, running
+    statistics (the mean shifted by ``conv_bias``), ``eps`` and batch count; it needs a source with
+    running statistics. A :class:`ChannelAffine` target takes the source's eval-mode scale and shift
+    (folded with ``conv_bias``).
+    """
+    if isinstance(target, ChannelAffine):
+        if source is None:
+            target.weight.fill_(1.0)
+            target.bias.copy_(conv_bias if conv_bias is not None else torch.zeros_like(target.bias))
+            return
+        scale, shift = scale_shift(source)
+        target.weight.copy_(scale)
+        target.bias.copy_(shift if conv_bias is None else shift + scale * conv_bias)
+        return
+    if source is None or getattr(source, "running_mean", None) is None or getattr(source, "running_var", None) is None:
+        raise ValueError(
+            f"a {type(target).__name__} main branch needs a norm with running statistics to load; a conv without "
+            "one goes into a block with norm='none'"
+        )
+    weight = getattr(source, "weight", None)
+    bias = getattr(source, "bias", None)
+    if target.weight is not None:
+        target.weight.copy_(weight if weight is not None else torch.ones_like(target.weight))
+        target.bias.copy_(bias if bias is not None else torch.zeros_like(target.bias))
+    elif weight is not None:
+        raise ValueError("the block's BatchNorms have no affine parameters (use_affine=False) to load the norm's into")
+    target.running_mean.copy_(source.running_mean if conv_bias is None else source.running_mean - conv_bias)
+    target.running_var.copy_(source.running_var)
+    target.eps = source.eps
+    count, target_count = getattr(source, "num_batches_tracked", None), getattr(target, "num_batches_tracked", None)
+    if count is not None and target_count is not None:
+        target_count.copy_(count)
