@@ -28,6 +28,7 @@ from .orepa import OREPABlock
 from .registry import BLOCK_REGISTRY, BlockType, get_block_type
 from .export import ExportError, MissingExtraError, export_onnx
 from .hdf5 import load_hdf5, save_hdf5
+from .norms import NORM_KINDS, ChannelAffine, FrozenBatchNorm
 from .quant import convert_qat, prepare_qat
 from .weights import WeightsError, load_state_dict_file
 
@@ -51,6 +52,9 @@ __all__ = [
     "format_report",
     "ConversionReport",
     "ConvReportRow",
+    "NORM_KINDS",
+    "FrozenBatchNorm",
+    "ChannelAffine",
     "save_hdf5",
     "load_hdf5",
     "load_state_dict_file",

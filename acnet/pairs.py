@@ -47,8 +47,9 @@ NORM_ACT_CLASSES: Dict[str, Tuple[str, ...]] = {
 }
 #: Frozen batch norms (fixed affine buffers, no batch statistics), by exact class: torchvision's
 #: ``FrozenBatchNorm2d`` (checked on torchvision 0.29: buffers weight, bias, running_mean, running_var;
-#: attribute eps; forward ``x * w * rsqrt(rv + eps) + (b - rm * w * rsqrt(rv + eps))``).
-FROZEN_NORM_CLASSES: Tuple[str, ...] = ("torchvision.ops.misc.FrozenBatchNorm2d",)
+#: attribute eps; forward ``x * w * rsqrt(rv + eps) + (b - rm * w * rsqrt(rv + eps))``) and acnet's own
+#: N-D :class:`acnet.norms.FrozenBatchNorm` (same buffers and forward, for 1-D and 3-D models).
+FROZEN_NORM_CLASSES: Tuple[str, ...] = ("torchvision.ops.misc.FrozenBatchNorm2d", "acnet.norms.FrozenBatchNorm")
 #: The tensors a (batch or frozen) norm holds itself.
 NORM_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
 _FROZEN_BUFFERS = frozenset({"weight", "bias", "running_mean", "running_var"})
