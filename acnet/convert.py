@@ -27,7 +27,6 @@ from torch import nn
 from .base import ReparamBlock
 from .fuse_load import acnet_fuse_and_load
 from .pairs import (
-    CONV_DIM,
     CONV_TYPES,
     NORM_ACT_CLASSES,
     ConvBNPair,
@@ -266,7 +265,9 @@ def plan_conversion(model: nn.Module, block_class: type, sizes: frozenset, *, bn
             continue
         pair = pairs.get(name)
         if pair is None:
-            plans.append(ConvPlan(name, conv, None, None, None, _NOT_PAIRED_BN_FREE if bn_free else _NOT_PAIRED))
+            geometry = conv_geometry(conv)  # a conv subclass with its own forward: say so first
+            reason = geometry if isinstance(geometry, str) else _NOT_PAIRED_BN_FREE if bn_free else _NOT_PAIRED
+            plans.append(ConvPlan(name, conv, None, None, None, reason))
             continue
         norm = model.get_submodule(pair.bn_name) if pair.bn_name is not None else None
         plan = ConvPlan(name, conv, pair.bn_name, norm, norm_kind(norm) or "none")
@@ -381,8 +382,3 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, module)
-
-
-def conv_dim(conv: nn.Module) -> int:
-    """1, 2 or 3 for ``nn.Conv1d/2d/3d``."""
-    return CONV_DIM[type(conv)]

@@ -65,6 +65,16 @@ class ConvBNPair:
     bn_name: Optional[str]
 
 
+def conv_dim(module: nn.Module) -> Optional[int]:
+    """1, 2 or 3 for an ``nn.Conv1d/2d/3d`` or a subclass that computes what its base class does (it
+    overrides neither ``forward`` nor ``_conv_forward``, e.g. torchvision's ``Conv3DSimple``); else None."""
+    for base, dim in CONV_DIM.items():
+        if isinstance(module, base):
+            cls = type(module)
+            return dim if cls.forward is base.forward and cls._conv_forward is base._conv_forward else None
+    return None
+
+
 def _qualified_name(module: nn.Module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -151,7 +161,7 @@ class _BlockOpaqueTracer(torch.fx.Tracer):
     BNs) and torch.nn layers as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (isinstance(m, ReparamBlock) or norm_kind(m) is not None
+        return (isinstance(m, ReparamBlock) or norm_kind(m) is not None or conv_dim(m) is not None
                 or super().is_leaf_module(m, module_qualified_name))
 
 
@@ -164,7 +174,7 @@ def _pairs_by_dataflow(model: nn.Module, bn_free: bool) -> List[ConvBNPair]:
     for node in graph.nodes:
         if node.op == "call_module":
             module = modules.get(node.target)
-            if isinstance(module, CONV_TYPES):
+            if conv_dim(module) is not None:
                 conv_sites.setdefault(node.target, []).append(node)
             elif norm_kind(module) is not None:
                 bn_sites.setdefault(node.target, []).append(node)
@@ -211,7 +221,7 @@ def _pairs_by_registration(model: nn.Module, bn_free: bool) -> List[ConvBNPair]:
     def visit(module: nn.Module, prefix: str) -> None:
         children = list(module.named_children())
         for index, (name, child) in enumerate(children):
-            if not isinstance(child, CONV_TYPES):
+            if conv_dim(child) is None:
                 continue
             following = children[index + 1] if index + 1 < len(children) else None
             if following is not None and norm_kind(following[1]) is not None:
@@ -241,13 +251,14 @@ def _resolved_padding(conv: nn.Module, kernel: Tuple[int, ...], dilation: Tuple[
 def conv_geometry(conv: nn.Module) -> Union[Dict[str, object], str]:
     """``dim, in/out_channels, kernel_size, stride, padding, dilation, groups, padding_mode`` of a plain
     ``nn.Conv1d/2d/3d`` (sizes as tuples of length ``dim``, ``'same'``/``'valid'`` resolved), or why not."""
-    if type(conv) not in CONV_DIM:
+    dim = conv_dim(conv)
+    if dim is None:
         return f"{type(conv).__name__} is not a plain nn.Conv1d/2d/3d (its forward may differ)"
     kernel, stride, dilation = (tuple(int(v) for v in getattr(conv, a)) for a in ("kernel_size", "stride", "dilation"))
     padding = _resolved_padding(conv, kernel, dilation)
     if isinstance(padding, str):
         return padding
-    return dict(dim=CONV_DIM[type(conv)], in_channels=conv.in_channels, out_channels=conv.out_channels,
+    return dict(dim=dim, in_channels=conv.in_channels, out_channels=conv.out_channels,
                 kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, groups=conv.groups,
                 padding_mode=conv.padding_mode)
 

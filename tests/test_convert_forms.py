@@ -233,3 +233,48 @@ def test_acb_refuses_1d_convs_with_its_reason():
     with pytest.warns(UserWarning, match="ACB on a 1-D conv"):
         convert_to_acnet(model, "acb")
     assert type(model[0]) is nn.Conv1d
+
+
+class Conv3DSimple(nn.Conv3d):
+    """As torchvision's video models define it: a Conv3d subclass that only fixes the constructor."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, (3, 3, 3), padding=1, bias=False)
+
+
+class ScaledConv(nn.Conv2d):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_conv_subclasses_convert_only_when_they_compute_what_the_conv_computes():
+    video = nn.Sequential(Conv3DSimple(3, 4), nn.BatchNorm3d(4))
+    assert find_conv_bn_pairs(video) == [ConvBNPair("0", "1")]
+    scaled = nn.Sequential(ScaledConv(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match="ScaledConv is not a plain nn.Conv1d/2d/3d"):
+        convert_to_acnet(scaled, "dbb")
+    assert type(scaled[0]) is ScaledConv
+    randomize_(video, 1).eval()
+    x = torch.randn(1, 3, 4, 5, 5)
+    with torch.no_grad():
+        expected = video(x)
+        converted = convert_to_acnet(copy.deepcopy(video), "acb", keep_weights=True).eval()
+        assert isinstance(converted[0], ACBlock) and relative_difference(converted(x), expected) <= 1e-5
+
+
+def test_fuse_and_load_takes_naming_schemes_explicitly():
+    """A state dict in a foreign naming scheme is translated with naming_schemes=; without it, it is not."""
+    from acnet.schemes import NamingScheme, Rule
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+    trained = convert_to_acnet(copy.deepcopy(model), "acb")
+    ours = {k: tuple(v.shape) for k, v in trained.state_dict().items()}
+    renamed = NamingScheme("renamed", "a test's names", tuple(Rule("copy", (f"stage.{k}",), (k,)) for k in ours),
+                           {f"stage.{k}": shape for k, shape in ours.items()}, ours)
+    foreign = {f"stage.{k}": v for k, v in trained.state_dict().items()}
+    with pytest.raises(Exception, match="unexpected keys"):
+        acnet_fuse_and_load(copy.deepcopy(model), foreign)
+    fresh = acnet_fuse_and_load(copy.deepcopy(model), foreign, naming_schemes=[renamed])
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert relative_difference(fresh(x), trained.eval()(x)) <= 1e-5
