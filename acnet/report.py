@@ -164,7 +164,7 @@ def format_report(report: ConversionReport) -> str:
     for row in report.rows:
         block = row.form if row.converted else "kept"
         lines.append(f"{row.name:<36} {row.conv_type:<6} {_size(row.kernel_size):<7} {_size(row.stride):<6} "
-                     f"{row.groups:>6} {row.norm:<18} {block:<6} {row.extra_params:>8}  {row.reason}")
+                     f"{row.groups:>6} {row.norm:<18} {block:<6} {row.extra_params:>8}  {row.reason}".rstrip())
     lines.append("-" * len(header))
     lines.append(f"{report.converted} of {len(report.rows)} conv(s) converted; parameters: train "
                  f"{report.params_train:,} vs deploy {report.params_deploy:,} "
