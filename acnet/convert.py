@@ -382,3 +382,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, module)
+
+
+@torch.no_grad()
+def _copy_pair_into_block(conv: nn.Module, bn: Optional[nn.Module], block: ReparamBlock) -> None:
+    """``block`` computes ``bn(conv(x))`` in eval mode: the keep_weights step of :func:`convert_to_acnet`
+    (``block.load_main_branch``), under the name ``utils/init_weights.py`` imports."""
+    block.load_main_branch(conv.weight, conv.bias, bn)
