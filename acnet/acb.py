@@ -160,13 +160,14 @@ class ACBlock(ReparamBlock):
                 norm.weight.fill_(gamma_value)
 
     def single_init(self) -> None:
-        """Square branch norm weight 1 (a frozen one unchanged), 1-D branches 0: the block starts as a
+        """Square branch norm weight 1 (a frozen one unchanged), 1-D branch norms' weights and biases 0: the block starts as a
         plain conv-norm; the 1-D branches' scales still get gradients, their convs from the next step on."""
         if not self.use_affine:
             raise ValueError("ACBlock.single_init: the BNs have no weight (use_affine=False)")
         with torch.no_grad():
-            for norm in self._side_norms():
+            for norm in self._side_norms():  # scale and shift 0: the branch adds exactly zero
                 norm.weight.fill_(0.0)
+                norm.bias.fill_(0.0)
             if norms.trainable_norm(self.square_bn):
                 self.square_bn.weight.fill_(1.0)
 

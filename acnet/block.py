@@ -165,11 +165,11 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
         """None when the block can represent this conv geometry (every tuple of length ``dim``), else
         one short reason (the converter calls it before constructing and reports the reason)."""
         if dim not in DIMS:
-            return f"dim {dim} is not 1, 2 or 3"
+            return f"dim must be 1, 2 or 3, got {dim!r}"
         if norm not in norms.NORM_KINDS:
-            return f"norm {norm!r} is not one of {norms.NORM_KINDS}"
+            return f"norm must be one of {norms.NORM_KINDS}, got {norm!r}"
         if padding_mode not in PADDING_MODES:
-            return f"padding_mode {padding_mode!r} is not one of {PADDING_MODES}"
+            return f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}"
         return None
 
     # --- the contract (abstract: a subclass that misses one cannot be instantiated) -----------
@@ -220,7 +220,10 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
     @classmethod
     def stored_options(cls, state: Mapping[str, Tensor], in_channels: int) -> Dict[str, object]:
         """Constructor options read from a stored training-time block's entries (keys relative to the
-        block's prefix): what the geometry of the conv it replaces does not tell."""
+        block's prefix): what the geometry of the conv it replaces does not tell (``dim`` when not 2,
+        ``norm`` when the entries tell it; a frozen BN is stored like a BN without its batch count, so a
+        block with one norm (ConvBN, OREPA) in the frozen form reads as the batch form: same eval-mode
+        function, the caller chooses the training form)."""
         return {}
 
     # --- deployment -------------------------------------------------------------------------

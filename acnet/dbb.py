@@ -374,11 +374,12 @@ class DiverseBranchBlock(ReparamBlock):
                 bn.weight.fill_(gamma_value)
 
     def single_init(self) -> None:
-        """Final norm weights 0 except the KxK branch's (1; a frozen one unchanged): the block starts as a
+        """Final norm weights and biases 0 except the KxK branch's (weight 1; a frozen one unchanged): the block starts as a
         plain conv-norm; the zeroed norms still get gradients, the convs behind them from the next step on."""
         with torch.no_grad():
-            for bn in self._branch_output_bns()[1:]:
+            for bn in self._branch_output_bns()[1:]:  # scale and shift 0: the branch adds exactly zero
                 bn.weight.fill_(0.0)
+                bn.bias.fill_(0.0)
             if norms.trainable_norm(self.dbb_origin.bn):
                 self.dbb_origin.bn.weight.fill_(1.0)
 

@@ -133,7 +133,9 @@ class OREPABlock(ReparamBlock):
         self.weight_orepa_avg_conv = param(out_channels, c_g, *one)
         self.weight_orepa_pfir_conv = param(out_channels, c_g, *one)
         self.register_buffer("weight_orepa_avg_avg", torch.full(k, 1.0 / math.prod(k)))
-        self.register_buffer("weight_orepa_prior", transforms.frequency_prior(out_channels, k, dim=dim))
+        prior = transforms.frequency_prior(out_channels, k, dim=dim)
+        # 3-d: stored (O, 1, *K), a rank that module.to(memory_format=torch.channels_last_3d) accepts
+        self.register_buffer("weight_orepa_prior", prior.unsqueeze(1) if dim == 3 else prior)
         self.weight_orepa_1x1 = param(out_channels, c_g, *one)
         self.weight_orepa_1x1_kxk_idconv1 = nn.Parameter(torch.zeros(internal, c_g, *one))
         self.register_buffer("id_tensor", transforms.identity_kernel(in_channels, groups, out_channels=internal,

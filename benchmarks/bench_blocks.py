@@ -11,8 +11,14 @@ round) and the table reports the median conv+BN time and, per implementation, th
 of its time divided by the conv+BN time of the same round, so slow drifts of a shared machine's speed
 cancel out.
 
+A second table gives the other forms (``dim=1``, ``dim=3``, ``norm="frozen"``, ``norm="none"``): the
+fwd+bwd time of ACB / DBB / OREPA in that form divided by the time of the plain unit it replaces
+(Conv1d + BatchNorm1d, Conv3d + BatchNorm3d, Conv2d + frozen BN, Conv2d with bias), alternated and
+paired the same way.
+
     python benchmarks/bench_blocks.py                 # the six reference shapes, 2 threads
     python benchmarks/bench_blocks.py --rounds 15 --shapes 128,16,32,3 32,256,14,3
+    python benchmarks/bench_blocks.py --no-forms      # the 2-d BN table only (also with --shapes)
 """
 from __future__ import annotations
 
@@ -31,8 +37,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acnet.acb import ACBlock  # noqa: E402
-from acnet.base import ConvBN  # noqa: E402
+from acnet.block import ConvBN  # noqa: E402
 from acnet.dbb import DiverseBranchBlock  # noqa: E402
+from acnet.norms import FrozenBatchNorm  # noqa: E402
+from acnet.orepa import OREPABlock  # noqa: E402
 
 DEFAULT_SHAPES = [(128, 16, 32, 3), (128, 32, 16, 3), (128, 64, 8, 3), (32, 64, 56, 3), (32, 256, 14, 3),
                   (128, 32, 16, 5)]
@@ -119,6 +127,54 @@ def bench_shape(shape: Tuple[int, int, int, int], rounds: int, warmup: int) -> D
     return times
 
 
+#: The other forms: (label, dim, norm, input shape N,C,*spatial, kernel).
+FORM_SHAPES = [
+    ("1-D BN", 1, "batch", (32, 64, 512), 3),
+    ("3-D BN", 3, "batch", (4, 32, 8, 28, 28), 3),
+    ("3-D BN (1,3,3)", 3, "batch", (4, 32, 8, 28, 28), (1, 3, 3)),
+    ("2-D frozen", 2, "frozen", (32, 64, 28, 28), 3),
+    ("2-D BN-free", 2, "none", (32, 64, 28, 28), 3),
+    ("3-D frozen", 3, "frozen", (4, 32, 8, 28, 28), 3),
+]
+
+
+def plain_unit(dim: int, norm: str, channels: int, kernel) -> nn.Module:
+    """The conv (+ norm) a user's model holds where a block of this form goes."""
+    padding = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim - 1](channels, channels, kernel, padding=padding, bias=norm == "none")
+    if norm == "none":
+        return conv
+    follower = FrozenBatchNorm(channels) if norm == "frozen" else (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1](channels)
+    return nn.Sequential(conv, follower)
+
+
+def bench_form(dim: int, norm: str, shape: Tuple[int, ...], kernel, rounds: int, warmup: int) -> Dict[str, List[float]]:
+    """Per implementation (the plain unit, ACB, DBB, OREPA in this form), its step time (ms) in each round."""
+    torch.manual_seed(0)
+    channels = shape[1]
+    x = torch.randn(*shape, requires_grad=True)
+    padding = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
+    modules = {"plain": plain_unit(dim, norm, channels, kernel).train()}
+    for name, cls in (("ACB", ACBlock), ("DBB", DiverseBranchBlock), ("OREPA", OREPABlock)):
+        if cls.unsupported(dim=dim, kernel_size=(kernel,) * dim if isinstance(kernel, int) else kernel,
+                           stride=(1,) * dim, padding=(padding,) * dim if isinstance(padding, int) else padding,
+                           dilation=(1,) * dim, groups=1, padding_mode="zeros", norm=norm) is None:
+            modules[name] = cls(channels, channels, kernel, padding=padding, dim=dim, norm=norm).train()
+    grad_out = torch.randn(*shape)
+    steps = {name: make_step(m, m, x, grad_out) for name, m in modules.items()}
+    names = list(steps)
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def paired_ratio(times: Dict[str, List[float]], name: str, baseline: str = "conv+BN") -> float:
     """Median over rounds of ``time(name) / time(baseline)`` measured in the same round."""
     return statistics.median(t / b for t, b in zip(times[name], times[baseline]))
@@ -134,6 +190,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", nargs="*", default=None, help="N,C,HW,K (default: the six reference shapes)")
+    parser.add_argument("--no-forms", action="store_true", help="skip the table of the 1-D / 3-D / frozen / BN-free forms")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
@@ -160,7 +217,25 @@ def main(argv: List[str] | None = None) -> int:
           f"{'2.06':>6} | {geomean(ratios['DBB']):6.2f} {geomean(ratios['DBB-orig']):6.2f} {'4.37*':>6}")
     print("targets: ACB/conv+BN geomean <= 1.8, DBB/conv+BN geomean <= 3.5, no row slower than the original "
           "(* the original DBB geomean is over the first five shapes)")
+    if not args.no_forms and not args.shapes:  # the forms table accompanies the reference shapes
+        print_forms(args)
     return 0
+
+
+def print_forms(args: argparse.Namespace) -> None:
+    """The second table: every other form's fwd+bwd time over its plain unit's."""
+    header = f"{'form':>16} | {'N,C,*spatial':>16} | {'K':>7} | {'plain ms':>8} | {'ACB/pl':>6} {'DBB/pl':>6} {'OREPA/pl':>8}"
+    print()
+    print("other forms: fwd+bwd over the plain unit they replace (Conv1d/3d + BN, Conv2d + frozen BN, Conv2d with bias)")
+    print(header)
+    print("-" * len(header))
+    for label, dim, norm, shape, kernel in FORM_SHAPES:
+        times = bench_form(dim, norm, shape, kernel, args.rounds, args.warmup)
+        cells = [f"{paired_ratio(times, name, 'plain'):{width}.2f}" if name in times else f"{'-':>{width}}"
+                 for name, width in (("ACB", 6), ("DBB", 6), ("OREPA", 8))]
+        k = "x".join(map(str, kernel)) if isinstance(kernel, tuple) else str(kernel)
+        print(f"{label:>16} | {','.join(map(str, shape)):>16} | {k:>7} | {statistics.median(times['plain']):8.1f} | "
+              + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,17 +35,6 @@ def on_meta(arch: str, block_type: str = "base", deploy: bool = False, **kwargs)
         return build_model(arch, block_type, deploy=deploy, **kwargs)
 
 
-def assert_deploy_forms_equal(block: nn.Module, x: torch.Tensor, expected: torch.Tensor, tol: float = 1e-10) -> None:
-    """The block (eval mode), its ``make_deploy_conv()`` and the block after ``switch_to_deploy()`` all
-    compute ``expected`` (the training form to 1e-12, the fused convs to ``tol``)."""
-    torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
-    deploy_conv = block.make_deploy_conv()
-    assert isinstance(deploy_conv, nn.Conv2d) and deploy_conv.bias is not None
-    assert (deploy_conv(x) - expected).abs().max().item() <= tol
-    block.switch_to_deploy()
-    assert (block(x) - expected).abs().max().item() <= tol
-
-
 def gradcheck_equivalent_kernel(block: nn.Module) -> list:
     """``torch.autograd.gradcheck`` of ``block.get_equivalent_kernel_bias()`` in all the block's parameters
     (float64); returns the parameter names checked."""
@@ -76,3 +65,19 @@ def mild_bn_statistics_(model: nn.Module, seed: int) -> nn.Module:
                 m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
     return model.eval()
+
+
+def randomize_all_(module: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
+    """Every parameter random (``scale * N(0, 1)``) and every norm buffer random -- running means and frozen
+    affine buffers ``N(0, 1)``, running variances in [0.5, 1.5] -- for any dimension and norm kind."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
+        for name, b in module.named_buffers():
+            last = name.rsplit(".", 1)[-1]
+            if last == "running_var":
+                b.copy_(torch.rand(b.shape, generator=gen, dtype=torch.float64) + 0.5)
+            elif last in ("running_mean", "weight", "bias"):
+                b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64))
+    return module

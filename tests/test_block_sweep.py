@@ -12,10 +12,16 @@ converted too (``module.to(memory_format=torch.channels_last)``, which makes eve
 NHWC-strided). Each case trains on a 1x1, a 5x7 and a 64x64 map (the large one is where the oneDNN fault shows), checks every output and
 gradient is finite, checks the eval-mode block equals its deploy conv, then trains the deployed
 block once.
+
+The other forms (``dim=1``, ``dim=3``, ``norm="frozen"``, ``norm="none"``) run a reduced grid
+(:func:`form_cases`): input channels 3 and 16, strides 1 and 2, kernels 1 and 3, groups 1 and
+depthwise; NCHW and channels_last with the module converted too (channels_last_3d in 3-d; 1-d cases NCL
+only); maps 1, 7 and 64 (1-d), 1x1x1, 3x5x4 and 16x16x16 (3-d).
 """
 from __future__ import annotations
 
 import inspect
+import itertools
 import shutil
 from typing import Any, Dict, List
 
@@ -33,6 +39,10 @@ KERNELS = (1, 3, 5)
 LAYOUTS = ("nchw", "channels_last", "channels_last_module")
 DILATED_CHANNELS = (1, 2, 3, 8, 15, 16)  # a 3x3 dilation-2 case for these input channel counts
 SIZES = ((2, 1, 1), (2, 5, 7), (2, 64, 64))  # (batch, height, width)
+FORM_SIZES = {1: ((2, 1), (2, 7), (2, 64)), 2: SIZES, 3: ((2, 1, 1, 1), (2, 3, 5, 4), (2, 16, 16, 16))}
+FORM_CHANNELS = (3, 16)  # one count the oneDNN fault concerns (2..15), one just above
+#: The reduced grid's forms: (dim, norm).
+FORMS = ((1, "batch"), (3, "batch"), (2, "frozen"), (2, "none"), (1, "none"), (3, "frozen"))
 OUT_CHANNELS = 8  # groups=1 cases; depthwise cases keep the channel count
 CASE_TIMEOUT_S = 60.0
 
@@ -51,7 +61,9 @@ def make_block(case: Dict[str, Any]) -> ReparamBlock:
     """The case's block: padding ``dilation * (K // 2)`` (the 'same' padding every block accepts)."""
     cls = block_types()[case["block"]]
     k, d = case["kernel"], case.get("dilation", 1)
-    return cls(case["cin"], case["cout"], k, case["stride"], padding=d * (k // 2), dilation=d, groups=case["groups"])
+    form = dict(dim=case.get("dim", 2), norm=case.get("norm", "batch"))
+    return cls(case["cin"], case["cout"], k, case["stride"], padding=d * (k // 2), dilation=d, groups=case["groups"],
+               **form)
 
 
 def sweep_cases() -> List[Dict[str, Any]]:
@@ -73,10 +85,33 @@ def sweep_cases() -> List[Dict[str, Any]]:
     return cases
 
 
-def _input(case: Dict[str, Any], n: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
-    x = torch.randn(n, case["cin"], h, w, generator=gen)
+def form_cases() -> List[Dict[str, Any]]:
+    """The reduced grid of the 1-d / 3-d / frozen / BN-free forms (a refused geometry is not a case)."""
+    cases = []
+    for name in block_types():
+        for dim, norm in FORMS:
+            layouts = ("nchw",) if dim == 1 else ("nchw", "channels_last_module")
+            for cin in FORM_CHANNELS:
+                for groups in sorted({1, cin}):
+                    for stride, kernel in itertools.product(STRIDES, (1, 3)):
+                        case = dict(block=name, cin=cin, cout=OUT_CHANNELS if groups == 1 else cin, kernel=kernel,
+                                    stride=stride, groups=groups, dilation=1, dim=dim, norm=norm)
+                        try:
+                            make_block(case)
+                        except ValueError:
+                            continue
+                        cases.extend(dict(case, layout=layout) for layout in layouts)
+    return cases
+
+
+def _memory_format(dim: int) -> torch.memory_format:
+    return torch.channels_last_3d if dim == 3 else torch.channels_last
+
+
+def _input(case: Dict[str, Any], n: int, *spatial: int, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(n, case["cin"], *spatial, generator=gen)
     if case["layout"] != "nchw":
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=_memory_format(case.get("dim", 2)))
     return x.requires_grad_()
 
 
@@ -95,11 +130,12 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     block = make_block(case).train()
+    dim = case.get("dim", 2)
     if case["layout"] == "channels_last_module":
-        block = block.to(memory_format=torch.channels_last)
-    for n, h, w in SIZES:
-        x = _input(case, n, h, w, gen)
-        _train_step(block, x, gen, f"training on {n}x{h}x{w}")
+        block = block.to(memory_format=_memory_format(dim))
+    for n, *spatial in FORM_SIZES[dim]:
+        x = _input(case, n, *spatial, gen=gen)
+        _train_step(block, x, gen, f"training on {n}x{'x'.join(map(str, spatial))}")
     block.eval()
     with torch.no_grad():
         expected = block(x)
@@ -109,7 +145,7 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         raise AssertionError(f"eval-mode block and its deploy conv differ by {diff:.2e} (relative)")
     block.switch_to_deploy()
     block.train()
-    _train_step(block, _input(case, *SIZES[-1], gen), gen, "training the deployed block")
+    _train_step(block, _input(case, *FORM_SIZES[dim][-1], gen=gen), gen, "training the deployed block")
     return {"relative_diff": diff}
 
 
@@ -117,6 +153,16 @@ def test_every_block_trains_on_every_small_geometry_without_crashing():
     cases = sweep_cases()
     assert set(block_types()) >= {"ConvBN", "ACBlock", "DiverseBranchBlock"}
     assert {c["block"] for c in cases} == set(block_types())  # every block has cases
+    results = run_isolated("test_block_sweep:run_case", cases, CASE_TIMEOUT_S)
+    bad = failures(cases, results)
+    assert not bad, f"{len(bad)} of {len(cases)} cases failed:\n" + "\n".join(bad)
+
+
+def test_every_block_form_trains_on_a_reduced_grid_without_crashing():
+    cases = form_cases()
+    # every block type has cases in every form it accepts (ACB: no 1-d form)
+    assert {(c["block"], c["dim"], c["norm"]) for c in cases} == {
+        (name, dim, norm) for name in block_types() for dim, norm in FORMS if not (name == "ACBlock" and dim == 1)}
     results = run_isolated("test_block_sweep:run_case", cases, CASE_TIMEOUT_S)
     bad = failures(cases, results)
     assert not bad, f"{len(bad)} of {len(cases)} cases failed:\n" + "\n".join(bad)
@@ -164,7 +210,7 @@ def run_compiled_case(case: Dict[str, Any]) -> Dict[str, Any]:
     compiled = torch.compile(block)
     gen = torch.Generator().manual_seed(1)
     for _ in range(4):  # heap corruption shows after a few steps
-        _train_step(compiled, _input(case, *SIZES[-1], gen), gen, "training the compiled block")
+        _train_step(compiled, _input(case, *SIZES[-1], gen=gen), gen, "training the compiled block")
     return {}
 
 

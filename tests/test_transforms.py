@@ -156,3 +156,115 @@ def test_add_to_centre_puts_asymmetric_kernels_on_the_skeleton(k, dilation):
     fused = transforms.add_to_centre(transforms.add_to_centre(square, hor), ver)
     torch.testing.assert_close(F.conv2d(x, fused, None, 1, p, dilation), expected, **TOL)
     assert torch.equal(fused[:, :, 0, 0], square[:, :, 0, 0])  # corners untouched
+
+
+# --- N-d (1-d and 3-d convs, non-cubic kernels) -------------------------------------------------
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+kernel_nd = st.sampled_from([(3,), (5,), (1, 3), (3, 3), (1, 3, 3), (3, 1, 1), (3, 3, 3), (3, 1, 5)])
+
+
+def map_of(dim: int, channels: int, seed: int) -> torch.Tensor:
+    return rand(2, channels, *((6, 5, 7)[:dim]), seed=seed)
+
+
+@settings(max_examples=15, deadline=None)
+@given(kernel_nd, st.sampled_from([1, 2]), st.integers(1, 2), st.integers(0, 1000))
+def test_fuse_1x1_kxk_in_n_d_equals_the_two_convs_with_the_bias_padded_intermediate_map(kernel, groups, stride, seed):
+    dim = len(kernel)
+    cin, mid, cout = 2 * groups, 3 * groups, 2 * groups
+    k1, b1 = rand(mid, cin // groups, *([1] * dim), seed=seed), rand(mid, seed=seed + 1)
+    k2, b2 = rand(cout, mid // groups, *kernel, seed=seed + 2), rand(cout, seed=seed + 3)
+    x = map_of(dim, cin, seed + 4)
+    pad = [k // 2 for k in kernel]
+    inner = CONV[dim](x, k1, b1, groups=groups)
+    flat = []
+    for q in reversed(pad):
+        flat += [q, q]
+    padded = F.pad(inner - b1.view(1, -1, *([1] * dim)), flat) + b1.view(1, -1, *([1] * dim))  # border = b1
+    expected = CONV[dim](padded, k2, b2, stride=stride, groups=groups)
+    kernel_f, bias_f = transforms.fuse_1x1_kxk(k1, b1, k2, b2, groups=groups)
+    assert tuple(kernel_f.shape) == (cout, cin // groups, *kernel)
+    torch.testing.assert_close(CONV[dim](x, kernel_f, bias_f, stride=stride, padding=pad, groups=groups), expected, **TOL)
+
+
+@settings(max_examples=15, deadline=None)
+@given(kernel_nd, st.sampled_from([1, 2, 4]), st.integers(1, 2), st.integers(0, 1000))
+def test_avg_pool_kernel_in_n_d_equals_average_pooling(kernel, groups, stride, seed):
+    dim, channels = len(kernel), 4
+    x = map_of(dim, channels, seed)
+    pad = [k // 2 for k in kernel]
+    k = transforms.avg_pool_kernel(channels, kernel, groups, dim=dim, dtype=DT)
+    expected = AVG[dim](x, kernel, stride, pad, count_include_pad=True)
+    torch.testing.assert_close(CONV[dim](x, k, None, stride, pad, 1, groups), expected, **TOL)
+
+
+@settings(max_examples=15, deadline=None)
+@given(kernel_nd, st.integers(1, 2), st.integers(0, 1000))
+def test_pad_kernel_to_in_n_d_keeps_the_centre(kernel, dilation, seed):
+    dim = len(kernel)
+    small = tuple(1 if i % 2 else k for i, k in enumerate(kernel))  # e.g. (3, 1, 3) inside (3, 3, 3)
+    large = tuple(k + 2 for k in kernel)
+    w = rand(3, 2, *small, seed=seed)
+    x = map_of(dim, 2, seed + 1)
+    padded = transforms.pad_kernel_to(w, large)
+    pad_large = [dilation * (k // 2) for k in large]
+    pad_small = [p - dilation * (k_l - k_s) // 2 for p, k_l, k_s in zip(pad_large, large, small)]
+    expected = CONV[dim](x, w, None, 1, pad_small, dilation)
+    torch.testing.assert_close(CONV[dim](x, padded, None, 1, pad_large, dilation), expected, **TOL)
+    added = transforms.add_to_centre(rand(3, 2, *large, seed=seed + 2), w)
+    torch.testing.assert_close(added - rand(3, 2, *large, seed=seed + 2), padded, **TOL)
+
+
+@pytest.mark.parametrize("kernel", [(3,), (3, 3), (1, 3, 3), (3, 3, 3)])
+def test_identity_kernel_in_n_d_is_the_identity(kernel):
+    dim = len(kernel)
+    x = map_of(dim, 4, 3)
+    k = transforms.identity_kernel(4, 2, kernel, dim=dim, dtype=DT)
+    torch.testing.assert_close(CONV[dim](x, k, None, 1, [v // 2 for v in kernel], 1, 2), x, **TOL)
+
+
+@settings(max_examples=12, deadline=None)
+@given(kernel_nd, st.sampled_from([1, 2]), st.integers(0, 1000))
+def test_merge_depthwise_pointwise_in_n_d_equals_the_two_convs(kernel, groups, seed):
+    dim, cin, m, cout = len(kernel), 4, 2, 6
+    dw = rand(cin * m, 1, *kernel, seed=seed)
+    pw = rand(cout, cin * m // groups, *([1] * dim), seed=seed + 1)
+    x = map_of(dim, cin, seed + 2)
+    pad = [k // 2 for k in kernel]
+    expected = CONV[dim](CONV[dim](x, dw, None, 1, pad, 1, cin), pw, None, 1, 0, 1, groups)
+    merged = transforms.merge_depthwise_pointwise(dw, pw, cin, groups)
+    torch.testing.assert_close(CONV[dim](x, merged, None, 1, pad, 1, groups), expected, **TOL)
+
+
+@pytest.mark.parametrize("channels,k", [(6, 5), (7, 3), (4, 1)])
+def test_frequency_prior_in_2_d_is_the_row_then_column_cosine_basis(channels, k):
+    import math
+
+    prior = transforms.frequency_prior(channels, k, dtype=DT)
+    half = channels / 2
+    for o in range(channels):
+        for h in range(k):
+            for w in range(k):
+                if o < half:
+                    value = math.cos(math.pi * (h + 0.5) * (o + 1) / k)
+                else:
+                    value = math.cos(math.pi * (w + 0.5) * (o + 1 - half) / k)
+                assert abs(prior[o, h, w].item() - value) < 1e-12
+
+
+@pytest.mark.parametrize("channels,kernel", [(6, (3, 3, 3)), (5, (1, 3, 5)), (4, (5,))])
+def test_frequency_prior_in_n_d_varies_each_channel_along_one_axis(channels, kernel):
+    import math
+
+    dim = len(kernel)
+    prior = transforms.frequency_prior(channels, kernel, dim=dim, dtype=DT)
+    assert tuple(prior.shape) == (channels, *kernel)
+    share = channels / dim
+    for o in range(channels):
+        axis = min(int(o // share), dim - 1)
+        freq = o + 1 - axis * share
+        line = torch.tensor([math.cos(math.pi * (i + 0.5) * freq / kernel[axis]) for i in range(kernel[axis])], dtype=DT)
+        shape = [1] * dim
+        shape[axis] = kernel[axis]
+        torch.testing.assert_close(prior[o], line.view(shape).expand(kernel), **TOL)

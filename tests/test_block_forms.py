@@ -1,0 +1,282 @@
+"""The frozen-norm, BN-free, 1-D and 3-D forms of every block (``dim=``, ``norm=``) and the block contract's
+insertion of a pretrained conv (``load_main_branch``), in float64."""
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any, Dict, List, Optional
+
+import pytest
+import torch
+from torch import nn
+
+from acnet.acb import ACBlock
+from acnet.block import ConvBN, ReparamBlock
+from acnet.dbb import DiverseBranchBlock
+from acnet.norms import NORM_KINDS, ChannelAffine, FrozenBatchNorm
+from acnet.orepa import OREPABlock
+from helpers import gradcheck_equivalent_kernel, randomize_all_, relative_difference
+
+BLOCKS = (ConvBN, ACBlock, DiverseBranchBlock, OREPABlock)
+#: Per dimension, geometries (kernel, stride, groups) every block accepts unless its unsupported() says not.
+GEOMETRIES = {
+    1: [(3, 1, 1), (5, 2, 2)],
+    2: [(3, 1, 1), ((3, 5), 2, 2)],
+    3: [(3, 1, 1), ((1, 3, 3), (1, 2, 2), 2), ((3, 1, 1), 1, 1), ((3, 3, 1), 2, 1)],
+}
+SIZES = {1: (11,), 2: (7, 6), 3: (5, 6, 4)}
+
+
+def same_padding(kernel) -> Any:
+    return tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
+
+
+def geometry(dim: int, kernel, stride) -> Dict[str, Any]:
+    def nd(v):
+        return tuple(v) if isinstance(v, tuple) else (v,) * dim
+    k = nd(kernel)
+    return dict(dim=dim, kernel_size=k, stride=nd(stride), padding=tuple(v // 2 for v in k), dilation=(1,) * dim,
+                padding_mode="zeros")
+
+
+def form_cases() -> List[Dict[str, Any]]:
+    cases = []
+    for cls, dim, norm in itertools.product(BLOCKS, (1, 2, 3), NORM_KINDS):
+        for kernel, stride, groups in GEOMETRIES[dim]:
+            if cls.unsupported(**geometry(dim, kernel, stride), groups=groups, norm=norm) is None:
+                cases.append(dict(cls=cls, dim=dim, norm=norm, kernel=kernel, stride=stride, groups=groups))
+    return cases
+
+
+def case_id(case: Dict[str, Any]) -> str:
+    return f"{case['cls'].__name__}-{case['dim']}d-{case['norm']}-k{case['kernel']}-s{case['stride']}-g{case['groups']}"
+
+
+def build(case: Dict[str, Any], cin: int = 4, cout: int = 6, seed: int = 0) -> ReparamBlock:
+    block = case["cls"](cin, cout, case["kernel"], case["stride"], same_padding(case["kernel"]), groups=case["groups"],
+                        dim=case["dim"], norm=case["norm"]).double()
+    return randomize_all_(block, seed)
+
+
+def make_input(case: Dict[str, Any], batch: int = 2, cin: int = 4, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, cin, *SIZES[case["dim"]], generator=gen, dtype=torch.float64)
+
+
+FORMS = form_cases()
+
+
+def test_the_grid_covers_every_block_dimension_and_norm_kind():
+    covered = {(c["cls"], c["dim"], c["norm"]) for c in FORMS}
+    expected = {(cls, d, n) for cls in BLOCKS for d in (1, 2, 3) for n in NORM_KINDS if not (cls is ACBlock and d == 1)}
+    assert covered == expected
+    assert any(c["cls"] is ACBlock and c["kernel"] == (1, 3, 3) for c in FORMS)  # r2plus1d's spatial conv
+    assert any(c["cls"] is DiverseBranchBlock and c["kernel"] == (3, 1, 1) for c in FORMS)  # and its temporal one
+
+
+@pytest.mark.parametrize("case", FORMS, ids=case_id)
+def test_eval_mode_block_equals_its_deploy_conv_float64(case):
+    block = build(case)
+    x = make_input(case)
+    block.train()
+    block(x).sum().backward()  # a training step's forward (batch statistics update the running ones)
+    block.eval()
+    with torch.no_grad():
+        expected = block(x)
+        conv = block.make_deploy_conv()
+        assert type(conv) is (nn.Conv1d, nn.Conv2d, nn.Conv3d)[case["dim"] - 1] and conv.bias is not None
+        assert relative_difference(conv(x), expected) <= 1e-10
+        block.switch_to_deploy()
+        assert relative_difference(block(x), expected) <= 1e-10
+
+
+def test_no_batch_statistics_in_the_frozen_and_bn_free_forms():
+    for case in FORMS:
+        if case["norm"] == "batch":
+            continue
+        block = build(case)
+        assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in block.modules()), case_id(case)
+        main = block.main_branch()[1]
+        assert isinstance(main, FrozenBatchNorm if case["norm"] == "frozen" else ChannelAffine)
+
+
+@pytest.mark.parametrize("cls", [ACBlock, DiverseBranchBlock, OREPABlock, ConvBN])
+@pytest.mark.parametrize("dim", [1, 3])
+def test_frozen_form_trains_on_a_batch_of_one_and_never_changes_its_frozen_norm(cls, dim):
+    if cls is ACBlock and dim == 1:
+        pytest.raises(ValueError, cls, 3, 4, 3, padding=1, dim=1, norm="frozen")
+        return
+    case = dict(cls=cls, dim=dim, norm="frozen", kernel=3, stride=1, groups=1)
+    block = build(case, cin=3, cout=4).train()
+    frozen = {k: v.clone() for k, v in block.main_branch()[1].state_dict().items()}
+    opt = torch.optim.SGD(block.parameters(), lr=0.1)
+    x = make_input(case, batch=1, cin=3)
+    first = block(x)
+    for _ in range(2):
+        opt.zero_grad()
+        block(x).square().mean().backward()
+        opt.step()
+    assert not torch.equal(block(x), first)  # it learnt
+    for k, v in block.main_branch()[1].state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    assert block.training and torch.equal(block(x), block.eval()(x))  # train and eval mode compute the same
+
+
+def source_pair(dim: int, norm: str, bias: bool, cin: int, cout: int, kernel, stride, groups, seed: int):
+    """A pretrained conv (+ the norm that follows it) as a user's model holds it."""
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim - 1](cin, cout, kernel, stride, same_padding(kernel), groups=groups,
+                                                      bias=bias).double()
+    if norm == "batch":
+        follower: Optional[nn.Module] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1](cout, eps=1e-3)
+    elif norm == "frozen":
+        follower = FrozenBatchNorm(cout, eps=1e-4)
+    else:
+        follower = None
+    randomize_all_(conv, seed)
+    if follower is not None:
+        randomize_all_(follower.double(), seed + 1)
+    return conv, follower
+
+
+@pytest.mark.parametrize("case", [c for c in FORMS if c["stride"] == 1 or c["dim"] == 3], ids=case_id)
+@pytest.mark.parametrize("bias", [False, True])
+def test_load_main_branch_reproduces_the_pretrained_pair_exactly(case, bias):
+    block = build(case, seed=5).eval()
+    conv, follower = source_pair(case["dim"], case["norm"], bias, 4, 6, case["kernel"], case["stride"],
+                                 case["groups"], seed=7)
+    block.load_main_branch(conv.weight, conv.bias, follower)
+    x = make_input(case)
+    with torch.no_grad():
+        expected = conv(x) if follower is None else follower.eval()(conv(x))
+        assert relative_difference(block(x), expected) <= 1e-10
+        assert relative_difference(block.make_deploy_conv()(x), expected) <= 1e-10
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_bn_free_blocks_also_take_a_conv_bn_pair_and_frozen_blocks_refuse_a_bare_conv(dim):
+    case = dict(cls=DiverseBranchBlock, dim=dim, norm="none", kernel=3, stride=1, groups=1)
+    block = build(case).eval()
+    conv, bn = source_pair(dim, "batch", True, 4, 6, 3, 1, 1, seed=3)
+    block.load_main_branch(conv.weight, conv.bias, bn.eval())
+    x = make_input(case)
+    with torch.no_grad():
+        assert relative_difference(block(x), bn(conv(x))) <= 1e-10
+    frozen = build(dict(case, norm="frozen"))
+    with pytest.raises(ValueError, match="norm='none'"):
+        frozen.load_main_branch(conv.weight, conv.bias, None)
+
+
+def new_branch_parameters(block: ReparamBlock) -> Dict[str, nn.Parameter]:
+    """The parameters outside the main branch (the main conv weight, the main norm)."""
+    weight, main_norm = block.main_branch()
+    main = {id(weight)} | {id(p) for p in main_norm.parameters()}
+    return {n: p for n, p in block.named_parameters() if id(p) not in main}
+
+
+@pytest.mark.parametrize("case", [c for c in FORMS if c["stride"] == 1 and c["kernel"] in (3,) and c["cls"] is not ConvBN],
+                         ids=case_id)
+def test_new_branches_start_at_zero_and_get_gradients_after_one_step(case):
+    block = build(case).train()
+    conv, follower = source_pair(case["dim"], case["norm"], True, 4, 6, 3, 1, case["groups"], seed=9)
+    block.load_main_branch(conv.weight, conv.bias, follower)
+    x = make_input(case)
+    if case["norm"] != "batch":  # no batch statistics: the block equals the pair in training mode too
+        with torch.no_grad():
+            expected = conv(x) if follower is None else follower(conv(x))
+            assert relative_difference(block(x), expected) <= 1e-10
+    opt = torch.optim.SGD(block.parameters(), lr=0.05)
+    branches = new_branch_parameters(block)
+    assert branches
+    for step in range(2):
+        opt.zero_grad()
+        block(x).sin().sum().backward()
+        if step == 1:  # after one step every parameter of every new branch learns
+            silent = [n for n, p in branches.items() if p.grad is None or not p.grad.abs().sum() > 0]
+            assert not silent, f"no gradient after one step: {silent}"
+        opt.step()
+
+
+def test_bn_free_dbb_is_exact_at_the_borders_only_with_bias_padding(monkeypatch):
+    """The 1x1 -> KxK and average branches pad their intermediate map with the preceding shift; padding with
+    zeros instead makes the border pixels differ from the fused conv (the interior still agrees)."""
+    from acnet import dbb as dbb_module
+
+    case = dict(cls=DiverseBranchBlock, dim=2, norm="none", kernel=3, stride=1, groups=1)
+    block = build(case).eval()
+    x = make_input(case)
+    with torch.no_grad():
+        fused = block.make_deploy_conv()(x)
+        assert relative_difference(block(x), fused) <= 1e-10
+        monkeypatch.setattr(dbb_module.BNAndPadLayer, "pad_values", lambda self: torch.zeros_like(self.bn.bias))
+        wrong = block(x)
+    border = torch.ones_like(fused, dtype=torch.bool)
+    border[:, :, 1:-1, 1:-1] = False
+    assert relative_difference(wrong[~border], fused[~border]) <= 1e-10
+    assert (wrong[border] - fused[border]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cls, kwargs, reason", [
+    (ACBlock, dict(dim=1, kernel_size=(3,)), "ACB on a 1-D conv"),
+    (ACBlock, dict(dim=3, kernel_size=(3, 1, 1)), "two axes of size > 1"),
+    (ACBlock, dict(dim=2, kernel_size=(1, 5)), "two axes of size > 1"),
+    (ACBlock, dict(dim=3, kernel_size=(2, 3, 3)), "odd sizes"),
+    (DiverseBranchBlock, dict(dim=3, kernel_size=(1, 4, 4)), "odd sizes"),
+    (DiverseBranchBlock, dict(dim=1, kernel_size=(3,), padding=(0,)), "padding must be dilation"),
+    (DiverseBranchBlock, dict(dim=2, kernel_size=(3, 3), padding_mode="reflect"), "padding_mode='zeros'"),
+    (OREPABlock, dict(dim=3, kernel_size=(2, 2, 2)), "odd sizes"),
+    (ConvBN, dict(dim=2, kernel_size=(3, 3), norm="layer"), "norm must be one of"),
+])
+def test_unsupported_geometries_give_one_reason_and_the_constructor_refuses_them(cls, kwargs, reason):
+    dim = kwargs["dim"]
+    k = kwargs["kernel_size"]
+    full = dict(dim=dim, kernel_size=k, stride=(1,) * dim, padding=kwargs.get("padding", tuple(v // 2 for v in k)),
+                dilation=(1,) * dim, groups=1, padding_mode=kwargs.get("padding_mode", "zeros"),
+                norm=kwargs.get("norm", "batch"))
+    text = cls.unsupported(**full)
+    assert isinstance(text, str) and reason in text and "\n" not in text
+    args = dict(padding=full["padding"], dim=dim, norm=full["norm"])
+    if full["padding_mode"] != "zeros":
+        args["padding_mode"] = full["padding_mode"]
+    if cls is DiverseBranchBlock and "padding_mode" in args:
+        assert "padding_mode" not in DiverseBranchBlock.__init__.__code__.co_varnames  # DBB has no such argument
+        return
+    # the constructor says the same, or (even sizes) its own argument rule "kernel_size must be an odd int"
+    with pytest.raises(ValueError, match=re.escape(reason) + "|kernel_size must be an odd int"):
+        cls(4, 4, k, **args)
+
+
+def test_supported_geometries_have_no_reason():
+    for case in FORMS:
+        assert case["cls"].unsupported(**geometry(case["dim"], case["kernel"], case["stride"]), groups=case["groups"],
+                                       norm=case["norm"]) is None
+
+
+@pytest.mark.parametrize("cls, dim, norm, kernel", [
+    (ACBlock, 3, "frozen", 3), (ACBlock, 2, "none", 3), (DiverseBranchBlock, 1, "frozen", 3),
+    (DiverseBranchBlock, 3, "none", (1, 3, 1)), (OREPABlock, 1, "none", 3), (OREPABlock, 3, "frozen", (3, 1, 1)),
+])
+def test_equivalent_kernel_of_the_new_forms_passes_gradcheck(cls, dim, norm, kernel):
+    extra = dict(internal_channels_1x1_3x3=2) if cls is DiverseBranchBlock else {}
+    block = randomize_all_(cls(2, 2, kernel, padding=same_padding(kernel), dim=dim, norm=norm, **extra).double(), 4)
+    names = gradcheck_equivalent_kernel(block)
+    assert len(names) == len(list(block.parameters()))
+
+
+def test_state_dict_names_of_the_new_forms():
+    acb3 = ACBlock(2, 2, (1, 3, 3), padding=(0, 1, 1), dim=3, norm="frozen")
+    keys = set(acb3.state_dict())
+    assert {"square_conv.weight", "square_bn.running_mean", "ver_conv.weight", "hor_conv.weight", "ver_bn.weight",
+            "hor_bn.bias"} <= keys and not any(k.startswith("dep_") for k in keys)
+    assert tuple(acb3.ver_conv.weight.shape[2:]) == (1, 3, 1) and tuple(acb3.hor_conv.weight.shape[2:]) == (1, 1, 3)
+    acb333 = ACBlock(2, 2, 3, padding=1, dim=3)
+    assert tuple(acb333.dep_conv.weight.shape[2:]) == (3, 1, 1)
+    assert ACBlock.stored_options(acb3.state_dict(), 2) == {"use_affine": True, "dim": 3, "norm": "frozen"}
+    dbb = DiverseBranchBlock(4, 4, 3, dim=1, norm="none")
+    assert DiverseBranchBlock.stored_options(dbb.state_dict(), 4) == {"internal_channels_1x1_3x3": 4, "dim": 1,
+                                                                      "norm": "none"}
+    orepa = OREPABlock(4, 4, 3, dim=3, norm="none")
+    assert OREPABlock.stored_options(orepa.state_dict(), 4) == {"internal_channels_1x1_3x3": 4, "dim": 3,
+                                                                "norm": "none"}
+    assert ConvBN.stored_options(ConvBN(4, 4, 3).state_dict(), 4) == {}
+    two_d = ACBlock(2, 2, 3, padding=1)
+    assert ACBlock.stored_options(two_d.state_dict(), 2) == {"use_affine": True}  # the 2-d BN form: as before
