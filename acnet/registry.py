@@ -1,8 +1,11 @@
-"""The one registry of block types: name -> block class and what the rest of the project needs to know.
+"""The one registry of block types: name -> block class.
 
-Read by :func:`acnet.convert_to_acnet` (which class to plug in), :func:`acnet.acnet_fuse_and_load`
-(how to recognise a stored block and rebuild it), the architecture builder (``constructor``) and the
-command line (``do_acnet.py -b``). A new block type is added here, once.
+A block type is declared once: its class carries what the project needs (``signature``,
+``recipe_options``, ``deploy_conv_name``, ``stored_options``, ``unsupported``, ``load_main_branch``:
+the block contract of :mod:`acnet.block`); :class:`BlockType` is a thin view of it. Read live by
+:func:`acnet.convert_to_acnet` (which class to plug in), :func:`acnet.acnet_fuse_and_load` (how to
+recognise a stored block and rebuild it), the architecture builder (``constructor``) and the command
+line (``do_acnet.py -b``); :func:`register_block_type` adds one at run time for all of them.
 """
 from __future__ import annotations
 
