@@ -5,9 +5,10 @@ Depends on torch only (h5py for the hdf5 weight files).
 Blocks: :class:`ACBlock` (alias :class:`AsymConvBlock`), :class:`DiverseBranchBlock`, :class:`OREPABlock`,
 :class:`ConvBN`, all :class:`ReparamBlock` s (in eval mode each equals one conv with bias); the one
 registry of block types: :data:`BLOCK_REGISTRY` / :func:`get_block_type` (module :mod:`acnet.registry`). Whole models:
-:func:`convert_to_acnet` plugs blocks into any model, :func:`acnet_switch_to_deploy` turns every
-block into its plain conv, :func:`acnet_fuse_and_load` loads training-time weights into the
-unmodified baseline model. Weights: :func:`save_hdf5` / :func:`load_hdf5` (the original hdf5 format),
+:func:`convert_to_acnet` plugs blocks into any model (N-D convs; BatchNorm, frozen BatchNorm or,
+with ``bn_free=True``, no norm), :func:`conversion_report` says beforehand what it would do,
+:func:`acnet_switch_to_deploy` turns every block into its plain conv, :func:`acnet_fuse_and_load`
+loads training-time weights into the unmodified baseline model. Weights: :func:`save_hdf5` / :func:`load_hdf5` (the original hdf5 format),
 :func:`load_state_dict_file` (hdf5 or torch checkpoint, loaded safely), :class:`WeightsError`.
 The fusion maths: module :mod:`acnet.transforms`.
 Deployment: :func:`export_onnx` (checked ONNX export; needs the ``deploy`` extra), :func:`prepare_qat` /
@@ -18,12 +19,16 @@ from __future__ import annotations
 from . import transforms
 from .acb import ACBlock, AsymConvBlock
 from .base import ConvBN, ReparamBlock
-from .convert import acnet_fuse_and_load, acnet_switch_to_deploy, convert_to_acnet
+from .convert import acnet_switch_to_deploy, convert_to_acnet
+from .fuse_load import acnet_fuse_and_load
+from .pairs import find_conv_bn_pairs
+from .report import ConversionReport, ConvReportRow, conversion_report, format_report
 from .dbb import DiverseBranchBlock
 from .orepa import OREPABlock
 from .registry import BLOCK_REGISTRY, BlockType, get_block_type
 from .export import ExportError, MissingExtraError, export_onnx
 from .hdf5 import load_hdf5, save_hdf5
+from .norms import NORM_KINDS, ChannelAffine, FrozenBatchNorm
 from .quant import convert_qat, prepare_qat
 from .weights import WeightsError, load_state_dict_file
 
@@ -42,6 +47,14 @@ __all__ = [
     "acnet_switch_to_deploy",
     "convert_to_acnet",
     "acnet_fuse_and_load",
+    "find_conv_bn_pairs",
+    "conversion_report",
+    "format_report",
+    "ConversionReport",
+    "ConvReportRow",
+    "NORM_KINDS",
+    "FrozenBatchNorm",
+    "ChannelAffine",
     "save_hdf5",
     "load_hdf5",
     "load_state_dict_file",

@@ -6,8 +6,12 @@ and print ``SCRIPT: error: message`` (no traceback). Anything else that escapes 
 """
 from __future__ import annotations
 
-__all__ = ["ACNetError"]
+__all__ = ["ACNetError", "WeightsError"]
 
 
 class ACNetError(Exception):
     """Base of every user-facing error (acnet and the framework around it): a one-line, actionable message."""
+
+
+class WeightsError(ACNetError, RuntimeError):
+    """A weights file or state dict cannot be used: missing, corrupt, unsafe or not matching the model."""

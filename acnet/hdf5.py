@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .fileio import atomic_path
-from .weights import WeightsError
+from .errors import WeightsError
 
 __all__ = ["save_hdf5", "load_hdf5", "KEY_SEPARATOR_REPLACEMENT"]
 

@@ -31,7 +31,8 @@ from typing import Any, Dict, Mapping, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import ACNetError
+from .errors import WeightsError
+from .hdf5 import load_hdf5
 
 __all__ = [
     "WeightsError",
@@ -53,10 +54,6 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-class WeightsError(ACNetError, RuntimeError):
-    """A weights file or state dict cannot be used: missing, corrupt, unsafe or not matching the model."""
-
-
 def load_state_dict_file(path: PathLike) -> StateDict:
     """Read a state dict from an hdf5 weights file or a torch checkpoint.
 
@@ -70,8 +67,6 @@ def load_state_dict_file(path: PathLike) -> StateDict:
     if file.is_dir():
         raise WeightsError(f"'{file}' is a directory, not a weights file (give the path of an .hdf5 or .pth file)")
     if _is_hdf5(file):
-        from .hdf5 import load_hdf5  # local import: hdf5.py imports this module for WeightsError
-
         raw: Any = load_hdf5(file)
     else:
         raw = _torch_load_weights_only(file)

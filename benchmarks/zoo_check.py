@@ -1,4 +1,4 @@
-"""Model-zoo check: acnet's blocks on models it was not written for (torchvision, timm).
+"""Model-zoo check: acnet's blocks on models it was not written for (torchvision, timm) and on BN-free nets.
 
 For each model (built untrained: ``weights=None`` / ``pretrained=False``, 10 classes) and block type:
 ``convert_to_acnet``, one SGD step (gradient norm clipped to 1) in training mode on a small random batch, then in eval mode both
@@ -7,13 +7,20 @@ same name must equal the trained model (float32, relative difference <= 1e-5 of 
 scale; for a model whose own float32 output is further than that from its float64 output,
 the check is made in float64 within 1e-7: "ok (f64)"; "ill-cond": even the float64 output moves by
 as much for a 1e-13 change of the input, so outputs cannot be compared). Each (model, block) runs in a worker subprocess (``tests/isolated.py``): a crash or a hang
-is that row's failure. Models without a BatchNorm2d are listed as skipped, with the reason.
+is that row's failure. Models without a norm to convert are listed as skipped, with the reason.
+
+Beyond classification: torchvision detectors (``tvdet:``) built as torchvision builds them for
+pretrained weights (backbone ``norm_layer=FrozenBatchNorm2d``, ``trainable_layers=3``; built here with
+no weights at all) -- the backbone features are compared --, video models (``tvvideo:``: Conv3d +
+BatchNorm3d, input 2x3x4x16x16), and nets written here (``own:``): an EDSR-like super-resolution net
+(conv + bias, ReLU, PixelShuffle, no BN) and 1-D audio nets with and without BatchNorm1d; the BN-free
+ones convert with ``bn_free=True``.
 
     python benchmarks/zoo_check.py                        # the full zoo, acb and dbb (long: ~1 h on 2 cores)
     python benchmarks/zoo_check.py --models tv:resnet18 timm:efficientnet_b0 --blocks dbb
 
 Model names: ``tv:NAME`` (torchvision.models), ``tvseg:NAME`` (torchvision.models.segmentation),
-``timm:NAME``. Prints one row per (model, block): blocks plugged in, ok / FAIL / no blocks, the larger
+``tvdet:NAME`` (torchvision.models.detection, frozen-BN backbone), ``tvvideo:NAME``, ``timm:NAME``, ``own:NAME``. Prints one row per (model, block): blocks plugged in, ok / FAIL / no blocks, the larger
 relative difference of the two checks, seconds. Exit status 1 when a row failed.
 """
 from __future__ import annotations
@@ -38,6 +45,7 @@ TOLERANCE = 1e-5
 TOLERANCE_FLOAT64 = 1e-7
 NUM_CLASSES = 10
 BLOCKS = ("acb", "dbb")
+ALL_BLOCKS = ("acb", "dbb", "orepa")
 CASE_TIMEOUT_S = 900.0
 #: Larger inputs where a model needs more than 64x64 (inception_v3: 75; maxvit_t: its 7x7 windows at 224).
 INPUT_SIZE = {"tv:inception_v3": 96, "tv:maxvit_t": 224}
@@ -46,6 +54,19 @@ CI_MODELS = (
     "tv:resnet18", "tv:mobilenet_v3_small", "tv:shufflenet_v2_x0_5", "tv:regnet_y_400mf",
     "tvseg:lraspp_mobilenet_v3_large", "timm:efficientnet_b0", "timm:regnety_002",
 )
+#: The new families' cases the test suite checks, one block type each (each model's cheapest informative one).
+CI_EXTRA_CASES = (
+    ("tvdet:fasterrcnn_mobilenet_v3_large_fpn", "acb"), ("tvvideo:r2plus1d_18", "acb"), ("own:edsr", "dbb"),
+    ("own:audio", "orepa"), ("own:audio_bn", "dbb"),
+)
+#: Detectors whose pretrained builds freeze the backbone's BatchNorms (torchvision 0.29).
+DETECTION_MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn",
+                    "retinanet_resnet50_fpn", "fcos_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
+                    "fasterrcnn_mobilenet_v3_large_320_fpn")
+VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18")
+OWN_MODELS = ("edsr", "audio", "audio_bn")
+#: Models converted with bn_free=True (their convs have no norm).
+BN_FREE = {"own:edsr", "own:audio"}
 TIMM_MODELS = (
     "efficientnet_b0", "tf_efficientnetv2_b0", "efficientnet_lite0", "mobilenetv2_100", "mobilenetv3_large_100",
     "mobilenetv3_small_050", "mixnet_s", "fbnetc_100", "spnasnet_100", "semnasnet_050", "lcnet_050",
@@ -59,17 +80,90 @@ MAX_PARAMS = 200_000_000
 
 
 def all_models() -> List[str]:
-    """Every torchvision classification and segmentation builder, then :data:`TIMM_MODELS`."""
+    """Every torchvision classification and segmentation builder, :data:`TIMM_MODELS`, then the detection,
+    video and own models."""
     import torchvision
 
     names = [f"tv:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
     names += [f"tvseg:{n}" for n in torchvision.models.list_models(module=torchvision.models.segmentation)]
-    return names + [f"timm:{n}" for n in TIMM_MODELS]
+    names += [f"timm:{n}" for n in TIMM_MODELS]
+    return (names + [f"tvdet:{n}" for n in DETECTION_MODELS] + [f"tvvideo:{n}" for n in VIDEO_MODELS]
+            + [f"own:{n}" for n in OWN_MODELS])
+
+
+class EDSRLike(nn.Module):
+    """A small EDSR-style x2 super-resolution net: no BN; conv + bias, ReLU, scaled residual blocks,
+    PixelShuffle upsampling (as EDSR / ECBSR-style restoration nets are built)."""
+
+    def __init__(self, channels: int = 16, blocks: int = 2, scale: int = 2) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, channels, 3, padding=1)
+        self.body = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+                                                nn.Conv2d(channels, channels, 3, padding=1)) for _ in range(blocks))
+        self.body_tail = nn.Conv2d(channels, channels, 3, padding=1)
+        self.upsample = nn.Sequential(nn.Conv2d(channels, channels * scale * scale, 3, padding=1),
+                                      nn.PixelShuffle(scale), nn.PReLU(channels))
+        self.tail = nn.Conv2d(channels, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.head(x)
+        z = y
+        for block in self.body:
+            z = z + 0.1 * block(z)
+        return self.tail(self.upsample(self.body_tail(z) + y))
+
+
+def audio_net(batch_norm: bool, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """A 1-D audio / time-series classifier (M5-like): strided Conv1d stem, Conv1d (+ BatchNorm1d) + ReLU
+    stages with max-pooling, global average pooling, linear head."""
+    def stage(cin: int, cout: int) -> List[nn.Module]:
+        layers: List[nn.Module] = [nn.Conv1d(cin, cout, 3, padding=1, bias=not batch_norm)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(cout))
+        return layers + [nn.ReLU()]
+
+    return nn.Sequential(nn.Conv1d(1, 16, 8, stride=4), nn.ReLU(), *stage(16, 16), nn.MaxPool1d(2),
+                         *stage(16, 32), *stage(32, 32), nn.MaxPool1d(2), *stage(32, 32),
+                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+
+def _build_detection(name: str) -> nn.Module:
+    """The detector as torchvision builds it for pretrained weights (frozen BNs, 3 trainable backbone
+    layers), with no weights."""
+    from torchvision.models import detection, mobilenet_v3_large, resnet50
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    if name.startswith("fasterrcnn_mobilenet_v3_large"):
+        backbone = _mobilenet_extractor(mobilenet_v3_large(weights=None, norm_layer=FrozenBatchNorm2d), True, 3)
+        anchors = ((32, 64, 128, 256, 512),) * 3
+        extra = {"min_size": 320, "max_size": 640, "rpn_score_thresh": 0.05} if "320" in name else {}
+        return detection.FasterRCNN(backbone, NUM_CLASSES, rpn_anchor_generator=AnchorGenerator(
+            anchors, ((0.5, 1.0, 2.0),) * len(anchors)), **extra)
+    body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    if name in ("retinanet_resnet50_fpn", "fcos_resnet50_fpn"):
+        backbone = _resnet_fpn_extractor(body, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+        return (detection.RetinaNet if name.startswith("retinanet") else detection.FCOS)(backbone, NUM_CLASSES)
+    backbone = _resnet_fpn_extractor(body, 3)
+    builders = {"fasterrcnn_resnet50_fpn": detection.FasterRCNN, "maskrcnn_resnet50_fpn": detection.MaskRCNN,
+                "keypointrcnn_resnet50_fpn": detection.KeypointRCNN}
+    if name not in builders:
+        raise ValueError(f"unknown detection model {name!r} (one of {', '.join(DETECTION_MODELS)})")
+    return builders[name](backbone, 2 if name.startswith("keypoint") else NUM_CLASSES)
 
 
 def build(spec: str) -> nn.Module:
     """The untrained model ``spec`` names (no download)."""
     family, _, name = spec.partition(":")
+    if family == "tvdet":
+        return _build_detection(name)
+    if family == "own":
+        own = {"edsr": EDSRLike, "audio": lambda: audio_net(False), "audio_bn": lambda: audio_net(True)}
+        if name not in own:
+            raise ValueError(f"unknown own model {name!r} (one of {', '.join(OWN_MODELS)})")
+        return own[name]()
     if family == "timm":
         import timm
 
@@ -78,13 +172,31 @@ def build(spec: str) -> nn.Module:
 
     if family == "tvseg":
         return torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+    if family == "tvvideo":
+        return torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES)
     if family != "tv":
-        raise ValueError(f"unknown model family in {spec!r} (use tv:, tvseg: or timm:)")
+        raise ValueError(f"unknown model family in {spec!r} (use tv:, tvseg:, tvdet:, tvvideo:, timm: or own:)")
     extra: Dict[str, Any] = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
     return torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES, **extra)
 
 
+def example_input(spec: str) -> torch.Tensor:
+    """A small batch of 2 for ``spec`` (images, clips, or waveforms)."""
+    family, _, name = spec.partition(":")
+    if family == "tvvideo":
+        return torch.randn(2, 3, 4, 16, 16)
+    if spec in ("own:audio", "own:audio_bn"):
+        return torch.randn(2, 1, 512)
+    if spec == "own:edsr":
+        return torch.randn(2, 3, 16, 16)
+    size = INPUT_SIZE.get(spec, 64)
+    return torch.randn(2, 3, size, size)
+
+
 def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if hasattr(model, "backbone") and hasattr(model, "transform"):
+        # a detector: its backbone's features (the part acnet converts), flattened and concatenated
+        return torch.cat([f.flatten(1) for f in model.backbone(x).values()], 1)
     out = model(x)
     if isinstance(out, dict):  # torchvision segmentation models
         out = out["out"]
@@ -96,14 +208,16 @@ def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def skip_reason(spec: str) -> Optional[str]:
-    """Why ``spec`` is not checked (no BatchNorm2d, too large), from its structure on the meta device."""
+    """Why ``spec`` is not checked (no norm to convert, too large), from its structure on the meta device."""
+    from acnet.pairs import norm_kind
+
     try:
         with torch.device("meta"):
             model = build(spec)
     except (NotImplementedError, RuntimeError):  # a builder that reads tensor values (regnet): build for real
         model = build(spec)
-    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        return "no BatchNorm2d (nothing to convert)"
+    if spec not in BN_FREE and not any(norm_kind(m) is not None for m in model.modules()):
+        return "no BatchNorm / frozen BatchNorm (nothing to convert)"
     params = sum(p.numel() for p in model.parameters())
     if params > MAX_PARAMS:
         return f"{params / 1e6:.0f}M parameters: over the {MAX_PARAMS / 1e6:.0f}M this CPU check allows"
@@ -121,10 +235,9 @@ def check_model(case: Dict[str, Any]) -> Dict[str, Any]:
     model = build(spec)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        convert_to_acnet(model, block)
+        convert_to_acnet(model, block, bn_free=spec in BN_FREE)
     blocks = sum(isinstance(m, ReparamBlock) for m in model.modules())
-    size = INPUT_SIZE.get(spec, 64)
-    x = torch.randn(2, 3, size, size)
+    x = example_input(spec)
     model.train()
     out = _output(model, x)
     (out * torch.randn_like(out)).mean().backward()
@@ -181,12 +294,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=None, help="model names (default: the whole zoo)")
     parser.add_argument("--ci", action="store_true", help="only the models the test suite checks")
-    parser.add_argument("--blocks", nargs="*", default=list(BLOCKS), choices=BLOCKS)
+    parser.add_argument("--blocks", nargs="*", default=list(BLOCKS), choices=ALL_BLOCKS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the worker")
     args = parser.parse_args(argv)
-    specs = list(CI_MODELS) if args.ci else (args.models or all_models())
+    specs = list(CI_MODELS) + [m for m, _ in CI_EXTRA_CASES] if args.ci else (args.models or all_models())
 
-    print(f"torch {torch.__version__}; one SGD step at batch 2, 64x64 input; ok = deploy and fuse-and-load "
+    print(f"torch {torch.__version__}; one SGD step at batch 2, 64x64 input (clips 4x16x16, waveforms 512); ok = deploy and fuse-and-load "
           f"equal the trained model within {TOLERANCE:g} (relative), float32; 'ok (f64)': float32 itself is further "
           f"off for that model, checked in float64 within {TOLERANCE_FLOAT64:g}", flush=True)
     header = f"{'model':<38} {'block':<5} {'#blocks':>7} {'status':<9} {'rel diff':>9} {'seconds':>7}  detail"

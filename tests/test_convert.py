@@ -289,19 +289,25 @@ def test_untraceable_model_falls_back_to_registration_order():
 def test_ineligible_convs_are_left_alone():
     model = nn.Sequential(
         nn.Conv2d(3, 4, (1, 3), padding=(0, 1)), nn.BatchNorm2d(4),  # non-square kernel
-        nn.Conv2d(4, 4, 3, padding=(1, 2)), nn.BatchNorm2d(4),  # asymmetric padding
+        nn.Conv2d(4, 4, 3, padding=(1, 2)), nn.BatchNorm2d(4),  # padding differing per axis: ACB represents it
         nn.Conv2d(4, 4, 7, padding=3), nn.BatchNorm2d(4),  # outside default kernel sizes
         nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),  # 1x1
         nn.Conv2d(4, 4, 4, padding=2), nn.BatchNorm2d(4),  # even kernel: ACB cannot represent it
         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False),  # no statistics to fold
         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),  # no BN at all
-        nn.Conv2d(4, 4, 3, padding="same"), nn.BatchNorm2d(4),  # the only eligible one
-    )
+        nn.Conv2d(4, 4, 3, padding="same"), nn.BatchNorm2d(4),  # eligible
+    ).eval()
     before = [type(m) for m in model]
-    convert_to_acnet(model, "acb")
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+    convert_to_acnet(model, "acb", keep_weights=True)
     after = [type(m) for m in model]
     changed = [i for i, (a, b) in enumerate(zip(before, after)) if a is not b]
-    assert changed == [14, 15] and isinstance(model[14], ACBlock) and model[14].padding == 1
+    assert changed == [2, 3, 14, 15] and isinstance(model[14], ACBlock) and model[14].padding == 1
+    assert model[2].padding == (1, 2)
+    with torch.no_grad():
+        assert relative_difference(model.eval()(x), expected) <= 1e-5
 
 
 def test_kernel_sizes_is_configurable():
@@ -468,7 +474,7 @@ def test_module_version_metadata_reaches_the_baseline():
 
 def test_conv_that_cannot_carry_the_bias_is_an_error():
     trained = nn.Sequential(ACBlock(3, 4, 3, padding=1))
-    with pytest.raises(WeightsError, match="'0' holds a block but the baseline conv has no bias and feeds no BatchNorm"):
+    with pytest.raises(WeightsError, match="'0' holds a block but the baseline conv has no bias and feeds no norm"):
         acnet_fuse_and_load(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False)), trained.state_dict())
 
 

@@ -7,7 +7,9 @@ session and reused by the other tool tests.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import re
 import shlex
@@ -56,12 +58,23 @@ def test_python_examples_run(quickstart_run, monkeypatch):
     assert blocks
     monkeypatch.chdir(quickstart_run.parents[1])
     namespace: dict = {"__name__": "readme_example"}
+    # the blocks whose printed output the README shows verbatim (the ```text block right after them)
+    printed = {code: shown for code, shown in re.findall(r"^```python\n(.*?)^```\n\n```text\n(.*?)^```", "".join(
+        section(title) for title in SHOWN_OUTPUT_SECTIONS), flags=re.M | re.S)}
+    assert len(printed) >= 3
     for index, block in enumerate(blocks):
+        output = io.StringIO()
         try:
-            exec(compile(block, f"README.md python block {index + 1}", "exec"), namespace)
+            with contextlib.redirect_stdout(output):
+                exec(compile(block, f"README.md python block {index + 1}", "exec"), namespace)
         except Exception as exc:  # name the block that broke
             pytest.fail(f"README python block {index + 1} failed: {type(exc).__name__}: {exc}\n{block}")
+        if block in printed:
+            assert output.getvalue() == printed[block], f"README python block {index + 1} printed other lines"
 
+
+#: Sections whose python examples print exactly what the README shows after them.
+SHOWN_OUTPUT_SECTIONS = ("On torchvision and timm models", "Detection, restoration, video and audio models")
 
 TOOL_PATTERN = re.compile(r"^python (?:show_log|display_hdf5|kernel_skeleton|robustness)\.py\b.*$", re.M)
 

@@ -11,6 +11,7 @@ import constructor
 import show_log
 from acnet import BLOCK_REGISTRY, BlockType, acnet_fuse_and_load, acnet_switch_to_deploy, convert_to_acnet
 from acnet import convert as convert_module
+from acnet import fuse_load
 from acnet import transforms
 from acnet.base import ReparamBlock
 from acnet.registry import block_type_names, get_block_type, register_block_type, unregister_block_type
@@ -19,9 +20,11 @@ from train_configs import get_recipe
 
 
 class TwoKernelBlock(ReparamBlock):
-    """A block the project does not ship: ``bn(conv(x; a + b))`` with two KxK kernels."""
+    """A block the project does not ship: ``bn(conv(x; a + b))`` with two KxK kernels; it declares what the
+    framework needs as class attributes (the block contract), nothing is registered beside its name."""
 
     deploy_conv_name = "fused_conv"
+    signature = "kernel_a"
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  padding_mode="zeros", deploy=False, *, bn_eps=1e-5, bn_momentum=0.1):
@@ -51,10 +54,13 @@ class TwoKernelBlock(ReparamBlock):
         with torch.no_grad():
             self.kernel_b.zero_()
 
+    def main_branch(self):
+        return self.kernel_a, self.bn
+
 
 @pytest.fixture
 def two_kernel():
-    spec = register_block_type(BlockType("twok", TwoKernelBlock, "kernel_a", lambda b: (b.kernel_a, b.bn)))
+    spec = register_block_type(BlockType("twok", TwoKernelBlock))
     yield spec
     unregister_block_type("twok")
 
@@ -62,8 +68,10 @@ def two_kernel():
 def test_every_consumer_lists_the_registered_block_types():
     assert block_type_names() == ("base", "acb", "dbb", "orepa")
     assert constructor.BLOCK_TYPES == block_type_names()
-    assert tuple(convert_module.BLOCK_CLASSES) == ("acb", "dbb", "orepa")  # base has nothing to plug in
-    assert all(convert_module.BLOCK_CLASSES[n] is BLOCK_REGISTRY[n].block_class for n in convert_module.BLOCK_CLASSES)
+    assert not hasattr(convert_module, "BLOCK_CLASSES")  # no module-level copy: read live
+    pluggable = convert_module.pluggable_block_classes()
+    assert tuple(pluggable) == ("acb", "dbb", "orepa")  # base has nothing to plug in
+    assert all(pluggable[n] is BLOCK_REGISTRY[n].block_class for n in pluggable)
     choices = next(a.choices for a in build_parser()._actions if a.dest == "block_type")
     assert tuple(choices) == block_type_names()
     assert show_log.BLOCK_TYPES == block_type_names()  # show_log is standard-library only: kept equal here
@@ -87,7 +95,7 @@ def test_signatures_are_unambiguous_and_deploy_names_are_the_originals():
         if spec.plain:
             continue
         block = spec.block_class(4, 4, 3, padding=1)
-        kinds = [kind for key, kind in convert_module._block_signatures() if key in block.state_dict()]
+        kinds = [kind for key, kind in fuse_load._block_signatures() if key in block.state_dict()]
         assert kinds[0] == name, (name, kinds)
 
 
@@ -113,6 +121,25 @@ def test_a_block_registered_once_is_available_everywhere(two_kernel):
         torch.testing.assert_close(acnet_switch_to_deploy(trained)(x), expected)
 
 
+def test_registry_reads_the_block_class_attributes(two_kernel):
+    assert two_kernel.signature == "kernel_a" and two_kernel.deploy_conv_name == "fused_conv"
+    assert two_kernel.recipe_options == () and two_kernel.stored_options({}, 3) == {}
+    for spec in BLOCK_REGISTRY.values():
+        assert spec.signature == spec.block_class.signature and spec.recipe_options == spec.block_class.recipe_options
+    assert get_block_type("acb").recipe_options == ("gamma_init",)
+    with pytest.raises(ValueError, match="signature must name a state-dict key"):
+        register_block_type(BlockType("nosig", type("NoSignature", (TwoKernelBlock,), {"signature": ""})))
+
+
+def test_a_user_block_without_dim_and_norm_arguments_converts_only_2d_batchnorm_pairs(two_kernel):
+    from acnet import conversion_report
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv1d(4, 4, 3), nn.BatchNorm1d(4))
+    rows = conversion_report(net, "twok").rows
+    assert [r.converted for r in rows] == [True, False]
+    assert rows[1].reason == "TwoKernelBlock takes no dim/norm arguments"
+
+
 def test_keep_weights_uses_the_registered_main_branch(two_kernel):
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).eval()
     x = torch.randn(2, 3, 5, 5)
@@ -128,14 +155,14 @@ def test_register_block_type_refuses_duplicates_and_non_blocks(two_kernel):
         register_block_type(two_kernel)
     assert register_block_type(two_kernel, replace=True) is two_kernel
     with pytest.raises(TypeError, match="is not a ReparamBlock"):
-        register_block_type(BlockType("conv", nn.Conv2d, "weight", lambda b: (b.weight, None)))
+        register_block_type(BlockType("conv", nn.Conv2d))
     with pytest.raises(ValueError, match="lower-case"):
-        register_block_type(BlockType("TwoK", TwoKernelBlock, "kernel_a", lambda b: (b.kernel_a, b.bn)))
+        register_block_type(BlockType("TwoK", TwoKernelBlock))
     assert "conv" not in BLOCK_REGISTRY and "TwoK" not in BLOCK_REGISTRY
 
 
 def test_unregister_block_type_removes_the_name():
-    spec = register_block_type(BlockType("twok2", TwoKernelBlock, "kernel_a", lambda b: (b.kernel_a, b.bn)))
+    spec = register_block_type(BlockType("twok2", TwoKernelBlock))
     assert unregister_block_type("TWOK2") is spec
     assert "twok2" not in block_type_names()
     with pytest.raises(ValueError, match="unknown block type"):

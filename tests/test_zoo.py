@@ -3,7 +3,9 @@ fused into a fresh model, each (model, block) in a worker subprocess.
 
 The whole zoo runs in ``benchmarks/zoo_check.py`` (too long for CI); this is its ``--ci`` subset:
 one model per structural family (residual, inverted-residual with SE, channel shuffle, RegNet,
-a segmentation head, timm's BatchNormAct2d models).
+a segmentation head, timm's BatchNormAct2d models), and one block type each for a frozen-BN detector
+(backbone features compared), a video net (Conv3d, (1,3,3)/(3,1,1) kernels), BN-free SR and audio nets
+and a Conv1d + BatchNorm1d audio net.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from acnet import ReparamBlock, acnet_fuse_and_load, convert_to_acnet
 from acnet.convert import bn_tail
-from benchmarks.zoo_check import BLOCKS, CASE_TIMEOUT_S, CI_MODELS, verdict
+from benchmarks.zoo_check import BLOCKS, CASE_TIMEOUT_S, CI_EXTRA_CASES, CI_MODELS, verdict
 from isolated import run_isolated
 
 timm = pytest.importorskip("timm")
@@ -32,6 +34,20 @@ def test_zoo_subset_deploys_and_fuses_to_the_trained_model():
     assert not bad, "\n".join(bad)
     # timm's efficientnet_b0 normalises with BatchNormAct2d: its 17 3x3 / 5x5 conv-BN pairs all convert
     assert all(rows[("timm:efficientnet_b0", block)][1]["blocks"] == 17 for block in BLOCKS)
+
+
+def test_detection_video_and_bn_free_models_deploy_and_fuse_to_the_trained_model():
+    cases = [{"model": spec, "block": block} for spec, block in CI_EXTRA_CASES]
+    results = run_isolated("benchmarks.zoo_check:check_model", cases, CASE_TIMEOUT_S)
+    rows = {c["model"]: (verdict(r), r) for c, r in zip(cases, results)}
+    bad = [f"{model}: {status} {detail}" for model, ((status, detail), _) in rows.items() if not status.startswith("ok")]
+    assert not bad, "\n".join(bad)
+    blocks = {model: result["blocks"] for model, (_, result) in rows.items()}
+    # mobilenet_v3's 3x3 / 5x5 depthwise convs with their FrozenBatchNorm2d; r2plus1d's (1,3,3) spatial convs
+    # (ACB refuses the (3,1,1) temporal ones: a 1-D branch would duplicate them); every 3x3 conv of the
+    # BN-free nets; the audio nets' 3-tap Conv1d (the 8-tap strided stem is outside kernel_sizes)
+    assert blocks == {"tvdet:fasterrcnn_mobilenet_v3_large_fpn": 16, "tvvideo:r2plus1d_18": 16, "own:edsr": 8,
+                      "own:audio": 4, "own:audio_bn": 4}
 
 
 def test_timm_batchnormact_keeps_its_activation_and_fuses_into_a_fresh_model():
@@ -81,11 +97,11 @@ def test_converting_nothing_warns_with_the_reasons():
     import torchvision
 
     with pytest.warns(UserWarning, match=r"no conv of DenseNet was replaced .*61 conv\(s\): its output does not go "
-                                         r"only into one BatchNorm2d; 58 conv\(s\): kernel size 1 not in kernel_sizes") as caught:
+                                         r"only into one norm .*; 58 conv\(s\): kernel size 1 not in kernel_sizes") as caught:
         convert_to_acnet(torchvision.models.densenet121(weights=None), "acb")
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"UserWarning: {caught[0].message}" in readme.splitlines()  # the README shows it as printed
-    with pytest.warns(UserWarning, match="the model has no nn.Conv2d"):
+    with pytest.warns(UserWarning, match="the model has no nn.Conv1d/2d/3d"):
         convert_to_acnet(nn.Sequential(nn.Linear(3, 3)), "acb")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model that converts says nothing

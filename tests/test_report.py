@@ -1,0 +1,99 @@
+"""acnet.conversion_report: one row per conv with its fate, totals that match the real conversion, and
+the model left exactly as it was."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from acnet import ConvReportRow, conversion_report, convert_to_acnet, format_report
+
+
+def state_snapshot(model: nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()],
+            [m.training for m in model.modules()])
+
+
+def assert_unchanged(model: nn.Module, snapshot) -> None:
+    state, types, modes = snapshot
+    now = model.state_dict()
+    assert list(now) == list(state) and all(torch.equal(now[k], v) for k, v in state.items())
+    assert [type(m) for m in model.modules()] == types and [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize("block_type", ["acb", "dbb", "orepa"])
+def test_totals_match_the_real_conversion_and_the_model_is_not_touched(block_type):
+    model = torchvision.models.resnet18(num_classes=10)
+    snapshot = state_snapshot(model)
+    report = conversion_report(model, block_type)
+    assert_unchanged(model, snapshot)
+    assert len(report.rows) == 20 and report.converted == 16
+    assert report.params_deploy == sum(p.numel() for p in model.parameters())
+    converted = convert_to_acnet(copy.deepcopy(model), block_type)
+    assert report.params_train == sum(p.numel() for p in converted.parameters())
+    assert report.params_train - report.params_deploy == sum(r.extra_params for r in report.rows)
+    stem = report.rows[0]
+    assert stem == ConvReportRow("conv1", "Conv2d", (7, 7), (2, 2), 1, "BatchNorm2d", False,
+                                 "kernel size 7 not in kernel_sizes [2, 3, 4, 5, 6]", "-", 0)
+    assert [r.name for r in report.rows if r.converted] == [
+        name for name, m in converted.named_modules() if type(m).__name__ in ("ACBlock", "DiverseBranchBlock",
+                                                                              "OREPABlock")]
+
+
+def test_rows_name_norm_kind_form_and_reason():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), FrozenBatchNorm2d(8), nn.ReLU(),
+        nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8),  # ACB refuses 1-D convs
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),  # no norm: converts with bn_free=True only
+    )
+    rows = {r.name: r for r in conversion_report(model, "acb").rows}
+    assert (rows["0"].norm, rows["0"].converted, rows["0"].form) == ("FrozenBatchNorm2d", True, "frozen")
+    assert rows["0"].extra_params > 0
+    assert not rows["3"].converted and rows["3"].reason.startswith("ACB on a 1-D conv")
+    assert not rows["5"].converted and rows["5"].norm == "-" and "does not go only into one norm" in rows["5"].reason
+    bn_free = {r.name: r for r in conversion_report(model, "acb", bn_free=True).rows}
+    assert (bn_free["5"].converted, bn_free["5"].form) == (True, "none")
+
+
+def test_training_flops_multiplier_of_one_acb_is_its_kernel_area_ratio():
+    """One 3x3 conv + BN as an ACB: branches 3x3 + 1x3 + 3x1 = 15 taps vs 9, forward and backward."""
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+    snapshot = state_snapshot(model)
+    report = conversion_report(model, "acb", example_input=torch.randn(2, 4, 8, 8))
+    assert_unchanged(model, snapshot)
+    assert report.train_flops_multiplier == pytest.approx(15 / 9, rel=1e-6)
+    assert report.input_shape == (2, 4, 8, 8)
+    plain = conversion_report(model, "acb", kernel_sizes=[5], example_input=torch.randn(2, 4, 8, 8))
+    assert plain.converted == 0 and plain.train_flops_multiplier == 1.0
+
+
+def test_format_report_prints_every_row_and_the_totals():
+    model = torchvision.models.resnet18(num_classes=10)
+    report = conversion_report(model, "dbb")
+    text = format_report(report)
+    assert str(report) == text
+    lines = text.splitlines()
+    assert lines[0] == "conversion report: ResNet, block type dbb"
+    assert sum(line.startswith("layer") or line.startswith("conv1 ") for line in lines) == 20
+    assert f"16 of 20 conv(s) converted; parameters: train {report.params_train:,} vs deploy " \
+           f"{report.params_deploy:,}" in text
+    assert "pass example_input= to count them" in text
+
+
+def test_bad_arguments_are_value_errors():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="unknown block_type 'repvgg'"):
+        conversion_report(model, "repvgg")
+    with pytest.raises(ValueError, match="has no option 'gamma'"):
+        conversion_report(model, "acb", gamma=1.0)
+
+
+def test_the_zero_conversion_warning_points_to_the_report():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.warns(UserWarning, match=r"acnet.conversion_report\(model, 'acb'\) lists every conv with its reason"):
+        convert_to_acnet(model, "acb")
