@@ -37,59 +37,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence
 
+from utils.errors import USER_ERRORS, UsageError, report_error
 from utils.stats import Summary, summarize, welch
 
-BLOCK_TYPES = ("base", "acb", "dbb", "orepa")  # = acnet.registry.block_type_names() (tests/test_registry.py)
+
+
+def __getattr__(name: str):
+    """``BLOCK_TYPES``: the registered block type names, read live from :mod:`acnet.registry` (no copy)."""
+    if name == "BLOCK_TYPES":
+        return _block_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _block_types() -> tuple:
+    from acnet.registry import block_type_names
+
+    return block_type_names()
 RUN_FILES = ("log.txt", "recipe.json", "summary.json")
 
 
 # --------------------------------------------------------------------------------------------
-# Published results: the one place the papers' numbers live (REFERENCE.md section 1).
+# Published results: declared with each arch (constructor.registry.ArchSpec.published)
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PublishedResult:
-    """Top-1 (%) reported by one source for one arch on one dataset, per block type."""
-
-    arch: str
-    dataset: str
-    source: str
-    top1: dict  # block type -> top-1 %
-
-    def has(self, block_type: str) -> bool:
-        return block_type in self.top1
+def published_results(arch: str) -> tuple:
+    """The published results the arch registry declares for ``arch`` (``()`` for an unknown arch)."""
+    try:  # the arch registry imports torch: only when numbers are asked for
+        from constructor import get_arch_spec
+        return tuple(get_arch_spec(arch).published)
+    except ValueError:  # an arch no registry knows (e.g. a log of the original code's other nets)
+        return ()
 
 
-ACNET_REPO = "ACNet repo"
-ACNET_PAPER = "ACNet paper"
-DBB_PAPER = "DBB paper T2"
-OREPA_PAPER = "OREPA paper T4"
-
-# Listed in order of preference: for an (arch, dataset, block) the first source reporting both the
-# baseline and that block type is shown. "acb" in the DBB paper is its own re-run of ACNet.
-PUBLISHED_RESULTS: tuple[PublishedResult, ...] = (
-    PublishedResult("cfqkbnc", "cifar10", ACNET_REPO, {"base": 86.20, "acb": 86.87}),
-    PublishedResult("vc", "cifar10", ACNET_REPO, {"base": 93.99, "acb": 94.54}),
-    PublishedResult("vc", "cifar10", DBB_PAPER, {"base": 93.95, "acb": 94.43, "dbb": 94.62}),
-    PublishedResult("vc", "cifar100", DBB_PAPER, {"base": 74.05, "acb": 75.30, "dbb": 75.72}),
-    PublishedResult("src56", "cifar10", ACNET_REPO, {"base": 94.55, "acb": 95.06}),
-    PublishedResult("src56", "cifar10", ACNET_PAPER, {"base": 94.31, "acb": 95.09}),
-    PublishedResult("wrnc16plain", "cifar10", ACNET_REPO, {"base": 95.89, "acb": 96.33}),
-    PublishedResult("sres18", "imagenet", "ACNet repo (approx.)", {"base": 70.6, "acb": 71.2}),
-    PublishedResult("sres18", "imagenet", DBB_PAPER, {"base": 69.54, "acb": 70.53, "dbb": 70.99}),
-    PublishedResult("sres50", "imagenet", DBB_PAPER, {"base": 76.14, "acb": 76.46, "dbb": 76.71}),
-    PublishedResult("smi1", "imagenet", DBB_PAPER, {"base": 71.89, "acb": 72.14, "dbb": 72.88}),
-    # OREPA (CVPR 2022) Table 4: ImageNet, 120 epochs, its own baseline and DBB re-runs.
-    PublishedResult("sres18", "imagenet", OREPA_PAPER, {"base": 71.21, "dbb": 71.77, "orepa": 72.13}),
-    PublishedResult("sres50", "imagenet", OREPA_PAPER, {"base": 76.70, "dbb": 76.89, "orepa": 77.31}),
-)
-
-
-def published_reference(arch: str, dataset: Optional[str], block_type: str) -> Optional[PublishedResult]:
+def published_reference(arch: str, dataset: Optional[str], block_type: str):
     """The preferred published result for ``arch`` on ``dataset`` reporting ``block_type``.
 
     ``dataset=None`` (unknown) matches the arch's first listed dataset, which is its own.
     """
-    candidates = [p for p in PUBLISHED_RESULTS if p.arch == arch]
+    candidates = list(published_results(arch))
     if dataset is not None:
         candidates = [p for p in candidates if p.dataset == dataset]
     elif candidates:
@@ -257,7 +241,7 @@ def parse_run_name(name: str) -> RunName:
     stem = name[: -len("_train")] if name.endswith("_train") else name
     tokens = stem.split("_")
     for index, token in enumerate(tokens):
-        if token in BLOCK_TYPES and index > 0:
+        if token in _block_types() and index > 0:
             arch, rest, seed = "_".join(tokens[:index]), tokens[index + 1:], None
             if rest and _SEED_TOKEN.fullmatch(rest[-1]):
                 seed = int(rest.pop()[1:])
@@ -282,14 +266,11 @@ def run_seed(run_dir_name: str, summary: dict, recipe: dict) -> Optional[int]:
 
 
 def own_dataset(arch: str) -> Optional[str]:
-    """The dataset an arch is defined for (its run directory name then omits it)."""
-    for result in PUBLISHED_RESULTS:
-        if result.arch == arch:
-            return result.dataset
-    try:  # archs without published numbers: ask the registry (imports torch, so only now)
+    """The dataset an arch is defined for (its run directory name then omits it); ``None``: unknown arch."""
+    try:  # the arch registry imports torch: only now
         from constructor import get_arch_spec
         return get_arch_spec(arch).dataset
-    except Exception:  # unknown arch or framework not importable: leave it unknown
+    except ValueError:  # unknown arch: leave it unknown
         return None
 
 
@@ -433,7 +414,8 @@ class Group:
 
 
 def _block_order(block_type: str) -> tuple:
-    return (BLOCK_TYPES.index(block_type) if block_type in BLOCK_TYPES else len(BLOCK_TYPES), block_type)
+    names = _block_types()
+    return (names.index(block_type) if block_type in names else len(names), block_type)
 
 
 def group_runs(runs: Iterable[Run]) -> list:
@@ -587,14 +569,10 @@ def report(runs: Sequence[Run], n: int, fmt: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Plot
 # --------------------------------------------------------------------------------------------
-class UsageError(Exception):
-    """A problem the user can fix; reported as one line, exit status 2."""
-
-
 def _import_pyplot():
     from utils.plotting import import_pyplot
 
-    return import_pyplot(UsageError, "--plot", 'or pip install -e ".[plot]"')
+    return import_pyplot("--plot", 'or pip install -e ".[plot]"')
 
 
 _COLOURS = {"base": "tab:blue", "acb": "tab:orange", "dbb": "tab:green"}
@@ -614,7 +592,7 @@ def _plot_curves(ax, arch: str, dataset: Optional[str], runs: list, plt) -> None
         ax.plot([e.epoch for e in run.evaluations], run.top1_values(), marker=".", linewidth=1,
                 color=_colour(run.block_type, plt), label=f"{run.block_type}{seed} ({run.name})")
     drawn = set()
-    for block in sorted({r.block_type for r in runs} | set(BLOCK_TYPES), key=_block_order):
+    for block in sorted({r.block_type for r in runs} | set(_block_types()), key=_block_order):
         paper = published_reference(arch, dataset, block)
         if paper is not None and (paper.source, block) not in drawn and block in paper.top1:
             drawn.add((paper.source, block))
@@ -733,9 +711,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except OSError as exc:  # acnet.fileio.UnwritablePathError: one line, the path and the reason
                 raise UsageError(f"--plot: {exc}") from None
             print(f"\nplot written to {args.plot}", file=sys.stderr)
-    except UsageError as exc:
-        print(f"show_log.py: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error("show_log.py", exc)
     return 0
 
 

@@ -250,6 +250,7 @@ def test_export_to_a_repository_without_the_arch_is_refused(tmp_path):
         export_original("src56", "dbb", "acb", constructor.build_model("src56", "base", deploy=True).state_dict())
 
 
+@pytest.mark.slow
 def test_convert_format_from_the_command_line(tmp_path):
     src = fixture(FORMATS / "acnet_cfqkbnc_acb_train.keys.txt", tmp_path)[0]
     dst = tmp_path / "deploy.hdf5"
@@ -309,6 +310,7 @@ def test_init_refuses_training_weights_of_another_block_type(tmp_path):
         load_init_weights(constructor.build_model("cfqkbnc", "dbb"), path, block_type="dbb")
 
 
+@pytest.mark.slow
 def test_do_acnet_trains_from_an_original_file_and_records_it(tmp_path):
     path = fixture(FORMATS / "acnet_cfqkbnc_base_train.keys.txt", tmp_path)[0]
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""The recipes table: the original ACNet settings (REFERENCE.md section 2), overrides and validation."""
+"""The recipes table: the original ACNet settings, overrides and validation."""
 from __future__ import annotations
 
 import pytest

@@ -16,62 +16,22 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from acnet.errors import ACNetError
 from acnet.fileio import atomic_open, atomic_path
+from utils.run import ExperimentPaths
 
 __all__ = ["CheckpointError", "ExperimentPaths", "weights_argument", "save_json", "save_state", "load_state",
            "capture_rng_state", "restore_rng_state", "seed_everything"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ACNetError, RuntimeError):
     """A resumable state that is missing, unreadable or from a different run."""
-
-
-@dataclass(frozen=True)
-class ExperimentPaths:
-    root: Path
-
-    @property
-    def log(self) -> Path:
-        return self.root / "log.txt"
-
-    @property
-    def recipe(self) -> Path:
-        return self.root / "recipe.json"
-
-    @property
-    def init_weights(self) -> Path:
-        return self.root / "init.hdf5"
-
-    @property
-    def finish_weights(self) -> Path:
-        return self.root / "finish.hdf5"
-
-    @property
-    def deploy_weights(self) -> Path:
-        return self.root / "finish_deploy.hdf5"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "latest.pth"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
-
-    def final_weights(self) -> Path | None:
-        """The run's weights to evaluate: ``finish_deploy.hdf5``, else ``finish.hdf5``; ``None`` if neither."""
-        return next((p for p in (self.deploy_weights, self.finish_weights) if p.is_file()), None)
 
 
 def weights_argument(path: str | os.PathLike, option: str) -> Path:

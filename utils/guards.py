@@ -18,8 +18,6 @@ from typing import Any, Mapping, Sequence
 __all__ = ["finished_run_record", "finished_run_conflicts", "check_batch_fits", "cpu_has_native_bf16", "amp_cpu_warning",
            "resume_argv", "interrupted_message"]
 
-#: Options of recipe.json besides the recipe's fields that decide what is trained.
-RUN_FIELDS = ("seed", "synthetic_num_train")
 #: Flags in /proc/cpuinfo of CPUs with native bf16 arithmetic (x86 AVX512-BF16 / AMX, Arm BF16).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 _CONTI_FLAGS = ("-c", "--conti-or-fs", "--conti_or_fs")
@@ -52,11 +50,13 @@ def finished_run_conflicts(saved: Mapping[str, Any], wanted: Mapping[str, Any]) 
             if field in saved and _canonical(saved[field]) != _canonical(value)]
 
 
-def check_batch_fits(batch_size: int, num_train: int, world_size: int, error: type[Exception]) -> None:
-    """Raise ``error`` when the global batch is larger than the training set (after sharding)."""
+def check_batch_fits(batch_size: int, num_train: int, world_size: int) -> None:
+    """Raise :class:`utils.engine.TrainingSetupError` when the global batch is larger than the training set (after sharding)."""
     if batch_size > num_train:
+        from utils.engine import TrainingSetupError
+
         largest = num_train - num_train % world_size
-        raise error(f"the global batch size {batch_size} is larger than the training set ({num_train} images): "
+        raise TrainingSetupError(f"the global batch size {batch_size} is larger than the training set ({num_train} images): "
                     f"every epoch would be one batch of {num_train}, not {batch_size} as the recipe and the log "
                     f"would state; pass --batch-size {largest} or less (a multiple of the {world_size} rank(s)) "
                     "or train on more images")

@@ -1,0 +1,148 @@
+"""A run: its identity, its folder and its recipe, defined once for every tool (torch-free).
+
+Identity: ``(arch, block type, dataset, seed)``. The folder is ``<output-dir>/<name>`` with
+``name = <arch>_<block>[_<dataset>][_s<seed>]_train``: the dataset only when it is not the arch's own,
+the seed only when it is not :data:`DEFAULT_SEED` (so a seed-0 run keeps the name runs always had);
+a QAT run of the same identity ends in ``_qat``. :class:`ExperimentPaths` names the files in it.
+do_acnet.py, show_log.py, reproduce.py, robustness.py, kernel_skeleton.py and the benchmarks read
+runs through this module. Recipe resolution (:func:`resolve_recipe`) and the guards of a finished
+or continued run (:func:`check_finished_run`, :func:`merge_saved_recipe`) live here too.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["DEFAULT_SEED", "RUN_FILES", "LOG", "RECIPE", "SUMMARY", "INIT_WEIGHTS", "FINISH_WEIGHTS", "DEPLOY_WEIGHTS",
+           "STATE", "ExperimentPaths", "experiment_name", "qat_experiment_name",
+           "RECIPE_OVERRIDES", "resolve_recipe", "merge_saved_recipe", "check_finished_run", "read_finished_run"]
+
+logger = logging.getLogger(__name__)
+
+#: The seed of a run whose folder name carries no ``_s<seed>``.
+DEFAULT_SEED = 0
+#: File names of a run folder (:class:`ExperimentPaths` is the way to reach them).
+LOG, RECIPE, SUMMARY = "log.txt", "recipe.json", "summary.json"
+INIT_WEIGHTS, FINISH_WEIGHTS, DEPLOY_WEIGHTS, STATE = "init.hdf5", "finish.hdf5", "finish_deploy.hdf5", "latest.pth"
+#: The files that make a folder a run (any one of them).
+RUN_FILES = (LOG, RECIPE, SUMMARY)
+#: Recipe fields a command line may override (the option ``--x-y`` sets field ``x_y``).
+RECIPE_OVERRIDES = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "val_every")
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """The files of one run folder ``root`` (see the README's "What a run writes")."""
+
+    root: Path
+
+    @property
+    def log(self) -> Path:
+        return self.root / LOG
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / RECIPE
+
+    @property
+    def init_weights(self) -> Path:
+        return self.root / INIT_WEIGHTS
+
+    @property
+    def finish_weights(self) -> Path:
+        return self.root / FINISH_WEIGHTS
+
+    @property
+    def deploy_weights(self) -> Path:
+        return self.root / DEPLOY_WEIGHTS
+
+    @property
+    def state(self) -> Path:
+        return self.root / STATE
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def console(self) -> Path:
+        """The console output of a run started by reproduce.py."""
+        return self.root / "console.txt"
+
+    def final_weights(self) -> Path | None:
+        """The run's weights to evaluate: ``finish_deploy.hdf5``, else ``finish.hdf5``; ``None`` if neither."""
+        return next((p for p in (self.deploy_weights, self.finish_weights) if p.is_file()), None)
+
+
+def experiment_name(arch: str, block_type: str, dataset: str, arch_dataset: str, seed: int = DEFAULT_SEED) -> str:
+    """``<arch>_<block>[_<dataset>][_s<seed>]_train`` (``arch_dataset``: the dataset the arch is defined for)."""
+    suffix = "" if dataset == arch_dataset else f"_{dataset}"
+    if seed != DEFAULT_SEED:
+        suffix += f"_s{seed}"
+    return f"{arch}_{block_type}{suffix}_train"
+
+
+def qat_experiment_name(train_name: str) -> str:
+    """The QAT run's folder beside the training run's: ``..._train`` -> ``..._qat``."""
+    return (train_name[: -len("_train")] if train_name.endswith("_train") else train_name) + "_qat"
+
+
+def resolve_recipe(arch: str, overrides: Mapping[str, Any]):
+    """The recipe the arch names (``ArchSpec.recipe``) with ``overrides`` (``None`` values ignored); a bad
+    value is a :class:`UsageError`."""
+    from constructor import get_arch_spec
+    from train_configs import get_recipe
+    from utils.errors import UsageError
+
+    try:
+        return get_recipe(get_arch_spec(arch).recipe_name, **overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("bad recipe value: ", "bad value: ")) from None
+
+
+def merge_saved_recipe(saved: Mapping[str, Any], overrides: Mapping[str, Any], state_path: Path):
+    """On continue the run keeps its recipe; an explicit override that contradicts it is an error."""
+    from train_configs import Recipe
+    from utils.errors import UsageError
+
+    recipe = Recipe(**saved)
+    conflicts = [f"{field}={value!r} (run has {saved[field]!r})" for field, value in overrides.items()
+                 if saved.get(field) != value]
+    if conflicts:
+        raise UsageError(f"-c continue: {state_path} was trained with a different recipe: " + ", ".join(conflicts)
+                         + "; drop these options to continue, or start again with -c fs")
+    return recipe
+
+
+def check_finished_run(paths: ExperimentPaths, wanted: Mapping[str, Any]) -> None:
+    """A finished run is only reused (training skipped) by a command asking for the same ``wanted`` fields."""
+    from utils.errors import UsageError
+    from utils.guards import finished_run_conflicts, finished_run_record
+
+    conflicts = finished_run_conflicts(finished_run_record(paths), wanted)
+    if conflicts:
+        raise UsageError(f"{paths.root} holds a finished run with a different recipe: {', '.join(conflicts)}; it "
+                         "would not be trained again. Use a new --exp-name, or remove that folder to retrain it")
+
+
+def read_finished_run(paths: ExperimentPaths) -> dict[str, Any]:
+    """The last resumable state of a finished run (its recipe and timing), ``{}`` if unavailable."""
+    from train_configs import Recipe
+    from utils.checkpoint import CheckpointError, load_state
+
+    if not paths.state.is_file():
+        return {}
+    try:
+        state = load_state(paths.state)
+        Recipe(**state["recipe"])
+        return state
+    except (CheckpointError, TypeError):
+        logger.warning("could not read %s: the summary keeps this command's recipe and no timing", paths.state)
+        return {}
+
