@@ -14,6 +14,7 @@ Layout of ``<output-dir>/<exp-name>/``::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -27,7 +28,9 @@ from acnet.fileio import atomic_open, atomic_path
 from utils.run import ExperimentPaths
 
 __all__ = ["CheckpointError", "ExperimentPaths", "weights_argument", "save_json", "save_state", "load_state",
-           "capture_rng_state", "restore_rng_state", "seed_everything"]
+           "capture_rng_state", "restore_rng_state", "seed_everything", "finished_run_record", "read_finished_run"]
+
+logger = logging.getLogger("do_acnet")
 
 
 class CheckpointError(ACNetError, RuntimeError):
@@ -110,3 +113,30 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def finished_run_record(paths: ExperimentPaths) -> dict[str, Any]:
+    """What a finished run was trained with: its recipe.json, else its latest.pth's recipe, else ``{}``."""
+    try:
+        saved = json.loads(paths.recipe.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no (readable) recipe.json
+        try:
+            saved = load_state(paths.state)["recipe"] if paths.state.is_file() else {}
+        except CheckpointError:
+            saved = {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def read_finished_run(paths: ExperimentPaths) -> dict[str, Any]:
+    """The last resumable state of a finished run (its recipe and timing), ``{}`` if unavailable."""
+    from train_configs import Recipe
+
+    if not paths.state.is_file():
+        return {}
+    try:
+        state = load_state(paths.state)
+        Recipe(**state["recipe"])
+        return state
+    except (CheckpointError, TypeError):
+        logger.warning("could not read %s: the summary keeps this command's recipe and no timing", paths.state)
+        return {}

@@ -13,11 +13,15 @@ from typing import NoReturn
 from acnet.errors import ACNetError
 from data.errors import DatasetError
 
-__all__ = ["ACNetError", "UsageError", "USER_ERRORS", "report_error", "exit_with_error"]
+__all__ = ["ACNetError", "UsageError", "TrainingSetupError", "USER_ERRORS", "report_error", "exit_with_error"]
 
 
 class UsageError(ACNetError):
     """A command line (or an argument of a framework call) that cannot run; nothing was written."""
+
+
+class TrainingSetupError(UsageError, ValueError):
+    """The model, data and recipe cannot train together (e.g. no full batch per rank)."""
 
 
 #: What a script reports in one line instead of a traceback. ``data``'s errors are listed beside the

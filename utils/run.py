@@ -6,20 +6,20 @@ the seed only when it is not :data:`DEFAULT_SEED` (so a seed-0 run keeps the nam
 a QAT run of the same identity ends in ``_qat``. :class:`ExperimentPaths` names the files in it.
 do_acnet.py, show_log.py, reproduce.py, robustness.py, kernel_skeleton.py and the benchmarks read
 runs through this module. Recipe resolution (:func:`resolve_recipe`) and the guards of a finished
-or continued run (:func:`check_finished_run`, :func:`merge_saved_recipe`) live here too.
+or continued run (:func:`check_finished_run`, :func:`merge_saved_recipe`) live here too; reading a
+run's resumable state (torch) is :mod:`utils.checkpoint`'s.
 """
 from __future__ import annotations
 
-import logging
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["DEFAULT_SEED", "RUN_FILES", "LOG", "RECIPE", "SUMMARY", "INIT_WEIGHTS", "FINISH_WEIGHTS", "DEPLOY_WEIGHTS",
            "STATE", "ExperimentPaths", "experiment_name", "qat_experiment_name",
-           "RECIPE_OVERRIDES", "resolve_recipe", "merge_saved_recipe", "check_finished_run", "read_finished_run"]
-
-logger = logging.getLogger(__name__)
+           "RECIPE_OVERRIDES", "resolve_recipe", "merge_saved_recipe", "finished_run_conflicts",
+           "check_finished_run"]
 
 #: The seed of a run whose folder name carries no ``_s<seed>``.
 DEFAULT_SEED = 0
@@ -120,29 +120,25 @@ def merge_saved_recipe(saved: Mapping[str, Any], overrides: Mapping[str, Any], s
     return recipe
 
 
-def check_finished_run(paths: ExperimentPaths, wanted: Mapping[str, Any]) -> None:
-    """A finished run is only reused (training skipped) by a command asking for the same ``wanted`` fields."""
-    from utils.errors import UsageError
-    from utils.guards import finished_run_conflicts, finished_run_record
+def finished_run_conflicts(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``"field=wanted (run has saved)"`` for every field of ``wanted`` the finished run ``saved`` differs in.
 
-    conflicts = finished_run_conflicts(finished_run_record(paths), wanted)
+    ``saved`` is the run's recipe.json (or its latest.pth recipe); a field it lacks is not compared.
+    """
+    return [f"{field}={value!r} (run has {saved[field]!r})" for field, value in wanted.items()
+            if field in saved and _canonical(saved[field]) != _canonical(value)]
+
+
+def _canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples as lists, as recipe.json stores them
+
+
+def check_finished_run(paths: ExperimentPaths, saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
+    """A finished run (trained with ``saved``: ``utils.checkpoint.finished_run_record``) is only reused
+    (training skipped) by a command asking for the same ``wanted`` fields."""
+    from utils.errors import UsageError
+
+    conflicts = finished_run_conflicts(saved, wanted)
     if conflicts:
         raise UsageError(f"{paths.root} holds a finished run with a different recipe: {', '.join(conflicts)}; it "
                          "would not be trained again. Use a new --exp-name, or remove that folder to retrain it")
-
-
-def read_finished_run(paths: ExperimentPaths) -> dict[str, Any]:
-    """The last resumable state of a finished run (its recipe and timing), ``{}`` if unavailable."""
-    from train_configs import Recipe
-    from utils.checkpoint import CheckpointError, load_state
-
-    if not paths.state.is_file():
-        return {}
-    try:
-        state = load_state(paths.state)
-        Recipe(**state["recipe"])
-        return state
-    except (CheckpointError, TypeError):
-        logger.warning("could not read %s: the summary keeps this command's recipe and no timing", paths.state)
-        return {}
-

@@ -15,7 +15,7 @@ import torch
 from train_configs.recipes import Recipe, should_validate
 from utils.command import Command, block_kwargs, create_loaders, model_builder
 from utils.errors import UsageError
-from utils.run import ExperimentPaths, check_finished_run, merge_saved_recipe, read_finished_run
+from utils.run import ExperimentPaths, check_finished_run, merge_saved_recipe
 
 __all__ = ["run_training", "write_recipe_json", "log_rank_agreement"]
 
@@ -45,13 +45,15 @@ def _check_finished(paths: ExperimentPaths, cmd: Command, recipe: Recipe) -> Non
         # the recipe and the options of recipe.json that decide what is trained
         wanted = {**recipe.to_dict(), "dataset": cmd.dataset, "seed": cmd.seed,
                   "synthetic_num_train": cmd.data.synthetic_num_train}
-    check_finished_run(paths, wanted)
+    from utils.checkpoint import finished_run_record
+
+    check_finished_run(paths, finished_run_record(paths), wanted)
 
 
 def run_training(cmd: Command, ctx, run_start: float) -> None:
     """The default mode (module docstring)."""
     from acnet.fileio import ensure_writable_dir
-    from utils.checkpoint import load_state, seed_everything
+    from utils.checkpoint import load_state, read_finished_run, seed_everything
     from utils.distributed import barrier, ranks_not_seeing
     from utils.engine import Trainer, TrainOptions
     from utils.guards import amp_cpu_warning, check_batch_fits
