@@ -12,17 +12,23 @@ dataset and seed come from ``summary.json``, else ``recipe.json``, else the dire
 Only evaluation lines of ``log.txt`` contain ``top1=``; each carries ``epoch <int>``,
 ``top1=<float>``, ``top5=<float>`` and ``loss=<float>`` (the original's tokens). Three tables:
 
-1. one row per run: mean top-1 over the last ``n`` evaluations (the run's *score*), max, last and
-   deploy top-1, parameters, training speed, status;
-2. one row per (arch, dataset, block type) over its seeds: count, mean, standard deviation (n-1),
-   min and max of the scores, and mean / std of the deploy top-1;
-3. each non-base group against the base group of its (arch, dataset): gain of the mean score with a
-   95 % Welch confidence interval and its two-sided p-value (``utils/stats.py``; needs two runs on
-   each side, else the note says so), gain of the mean deploy top-1, beside the published numbers.
+1. one row per run: its *score* ``mean_top1_last<n>`` (the mean top-1 of its last ``n`` evaluations),
+   max, last and deploy top-1, parameters, training speed, state;
+2. one row per (arch, dataset, block type) over the seeds of its **finished** runs: count, mean,
+   standard deviation (n-1), min and max of the scores, and mean / std of the deploy top-1;
+3. each non-base group against the base group of its (arch, dataset), finished runs only: gain of the
+   mean score with a 95 % Welch confidence interval and its two-sided p-value (``utils/stats.py``;
+   needs two finished runs on each side, else the note says so), gain of the mean deploy top-1,
+   which seeds are paired, beside the published numbers.
 
-Runs in progress, runs with fewer than ``n`` evaluations and unreadable logs are listed with their
-status, never dropped (a run with evaluations counts in the statistics; the notes name the
-unfinished ones). Beyond the standard library it needs matplotlib only for ``--plot``.
+A run is *finished* when its ``summary.json`` records a deploy top-1 (the deploy model was built from
+``finish_deploy.hdf5`` and tested). Every other run is *running*, *interrupted* (its log ends with the
+engine's ``interrupted`` line), *failed* (its log ends with an ``ERROR`` line, or reproduce.py's
+``console.txt`` with ``do_acnet.py: error:``), *incomplete* (a ``summary.json`` without a deploy top-1) or
+*unreadable*: it is listed in the runs table with that state and left out of every statistic, and each
+group line counts what was left out and why. A finished run whose deploy top-1 differs from its
+training-time top-1 by more than one evaluation image is flagged ``DEPLOY MISMATCH`` in every table
+that shows it. Beyond the standard library it needs matplotlib only for ``--plot``.
 """
 from __future__ import annotations
 
@@ -54,6 +60,14 @@ def _block_types() -> tuple:
 
     return block_type_names()
 RUN_FILES = ("log.txt", "recipe.json", "summary.json")
+#: reproduce.py appends each run's console output here (its last line names a failure).
+CONSOLE_FILE = "console.txt"
+
+#: A run's states. Only ``finished`` runs enter the statistics; the others are listed and counted.
+FINISHED, RUNNING, INTERRUPTED, FAILED, INCOMPLETE, UNREADABLE = (
+    "finished", "running", "interrupted", "failed", "incomplete", "unreadable")
+STATES = (FINISHED, RUNNING, INTERRUPTED, FAILED, INCOMPLETE, UNREADABLE)
+DEPLOY_MISMATCH = "DEPLOY MISMATCH"
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +108,14 @@ LOSS_PATTERN = re.compile(r"(?<![A-Za-z_])loss=" + _NUMBER)
 EPOCH_PATTERN = re.compile(r"\bepoch[ =:]*(\d+)")
 # The original's end-of-training line: "TRAIN speed: from A to B iterations, ..., examples/sec=1234.5"
 ORIGINAL_SPEED_PATTERN = re.compile(r"TRAIN speed:.*examples/sec=" + _NUMBER)
+# do_acnet.py's line after the final test: "final training-time model: acc1 ... on 10000 images"
+EVAL_IMAGES_PATTERN = re.compile(r"final training-time model:.* on (\d+) images")
+# log.txt lines start with "YYYY-MM-DD HH:MM:SS " (utils/runlog.py)
+_TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ")
+# How a run's own log ends when it stopped without finishing (utils/engine.py, utils/posttrain.py)
+_INTERRUPTED_LINE = re.compile(r"^interrupted\b")
+_FAILED_LINE = re.compile(r"^ERROR\b")
+_CONSOLE_ERROR = "do_acnet.py: error:"
 
 
 @dataclass(frozen=True)
@@ -112,6 +134,8 @@ class ParsedLog:
     malformed_lines: int = 0
     last_epoch_seen: Optional[int] = None
     images_per_sec: Optional[float] = None  # from the original's "TRAIN speed" line, if any
+    eval_images: Optional[int] = None  # size of the final test set, from do_acnet.py's final line
+    last_message: Optional[str] = None  # the last non-empty line, without its timestamp
 
 
 def parse_log_text(text: str) -> ParsedLog:
@@ -122,6 +146,11 @@ def parse_log_text(text: str) -> ParsedLog:
     """
     parsed = ParsedLog()
     for line in text.splitlines():
+        if line.strip():
+            parsed.last_message = _TIMESTAMP.sub("", line.strip())
+        images_match = EVAL_IMAGES_PATTERN.search(line)
+        if images_match:
+            parsed.eval_images = int(images_match.group(1))
         speed_match = ORIGINAL_SPEED_PATTERN.search(line)
         if speed_match:
             parsed.images_per_sec = _as_float(speed_match.group(1))
@@ -154,13 +183,38 @@ class Run:
     epochs_planned: Optional[int] = None
     epochs_done: Optional[int] = None
     evaluations: list = field(default_factory=list)
-    finished: bool = False
+    state: str = RUNNING
+    end_message: Optional[str] = None  # the line that says why an interrupted / failed run stopped
     deploy_top1: Optional[float] = None
+    train_top1: Optional[float] = None  # the training-time model's final top-1 (summary.json)
+    eval_images: Optional[int] = None  # how many images that final test had
     params_train: Optional[int] = None
     params_deploy: Optional[int] = None
     images_per_sec: Optional[float] = None
     problems: list = field(default_factory=list)
     unreadable: bool = False
+
+    @property
+    def finished(self) -> bool:
+        """True when ``summary.json`` records a deploy top-1: the only runs the statistics use."""
+        return self.state == FINISHED
+
+    def deploy_mismatch(self) -> Optional[str]:
+        """``DEPLOY MISMATCH: ...`` when the deploy top-1 differs from the training-time top-1 by more
+        than one evaluation image (``100 / eval_images`` points), else None."""
+        if self.deploy_top1 is None or self.train_top1 is None:
+            return None
+        diff = abs(self.deploy_top1 - self.train_top1)
+        if self.eval_images:
+            one_image = 100.0 / self.eval_images
+            if diff <= one_image * (1 + 1e-9):
+                return None
+            return (f"{DEPLOY_MISMATCH}: deploy {self.deploy_top1:.2f} vs training-time {self.train_top1:.2f} "
+                    f"(> 1 of {self.eval_images} images)")
+        if diff == 0:
+            return None
+        return (f"{DEPLOY_MISMATCH}: deploy {self.deploy_top1:.2f} vs training-time {self.train_top1:.2f} "
+                "(test-set size unknown)")
 
     def top1_values(self) -> list:
         return [e.top1 for e in self.evaluations]
@@ -178,15 +232,20 @@ class Run:
         return values[-1] if values else None
 
     def status(self, n: int) -> str:
-        """``done``, ``running``, ``unreadable``, plus warnings such as ``3/5 evals``."""
-        if self.unreadable:
+        """The state (:data:`STATES`), then warnings: ``3/5 evals``, a deploy mismatch, why it stopped."""
+        if self.state == UNREADABLE:
             return "unreadable: " + "; ".join(self.problems)
-        parts = ["done" if self.finished else "running"]
+        parts = [self.state]
         count = len(self.evaluations)
         if count == 0:
             parts.append("no evals")
         elif count < n:
             parts.append(f"{count}/{n} evals")
+        mismatch = self.deploy_mismatch()
+        if mismatch:
+            parts.append(mismatch)
+        if self.end_message and self.state != FINISHED:
+            parts.append(self.end_message)
         parts.extend(self.problems)
         return ", ".join(parts)
 
@@ -296,8 +355,8 @@ def read_run(run_dir: Path) -> Run:
     run.dataset = str(dataset) if dataset is not None else None
     run.seed = run_seed(run_dir.name, summary, recipe)
     run.epochs_planned = _as_int(pick("epochs"))
-    run.finished = bool(summary)
     run.deploy_top1 = _as_float(summary.get("deploy_top1"))
+    run.train_top1 = _as_float(summary.get("train_top1"))
     run.params_train = _as_int(summary.get("params_train"))
     run.params_deploy = _as_int(summary.get("params_deploy"))
     run.images_per_sec = _as_float(summary.get("train_images_per_sec"))
@@ -306,19 +365,21 @@ def read_run(run_dir: Path) -> Run:
     try:
         text = log_path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        run.unreadable = True
+        run.unreadable, run.state = True, UNREADABLE
         run.problems.append("no log.txt")
         return run
     except UnicodeDecodeError:
-        run.unreadable = True
+        run.unreadable, run.state = True, UNREADABLE
         run.problems.append("log.txt is not UTF-8 text")
         return run
     except OSError as exc:
-        run.unreadable = True
+        run.unreadable, run.state = True, UNREADABLE
         run.problems.append(f"log.txt: {exc.strerror or exc}")
         return run
     parsed = parse_log_text(text)
     run.evaluations = parsed.evaluations
+    run.eval_images = parsed.eval_images
+    run.state, run.end_message = _run_state(run_dir, summary, parsed)
     if run.images_per_sec is None:
         run.images_per_sec = parsed.images_per_sec
     if parsed.malformed_lines:
@@ -328,6 +389,42 @@ def read_run(run_dir: Path) -> Run:
     else:
         run.epochs_done = parsed.last_epoch_seen
     return run
+
+
+def _run_state(run_dir: Path, summary: dict, parsed: ParsedLog) -> tuple:
+    """``(state, message)`` of a readable run: finished when ``summary.json`` records a deploy top-1;
+    else interrupted / failed when its log (or reproduce.py's console.txt) ends saying so; else incomplete
+    (a summary without a deploy result) or running."""
+    if _as_float(summary.get("deploy_top1")) is not None:
+        return FINISHED, None
+    last = parsed.last_message or ""
+    if _INTERRUPTED_LINE.match(last):
+        return INTERRUPTED, last
+    if _FAILED_LINE.match(last):
+        return FAILED, last
+    console_last = _last_line(run_dir / CONSOLE_FILE)
+    if console_last and _CONSOLE_ERROR in console_last:
+        message = console_last.split(_CONSOLE_ERROR, 1)[1].strip()
+        if message.startswith("interrupted"):
+            return INTERRUPTED, message
+        return FAILED, message
+    if summary:
+        return INCOMPLETE, "summary.json has no deploy_top1"
+    return RUNNING, None
+
+
+def _last_line(path: Path) -> Optional[str]:
+    """The last non-empty line of a text file (its last 64 KiB), None if absent or unreadable."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, 2)
+            size = handle.tell()
+            handle.seek(max(0, size - 65536))
+            tail = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1] if lines else None
 
 
 def discover_runs(root: Path, excluded: Sequence[str] = ()) -> list:
@@ -366,12 +463,19 @@ def _epochs(run: Run) -> str:
     return f"{done}/{planned}"
 
 
-RUN_HEADERS = ("run", "arch", "block", "dataset", "seed", "epochs", "evals", "mean_top1", "max_top1",
-               "last_top1", "deploy_top1", "params_train", "params_deploy", "train_img/s", "status")
+def score_header(n: int) -> str:
+    """The score column's name, which says what the score is: ``mean_top1_last5``."""
+    return f"mean_top1_last{n}"
+
+
+def run_headers(n: int) -> tuple:
+    """The runs table's columns (the score's name carries ``n``)."""
+    return ("run", "arch", "block", "dataset", "seed", "epochs", "evals", score_header(n), "max_top1",
+            "last_top1", "deploy_top1", "params_train", "params_deploy", "train_img/s", "status")
 
 
 def run_rows(runs: Iterable[Run], n: int) -> list:
-    """One row per run, in RUN_HEADERS order."""
+    """One row per run, in :func:`run_headers` order."""
     return [
         (run.name, run.arch, run.block_type, run.dataset or "-", _fmt(run.seed), _epochs(run),
          str(len(run.evaluations)),
@@ -388,25 +492,58 @@ GROUP_HEADERS = ("arch", "dataset", "block", "runs", "seeds", "mean", "std", "mi
 
 @dataclass
 class Group:
-    """The runs of one (arch, dataset, block type): the seeds of one table cell."""
+    """The runs of one (arch, dataset, block type): the seeds of one table cell.
+
+    Statistics use :meth:`finished_runs` only; the others are counted in :meth:`left_out`.
+    """
 
     arch: str
     dataset: Optional[str]
     block_type: str
     runs: list = field(default_factory=list)
 
+    def finished_runs(self) -> list:
+        """The runs whose deploy model was tested and that have evaluations: the statistics' sample."""
+        return [run for run in self.runs if run.finished and run.evaluations]
+
     def scores(self, n: int) -> list:
-        """Each run's score: the mean top-1 of its last ``n`` evaluations (runs with none are left out)."""
-        return [run.mean_last(n) for run in self.runs if run.evaluations]
+        """Each finished run's score: the mean top-1 of its last ``n`` evaluations."""
+        return [run.mean_last(n) for run in self.finished_runs()]
 
     def deploy_scores(self) -> list:
-        return [run.deploy_top1 for run in self.runs if run.deploy_top1 is not None]
+        return [run.deploy_top1 for run in self.finished_runs()]
+
+    def seeds(self) -> list:
+        """The finished runs' seeds (None: unknown)."""
+        return [run.seed for run in self.finished_runs()]
+
+    def left_out(self) -> str:
+        """``"2 finished, 1 running: left out"`` when runs are left out of the statistics, else ``""``."""
+        used = len(self.finished_runs())
+        counts = {}
+        for run in self.runs:
+            if not (run.finished and run.evaluations):
+                state = run.state if run.state != FINISHED else "finished without evals"
+                counts[state] = counts.get(state, 0) + 1
+        if not counts:
+            return ""
+        order = {state: index for index, state in enumerate(STATES)}
+        parts = [f"{count} {state}" for state, count in sorted(counts.items(), key=lambda kv: order.get(kv[0], 99))]
+        return f"{used} finished, " + ", ".join(parts) + ": left out"
 
     def notes(self, n: int) -> list:
-        """Why the statistics may mislead: runs not finished or short of evaluations, repeated seeds."""
-        notes = [f"{run.name}: {run.status(n)}" for run in self.runs
-                 if not run.finished or len(run.evaluations) < n or run.problems]
-        seeds = [run.seed for run in self.runs if run.seed is not None]
+        """Why the statistics may mislead: runs left out, finished runs short of evaluations or with a
+        deploy mismatch, repeated seeds."""
+        notes = [self.left_out()] if self.left_out() else []
+        for run in self.finished_runs():
+            if len(run.evaluations) < n:
+                notes.append(f"{run.name}: {len(run.evaluations)}/{n} evals")
+            mismatch = run.deploy_mismatch()
+            if mismatch:
+                notes.append(f"{run.name}: {mismatch}")
+            if run.problems:
+                notes.append(f"{run.name}: " + "; ".join(run.problems))
+        seeds = [seed for seed in self.seeds() if seed is not None]
         repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
         if repeated:
             notes.append("seed " + ", ".join(map(str, repeated)) + " counted more than once")
@@ -419,10 +556,11 @@ def _block_order(block_type: str) -> tuple:
 
 
 def group_runs(runs: Iterable[Run]) -> list:
-    """Runs grouped by (arch, dataset, block type), sorted; unreadable runs without evaluations are left out."""
+    """Runs grouped by (arch, dataset, block type), sorted; an unreadable run whose arch or block type is
+    unknown belongs to no group (one whose directory name tells both is counted in its group as left out)."""
     groups: dict = {}
     for run in runs:
-        if run.unreadable and not run.evaluations:
+        if run.unreadable and "?" in (run.arch, run.block_type):
             continue
         key = (run.arch, run.dataset, run.block_type)
         groups.setdefault(key, Group(*key)).runs.append(run)
@@ -430,18 +568,19 @@ def group_runs(runs: Iterable[Run]) -> list:
 
 
 def _seeds(group: Group) -> str:
-    seeds = sorted((run.seed for run in group.runs if run.seed is not None))
-    unknown = sum(run.seed is None for run in group.runs)
-    return ",".join([str(s) for s in seeds] + ["?"] * unknown)
+    seeds = sorted(seed for seed in group.seeds() if seed is not None)
+    unknown = sum(seed is None for seed in group.seeds())
+    return ",".join([str(s) for s in seeds] + ["?"] * unknown) or "-"
 
 
 def group_rows(groups: Iterable[Group], n: int) -> list:
-    """One row per group, in GROUP_HEADERS order (std needs two runs)."""
+    """One row per group, in GROUP_HEADERS order: ``runs`` and every statistic count finished runs only
+    (std needs two); the note says how many runs were left out and why."""
     rows = []
     for group in groups:
         score: Optional[Summary] = summarize(group.scores(n))
         deploy = summarize(group.deploy_scores())
-        rows.append((group.arch, group.dataset or "-", group.block_type, str(len(group.runs)), _seeds(group),
+        rows.append((group.arch, group.dataset or "-", group.block_type, str(len(group.finished_runs())), _seeds(group),
                      _fmt(score and score.mean), _fmt(score and score.std), _fmt(score and score.min),
                      _fmt(score and score.max), _fmt(deploy and deploy.mean), _fmt(deploy and deploy.std),
                      "; ".join(group.notes(n))))
@@ -491,9 +630,35 @@ def _fmt_p(value: Optional[float]) -> str:
     return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
 
 
+def seed_pairing(base: Group, other: Group) -> str:
+    """Which seeds the two groups' finished runs share, when their seed sets differ (else ``""``):
+    ``"seeds paired: 0,1; unpaired: base 2, acb 3"``."""
+    base_seeds, seeds = base.seeds(), other.seeds()
+    known_base = {s for s in base_seeds if s is not None}
+    known = {s for s in seeds if s is not None}
+    unknown = sum(s is None for s in base_seeds) + sum(s is None for s in seeds)
+    if known_base == known and not unknown:
+        return ""
+    if not known_base and not known:
+        return ""  # no run recorded its seed (e.g. logs of other code): nothing to pair
+
+    def listing(values) -> str:
+        return ",".join(map(str, sorted(values))) or "none"
+
+    parts = [f"seeds paired: {listing(known_base & known)}"]
+    unpaired = [f"{label} {listing(values)}" for label, values in
+                (("base", known_base - known), (other.block_type, known - known_base)) if values]
+    if unpaired:
+        parts.append("unpaired: " + ", ".join(unpaired))
+    if unknown:
+        parts.append(f"{unknown} run(s) of unknown seed")
+    return "; ".join(parts)
+
+
 def comparison_rows(items: Iterable[Comparison], n: int) -> list:
-    """Rows in COMPARISON_HEADERS order: the gain of the mean score over seeds, its 95 % Welch interval
-    and p-value (two runs or more on each side), the gain of the mean deploy top-1, the published gain."""
+    """Rows in COMPARISON_HEADERS order, finished runs only: the gain of the mean score over seeds, its 95 %
+    Welch interval and p-value (two finished runs or more on each side), the gain of the mean deploy top-1,
+    the published gain; the note says which seeds are paired and what was left out."""
     rows = []
     for item in items:
         ref = item.other or item.base
@@ -510,12 +675,17 @@ def comparison_rows(items: Iterable[Comparison], n: int) -> list:
         notes = []
         if item.base is None:
             notes.append("no base run")
-        elif item.other is not None and test is None and base_scores and scores:
-            notes.append(f"no interval: {len(base_scores)} base and {len(scores)} {block} run(s) with evaluations, "
-                         "needs 2+ seeds each")
+        elif item.other is not None and test is None:
+            notes.append(f"no interval: {len(base_scores)} finished base and {len(scores)} finished {block} run(s), "
+                         "needs 2+ on each side")
+        if item.base is not None and item.other is not None and base_scores and scores:
+            pairing = seed_pairing(item.base, item.other)
+            if pairing:
+                notes.append(pairing)
         for group in (item.base, item.other):
             if group is not None:
-                notes.extend(group.notes(n))
+                notes.extend((f"{group.block_type}: {note}" if note == group.left_out() else note)
+                             for note in group.notes(n))
         rows.append((
             ref.arch, ref.dataset or "-", block, str(len(base_scores)) if item.base else "0",
             str(len(scores)) if item.other else "-", _fmt(base_mean), _fmt(mean), _fmt_signed(_diff(mean, base_mean)),
@@ -548,11 +718,12 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], fmt: str
 def report(runs: Sequence[Run], n: int, fmt: str) -> str:
     """The three tables, titled (the csv sections are separated by one blank line)."""
     sections = [
-        (f"Runs (mean_top1 = mean of the last {n} evaluations)", RUN_HEADERS, run_rows(runs, n)),
-        ("Over seeds (score = a run's mean_top1; mean, std, min, max of the scores; deploy = deploy_top1)",
-         GROUP_HEADERS, group_rows(group_runs(runs), n)),
-        ("Base vs ACB/DBB (gain of the mean score in top-1 points, 95 % Welch interval and p-value; "
-         "paper = published numbers)", COMPARISON_HEADERS, comparison_rows(comparisons(runs), n)),
+        (f"Runs ({score_header(n)} = a run's score, the mean top-1 of its last {n} evaluations; state: "
+         "finished = summary.json with a tested deploy model)", run_headers(n), run_rows(runs, n)),
+        (f"Over seeds, finished runs only (score = a run's {score_header(n)}; mean, std, min, max of the scores; "
+         "deploy = deploy_top1)", GROUP_HEADERS, group_rows(group_runs(runs), n)),
+        ("Base vs ACB/DBB, finished runs only (gain of the mean score in top-1 points, 95 % Welch interval and "
+         "p-value; paper = published numbers)", COMPARISON_HEADERS, comparison_rows(comparisons(runs), n)),
     ]
     parts = []
     for title, headers, rows in sections:
@@ -606,8 +777,13 @@ def _plot_curves(ax, arch: str, dataset: Optional[str], runs: list, plt) -> None
 
 
 def _plot_bars(ax, groups: list, n: int, plt) -> None:
-    """The seeds table as grouped bars: mean score per (arch, dataset) and block, +-1 std error bars
-    (two runs or more), the published top-1 as a black diamond on its bar."""
+    """The seeds table as grouped bars (finished runs only): mean score per (arch, dataset) and block, +-1 std
+    error bars (two finished runs or more), the published top-1 as a black diamond on its bar."""
+    if not groups:
+        ax.text(0.5, 0.5, "no finished run yet (statistics use finished runs only)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return
     cells = sorted({(g.arch, g.dataset) for g in groups}, key=lambda k: (k[0], k[1] or ""))
     blocks = sorted({g.block_type for g in groups}, key=_block_order)
     width = 0.8 / len(blocks)

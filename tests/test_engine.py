@@ -302,6 +302,8 @@ def test_non_finite_loss_stops_and_keeps_last_state(tmp_path):
         trainer.fit(TensorBoard(tmp_path / "tb", enabled=False))
     assert not (tmp_path / "finish.hdf5").exists()
     assert not (tmp_path / "latest.pth").exists()  # it diverged in epoch 1: no state was ever saved
+    last_line = (tmp_path / "log.txt").read_text().splitlines()[-1]  # the log says how the run ended
+    assert last_line.split(" ", 2)[2].startswith("ERROR: the training loss became non-finite")
 
 
 # ---------------------------------------------------------------------------- load_model_for_eval

@@ -175,7 +175,7 @@ def test_a_sweep_interrupted_resumed_and_with_a_failing_run(tmp_path, capsys):
         ("src56", "acb", "2", "0,1")]
     comparison = tables[tables.index("Base vs ACB/DBB"):]
     src56 = next(line for line in comparison.splitlines() if line.startswith("src56"))
-    assert "no interval: 1 base and 2 acb run(s) with evaluations" in src56
+    assert "no interval: 1 finished base and 2 finished acb run(s)" in src56
     cfqkbnc = next(line for line in comparison.splitlines() if line.startswith("cfqkbnc")).split()
     assert cfqkbnc[3:5] == ["2", "2"] and cfqkbnc[10] != "-"  # an interval and a p-value
 

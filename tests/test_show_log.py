@@ -122,7 +122,7 @@ def test_run_statuses(tmp_path):
     assert sorted(r.name for r in runs) == ["src56_acb_train", "src56_base_train", "vc_acb_train",
                                             "vc_base_train", "vc_dbb_train"]
     done = run_by_name(runs, "vc_acb_train")
-    assert done.status(5) == "done"
+    assert done.status(5) == "finished" and done.finished
     assert done.mean_last(5) == pytest.approx(sum([82, 84, 86, 88, 90]) / 5)
     assert (done.max_top1(), done.last_top1(), done.deploy_top1) == (90, 90, 90.5)
     assert (done.epochs_done, done.epochs_planned) == (30, 30)
@@ -154,7 +154,7 @@ def test_root_may_be_one_run_and_exclusion(tmp_path):
 def test_comparison_gains_and_published_numbers(tmp_path):
     write_run(tmp_path, "cfqkbnc_base_train", [10, 80, 81, 82, 83, 84], summary={"epochs": 30, "deploy_top1": 84})
     write_run(tmp_path, "cfqkbnc_acb_train", [20, 81, 83, 83, 85, 88], summary={"epochs": 30, "deploy_top1": 88.5})
-    write_run(tmp_path, "cfqkbnc_dbb_train", [84, 84, 84, 84, 84], summary={"epochs": 30})
+    write_run(tmp_path, "cfqkbnc_dbb_train", [84, 84, 84, 84, 84], summary={"epochs": 30, "deploy_top1": None})
     rows = show_log.comparison_rows(show_log.comparisons(show_log.discover_runs(tmp_path)), 5)
     table = {row[2]: dict(zip(show_log.COMPARISON_HEADERS, row)) for row in rows}
     assert set(table) == {"acb", "dbb"}
@@ -164,9 +164,11 @@ def test_comparison_gains_and_published_numbers(tmp_path):
         "1", "1", "-", "-", "+4.50")
     assert (acb["paper_base"], acb["paper"], acb["paper_gain"], acb["paper_source"]) == (
         "86.20", "86.87", "+0.67", "ACNet repo")
-    assert acb["note"] == "no interval: 1 base and 1 acb run(s) with evaluations, needs 2+ seeds each"
-    dbb = table["dbb"]
-    assert (dbb["gain_mean"], dbb["gain_deploy"], dbb["paper"]) == ("+2.00", "-", "-")
+    assert acb["note"] == "no interval: 1 finished base and 1 finished acb run(s), needs 2+ on each side"
+    dbb = table["dbb"]  # its summary records no deploy result: nothing of it enters the statistics
+    assert (dbb["runs"], dbb["mean"], dbb["gain_mean"], dbb["gain_deploy"], dbb["paper"]) == ("0", "-", "-", "-", "-")
+    assert dbb["note"] == ("no interval: 1 finished base and 0 finished dbb run(s), needs 2+ on each side; "
+                           "dbb: 0 finished, 1 incomplete: left out")
 
 
 def test_comparison_flags_missing_base_and_unfinished_runs(tmp_path):
@@ -174,13 +176,13 @@ def test_comparison_flags_missing_base_and_unfinished_runs(tmp_path):
     (row,) = show_log.comparison_rows(show_log.comparisons(show_log.discover_runs(tmp_path)), 5)
     fields = dict(zip(show_log.COMPARISON_HEADERS, row))
     assert (fields["dataset"], fields["paper_base"], fields["paper"]) == ("cifar100", "74.05", "75.72")
-    assert (fields["base_runs"], fields["runs"], fields["gain_mean"]) == ("0", "1", "-")
-    assert fields["note"] == "no base run; vc_dbb_cifar100_train: running, 3/5 evals"
+    assert (fields["base_runs"], fields["runs"], fields["gain_mean"]) == ("0", "0", "-")
+    assert fields["note"] == "no base run; dbb: 0 finished, 1 running: left out"
 
 
 def test_runs_on_other_datasets_are_not_paired_with_the_arch_default(tmp_path):
-    write_run(tmp_path, "cfqkbnc_base_train", [80] * 5, summary={"epochs": 5})
-    write_run(tmp_path, "cfqkbnc_acb_synthetic_train", [50] * 5, summary={"epochs": 5})
+    write_run(tmp_path, "cfqkbnc_base_train", [80] * 5, summary={"epochs": 5, "deploy_top1": 80})
+    write_run(tmp_path, "cfqkbnc_acb_synthetic_train", [50] * 5, summary={"epochs": 5, "deploy_top1": 50})
     rows = show_log.comparison_rows(show_log.comparisons(show_log.discover_runs(tmp_path)), 5)
     by_dataset = {row[1]: dict(zip(show_log.COMPARISON_HEADERS, row)) for row in rows}
     assert by_dataset["synthetic"]["base_mean"] == "-"  # no synthetic base run to compare with
@@ -215,14 +217,15 @@ def test_published_reference(arch, dataset, block, expected):
 
 # ------------------------------------------------------------------------------------ command line
 def test_cli_formats(tmp_path, capsys):
-    write_run(tmp_path, "vc_base_train", [90, 91, 92, 93, 94], summary={"epochs": 25})
-    write_run(tmp_path, "vc_acb_train", [91, 92, 93, 94, 95], summary={"epochs": 25, "params_train": 123})
+    write_run(tmp_path, "vc_base_train", [90, 91, 92, 93, 94], summary={"epochs": 25, "deploy_top1": 94})
+    write_run(tmp_path, "vc_acb_train", [91, 92, 93, 94, 95], summary={"epochs": 25, "params_train": 123,
+                                                                          "deploy_top1": 95})
 
     assert show_log.main([str(tmp_path), "--format", "csv"]) == 0
     runs_csv, groups_csv, comparison_csv = capsys.readouterr().out.strip().split("\n\n")
     runs = list(csv.DictReader(io.StringIO(runs_csv)))
-    assert [(r["run"], r["mean_top1"], r["epochs"], r["status"]) for r in runs] == [
-        ("vc_acb_train", "93.00", "25/25", "done"), ("vc_base_train", "92.00", "25/25", "done")]
+    assert [(r["run"], r["mean_top1_last5"], r["epochs"], r["status"]) for r in runs] == [
+        ("vc_acb_train", "93.00", "25/25", "finished"), ("vc_base_train", "92.00", "25/25", "finished")]
     assert runs[0]["params_train"] == "123"
     assert [(g["block"], g["runs"], g["mean"], g["std"]) for g in csv.DictReader(io.StringIO(groups_csv))] == [
         ("base", "1", "92.00", "-"), ("acb", "1", "93.00", "-")]
@@ -284,7 +287,130 @@ def test_on_a_tiny_real_run(quickstart_run, capsys):
     runs_csv = capsys.readouterr().out.split("\n\n")[0]
     (row,) = csv.DictReader(io.StringIO(runs_csv))
     assert (row["run"], row["arch"], row["block"], row["dataset"], row["epochs"], row["status"]) == (
-        quickstart_run.name, "cfqkbnc", "acb", "synthetic", "3/3", "done")
+        quickstart_run.name, "cfqkbnc", "acb", "synthetic", "3/3", "finished")
     assert int(row["evals"]) == len(eval_lines)
     assert float(row["deploy_top1"]) == pytest.approx(summary["deploy_top1"], abs=0.005)
     assert float(row["last_top1"]) == pytest.approx(float(eval_lines[-1].split("top1=")[1].split()[0]))
+
+
+# ------------------------------------------------------------- statistics over finished runs only (#21)
+def finished_summary(seed, top1s, *, deploy=None, train=None):
+    last = top1s[-1]
+    return {"arch": "src56", "block_type": None, "dataset": "cifar10", "seed": seed, "epochs": 400,
+            "train_top1": last if train is None else train, "deploy_top1": last if deploy is None else deploy}
+
+
+FINAL_LINE = "2026-11-22 17:00:00 final training-time model: acc1 {:.4f} acc5 99.9 loss 0.2 on 10000 images"
+
+
+@pytest.fixture
+def sweep_in_progress(tmp_path):
+    """A sweep folder mid-way: finished, running, interrupted, failed and deploy-mismatch runs."""
+    def finished(name, block, seed, top1s, **kw):
+        summary = {**finished_summary(seed, top1s, **kw), "block_type": block}
+        return write_run(tmp_path, name, top1s, summary=summary, extra_lines=[FINAL_LINE.format(summary["train_top1"])])
+
+    def unfinished(name, block, seed, top1s, last_line=None):
+        run = write_run(tmp_path, name, top1s, recipe={"arch": "src56", "block_type": block, "dataset": "cifar10",
+                                                        "seed": seed}, epochs=400)
+        if last_line:
+            with (run / "log.txt").open("a") as log:
+                log.write(f"2026-11-22 17:00:00 {last_line}\n")
+        return run
+
+    finished("src56_base_train", "base", 0, [90, 91, 92, 93, 94])           # score 92
+    finished("src56_base_s1_train", "base", 1, [91, 92, 93, 94, 95])        # score 93
+    unfinished("src56_base_s2_train", "base", 2, [50, 60])                  # running: log only
+    finished("src56_acb_train", "acb", 0, [92, 93, 94, 95, 96])             # score 94
+    finished("src56_acb_s1_train", "acb", 1, [93, 94, 95, 96, 97], train=97.0, deploy=96.98)  # 2 images off
+    finished("src56_acb_s3_train", "acb", 3, [94, 95, 96, 97, 98], deploy=97.99)  # 1 image off: no flag
+    interrupted = unfinished("src56_acb_s2_train", "acb", 2, [70], "interrupted in epoch 3/400 at iteration 25")
+    (interrupted / "latest.pth").write_bytes(b"state")
+    unfinished("src56_acb_s4_train", "acb", 4, [80], "ERROR: the training loss became non-finite (NaN or inf)")
+    failed = unfinished("src56_dbb_s5_train", "dbb", 5, [60])
+    (failed / "console.txt").write_text("epoch 1 ...\ndo_acnet.py: error: dataset folder missing: pass --data-dir\n")
+    return tmp_path
+
+
+def test_states_of_runs_mid_sweep(sweep_in_progress):
+    runs = {run.name: run for run in show_log.discover_runs(sweep_in_progress)}
+    assert {name: run.state for name, run in runs.items()} == {
+        "src56_base_train": "finished", "src56_base_s1_train": "finished", "src56_base_s2_train": "running",
+        "src56_acb_train": "finished", "src56_acb_s1_train": "finished", "src56_acb_s3_train": "finished",
+        "src56_acb_s2_train": "interrupted", "src56_acb_s4_train": "failed", "src56_dbb_s5_train": "failed"}
+    mismatch = "DEPLOY MISMATCH: deploy 96.98 vs training-time 97.00 (> 1 of 10000 images)"
+    rows = {row[0]: dict(zip(show_log.run_headers(5), row)) for row in show_log.run_rows(runs.values(), 5)}
+    assert rows["src56_acb_s1_train"]["status"] == f"finished, {mismatch}"
+    assert rows["src56_acb_s3_train"]["status"] == "finished"  # 0.01 points = one image of 10000: not flagged
+    assert rows["src56_acb_s2_train"]["status"] == "interrupted, 1/5 evals, interrupted in epoch 3/400 at iteration 25"
+    assert rows["src56_acb_s4_train"]["status"] == (
+        "failed, 1/5 evals, ERROR: the training loss became non-finite (NaN or inf)")
+    assert rows["src56_dbb_s5_train"]["status"] == "failed, 1/5 evals, dataset folder missing: pass --data-dir"
+    assert rows["src56_base_s2_train"]["status"] == "running, 2/5 evals"
+    assert rows["src56_base_s2_train"]["mean_top1_last5"] == "55.00"  # listed with its score, never averaged in
+
+
+def test_group_statistics_use_finished_runs_only(sweep_in_progress):
+    groups = show_log.group_rows(show_log.group_runs(show_log.discover_runs(sweep_in_progress)), 5)
+    table = {row[2]: dict(zip(show_log.GROUP_HEADERS, row)) for row in groups}
+    base, acb, dbb = table["base"], table["acb"], table["dbb"]
+    # base: scores 92, 93 -> mean 92.5, sample std sqrt(0.5); deploy 94, 95
+    assert (base["runs"], base["seeds"], base["mean"], base["std"], base["min"], base["max"]) == (
+        "2", "0,1", "92.50", f"{0.5 ** 0.5:.2f}", "92.00", "93.00")
+    assert (base["deploy_mean"], base["deploy_std"]) == ("94.50", f"{0.5 ** 0.5:.2f}")
+    assert base["note"] == "2 finished, 1 running: left out"
+    # acb: scores 94, 95, 96 -> mean 95, std 1; deploy 96, 96.98, 97.99
+    deploys = [96.0, 96.98, 97.99]
+    mean = sum(deploys) / 3
+    std = (sum((d - mean) ** 2 for d in deploys) / 2) ** 0.5
+    assert (acb["runs"], acb["seeds"], acb["mean"], acb["std"], acb["min"], acb["max"]) == (
+        "3", "0,1,3", "95.00", "1.00", "94.00", "96.00")
+    assert (acb["deploy_mean"], acb["deploy_std"]) == (f"{mean:.2f}", f"{std:.2f}")
+    assert acb["note"] == ("3 finished, 1 interrupted, 1 failed: left out; src56_acb_s1_train: DEPLOY MISMATCH: "
+                           "deploy 96.98 vs training-time 97.00 (> 1 of 10000 images)")
+    assert (dbb["runs"], dbb["seeds"], dbb["mean"], dbb["note"]) == ("0", "-", "-", "0 finished, 1 failed: left out")
+
+
+def test_comparison_uses_finished_runs_and_says_how_seeds_pair(sweep_in_progress):
+    from scipy import stats as scipy_stats
+
+    rows = show_log.comparison_rows(show_log.comparisons(show_log.discover_runs(sweep_in_progress)), 5)
+    table = {row[2]: dict(zip(show_log.COMPARISON_HEADERS, row)) for row in rows}
+    acb = table["acb"]
+    assert (acb["base_runs"], acb["runs"], acb["base_mean"], acb["mean"], acb["gain_mean"]) == (
+        "2", "3", "92.50", "95.00", "+2.50")
+    # Welch by hand: variances 1 (n=3) and 0.5 (n=2)
+    se2 = 1 / 3 + 0.5 / 2
+    df = se2 ** 2 / ((1 / 3) ** 2 / 2 + (0.5 / 2) ** 2 / 1)
+    half = scipy_stats.t.ppf(0.975, df) * se2 ** 0.5
+    p_value = 2 * scipy_stats.t.sf(2.5 / se2 ** 0.5, df)
+    assert (acb["ci95_low"], acb["ci95_high"]) == (f"{2.5 - half:+.2f}", f"{2.5 + half:+.2f}")
+    assert acb["p_value"] == f"{p_value:.3f}"
+    assert acb["gain_deploy"] == f"{(96.0 + 96.98 + 97.99) / 3 - 94.5:+.2f}"
+    assert acb["note"] == ("seeds paired: 0,1; unpaired: acb 3; base: 2 finished, 1 running: left out; "
+                           "acb: 3 finished, 1 interrupted, 1 failed: left out; src56_acb_s1_train: DEPLOY MISMATCH: "
+                           "deploy 96.98 vs training-time 97.00 (> 1 of 10000 images)")
+    dbb = table["dbb"]
+    assert (dbb["base_runs"], dbb["runs"], dbb["mean"], dbb["ci95_low"], dbb["p_value"]) == ("2", "0", "-", "-", "-")
+    assert dbb["note"] == ("no interval: 2 finished base and 0 finished dbb run(s), needs 2+ on each side; "
+                           "base: 2 finished, 1 running: left out; dbb: 0 finished, 1 failed: left out")
+
+
+def test_one_finished_run_on_a_side_gets_no_interval(sweep_in_progress):
+    for name in ("src56_base_s1_train",):
+        (sweep_in_progress / name / "summary.json").unlink()  # back to "running"
+    rows = show_log.comparison_rows(show_log.comparisons(show_log.discover_runs(sweep_in_progress)), 5)
+    acb = next(dict(zip(show_log.COMPARISON_HEADERS, row)) for row in rows if row[2] == "acb")
+    assert (acb["base_runs"], acb["base_mean"], acb["gain_mean"], acb["ci95_low"], acb["p_value"]) == (
+        "1", "92.00", "+3.00", "-", "-")
+    assert acb["note"].startswith("no interval: 1 finished base and 3 finished acb run(s), needs 2+ on each side; "
+                                  "seeds paired: 0; unpaired: acb 1,3; base: 1 finished, 2 running: left out")
+
+
+def test_the_printed_report_and_plot_mid_sweep(sweep_in_progress, tmp_path, capsys):
+    out = tmp_path / "bars.png"
+    assert show_log.main([str(sweep_in_progress), "--plot", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mean_top1_last5 = a run's score, the mean top-1 of its last 5 evaluations" in text
+    assert text.count("DEPLOY MISMATCH") == 3  # runs table, over-seeds note, comparison note
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -211,6 +211,10 @@ def test_ctrl_c_during_training_is_one_line_with_the_resume_command(tmp_path):
                         r"do_acnet\.py .* -c continue$")
     saved_epoch = int(re.search(r"after epoch (\d+)", err).group(1))
     assert not list(run.rglob("*.tmp")) and not (run / "finish.hdf5").exists()
+    import show_log  # the log says how the run ended, so show_log leaves it out of the statistics
+
+    record = show_log.read_run(run)
+    assert (record.state, record.end_message.split(" at ")[0]) == ("interrupted", f"interrupted in epoch {saved_epoch + 1}/40")
     state = torch.load(run / "latest.pth", weights_only=True)
     assert state["epoch"] == saved_epoch
     command = err.split("resume with: ", 1)[1].split()

@@ -185,11 +185,13 @@ class Trainer:
         flag = bad.to(torch.int32)
         all_reduce_sum(flag)
         if flag.item():
-            raise NonFiniteLossError(
+            error = NonFiniteLossError(
                 f"the training loss became non-finite (NaN or inf) in epoch {epoch + 1} (by iteration "
                 f"{self.iteration}); training stopped, the last good state ({self.paths.state.name}, after "
                 f"epoch {self.last_saved_epoch}) is untouched. Lower the learning rate (--lr), add warmup "
                 "(--warmup-epochs) or try --no-amp.")
+            self.run_log.write(f"ERROR: {error}", logging.ERROR)  # the log says how the run ended (show_log)
+            raise error
 
     def fit(self, tensorboard: TensorBoard) -> TrainResult:
         """Run epochs ``start_epoch .. recipe.epochs-1``; write ``init.hdf5`` (fresh run), the state every
@@ -208,8 +210,10 @@ class Trainer:
         except KeyboardInterrupt:
             saved = (f"the state after epoch {self.last_saved_epoch} (iteration {self.last_saved_iteration})"
                      if self.last_saved_epoch else None)
-            raise RunInterrupted(f"in epoch {self.current_epoch + 1}/{recipe.epochs} at iteration {self.iteration}",
-                                 saved) from None
+            where = f"in epoch {self.current_epoch + 1}/{recipe.epochs} at iteration {self.iteration}"
+            # the log says how the run ended (show_log); a resume cuts this line off again
+            self.run_log.write(f"interrupted {where}", logging.WARNING)
+            raise RunInterrupted(where, saved) from None
         if ctx.is_main:
             save_weights_hdf5(self.model, self.paths.finish_weights)
             self.run_log.write(f"training done: {self.paths.finish_weights.name} written")
