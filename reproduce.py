@@ -381,10 +381,11 @@ def print_dry_run(runs: list, slot_list: list, nproc: int) -> None:
 
 
 def final_report(runs: list, n: int, fmt: str) -> str:
-    import show_log
+    from utils.report import report
+    from utils.runs import read_run
 
-    records = [show_log.read_run(r.folder) for r in runs if r.folder.is_dir()]
-    return show_log.report(records, n, fmt) if records else "(no run has written anything yet)"
+    records = [read_run(r.folder) for r in runs if r.folder.is_dir()]
+    return report(records, n, fmt) if records else "(no run has written anything yet)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -24,10 +24,11 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from show_log import render_table, run_dataset
 from utils.checkpoint import ExperimentPaths
 from utils.errors import USER_ERRORS, UsageError, report_error
 from utils.guards import amp_cpu_warning
+from utils.report import render_table
+from utils.runs import run_dataset
 
 
 Distortion = Callable[[torch.Tensor], torch.Tensor]
@@ -95,7 +96,7 @@ def resolve_target(path: Path, args: argparse.Namespace) -> Target:
     """A run directory or a weights file -> Target (command-line options override the run's files).
 
     For a run directory the arch, block type and dataset come from ``summary.json``, else ``recipe.json``
-    (the dataset, else from the directory name: ``show_log.run_dataset``).
+    (the dataset, else from the directory name: ``utils.runs.run_dataset``).
     """
     if not path.exists():
         raise RobustnessError(f"no such run directory or weights file: {path}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from utils.errors import TrainingSetupError
 

@@ -12,12 +12,14 @@ run's resumable state (torch) is :mod:`utils.checkpoint`'s.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple, Optional
 
 __all__ = ["DEFAULT_SEED", "RUN_FILES", "LOG", "RECIPE", "SUMMARY", "INIT_WEIGHTS", "FINISH_WEIGHTS", "DEPLOY_WEIGHTS",
-           "STATE", "ExperimentPaths", "experiment_name", "qat_experiment_name",
+           "STATE", "CONSOLE", "ExperimentPaths", "experiment_name", "RunName", "parse_run_name", "block_types",
+           "qat_experiment_name",
            "RECIPE_OVERRIDES", "resolve_recipe", "merge_saved_recipe", "finished_run_conflicts",
            "check_finished_run"]
 
@@ -26,6 +28,8 @@ DEFAULT_SEED = 0
 #: File names of a run folder (:class:`ExperimentPaths` is the way to reach them).
 LOG, RECIPE, SUMMARY = "log.txt", "recipe.json", "summary.json"
 INIT_WEIGHTS, FINISH_WEIGHTS, DEPLOY_WEIGHTS, STATE = "init.hdf5", "finish.hdf5", "finish_deploy.hdf5", "latest.pth"
+#: reproduce.py appends each run's console output here (its last line names a failure).
+CONSOLE = "console.txt"
 #: The files that make a folder a run (any one of them).
 RUN_FILES = (LOG, RECIPE, SUMMARY)
 #: Recipe fields a command line may override (the option ``--x-y`` sets field ``x_y``).
@@ -73,7 +77,7 @@ class ExperimentPaths:
     @property
     def console(self) -> Path:
         """The console output of a run started by reproduce.py."""
-        return self.root / "console.txt"
+        return self.root / CONSOLE
 
     def final_weights(self) -> Path | None:
         """The run's weights to evaluate: ``finish_deploy.hdf5``, else ``finish.hdf5``; ``None`` if neither."""
@@ -86,6 +90,42 @@ def experiment_name(arch: str, block_type: str, dataset: str, arch_dataset: str,
     if seed != DEFAULT_SEED:
         suffix += f"_s{seed}"
     return f"{arch}_{block_type}{suffix}_train"
+
+
+class RunName(NamedTuple):
+    """The parts of a run directory's name; those it does not carry are None."""
+
+    arch: Optional[str]
+    block_type: Optional[str]
+    dataset: Optional[str]
+    seed: Optional[int]
+
+
+_SEED_TOKEN = re.compile(r"s(\d+)")
+
+
+def parse_run_name(name: str) -> RunName:
+    """Parts of ``<arch>_<block>[_<dataset>][_s<seed>]_train`` (do_acnet.py's ``experiment_name``).
+
+    A name without ``_s<seed>`` has seed None here (do_acnet.py then used seed 0, other code may not
+    have): :func:`run_seed` reads the seed the run recorded.
+    """
+    stem = name[: -len("_train")] if name.endswith("_train") else name
+    tokens = stem.split("_")
+    for index, token in enumerate(tokens):
+        if token in block_types() and index > 0:
+            arch, rest, seed = "_".join(tokens[:index]), tokens[index + 1:], None
+            if rest and _SEED_TOKEN.fullmatch(rest[-1]):
+                seed = int(rest.pop()[1:])
+            return RunName(arch, token, "_".join(rest) or None, seed)
+    return RunName(None, None, None, None)
+
+
+def block_types() -> tuple[str, ...]:
+    """The registered block type names (``acnet.registry``, read at each call)."""
+    from acnet.registry import block_type_names
+
+    return block_type_names()
 
 
 def qat_experiment_name(train_name: str) -> str:
