@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from utils.report import block_order, group_runs, published_reference
+from utils.run import block_types
+from utils.stats import summarize
 
 if TYPE_CHECKING:
     from utils.runs import Run
@@ -49,7 +51,7 @@ def _plot_curves(ax, arch: str, dataset: Optional[str], runs: list, plt) -> None
         ax.plot([e.epoch for e in run.evaluations], run.top1_values(), marker=".", linewidth=1,
                 color=_colour(run.block_type, plt), label=f"{run.block_type}{seed} ({run.name})")
     drawn = set()
-    for block in sorted({r.block_type for r in runs} | set(_block_types()), key=block_order):
+    for block in sorted({r.block_type for r in runs} | set(block_types()), key=block_order):
         paper = published_reference(arch, dataset, block)
         if paper is not None and (paper.source, block) not in drawn and block in paper.top1:
             drawn.add((paper.source, block))

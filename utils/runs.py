@@ -14,10 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from utils.run import CONSOLE, RUN_FILES, parse_run_name
-
-#: reproduce.py appends each run's console output here (its last line names a failure).
-CONSOLE_FILE = CONSOLE
+from utils.run import RUN_FILES, ExperimentPaths, parse_run_name
 
 #: A run's states. Only ``finished`` runs enter the statistics; the others are listed and counted.
 FINISHED, RUNNING, INTERRUPTED, FAILED, INCOMPLETE, UNREADABLE = (
@@ -232,8 +229,9 @@ def own_dataset(arch: str) -> Optional[str]:
 def read_run(run_dir: Path) -> Run:
     """Collect one run from its ``log.txt``, ``recipe.json`` and ``summary.json``; never raises."""
     run = Run(name=run_dir.name, path=run_dir)
-    recipe = _read_json(run_dir / "recipe.json", run)
-    summary = _read_json(run_dir / "summary.json", run)
+    paths = ExperimentPaths(run_dir)
+    recipe = _read_json(paths.recipe, run)
+    summary = _read_json(paths.summary, run)
     name_arch, name_block, _, _ = parse_run_name(run_dir.name)
 
     def pick(*keys, default=None):
@@ -257,7 +255,7 @@ def read_run(run_dir: Path) -> Run:
     run.params_deploy = _as_int(summary.get("params_deploy"))
     run.images_per_sec = _as_float(summary.get("train_images_per_sec"))
 
-    log_path = run_dir / "log.txt"
+    log_path = paths.log
     try:
         text = log_path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -298,7 +296,7 @@ def _run_state(run_dir: Path, summary: dict, parsed: ParsedLog) -> tuple:
         return INTERRUPTED, last
     if _FAILED_LINE.match(last):
         return FAILED, last
-    console_last = _last_line(run_dir / CONSOLE_FILE)
+    console_last = _last_line(ExperimentPaths(run_dir).console)
     if console_last and _CONSOLE_ERROR in console_last:
         message = console_last.split(_CONSOLE_ERROR, 1)[1].strip()
         if message.startswith("interrupted"):
