@@ -43,8 +43,8 @@ class Mode:
     name: str
     option: Optional[str]
     add_arguments: Callable[[Groups], None]
-    check: Callable[[argparse.Namespace], None]
     run: Callable[..., None]  # run(command, ctx, run_start)
+    check: Optional[Callable[[argparse.Namespace], None]] = None  # beyond the common checks (check_args)
     main_rank_only: bool = False
 
     @property
@@ -67,10 +67,6 @@ def _train_arguments(groups: Groups) -> None:
                              "weights: utils/init_weights.py) instead of a fresh initialisation")
     recipe.add_argument("--init-weights-skip-classifier", action="store_true",
                         help="with --init-weights: keep a fresh classifier (e.g. another number of classes)")
-
-
-def _check_train(args: argparse.Namespace) -> None:
-    pass  # the recipe and the common options are checked for every mode (check_args)
 
 
 def _run_train(cmd, ctx, run_start: float) -> None:
@@ -180,11 +176,11 @@ def _run_qat(cmd, ctx, run_start: float) -> None:
 
 #: The modes, the default (train) first; ``-h`` lists their options in this order.
 MODES: dict[str, Mode] = {mode.name: mode for mode in (
-    Mode("train", None, _train_arguments, _check_train, _run_train),
-    Mode("eval", "--eval-only", _eval_arguments, _check_eval, _run_eval),
-    Mode("convert", "--convert", _convert_arguments, _check_convert, _run_convert, main_rank_only=True),
-    Mode("export", "--export-onnx", _export_arguments, _check_export, _run_export, main_rank_only=True),
-    Mode("qat", "--qat", _qat_arguments, _check_qat, _run_qat),
+    Mode("train", None, _train_arguments, _run_train),
+    Mode("eval", "--eval-only", _eval_arguments, _run_eval, _check_eval),
+    Mode("convert", "--convert", _convert_arguments, _run_convert, _check_convert, main_rank_only=True),
+    Mode("export", "--export-onnx", _export_arguments, _run_export, _check_export, main_rank_only=True),
+    Mode("qat", "--qat", _qat_arguments, _run_qat, _check_qat),
 )}
 
 
@@ -268,7 +264,8 @@ def check_args(args: argparse.Namespace) -> Mode:
         raise UsageError(f"--calib-images must be >= 1, got {args.calib_images}")
     if args.opset is not None and args.opset < 18:
         raise UsageError(f"--opset must be >= 18 (the torch.export-based ONNX exporter), got {args.opset}")
-    mode.check(args)
+    if mode.check is not None:
+        mode.check(args)
     if args.exp_name is not None and (not args.exp_name or "/" in args.exp_name or args.exp_name in (".", "..")):
         raise UsageError(f"--exp-name must be a plain folder name, got {args.exp_name!r}")
     return mode
