@@ -24,10 +24,12 @@ from typing import Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
+from utils.errors import USER_ERRORS, UsageError, report_error
+
 HDF5_SEPARATOR = "+"
 
 
-class Hdf5InspectError(Exception):
+class Hdf5InspectError(UsageError):
     """A file that cannot be inspected; the message names the problem and the fix."""
 
 
@@ -240,9 +242,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.near_zero < 0:
             raise Hdf5InspectError(f"--near-zero must be >= 0, got {args.near_zero}")
         report = inspect_file(args.file, args.filter, args.near_zero)
-    except Hdf5InspectError as exc:
-        print(f"display_hdf5.py: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error("display_hdf5.py", exc)
     try:
         print(report)
         sys.stdout.flush()

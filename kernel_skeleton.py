@@ -24,14 +24,15 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from utils.errors import USER_ERRORS, UsageError, report_error
+from utils.run import DEPLOY_WEIGHTS, FINISH_WEIGHTS
 
-DEPLOY_FILE = "finish_deploy.hdf5"
-# Submodule names that only a training-time (unfused) weights file has (REFERENCE.md section 4).
+# Submodule names that only a training-time (unfused) weights file has: the branches of ACB, DBB and OREPA.
 TRAINING_FORM_MARKERS = ("square_conv", "ver_conv", "hor_conv", "dbb_origin", "dbb_1x1", "dbb_1x1_kxk", "dbb_avg",
                          "weight_orepa_origin")
 
 
-class SkeletonError(Exception):
+class SkeletonError(UsageError):
     """A problem the user can fix; the message names it and the fix."""
 
 
@@ -89,7 +90,7 @@ def _check_deploy_form(arrays: Mapping[str, np.ndarray], source: str) -> None:
         if unfused or conv_bn_pair:
             raise SkeletonError(
                 f"{source} holds training-time (unfused) weights ({name}); the skeleton is defined on the "
-                f"equivalent kernels: pass the run's {DEPLOY_FILE} (written by do_acnet.py), or convert "
+                f"equivalent kernels: pass the run's {DEPLOY_WEIGHTS} (written by do_acnet.py), or convert "
                 f"with acnet.acnet_switch_to_deploy and acnet.save_hdf5")
 
 
@@ -117,16 +118,16 @@ def compute_skeleton(arrays: Mapping[str, np.ndarray], kernel_size: Optional[int
 def resolve_weights_path(path: Path) -> Path:
     """A run directory stands for its ``finish_deploy.hdf5``."""
     if path.is_dir():
-        candidate = path / DEPLOY_FILE
+        candidate = path / DEPLOY_WEIGHTS
         if not candidate.is_file():
-            raise SkeletonError(f"{path} has no {DEPLOY_FILE}: the run has not finished (or pass the file)")
+            raise SkeletonError(f"{path} has no {DEPLOY_WEIGHTS}: the run has not finished (or pass the file)")
         return candidate
     return path
 
 
 def default_label(path: Path) -> str:
     """The run directory's name for a run's file, else the file name."""
-    return path.parent.name if path.name in (DEPLOY_FILE, "finish.hdf5") and path.parent.name else path.name
+    return path.parent.name if path.name in (DEPLOY_WEIGHTS, FINISH_WEIGHTS) and path.parent.name else path.name
 
 
 def skeleton_of_file(path: Path, kernel_size: Optional[int] = None, label: Optional[str] = None) -> Skeleton:
@@ -149,7 +150,7 @@ def format_skeleton(skeleton: Skeleton) -> str:
 def _import_pyplot():
     from utils.plotting import import_pyplot
 
-    return import_pyplot(SkeletonError, "drawing", "or run without -o for the text output")
+    return import_pyplot("drawing", "or run without -o for the text output")
 
 
 def draw_skeletons(skeletons: Sequence[Skeleton], path: Path) -> None:
@@ -177,15 +178,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="Average normalised KxK kernel magnitudes of deploy weights (ACNet's skeleton figure).")
     parser.add_argument("weights", nargs="+", type=Path,
-                        help=f"deploy weights files, or run directories holding {DEPLOY_FILE}")
+                        help=f"deploy weights files, or run directories holding {DEPLOY_WEIGHTS}")
     parser.add_argument("-o", "--output", type=Path, default=None, help="write the heatmaps to this PNG")
     parser.add_argument("--labels", nargs="+", default=None, help="one title per weights argument")
     parser.add_argument("-k", "--kernel-size", type=int, default=None,
                         help="which KxK kernels to average (default: the most common K > 1)")
     args = parser.parse_args(argv)
-    from acnet import WeightsError
-    from acnet.fileio import UnwritablePathError
-
     try:
         if args.labels is not None and len(args.labels) != len(args.weights):
             raise SkeletonError(f"--labels got {len(args.labels)} names for {len(args.weights)} weights arguments")
@@ -200,9 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.output is not None:
             draw_skeletons(skeletons, args.output)
             print(f"\nfigure written to {args.output}", file=sys.stderr)
-    except (SkeletonError, WeightsError, UnwritablePathError) as exc:
-        print(f"kernel_skeleton.py: error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return report_error("kernel_skeleton.py", exc)
     return 0
 
 

@@ -41,9 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from utils.errors import USER_ERRORS, UsageError, report_error
+from utils.run import ExperimentPaths
+
 REPO = Path(__file__).resolve().parent
 DO_ACNET = REPO / "do_acnet.py"
-CONSOLE_FILE = "console.txt"
 #: do_acnet.py options that the sweep sets itself, per run, and that may not come after ``--``.
 SWEEP_OWNED = {"arch": "--archs", "block_type": "--blocks", "seed": "--seeds", "conti_or_fs": "(resuming)",
                "output_dir": "--output-dir", "exp_name": "(the run's folder)", "dataset": "--dataset",
@@ -52,7 +54,7 @@ STOP_GRACE_SECONDS = 20.0
 _UNSET = object()
 
 
-class SweepError(Exception):
+class SweepError(UsageError):
     """A command line that cannot run: one line, exit status 2."""
 
 
@@ -76,8 +78,12 @@ class PlannedRun:
         return self.folder.name
 
     @property
+    def paths(self) -> ExperimentPaths:
+        return ExperimentPaths(self.folder)
+
+    @property
     def console(self) -> Path:
-        return self.folder / CONSOLE_FILE
+        return self.paths.console
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -128,16 +134,18 @@ def _do_acnet_namespace(parser: argparse.ArgumentParser, argv: list) -> argparse
 
 def plan(args: argparse.Namespace, extra: list) -> list:
     """Every run of the sweep with its do_acnet.py arguments and what to do (``PlannedRun.action``)."""
-    import do_acnet
+    import constructor
+    from acnet.registry import block_type_names
+    from utils.modes import build_parser as do_acnet_parser, check_args, command_from_args
 
-    unknown = [a for a in args.archs if a not in do_acnet.constructor.list_archs()]
+    unknown = [a for a in args.archs if a not in constructor.list_archs()]
     if unknown:
-        raise SweepError(f"unknown arch {unknown[0]!r}; choose from {', '.join(do_acnet.constructor.list_archs())}")
-    bad_blocks = [b for b in args.blocks if b not in do_acnet.constructor.BLOCK_TYPES]
+        raise SweepError(f"unknown arch {unknown[0]!r}; choose from {', '.join(constructor.list_archs())}")
+    bad_blocks = [b for b in args.blocks if b not in block_type_names()]
     if bad_blocks:
         raise SweepError(f"unknown block type {bad_blocks[0]!r}; choose from "
-                         f"{', '.join(do_acnet.constructor.BLOCK_TYPES)}")
-    probe = do_acnet.build_parser()  # which of the sweep's own options the extra ones set (any spelling)
+                         f"{', '.join(block_type_names())}")
+    probe = do_acnet_parser()  # which of the sweep's own options the extra ones set (any spelling)
     for action in probe._actions:
         if action.dest in SWEEP_OWNED:
             action.default, action.required = _UNSET, False
@@ -156,14 +164,13 @@ def plan(args: argparse.Namespace, extra: list) -> list:
                 if "--no-progress" not in extra:
                     argv.append("--no-progress")  # the console goes to a file: no progress bar
                 argv += extra
-                ns = _do_acnet_namespace(do_acnet.build_parser(), argv)
+                ns = _do_acnet_namespace(do_acnet_parser(), argv)
                 try:
-                    do_acnet.check_args(ns)
-                    spec, dataset = do_acnet.resolve_dataset(ns)
-                    recipe = do_acnet.make_recipe(ns)
-                except do_acnet.UsageError as exc:
+                    cmd = command_from_args(ns, check_args(ns), argv)
+                except UsageError as exc:
                     raise SweepError(f"{arch} / {block}: {exc}") from None
-                folder = Path(args.output_dir) / do_acnet.experiment_name(ns, spec, dataset)
+                recipe, dataset = cmd.recipe, cmd.dataset
+                folder = cmd.paths().root
                 run = PlannedRun(arch, block, seed, folder, argv)
                 expected = {**recipe.to_dict(), "arch": arch, "block_type": block, "dataset": dataset,
                             "seed": seed, "synthetic_num_train": ns.synthetic_num_train,
@@ -181,9 +188,10 @@ def _resolve_action(run: PlannedRun, expected: dict) -> None:
     """done / continue / fs from the folder's files; a finished run of another recipe is a conflict."""
     import json
 
-    if (run.folder / "summary.json").is_file():
+    paths = run.paths
+    if paths.summary.is_file():
         try:
-            recorded = json.loads((run.folder / "recipe.json").read_text(encoding="utf-8"))
+            recorded = json.loads(paths.recipe.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             recorded = {}
         differ = [f"{key} {recorded.get(key)!r} (sweep: {value!r})" for key, value in expected.items()
@@ -194,7 +202,7 @@ def _resolve_action(run: PlannedRun, expected: dict) -> None:
                             + "; use another --output-dir or remove the folder")
         else:
             run.action, run.status = "done", "skipped"
-    elif (run.folder / "latest.pth").is_file() or (run.folder / "finish.hdf5").is_file():
+    elif paths.state.is_file() or paths.finish_weights.is_file():
         run.action = "continue"
 
 
@@ -306,7 +314,7 @@ class Sweep:
             any_done = True
             del self.children[slot]
             run.seconds = time.monotonic() - t0
-            if code == 0 and (run.folder / "summary.json").is_file():
+            if code == 0 and run.paths.summary.is_file():
                 run.status = "done"
                 self.say(f"{self.progress()} done {run.name} in {_clock(run.seconds)}")
             else:
@@ -373,10 +381,11 @@ def print_dry_run(runs: list, slot_list: list, nproc: int) -> None:
 
 
 def final_report(runs: list, n: int, fmt: str) -> str:
-    import show_log
+    from utils.report import report
+    from utils.runs import read_run
 
-    records = [show_log.read_run(r.folder) for r in runs if r.folder.is_dir()]
-    return show_log.report(records, n, fmt) if records else "(no run has written anything yet)"
+    records = [read_run(r.folder) for r in runs if r.folder.is_dir()]
+    return report(records, n, fmt) if records else "(no run has written anything yet)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -388,10 +397,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SweepError(f"-n must be at least 1, got {args.num_evals}")
         slot_list = slots(args)
         runs = plan(args, extra)
-    except SweepError as exc:
+    except USER_ERRORS as exc:
         parser.print_usage(sys.stderr)
-        print(f"reproduce.py: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("reproduce.py", exc)
     if args.dry_run:
         print_dry_run(runs, slot_list, args.nproc_per_run)
         return 0

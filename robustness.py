@@ -24,9 +24,11 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from show_log import render_table, run_dataset
 from utils.checkpoint import ExperimentPaths
+from utils.errors import USER_ERRORS, UsageError, report_error
 from utils.guards import amp_cpu_warning
+from utils.report import render_table
+from utils.runs import run_dataset
 
 
 Distortion = Callable[[torch.Tensor], torch.Tensor]
@@ -62,7 +64,7 @@ def robustness_metrics(model: torch.nn.Module, loader, device: torch.device | st
             for name, transform in distortions.items()}
 
 
-class RobustnessError(Exception):
+class RobustnessError(UsageError):
     """A problem the user can fix; reported as one line."""
 
 
@@ -94,7 +96,7 @@ def resolve_target(path: Path, args: argparse.Namespace) -> Target:
     """A run directory or a weights file -> Target (command-line options override the run's files).
 
     For a run directory the arch, block type and dataset come from ``summary.json``, else ``recipe.json``
-    (the dataset, else from the directory name: ``show_log.run_dataset``).
+    (the dataset, else from the directory name: ``utils.runs.run_dataset``).
     """
     if not path.exists():
         raise RobustnessError(f"no such run directory or weights file: {path}")
@@ -102,11 +104,12 @@ def resolve_target(path: Path, args: argparse.Namespace) -> Target:
     summary: dict = {}
     run_name = None
     if path.is_dir():
-        recipe, summary = _read_json(path / "recipe.json"), _read_json(path / "summary.json")
+        paths = ExperimentPaths(path)
+        recipe, summary = _read_json(paths.recipe), _read_json(paths.summary)
         if not recipe and not summary:
             raise RobustnessError(f"{path} has no recipe.json: pass a run directory written by do_acnet.py, "
                                   f"or a weights file with -a/-b/--dataset")
-        weights = ExperimentPaths(path).final_weights()
+        weights = paths.final_weights()
         if weights is None:
             raise RobustnessError(f"{path} has neither finish_deploy.hdf5 nor finish.hdf5: the run has not finished")
         label = path.name
@@ -204,9 +207,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--format", choices=("text", "markdown", "csv"), default="text")
     args = parser.parse_args(argv)
 
-    from acnet import WeightsError
-    from data import DatasetError
-
     try:
         if args.batch_size < 1:
             raise RobustnessError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -225,9 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if len(set(labels)) < len(labels):
             labels = [str(t.weights) for t in targets]
         results = {label: evaluate_target(t, args, device) for label, t in zip(labels, targets)}
-    except (RobustnessError, WeightsError, DatasetError, ValueError) as exc:
-        print(f"robustness.py: error: {exc}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, ValueError) as exc:  # ValueError: a device string torch refuses
+        return report_error("robustness.py", exc)
     headers, rows = result_rows(results, args.format)
     print(render_table(headers, rows, args.format))
     return 0

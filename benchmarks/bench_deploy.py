@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import constructor  # noqa: E402
 from acnet.export import require_extra  # noqa: E402
+from utils.run import ExperimentPaths  # noqa: E402
 
 BLOCKS = ("base", "acb", "dbb")
 VARIANTS = ("torch eager", "ort fp32", "ort int8")
@@ -43,7 +44,7 @@ VARIANTS = ("torch eager", "ort fp32", "ort int8")
 
 def read_summary(folder: Path) -> Optional[dict[str, Any]]:
     try:
-        return json.loads((folder / "summary.json").read_text())
+        return json.loads(ExperimentPaths(folder).summary.read_text())
     except (OSError, ValueError):
         return None
 
@@ -78,7 +79,7 @@ def onnx_files(run: Path, summary: dict[str, Any], arch: str, block: str, scratc
 
     spec = constructor.get_arch_spec(arch)
     out = scratch / f"{arch}_{block}.onnx"
-    export_weights(arch, block, run / "finish_deploy.hdf5", out, input_size=spec.input_size)
+    export_weights(arch, block, ExperimentPaths(run).deploy_weights, out, input_size=spec.input_size)
     return out, quantize_int8(out, int8_path(out), [batch])
 
 

@@ -5,8 +5,10 @@ registered architecture (``list_archs()``) whose conv-BN units are all of one bl
 (``BLOCK_TYPES``, from :mod:`acnet.registry`: 'base', 'acb', 'dbb', 'orepa') or in the shared deploy form. See
 :mod:`constructor.builder` for the units and how their training and deploy forms map.
 """
-from .builder import BLOCK_TYPES, BiasFreeConv, ConvBuilder, is_reparameterizable_kernel, make_builder
-from .registry import ARCHS, ArchSpec, build_model, get_arch_spec, list_archs
+from .builder import BiasFreeConv, ConvBuilder, is_reparameterizable_kernel, make_builder
+from .models import build_model
+from .published import PublishedResult
+from .registry import ARCHS, ArchSpec, get_arch_spec, list_archs, register_arch, unregister_arch
 
 __all__ = [
     "ARCHS",
@@ -19,4 +21,16 @@ __all__ = [
     "is_reparameterizable_kernel",
     "list_archs",
     "make_builder",
+    "PublishedResult",
+    "register_arch",
+    "unregister_arch",
 ]
+
+
+def __getattr__(name: str):
+    """``BLOCK_TYPES``: the registered block type names, read live from :mod:`acnet.registry`."""
+    if name == "BLOCK_TYPES":
+        from acnet.registry import block_type_names
+
+        return block_type_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

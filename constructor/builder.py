@@ -44,23 +44,24 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from torch import Tensor, nn
 
 from acnet.base import ConvBN, IntOrPair, ReparamBlock
-from acnet.registry import BLOCK_REGISTRY, block_type_names
+from acnet.registry import block_type_names, get_block_type
 
 __all__ = [
     "BLOCK_TYPES",
-    "BLOCK_CLASSES",
     "BiasFreeConv",
     "ConvBuilder",
     "make_builder",
     "is_reparameterizable_kernel",
 ]
 
-#: Block type name -> the class of re-parameterizable block it trains (``None``: plain conv-BN), from
-#: the one registry of block types, :mod:`acnet.registry`.
-BLOCK_CLASSES: Dict[str, Optional[Callable[..., ReparamBlock]]] = {
-    name: None if spec.plain else spec.block_class for name, spec in BLOCK_REGISTRY.items()
-}
-BLOCK_TYPES: Tuple[str, ...] = block_type_names()
+
+
+def __getattr__(name: str) -> Any:
+    """``BLOCK_TYPES``: the registered block type names, read from :mod:`acnet.registry` at each access
+    (a block type registered at run time is seen); not a copy."""
+    if name == "BLOCK_TYPES":
+        return block_type_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Arguments the builder itself controls: not accepted as per-block options.
 _GEOMETRY_ARGS = frozenset(
@@ -147,7 +148,7 @@ def _split_block_options(
     if block_class is None:
         raise ValueError(
             f"block type {block_type!r} takes no block options (got {sorted(options)}); only bn_eps and "
-            f"bn_momentum apply to it. Per-block options belong to {[t for t in BLOCK_TYPES if t != block_type]}."
+            f"bn_momentum apply to it. Per-block options belong to {[t for t in block_type_names() if t != block_type]}."
         )
     options = dict(options)
     parameters = inspect.signature(block_class).parameters
@@ -300,9 +301,9 @@ def _square(kernel_size: IntOrPair) -> int:
 
 
 def make_builder(block_type: str = "base", deploy: bool = False, **block_kwargs: Any) -> ConvBuilder:
-    """The builder for a block type name in ``BLOCK_TYPES``; ``block_kwargs``: ``bn_eps``,
+    """The builder for a registered block type name (``acnet.registry.block_type_names()``); ``block_kwargs``: ``bn_eps``,
     ``bn_momentum`` and the block's own options. Unknown names raise one ``ValueError``."""
-    if block_type not in BLOCK_REGISTRY:
-        raise ValueError(f"unknown block type {block_type!r}; valid block types: {', '.join(BLOCK_REGISTRY)}")
-    spec = BLOCK_REGISTRY[block_type]
+    if block_type not in block_type_names():
+        raise ValueError(f"unknown block type {block_type!r}; valid block types: {', '.join(block_type_names())}")
+    spec = get_block_type(block_type)
     return ConvBuilder(None if spec.plain else spec.block_class, deploy=deploy, block_type=block_type, **block_kwargs)

@@ -3,9 +3,10 @@
 DingXiaoH/ACNet (``acnet_exps/<arch>_<block>_train/finish.hdf5``, ``finish_deploy.hdf5``) and
 DingXiaoH/DiverseBranchBlock (``.pth`` state dicts of ``-t DBB`` / ``-t base`` models, before and
 after its ``convert.py``) build the same networks as ``constructor`` under other module names.
-Each architecture lists its conv units as :class:`Unit` s (our module path, the original's module
-path and how the original stores the unit) plus its other entries (classifiers, standalone BNs);
-from them :func:`original_schemes` makes one :class:`acnet.schemes.NamingScheme` per file form:
+Each architecture declares, on its :class:`constructor.registry.ArchSpec` (``original_formats``), its
+layout in each repository that has it (:mod:`constructor.original_layouts`: its conv units as
+:class:`Unit` s, our module path, the original's and how the original stores the unit, plus its other
+entries); an arch without any has no original scheme. From them :func:`original_schemes` makes one :class:`acnet.schemes.NamingScheme` per file form:
 
 =============================  ===================================  ==============================
 scheme name                    files                                loads into our
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -46,127 +47,20 @@ from acnet.base import ConvBN
 from acnet.schemes import BN_ENTRIES, NamingScheme, Rule, closest_scheme, describe_difference, recognise
 from acnet.weights import WeightsError
 
-from .builder import BLOCK_TYPES, BiasFreeConv, is_reparameterizable_kernel
-from .registry import build_model, get_arch_spec
+from acnet.registry import block_type_names
+
+from .builder import BiasFreeConv, is_reparameterizable_kernel
+from .original_layouts import BN_RELU_CONV, CONV, CONV_BN, CONV_BN_RELU, Unit
+from .registry import ARCHS, build_arch as build_model, get_arch_spec
 
 __all__ = ["Unit", "Recognised", "recognise_weights", "own_schemes", "original_schemes", "export_scheme",
            "export_original", "EXPORT_USAGE",
-           "EXPORT_FORMATS", "FAMILIES", "DBB_ARCH_NAMES"]
+           "EXPORT_FORMATS", "FAMILIES", "families_of", "their_arch_name", "known_schemes"]
 
-#: Unit kinds (ours and the originals'): where the conv sits and whether a BN comes before it.
-CONV_BN_RELU, CONV_BN, BN_RELU_CONV, CONV = "conv_bn_relu", "conv_bn", "bn_relu_conv", "conv"
 #: Repositories whose files we read, and the formats ``export_scheme`` writes.
 FAMILIES = ("acnet", "dbb")
 EXPORT_FORMATS = FAMILIES
-#: The DBB repository's ``-a`` name of each architecture it shares with us.
-DBB_ARCH_NAMES = {"sres18": "ResNet-18", "sres50": "ResNet-50", "smi1": "MobileNet"}
 _ACNET_METADATA = frozenset({"deps"})  # written by ACNet's engine when the config has ``deps``
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One conv unit: ``ours`` (module path, of kind ``kind``) is ``theirs`` (of kind ``their_kind``)."""
-
-    ours: str
-    kind: str
-    theirs: str
-    their_kind: str
-
-
-Layout = Tuple[List[Unit], List[Tuple[str, str]]]  # units, (our module, their module) for other entries
-
-
-# --------------------------------------------------------------------------- the architectures' tables
-def _acnet_layout(arch: str) -> Layout:
-    """ACNet's module names (its ``base_model/*.py``) for ``arch``."""
-    if arch == "cfqkbnc":
-        units = [Unit(f"conv{i}", CONV_BN_RELU, f"conv{i}", CONV_BN_RELU) for i in (1, 2, 3)]
-        return units, [("fc1", "fc1"), ("fc2", "fc2")]
-    if arch == "vc":
-        units = [Unit(f"stem.conv{i}", CONV_BN_RELU, f"stem.conv{i}", CONV_BN_RELU) for i in range(1, 14)]
-        return units, [("linear1", "linear1"), ("linear2", "linear2")]
-    if arch in ("src56", "src110"):  # SRCNet: the stem conv is stage1.conv1, shortcuts stage<s>.projection
-        n = (int(arch[3:]) - 2) // 6
-        units = [Unit("stem", CONV_BN_RELU, "stage1.conv1", CONV_BN)]
-        for s in (1, 2, 3):
-            if s > 1:
-                units.append(Unit(f"stage{s}.0.shortcut", CONV_BN, f"stage{s}.projection", CONV_BN))
-            for b in range(n):
-                units += [Unit(f"stage{s}.{b}.conv1", CONV_BN_RELU, f"stage{s}.block{b}.conv1", CONV_BN_RELU),
-                          Unit(f"stage{s}.{b}.conv2", CONV_BN, f"stage{s}.block{b}.conv2", CONV_BN)]
-        return units, [("fc", "linear")]
-    if arch == "wrnc16plain":  # WRNCifarNet: blocks numbered from 1, shortcut 'proj', final BN 'last_bn'
-        units = [Unit("stem", CONV, "conv1", CONV)]
-        for s in (1, 2, 3):
-            for b in range(2):
-                their = f"stage{s}.block{b + 1}"
-                if b == 0:
-                    units.append(Unit(f"stage{s}.0.shortcut", BN_RELU_CONV, f"{their}.proj", BN_RELU_CONV))
-                units += [Unit(f"stage{s}.{b}.conv{i}", BN_RELU_CONV, f"{their}.conv{i}", BN_RELU_CONV)
-                          for i in (1, 2)]
-        return units, [("bn", "last_bn"), ("fc", "linear")]
-    if arch in ("sres18", "sres34"):  # base_model/resnet.py
-        units = [Unit("conv1", CONV_BN_RELU, "conv1", CONV_BN_RELU)]
-        for s, b, _ in _resnet_blocks(arch):
-            units += _basic_block(f"layer{s}.{b}", f"stage{s}.{b}", s > 1 and b == 0)
-        return units, [("fc", "linear")]
-    if arch == "sres50":  # base_model/stagewise_resnet.py: blocks 'block<i>', shortcut 'stage<s>.projection'
-        units = [Unit("conv1", CONV_BN_RELU, "conv1", CONV_BN_RELU)]
-        for s, b, _ in _resnet_blocks(arch):
-            if b == 0:
-                units.append(Unit(f"layer{s}.0.shortcut", CONV_BN, f"stage{s}.projection", CONV_BN))
-            units += _bottleneck(f"layer{s}.{b}", f"stage{s}.block{b}")
-        return units, [("fc", "fc")]
-    if arch == "smi1":  # base_model/mobilenetv1.py
-        return _mobilenet_units("stem"), [("fc", "linear")]
-    raise KeyError(arch)
-
-
-def _dbb_layout(arch: str) -> Layout:
-    """The DBB repository's module names (its ``resnet.py``, ``mobilenet.py``) for ``arch``."""
-    if arch in ("sres18", "sres50"):
-        units = [Unit("conv1", CONV_BN_RELU, "stage0.conv1", CONV_BN_RELU)]
-        for s, b, _ in _resnet_blocks(arch):
-            ours, theirs = f"layer{s}.{b}", f"stage{s}.{b}"
-            units += (_basic_block(ours, theirs, s > 1 and b == 0) if arch == "sres18"
-                      else _bottleneck(ours, theirs) + ([Unit(f"{ours}.shortcut", CONV_BN, f"{theirs}.shortcut",
-                                                              CONV_BN)] if b == 0 else []))
-        return units, [("fc", "linear")]
-    if arch == "smi1":
-        return _mobilenet_units("stem"), [("fc", "linear")]
-    raise KeyError(arch)
-
-
-def _resnet_blocks(arch: str) -> Iterator[Tuple[int, int, int]]:
-    counts = {"sres18": (2, 2, 2, 2), "sres34": (3, 4, 6, 3), "sres50": (3, 4, 6, 3)}[arch]
-    for s, n in enumerate(counts, start=1):
-        for b in range(n):
-            yield s, b, n
-
-
-def _basic_block(ours: str, theirs: str, shortcut: bool) -> List[Unit]:
-    units = [Unit(f"{ours}.conv1", CONV_BN_RELU, f"{theirs}.conv1", CONV_BN_RELU),
-             Unit(f"{ours}.conv2", CONV_BN, f"{theirs}.conv2", CONV_BN)]
-    if shortcut:
-        units.append(Unit(f"{ours}.shortcut", CONV_BN, f"{theirs}.shortcut", CONV_BN))
-    return units
-
-
-def _bottleneck(ours: str, theirs: str) -> List[Unit]:
-    return [Unit(f"{ours}.conv1", CONV_BN_RELU, f"{theirs}.conv1", CONV_BN_RELU),
-            Unit(f"{ours}.conv2", CONV_BN_RELU, f"{theirs}.conv2", CONV_BN_RELU),
-            Unit(f"{ours}.conv3", CONV_BN, f"{theirs}.conv3", CONV_BN)]
-
-
-def _mobilenet_units(their_blocks: str) -> List[Unit]:
-    units = [Unit("conv1", CONV_BN_RELU, "conv1", CONV_BN_RELU)]
-    for i in range(13):
-        units += [Unit(f"blocks.{i}.{part}", CONV_BN_RELU, f"{their_blocks}.{i}.{part}", CONV_BN_RELU)
-                  for part in ("depthwise", "pointwise")]
-    return units
-
-
-_LAYOUTS = {"acnet": _acnet_layout, "dbb": _dbb_layout}
 
 
 # --------------------------------------------------------------------------- schemes from the tables
@@ -184,8 +78,12 @@ _FORMS = (
 
 def families_of(arch: str) -> Tuple[str, ...]:
     """The repositories that have ``arch``: ``("acnet",)`` or ``("acnet", "dbb")``."""
-    get_arch_spec(arch)
-    return tuple(f for f in FAMILIES if f == "acnet" or arch in DBB_ARCH_NAMES)
+    return tuple(f for f in FAMILIES if f in get_arch_spec(arch).original_formats)
+
+
+def their_arch_name(arch: str, family: str) -> str:
+    """``arch``'s ``-a`` name in ``family``'s repository (``KeyError`` when it has none)."""
+    return get_arch_spec(arch).original_formats[family].their_name
 
 
 @functools.lru_cache(maxsize=32)
@@ -200,7 +98,7 @@ def original_schemes(arch: str, num_classes: Optional[int] = None) -> Tuple[Nami
     for family, their_type, our_type, text in _FORMS:
         if family not in families_of(arch):
             continue
-        description = text.format(arch=arch, their=DBB_ARCH_NAMES.get(arch, arch))
+        description = text.format(arch=arch, their=their_arch_name(arch, family))
         scheme = _scheme(arch, num_classes, family, their_type, our_type, description)
         schemes.append(scheme)
         if family == "dbb" and any(k.startswith("stage0.") for k in scheme.their_shapes):
@@ -216,7 +114,7 @@ def export_scheme(arch: str, fmt: str, block_type: str, num_classes: Optional[in
         raise ValueError(f"unknown format {fmt!r}; valid formats: {', '.join(EXPORT_FORMATS)}")
     if fmt not in families_of(arch):
         raise ValueError(f"the {fmt.upper()} repository has no {arch} (it has "
-                         f"{', '.join(DBB_ARCH_NAMES)}); export {arch} with --format acnet")
+                         f"{', '.join(_archs_of(fmt))}); export {arch} with --format acnet")
     their_type = "acb" if fmt == "acnet" else ("base" if block_type == "base" else "DBB")
     return next(s for s in original_schemes(arch, num_classes) if s.info["family"] == fmt and s.info["deploy"]
                 and s.info["their_block_type"] == their_type and not s.info.get("stem_prefix_dropped"))
@@ -230,6 +128,10 @@ def export_original(arch: str, fmt: str, block_type: str, deploy_state: Mapping[
     num_classes = int(deploy_state[classifier].shape[0]) if classifier in deploy_state else None
     scheme = export_scheme(arch, fmt, block_type, num_classes)
     return scheme.from_ours(deploy_state), scheme
+
+
+def _archs_of(family: str) -> List[str]:
+    return [arch for arch, spec in ARCHS.items() if family in spec.original_formats]
 
 
 #: How to use an exported file with the original code, by format.
@@ -246,7 +148,7 @@ def _scheme(arch: str, num_classes: Optional[int], family: str, their_type: str,
         model = build_model(arch, our_type or "base", deploy=our_type is None, num_classes=num_classes)
     modules = dict(model.named_modules())
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    units, others = _LAYOUTS[family](arch)
+    units, others = get_arch_spec(arch).original_formats[family].layout()
     rules: List[Rule] = []
     eps = 1e-5  # both originals build every BN with PyTorch's default eps
     for unit in units:
@@ -352,7 +254,7 @@ class Recognised:
 def own_schemes(arch: str, num_classes: Optional[int] = None) -> Tuple[NamingScheme, ...]:
     """Our own names as schemes (identity maps): the training-time model of each block type, and the deploy model."""
     schemes = []
-    for block_type in (*BLOCK_TYPES, None):
+    for block_type in (*block_type_names(), None):
         with torch.device("meta"):
             model = build_model(arch, block_type or "base", deploy=block_type is None, num_classes=num_classes)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -22,6 +22,19 @@ settings.register_profile("thorough", deadline=None, max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+#: Test modules that train models, run sweeps or spawn processes as a whole: marked ``slow``, so that
+#: ``python -m pytest -m "not slow"`` is a quick tier (``python -m pytest`` still runs everything).
+#: Single slow tests elsewhere carry ``@pytest.mark.slow`` themselves.
+SLOW_MODULES = frozenset({"test_benchmarks", "test_block_sweep", "test_cli", "test_export", "test_multinode",
+                          "test_quant", "test_readme", "test_reproduce", "test_zoo"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory) -> Path:
     """The README quickstart's run directory, produced once per test session (tests/quickstart.py)."""

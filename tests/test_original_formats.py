@@ -1,14 +1,13 @@
 """Weights files of the original ACNet / DBB repositories: recognised, loaded, converted, exported, fine-tuned.
 
-The fixtures are built from ``../shared/original_formats/*.keys.txt`` (the exact entry names, shapes
-and dtypes of the files the original code writes), filled with random values and written the way
+The fixtures are built from ``tests/data/original_formats/*.keys.txt`` (the exact entry names, shapes
+and dtypes of the files the original code writes; that folder's README says where each list comes from), filled with random values and written the way
 the original code writes them (ACNet: hdf5 via its ``save_hdf5``; DBB: ``torch.save`` of a
 ``{"state_dict": ...}`` checkpoint of a DDP model, or an hdf5 without the stem's ``stage0.``).
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -32,19 +31,14 @@ LOADED = {"acnet_cfqkbnc_acb_train", "acnet_vc_base_train", "acnet_wrnc16plain_a
           "dbb_MobileNet_DBB_deploy"}
 
 
-def _formats_dir() -> Path | None:
-    if os.environ.get("ACNET_ORIGINAL_FORMATS"):  # elsewhere than ../shared/original_formats
-        return Path(os.environ["ACNET_ORIGINAL_FORMATS"])
-    for parent in ROOT.parents:  # ../shared beside the checkout (or a worktree's parents)
-        candidate = parent / "shared" / "original_formats"
-        if candidate.is_dir():
-            return candidate
-    return None
+FORMATS = Path(__file__).resolve().parent / "data" / "original_formats"
+KEY_FILES = sorted(FORMATS.glob("*.keys.txt"))
 
 
-FORMATS = _formats_dir()
-KEY_FILES = sorted(FORMATS.glob("*.keys.txt")) if FORMATS else []
-needs_lists = pytest.mark.skipif(FORMATS is None, reason="../shared/original_formats not found")
+def test_the_committed_key_lists_are_all_there():
+    """Every file kind the original repositories write is listed (a lost data file fails, never skips)."""
+    assert len(KEY_FILES) == 23
+    assert {describe(p)[0] for p in KEY_FILES} == {"acnet", "dbb"}
 
 
 def read_keys(path: Path) -> Dict[str, Tuple[Tuple[int, ...], str]]:
@@ -121,7 +115,6 @@ def unwrap(path: Path) -> Dict[str, torch.Tensor]:
     return {k[len("module."):]: v for k, v in torch.load(path)["state_dict"].items()}
 
 
-@needs_lists
 @pytest.mark.parametrize("key_file", KEY_FILES, ids=lambda p: p.name[: -len(".keys.txt")])
 def test_every_listed_original_file_is_recognised_and_loads(key_file, tmp_path):
     path, state, family, arch, block, form = fixture(key_file, tmp_path)
@@ -138,7 +131,6 @@ def test_every_listed_original_file_is_recognised_and_loads(key_file, tmp_path):
         assert torch.isfinite(logits(model, arch)).all()
 
 
-@needs_lists
 @pytest.mark.parametrize("name", ["acnet_sres18_acb_train", "dbb_ResNet-50_DBB_train", "dbb_MobileNet_DBB_deploy"])
 @pytest.mark.parametrize("classes", [7, 100])
 def test_any_classifier_size_is_recognised(name, classes, tmp_path):
@@ -147,14 +139,12 @@ def test_any_classifier_size_is_recognised(name, classes, tmp_path):
     assert found.num_classes == classes and found.state["fc.weight"].shape[0] == classes
 
 
-@needs_lists
 def test_a_fine_tuning_class_count_loads_for_evaluation(tmp_path):
     path = fixture(FORMATS / "acnet_vc_base_train.keys.txt", tmp_path, classes=37)[0]
     model = load_model_for_eval("vc", "base", path)
     assert logits(model, "vc").shape == (2, 37)
 
 
-@needs_lists
 def test_dbb_hdf5_without_the_stem_prefix_equals_the_pth(tmp_path):
     key_file = FORMATS / "dbb_ResNet-18_base_train.keys.txt"
     pth = fixture(key_file, tmp_path)[0]
@@ -164,7 +154,6 @@ def test_dbb_hdf5_without_the_stem_prefix_equals_the_pth(tmp_path):
     assert torch.equal(logits(a, "sres18"), logits(b, "sres18"))
 
 
-@needs_lists
 def test_acnet_deploy_file_computes_what_its_training_file_computes(tmp_path):
     """ACNet's converter (re-implemented here from its documented maths) fuses only the ACBs; the
     plain conv-BN units stay. Loading both files must give the same network."""
@@ -194,7 +183,6 @@ def test_acnet_deploy_file_computes_what_its_training_file_computes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ errors
-@needs_lists
 def test_a_near_miss_names_the_closest_scheme_and_the_difference(tmp_path):
     state = fill(read_keys(FORMATS / "acnet_src56_acb_train.keys.txt"))
     state["stage2.projection.conv.kernel"] = state.pop("stage2.projection.conv.weight")
@@ -208,7 +196,6 @@ def test_a_near_miss_names_the_closest_scheme_and_the_difference(tmp_path):
     assert "unexpected 1 entry: stage2.projection.conv.kernel" in message
 
 
-@needs_lists
 def test_a_wrong_shape_is_named(tmp_path):
     state = fill(read_keys(FORMATS / "dbb_ResNet-18_DBB_train.keys.txt"))
     state["stage3.1.conv2.dbb_origin.conv.weight"] = torch.zeros(256, 256, 5, 5)
@@ -218,7 +205,6 @@ def test_a_wrong_shape_is_named(tmp_path):
         load_model_for_eval("sres18", "dbb", path)
 
 
-@needs_lists
 def test_a_file_of_another_block_type_says_which_to_pass(tmp_path):
     path = fixture(FORMATS / "dbb_ResNet-18_DBB_train.keys.txt", tmp_path)[0]
     with pytest.raises(WeightsError, match="pass -b/--block-type dbb"):
@@ -235,7 +221,6 @@ def test_the_tables_cover_every_arch_and_form():
 
 
 # ------------------------------------------------------------------------------------ export back
-@needs_lists
 @pytest.mark.parametrize("fmt, source, deploy_list", [
     ("acnet", "acnet_wrnc16plain_acb_train", "acnet_wrnc16plain_acb_deploy"),
     ("dbb", "dbb_MobileNet_DBB_train", "dbb_MobileNet_DBB_deploy"),
@@ -247,7 +232,9 @@ def test_convert_exports_the_original_deploy_names_and_round_trips(fmt, source, 
     src, _, _, arch, block, _ = fixture(FORMATS / f"{source}.keys.txt", tmp_path)
     dst = tmp_path / ("finish_deploy.hdf5" if fmt == "acnet" else "deploy.pth")
     do_acnet.main(["-a", arch, "-b", OUR_BLOCK[block], "--convert", str(src), str(dst), "--format", fmt])
-    assert "test.py IMGNET_PATH deploy FILE" in capsys.readouterr().out or fmt == "acnet"
+    usage = {"acnet": "acnet_test.py's general_test(network_type='wrnc16plain'",
+             "dbb": f"test.py IMGNET_PATH deploy FILE -a {source.split('_')[1]} -t {block}"}
+    assert usage[fmt] in capsys.readouterr().out
     written = load_hdf5(dst) if fmt == "acnet" else torch.load(dst)
     expected = read_keys(FORMATS / f"{deploy_list}.keys.txt")
     assert {k: tuple(v.shape) for k, v in written.items()} == {k: shape for k, (shape, _) in expected.items()}
@@ -263,7 +250,7 @@ def test_export_to_a_repository_without_the_arch_is_refused(tmp_path):
         export_original("src56", "dbb", "acb", constructor.build_model("src56", "base", deploy=True).state_dict())
 
 
-@needs_lists
+@pytest.mark.slow
 def test_convert_format_from_the_command_line(tmp_path):
     src = fixture(FORMATS / "acnet_cfqkbnc_acb_train.keys.txt", tmp_path)[0]
     dst = tmp_path / "deploy.hdf5"
@@ -278,7 +265,6 @@ def test_convert_format_from_the_command_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ fine-tuning
-@needs_lists
 def test_init_from_original_base_weights_starts_every_block_as_its_conv_bn(tmp_path):
     import constructor
 
@@ -291,7 +277,6 @@ def test_init_from_original_base_weights_starts_every_block_as_its_conv_bn(tmp_p
         assert relative(logits(model, "vc"), logits(plain, "vc")) < 1e-5
 
 
-@needs_lists
 def test_init_from_same_type_and_deploy_weights_and_a_new_classifier(tmp_path):
     import constructor
 
@@ -317,7 +302,6 @@ def test_init_from_same_type_and_deploy_weights_and_a_new_classifier(tmp_path):
                        reference.layer1[0].conv1.conv.dbb_origin.conv.weight)
 
 
-@needs_lists
 def test_init_refuses_training_weights_of_another_block_type(tmp_path):
     import constructor
 
@@ -326,7 +310,7 @@ def test_init_refuses_training_weights_of_another_block_type(tmp_path):
         load_init_weights(constructor.build_model("cfqkbnc", "dbb"), path, block_type="dbb")
 
 
-@needs_lists
+@pytest.mark.slow
 def test_do_acnet_trains_from_an_original_file_and_records_it(tmp_path):
     path = fixture(FORMATS / "acnet_cfqkbnc_base_train.keys.txt", tmp_path)[0]
     result = subprocess.run(
@@ -342,7 +326,6 @@ def test_do_acnet_trains_from_an_original_file_and_records_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ tools
-@needs_lists
 @pytest.mark.parametrize("name", ["acnet_sres18_acb_deploy", "dbb_ResNet-50_DBB_deploy"])
 def test_kernel_skeleton_reads_original_deploy_files(name, tmp_path):
     from kernel_skeleton import skeleton_of_file
@@ -352,7 +335,6 @@ def test_kernel_skeleton_reads_original_deploy_files(name, tmp_path):
     assert skeleton.kernel_size == 3 and np.isfinite(skeleton.matrix).all()
 
 
-@needs_lists
 @pytest.mark.parametrize("name, block", [("acnet_src56_acb_train", "acb"), ("dbb_MobileNet_DBB_train", "dbb")])
 def test_fuse_and_load_folds_an_original_training_file_into_our_base_model(name, block, tmp_path):
     import constructor

@@ -163,13 +163,14 @@ def test_single_seed_groups_still_compare(tmp_path, capsys):
     assert [(g["block"], g["runs"], g["std"]) for g in groups] == [("base", "1", "-"), ("acb", "2", "0.35")]
     (row,) = comparison
     assert (row["gain_mean"], row["ci95_low"], row["p_value"]) == ("+1.25", "-", "-")
-    assert row["note"] == "no interval: 1 base and 2 acb run(s) with evaluations, needs 2+ seeds each"
+    assert row["note"].startswith("no interval: 1 finished base and 2 finished acb run(s), needs 2+ on each side")
 
 
 def test_a_repeated_seed_is_flagged(tmp_path, capsys):
     write_seeds(tmp_path, "vc", "base", {0: 80.0, 1: 81.0})
     write_run(tmp_path, "vc_base_again_train", [80.0, 80.0], summary={"arch": "vc", "block_type": "base",
-                                                                      "dataset": "cifar10", "seed": 1})
+                                                                      "dataset": "cifar10", "seed": 1,
+                                                                      "deploy_top1": 80.0})  # finished
     tables(tmp_path)
     _, (group,), _ = read_sections(capsys)
     assert (group["runs"], group["seeds"], group["note"]) == ("3", "0,1,1", "seed 1 counted more than once")

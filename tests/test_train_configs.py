@@ -1,4 +1,4 @@
-"""The recipes table: the original ACNet settings (REFERENCE.md section 2), overrides and validation."""
+"""The recipes table: the original ACNet settings, overrides and validation."""
 from __future__ import annotations
 
 import pytest
@@ -32,7 +32,8 @@ def test_recipes_reproduce_the_original_settings(arch):
 def test_every_arch_has_a_recipe_for_its_own_dataset():
     assert set(list_recipes()) == set(constructor.list_archs())
     for arch in constructor.list_archs():
-        assert RECIPES[arch].dataset == constructor.get_arch_spec(arch).dataset
+        spec = constructor.get_arch_spec(arch)
+        assert spec.recipe_name == arch and RECIPES[spec.recipe_name].dataset == spec.dataset
 
 
 def test_overrides_and_their_validation():

@@ -1,4 +1,4 @@
-"""Per-arch training recipes (REFERENCE.md section 2: the original ACNet repository's settings).
+"""Per-arch training recipes: the original ACNet repository's settings (README "Architectures and recipes").
 
 Common to every recipe (the original's): SGD with momentum 0.9 (Nesterov off), learning rate decayed
 by a cosine to 0 *per iteration* over the whole run, no warmup, weight decay also on BN weights and

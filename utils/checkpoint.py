@@ -14,64 +14,27 @@ Layout of ``<output-dir>/<exp-name>/``::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from acnet.errors import ACNetError
 from acnet.fileio import atomic_open, atomic_path
+from utils.run import ExperimentPaths
 
 __all__ = ["CheckpointError", "ExperimentPaths", "weights_argument", "save_json", "save_state", "load_state",
-           "capture_rng_state", "restore_rng_state", "seed_everything"]
+           "capture_rng_state", "restore_rng_state", "seed_everything", "finished_run_record", "read_finished_run"]
+
+logger = logging.getLogger("do_acnet")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ACNetError, RuntimeError):
     """A resumable state that is missing, unreadable or from a different run."""
-
-
-@dataclass(frozen=True)
-class ExperimentPaths:
-    root: Path
-
-    @property
-    def log(self) -> Path:
-        return self.root / "log.txt"
-
-    @property
-    def recipe(self) -> Path:
-        return self.root / "recipe.json"
-
-    @property
-    def init_weights(self) -> Path:
-        return self.root / "init.hdf5"
-
-    @property
-    def finish_weights(self) -> Path:
-        return self.root / "finish.hdf5"
-
-    @property
-    def deploy_weights(self) -> Path:
-        return self.root / "finish_deploy.hdf5"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "latest.pth"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
-
-    def final_weights(self) -> Path | None:
-        """The run's weights to evaluate: ``finish_deploy.hdf5``, else ``finish.hdf5``; ``None`` if neither."""
-        return next((p for p in (self.deploy_weights, self.finish_weights) if p.is_file()), None)
 
 
 def weights_argument(path: str | os.PathLike, option: str) -> Path:
@@ -150,3 +113,30 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def finished_run_record(paths: ExperimentPaths) -> dict[str, Any]:
+    """What a finished run was trained with: its recipe.json, else its latest.pth's recipe, else ``{}``."""
+    try:
+        saved = json.loads(paths.recipe.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no (readable) recipe.json
+        try:
+            saved = load_state(paths.state)["recipe"] if paths.state.is_file() else {}
+        except CheckpointError:
+            saved = {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def read_finished_run(paths: ExperimentPaths) -> dict[str, Any]:
+    """The last resumable state of a finished run (its recipe and timing), ``{}`` if unavailable."""
+    from train_configs import Recipe
+
+    if not paths.state.is_file():
+        return {}
+    try:
+        state = load_state(paths.state)
+        Recipe(**state["recipe"])
+        return state
+    except (CheckpointError, TypeError):
+        logger.warning("could not read %s: the summary keeps this command's recipe and no timing", paths.state)
+        return {}

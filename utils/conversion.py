@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 import constructor
+from utils.errors import UsageError
 
 
-def convert_file(arch: str, block_type: str, src: str, dst: str, input_size: int, fmt: str,
-                 usage_error: type[Exception]) -> None:
-    """Convert ``src`` into ``dst`` and print the check (``usage_error``: a command line that cannot run)."""
+def convert_file(arch: str, block_type: str, src: str, dst: str, input_size: int, fmt: str) -> None:
+    """Convert ``src`` into ``dst`` and print the check (:class:`UsageError`: a command line that cannot run)."""
     from acnet import save_hdf5
     from acnet.fileio import atomic_path
     from utils.engine import cpu_state_dict
@@ -26,12 +26,12 @@ def convert_file(arch: str, block_type: str, src: str, dst: str, input_size: int
         from constructor.original_formats import families_of
 
         if fmt not in families_of(arch):
-            raise usage_error(f"--format {fmt}: the DBB repository has no {arch}; export it with --format acnet")
+            raise UsageError(f"--format {fmt}: the DBB repository has no {arch}; export it with --format acnet")
     train_model = load_model_for_eval(arch, block_type, src, "cpu")
     deploy_keys = set(constructor.build_model(arch, block_type, deploy=True).state_dict())
     already_deploy = set(train_model.state_dict()) == deploy_keys
     if already_deploy and fmt == "ours":
-        raise usage_error(f"--convert: {src} already holds deploy weights (nothing to convert)")
+        raise UsageError(f"--convert: {src} already holds deploy weights (nothing to convert)")
     deploy_model = train_model if already_deploy else convert_weights(train_model)
     state = cpu_state_dict(deploy_model)
     if fmt != "ours":  # the deploy names of the original repository
@@ -40,7 +40,7 @@ def convert_file(arch: str, block_type: str, src: str, dst: str, input_size: int
         try:
             state, scheme = export_original(arch, fmt, block_type, state)
         except ValueError as exc:
-            raise usage_error(f"--format {fmt}: {exc}") from None
+            raise UsageError(f"--format {fmt}: {exc}") from None
     if Path(dst).suffix in (".pth", ".pt"):
         with atomic_path(dst) as tmp:
             torch.save(state, tmp)
@@ -54,8 +54,8 @@ def convert_file(arch: str, block_type: str, src: str, dst: str, input_size: int
     print(f"converted {src} -> {dst} ({len(state)} tensors); deploy vs training-time logits on a random batch: "
           f"{describe_logit_diff(diff, reference.abs().max().item())}", flush=True)
     if fmt != "ours":
-        from constructor.original_formats import DBB_ARCH_NAMES, EXPORT_USAGE
+        from constructor.original_formats import EXPORT_USAGE, their_arch_name
 
-        usage = EXPORT_USAGE[fmt].format(arch=arch, their=DBB_ARCH_NAMES.get(arch),
+        usage = EXPORT_USAGE[fmt].format(arch=arch, their=their_arch_name(arch, fmt),
                                          their_type=scheme.info["their_block_type"])
         print(f"{dst} holds {scheme.description}: {usage}", flush=True)

@@ -31,9 +31,11 @@ from acnet.export import DEFAULT_RTOL, ExportError, ExportResult, export_onnx, r
 from acnet.fileio import atomic_path
 from data import to_device
 from utils.checkpoint import save_json
+from utils.command import Command, create_loaders
 from utils.metrics import MetricSums
+from utils.run import ExperimentPaths
 
-__all__ = ["require_deploy_extras", "check_deploy_args", "DEFAULT_CALIB_IMAGES", "QUANTIZE_CHOICES", "int8_path", "export_weights", "calibration_batches",
+__all__ = ["require_deploy_extras", "DEFAULT_CALIB_IMAGES", "QUANTIZE_CHOICES", "int8_path", "export_weights", "calibration_batches",
            "quantize_int8", "evaluate_onnx", "run_export", "merge_summary"]
 
 logger = logging.getLogger("do_acnet")
@@ -46,35 +48,6 @@ def require_deploy_extras() -> None:
     """One :class:`acnet.export.MissingExtraError` line unless onnx, onnxscript and onnxruntime import."""
     for module in ("onnx", "onnxscript", "onnxruntime", "onnxruntime.quantization"):
         require_extra(module)
-
-
-def check_deploy_args(args, usage_error: type[Exception]) -> None:
-    """The deploy options' consistency (raises ``usage_error`` with one line; nothing is written)."""
-    if args.export_onnx:
-        weights, out = args.export_onnx
-        others = [flag for flag, value in (("--eval-only", args.eval_only), ("--convert", args.convert),
-                                           ("--qat", args.qat)) if value]
-        if others:
-            raise usage_error(f"--export-onnx and {others[0]} are separate tools; give one of them")
-        if not Path(weights).is_file():
-            raise usage_error(f"--export-onnx: weights file {weights!r} does not exist")
-        if Path(out).resolve() == Path(weights).resolve():
-            raise usage_error("--export-onnx: OUT must differ from WEIGHTS")
-        if Path(out).is_dir():
-            raise usage_error(f"--export-onnx: OUT {out!r} is a directory; give a file name such as model.onnx")
-    if args.quantize and not args.export_onnx:
-        raise usage_error("--quantize applies to --export-onnx (--qat writes its own int8 model)")
-    if args.calib_images < 1:
-        raise usage_error(f"--calib-images must be >= 1, got {args.calib_images}")
-    if args.opset is not None and args.opset < 18:
-        raise usage_error(f"--opset must be >= 18 (the torch.export-based ONNX exporter), got {args.opset}")
-    if args.qat:
-        if not args.init_weights:
-            raise usage_error("--qat fine-tunes trained weights: give --init-weights FILE (e.g. a run's finish.hdf5)")
-        if args.conti_or_fs == "continue":
-            raise usage_error("--qat always starts from --init-weights; drop -c continue")
-        if args.eval_only or args.convert:
-            raise usage_error("--qat is a training mode; drop --eval-only / --convert")
 
 
 def int8_path(out: str | os.PathLike) -> Path:
@@ -216,23 +189,23 @@ def merge_summary(path: Path, fields: Mapping[str, Any]) -> None:
 
 def summary_target(weights: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Optional[Path]]:
     """``(summary.json, log.txt or None)``: the run folder of ``weights`` when it has a summary, else beside ``out``."""
-    run = Path(weights).parent
-    if (run / "summary.json").is_file():
-        return run / "summary.json", run / "log.txt"
+    run = ExperimentPaths(Path(weights).parent)
+    if run.summary.is_file():
+        return run.summary, run.log
     out = Path(out)
     stem = out.name[:-5] if out.name.endswith(".onnx") else out.name
     return out.with_name(stem + ".summary.json"), None
 
 
-def run_export(args, spec, create_loaders) -> dict[str, Any]:
+def run_export(cmd: Command, ctx) -> dict[str, Any]:
     """The ``--export-onnx WEIGHTS OUT [--quantize int8]`` mode (module docstring); prints the figures.
 
-    ``create_loaders()`` returns ``(train_loader, eval_loader)`` (only called for ``--quantize``).
+    The data (``--dataset``) is loaded only for ``--quantize``.
     """
     from utils.evaluation import evaluate
     from utils.runlog import RunLog
 
-    weights, out = args.export_onnx
+    weights, out = cmd.export_onnx
     summary, log = summary_target(weights, out)
     run_log = RunLog(log, enabled=True, keep_existing=True) if log is not None else None
 
@@ -242,8 +215,8 @@ def run_export(args, spec, create_loaders) -> dict[str, Any]:
         else:
             print(message, flush=True)
 
-    deploy, result = export_weights(args.arch, args.block_type, weights, out, input_size=spec.input_size,
-                                    opset=args.opset)
+    deploy, result = export_weights(cmd.arch, cmd.block_type, weights, out, input_size=cmd.input_size,
+                                    opset=cmd.opset)
     report(f"exported {weights} -> {result.path} (opset {result.opset}, dynamic batch, "
            f"{sum(result.op_counts.values())} nodes: " + ", ".join(f"{op} {n}" for op, n in result.op_counts.items())
            + ")")
@@ -252,9 +225,9 @@ def run_export(args, spec, create_loaders) -> dict[str, Any]:
            f"(limit {DEFAULT_RTOL:g})")
     fields: dict[str, Any] = {"onnx_path": os.fspath(result.path), "onnx_opset": result.opset,
                               "onnx_rel_diff": result.rel_diff, "onnx_max_abs_diff": result.max_abs_diff}
-    if args.quantize == "int8":
-        train_loader, eval_loader = create_loaders()
-        calibration = calibration_batches(train_loader, args.calib_images)
+    if cmd.quantize == "int8":
+        train_loader, eval_loader = create_loaders(cmd, cmd.recipe, ctx)
+        calibration = calibration_batches(train_loader, cmd.calib_images)
         int8 = quantize_int8(result.path, int8_path(out), calibration)
         torch_metrics = evaluate(deploy, eval_loader, "cpu")
         fp32 = evaluate_onnx(result.path, eval_loader)

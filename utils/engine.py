@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import to_device
 from utils.checkpoint import ExperimentPaths, capture_rng_state, restore_rng_state, save_state
+from utils.errors import ACNetError, TrainingSetupError
 from utils.distributed import (DistContext, all_gather_objects, all_reduce_sum, average_buffers, barrier)
 from utils.evaluation import autocast_context, evaluate
 from utils.metrics import MetricSums
@@ -41,12 +42,8 @@ __all__ = ["TrainOptions", "TrainResult", "NonFiniteLossError", "TrainingSetupEr
 logger = logging.getLogger("do_acnet")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ACNetError, RuntimeError):
     """The training loss became NaN or infinite; the last saved state is left untouched."""
-
-
-class TrainingSetupError(ValueError):
-    """The model, data and recipe cannot train together (e.g. no full batch per rank)."""
 
 
 class RunInterrupted(KeyboardInterrupt):

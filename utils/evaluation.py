@@ -7,7 +7,9 @@ loader and the sums are all-reduced, so every rank returns the metrics of the wh
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -18,7 +20,7 @@ from data import to_device
 from utils.distributed import all_reduce_max
 from utils.metrics import MetricSums
 
-__all__ = ["evaluate", "compare_models", "load_model_for_eval", "exact_math", "autocast_context"]
+__all__ = ["evaluate", "compare_models", "load_model_for_eval", "exact_math", "autocast_context", "run_eval_only"]
 
 InputTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -172,3 +174,19 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
                                     num_classes=found.num_classes, **block_kwargs)
     load_weights_strict(model, found.state, f"The tensors of {source}")
     return model.to(device).eval()
+
+
+def run_eval_only(cmd, ctx) -> None:
+    """The ``--eval-only WEIGHTS`` mode: top-1/top-5/loss of any weights file (or a run's) on ``cmd.dataset``."""
+    from utils.command import create_loaders
+
+    _, eval_loader = create_loaders(cmd, cmd.recipe, ctx)
+    if ctx.is_main and Path(cmd.eval_source).is_dir():
+        logging.getLogger("do_acnet").info("%s is a run directory: evaluating its %s", cmd.eval_source,
+                                           cmd.eval_weights.name)
+    model = load_model_for_eval(cmd.arch, cmd.block_type, cmd.eval_weights, ctx.device,
+                                num_classes=eval_loader.num_classes)
+    metrics = evaluate(model, eval_loader, ctx.device, amp=False)
+    if ctx.is_main:
+        print(f"{cmd.eval_weights} on {cmd.dataset} ({metrics['num_samples']} images): top1={metrics['top1']:.4f} "
+              f"top5={metrics['top5']:.4f} loss={metrics['loss']:.6f}", flush=True)

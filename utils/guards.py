@@ -1,7 +1,5 @@
 """Checks that keep a run from silently doing something other than what the command asked.
 
-* :func:`finished_run_conflicts`: a finished run folder re-used with a different recipe (it would not
-  be retrained, and the old results would be reported as if they were this command's);
 * :func:`check_batch_fits`: a global batch larger than the training set (every epoch would be one
   smaller batch than the recipe and the log state);
 * :func:`amp_cpu_warning`: bf16 autocast on a CPU without native bf16 instructions, which emulates
@@ -10,53 +8,25 @@
 """
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
-__all__ = ["finished_run_record", "finished_run_conflicts", "check_batch_fits", "cpu_has_native_bf16", "amp_cpu_warning",
+from utils.errors import TrainingSetupError
+
+__all__ = ["check_batch_fits", "cpu_has_native_bf16", "amp_cpu_warning",
            "resume_argv", "interrupted_message"]
 
-#: Options of recipe.json besides the recipe's fields that decide what is trained.
-RUN_FIELDS = ("seed", "synthetic_num_train")
 #: Flags in /proc/cpuinfo of CPUs with native bf16 arithmetic (x86 AVX512-BF16 / AMX, Arm BF16).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 _CONTI_FLAGS = ("-c", "--conti-or-fs", "--conti_or_fs")
 
 
-def _canonical(value: Any) -> Any:
-    return json.loads(json.dumps(value))  # tuples as lists, as recipe.json stores them
-
-
-def finished_run_record(paths) -> dict[str, Any]:
-    """What a finished run was trained with: its recipe.json, else its latest.pth's recipe, else ``{}``."""
-    from utils.checkpoint import CheckpointError, load_state
-
-    try:
-        saved = json.loads(paths.recipe.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # no (readable) recipe.json
-        try:
-            saved = load_state(paths.state)["recipe"] if paths.state.is_file() else {}
-        except CheckpointError:
-            saved = {}
-    return saved if isinstance(saved, dict) else {}
-
-
-def finished_run_conflicts(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """``"field=wanted (run has saved)"`` for every field of ``wanted`` the finished run ``saved`` differs in.
-
-    ``saved`` is the run's recipe.json (or its latest.pth recipe); a field it lacks is not compared.
-    """
-    return [f"{field}={value!r} (run has {saved[field]!r})" for field, value in wanted.items()
-            if field in saved and _canonical(saved[field]) != _canonical(value)]
-
-
-def check_batch_fits(batch_size: int, num_train: int, world_size: int, error: type[Exception]) -> None:
-    """Raise ``error`` when the global batch is larger than the training set (after sharding)."""
+def check_batch_fits(batch_size: int, num_train: int, world_size: int) -> None:
+    """Raise :class:`utils.errors.TrainingSetupError` when the global batch is larger than the training set (after sharding)."""
     if batch_size > num_train:
         largest = num_train - num_train % world_size
-        raise error(f"the global batch size {batch_size} is larger than the training set ({num_train} images): "
+        raise TrainingSetupError(f"the global batch size {batch_size} is larger than the training set ({num_train} images): "
                     f"every epoch would be one batch of {num_train}, not {batch_size} as the recipe and the log "
                     f"would state; pass --batch-size {largest} or less (a multiple of the {world_size} rank(s)) "
                     "or train on more images")

@@ -17,6 +17,7 @@ from torch import nn
 from utils.checkpoint import ExperimentPaths, save_json
 from utils.distributed import DistContext, barrier
 from utils.engine import save_weights_hdf5
+from utils.errors import ACNetError
 from utils.evaluation import compare_models, load_weights_strict
 from utils.runlog import RunLog
 
@@ -26,7 +27,7 @@ __all__ = ["DeployMismatchError", "TOP1_TOLERANCE", "count_parameters", "convert
 TOP1_TOLERANCE = 0.01  # percentage points of top-1 (0.01% of the test set)
 
 
-class DeployMismatchError(RuntimeError):
+class DeployMismatchError(ACNetError, RuntimeError):
     """The converted model does not reproduce the training-time model's accuracy."""
 
 

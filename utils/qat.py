@@ -21,16 +21,15 @@ import dataclasses
 import logging
 import os
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 
-from utils.checkpoint import ExperimentPaths, save_json, seed_everything
+from utils.checkpoint import save_json, seed_everything
+from utils.command import Command, create_loaders, model_builder
 from utils.posttrain import DeployMismatchError, count_parameters
 
-__all__ = ["QAT_LR_FACTOR", "qat_recipe", "qat_experiment_name", "run_qat"]
+__all__ = ["QAT_LR_FACTOR", "qat_recipe", "run_qat"]
 
 logger = logging.getLogger("do_acnet")
 
@@ -45,15 +44,8 @@ def qat_recipe(recipe, lr_given: bool):
     return dataclasses.replace(recipe, **changes)
 
 
-def qat_experiment_name(default_train_name: str) -> str:
-    """``cfqkbnc_acb_synthetic_train`` -> ``cfqkbnc_acb_synthetic_qat``."""
-    stem = default_train_name[:-len("_train")] if default_train_name.endswith("_train") else default_train_name
-    return stem + "_qat"
-
-
-def run_qat(args, spec, dataset: str, recipe, ctx, loaders, build: Callable[..., nn.Module], exp_name: str,
-            run_start: float) -> dict[str, Any]:
-    """The ``--qat`` mode (module docstring). ``loaders = (train, eval)``; ``build(deploy=)`` makes the arch."""
+def run_qat(cmd: Command, ctx, run_start: float) -> dict[str, Any]:
+    """The ``--qat`` mode (module docstring): fine-tune ``cmd.init_weights``, convert, export, test the int8 model."""
     from acnet.export import export_onnx
     from acnet.quant import activation_qparams, convert_qat, prepare_qat
     from utils.deploy import calibration_batches, evaluate_onnx, example_batch, int8_path, quantize_int8
@@ -63,24 +55,26 @@ def run_qat(args, spec, dataset: str, recipe, ctx, loaders, build: Callable[...,
     from utils.init_weights import load_init_weights
     from utils.runlog import RunLog, TensorBoard
 
-    train_loader, eval_loader = loaders
-    paths = ExperimentPaths(Path(args.output_dir) / exp_name)
-    seed_everything(args.seed)
+    recipe = qat_recipe(cmd.recipe, lr_given="lr" in cmd.overrides)
+    train_loader, eval_loader = create_loaders(cmd, recipe, ctx)
+    build = model_builder(cmd, recipe, eval_loader.num_classes)
+    paths = cmd.paths(cmd.qat_name)
+    seed_everything(cmd.seed)
     model = build()
-    info = load_init_weights(model, args.init_weights, block_type=args.block_type, arch=args.arch,
-                             skip_classifier=args.init_weights_skip_classifier)
+    info = load_init_weights(model, cmd.init_weights, block_type=cmd.block_type, arch=cmd.arch,
+                             skip_classifier=cmd.init_weights_skip_classifier)
     prepare_qat(model)
-    options = TrainOptions(print_freq=args.print_freq, progress_bar=not args.no_progress,
-                           meta={"arch": args.arch, "block_type": args.block_type, "dataset": dataset, "qat": True})
+    options = TrainOptions(print_freq=cmd.train.print_freq, progress_bar=cmd.train.progress,
+                           meta={"arch": cmd.arch, "block_type": cmd.block_type, "dataset": cmd.dataset, "qat": True})
     options.should_validate = lambda epoch: epoch == recipe.epochs - 1
     if ctx.is_main:
         paths.root.mkdir(parents=True, exist_ok=True)
     run_log = RunLog(paths.log, enabled=ctx.is_main)
     if ctx.is_main:
-        save_json({"arch": args.arch, "block_type": args.block_type, **recipe.to_dict(), "dataset": dataset,
-                   "qat": True, "init_weights": info, "seed": args.seed, "torch_version": torch.__version__,
-                   "command_line": args.command_line}, paths.recipe)
-    run_log.write(f"QAT of {args.arch} / {args.block_type} on {dataset} from {info['path']} ({info['form']}, "
+        save_json({"arch": cmd.arch, "block_type": cmd.block_type, **recipe.to_dict(), "dataset": cmd.dataset,
+                   "qat": True, "init_weights": info, "seed": cmd.seed, "torch_version": torch.__version__,
+                   "command_line": cmd.command_line}, paths.recipe)
+    run_log.write(f"QAT of {cmd.arch} / {cmd.block_type} on {cmd.dataset} from {info['path']} ({info['form']}, "
                   f"{info['description']}): {recipe.epochs} epochs, lr {recipe.lr:g}, int8 fake quantization of every "
                   "equivalent kernel (per output channel) and conv input (per tensor), BN statistics frozen")
     trainer = Trainer(model, train_loader, eval_loader, recipe, ctx, paths, run_log, options)
@@ -96,7 +90,7 @@ def run_qat(args, spec, dataset: str, recipe, ctx, loaders, build: Callable[...,
     check = build(deploy=True)  # the converted weights are the arch's plain deploy model
     load_weights_strict(check, deploy.state_dict(), "the converted QAT weights")
     fp32_metrics = evaluate(deploy, eval_loader, "cpu")
-    summary: dict[str, Any] = {"arch": args.arch, "block_type": args.block_type, "dataset": dataset,
+    summary: dict[str, Any] = {"arch": cmd.arch, "block_type": cmd.block_type, "dataset": cmd.dataset,
                                "epochs": recipe.epochs, "qat": True, "init_weights": info["path"],
                                "qat_top1": qat_metrics["top1"], "qat_top5": qat_metrics["top5"],
                                "fp32_top1": fp32_metrics["top1"], "fp32_top5": fp32_metrics["top5"]}
@@ -104,9 +98,9 @@ def run_qat(args, spec, dataset: str, recipe, ctx, loaders, build: Callable[...,
     if ctx.is_main:
         save_weights_hdf5(deploy, paths.deploy_weights)
         onnx_path = paths.root / "model.onnx"
-        exported = export_onnx(deploy, example_batch(spec.input_size), onnx_path, opset=getattr(args, "opset", None))
+        exported = export_onnx(deploy, example_batch(cmd.input_size), onnx_path, opset=cmd.opset)
         run_log.write(f"ONNX export {exported.summary()}")
-        calibration = calibration_batches(train_loader, args.calib_images)
+        calibration = calibration_batches(train_loader, cmd.calib_images)
         int8 = quantize_int8(onnx_path, int8_path(onnx_path), calibration, input_qparams=activation_qparams(model))
         int8_metrics = evaluate_onnx(int8, eval_loader)
         images = int(int8_metrics["num_samples"])

@@ -1,0 +1,67 @@
+"""do_acnet.py's table of modes and the run module: one Mode per way to run, typed commands, run names."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import pytest
+
+from utils.command import Command
+from utils.errors import UsageError
+from utils.modes import MODES, parse_command
+from utils.run import experiment_name, parse_run_name, qat_experiment_name
+
+
+@pytest.fixture
+def weights(tmp_path) -> Path:
+    path = tmp_path / "w.hdf5"
+    path.write_bytes(b"")
+    return path
+
+
+def mode_options(weights: Path, tmp_path: Path) -> dict:
+    return {"train": [], "eval": ["--eval-only", str(weights)], "convert": ["--convert", str(weights),
+                                                                          str(tmp_path / "d.hdf5")],
+            "export": ["--export-onnx", str(weights), str(tmp_path / "m.onnx")],
+            "qat": ["--qat", "--init-weights", str(weights)]}
+
+
+def test_each_mode_is_selected_by_its_option_and_gets_a_typed_command(weights, tmp_path):
+    options = mode_options(weights, tmp_path)
+    assert set(options) == set(MODES)
+    for name, extra in options.items():
+        mode, cmd = parse_command(["-a", "src56", "-b", "dbb", "--seed", "3", "--epochs", "2", *extra])
+        assert mode is MODES[name] and isinstance(cmd, Command) and cmd.mode == name
+        assert (cmd.arch, cmd.block_type, cmd.seed, cmd.dataset, cmd.input_size) == ("src56", "dbb", 3, "cifar10", 32)
+        assert cmd.recipe.epochs == 2 and cmd.overrides == {"epochs": 2} and cmd.recipe.lr == 0.2
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            cmd.seed = 4  # type: ignore[misc]
+
+
+def test_two_modes_at_once_are_refused(weights, tmp_path):
+    options = mode_options(weights, tmp_path)
+    for first, second in itertools.combinations([m for m in MODES if m != "train"], 2):
+        with pytest.raises(UsageError, match=f"{MODES[first].option} and {MODES[second].option} are separate tools"):
+            parse_command(["-a", "cfqkbnc", *options[first], *options[second]])
+
+
+def test_run_names_round_trip():
+    for arch, block, dataset, own, seed in [("src56", "acb", "cifar10", "cifar10", 0),
+                                            ("cfqkbnc", "orepa", "synthetic", "cifar10", 2),
+                                            ("sres18", "base", "cifar100", "imagenet", 11)]:
+        name = experiment_name(arch, block, dataset, own, seed)
+        parsed = parse_run_name(name)
+        assert (parsed.arch, parsed.block_type) == (arch, block)
+        assert parsed.dataset == (None if dataset == own else dataset) and parsed.seed == (seed or None)
+    assert experiment_name("src56", "acb", "cifar10", "cifar10") == "src56_acb_train"
+    assert qat_experiment_name("cfqkbnc_acb_synthetic_s2_train") == "cfqkbnc_acb_synthetic_s2_qat"
+
+
+def test_the_command_line_names_the_run_folder(weights, tmp_path):
+    _, cmd = parse_command(["-a", "cfqkbnc", "-b", "acb", "--dataset", "synthetic", "--seed", "1",
+                            "--output-dir", str(tmp_path)])
+    assert cmd.paths().root == tmp_path / "cfqkbnc_acb_synthetic_s1_train"
+    assert cmd.qat_name == "cfqkbnc_acb_synthetic_s1_qat"
+    _, named = parse_command(["-a", "cfqkbnc", "--exp-name", "mine", "--output-dir", str(tmp_path)])
+    assert named.paths().summary == tmp_path / "mine" / "summary.json"
