@@ -28,7 +28,8 @@ engine's ``interrupted`` line), *failed* (its log ends with an ``ERROR`` line, o
 *unreadable*: it is listed in the runs table with that state and left out of every statistic, and each
 group line counts what was left out and why. A finished run whose deploy top-1 differs from its
 training-time top-1 by more than one evaluation image is flagged ``DEPLOY MISMATCH`` in every table
-that shows it. Beyond the standard library it needs matplotlib only for ``--plot``.
+that shows it. Run reading (:mod:`utils.runs`) is torch-free; the block type names are read live from
+``acnet``'s registry; matplotlib is needed only for ``--plot``.
 
 The parts: reading runs :mod:`utils.runs`, the tables and comparisons :mod:`utils.report` (published
 numbers: each arch's ``ArchSpec.published``), the plot :mod:`utils.plotting`; this script parses and prints.

@@ -11,7 +11,6 @@ import sys
 from typing import NoReturn
 
 from acnet.errors import ACNetError
-from data.errors import DatasetError
 
 __all__ = ["ACNetError", "UsageError", "TrainingSetupError", "USER_ERRORS", "report_error", "exit_with_error"]
 
@@ -24,9 +23,8 @@ class TrainingSetupError(UsageError, ValueError):
     """The model, data and recipe cannot train together (e.g. no full batch per rank)."""
 
 
-#: What a script reports in one line instead of a traceback. ``data``'s errors are listed beside the
-#: base until the data package derives them from it.
-USER_ERRORS: tuple[type[Exception], ...] = (ACNetError, DatasetError)
+#: What a script reports in one line instead of a traceback (``data.DatasetError`` derives from the base too).
+USER_ERRORS: tuple[type[Exception], ...] = (ACNetError,)
 
 
 def report_error(prog: str, error: object, status: int = 2) -> int:
