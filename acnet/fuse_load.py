@@ -79,7 +79,8 @@ def acnet_fuse_and_load(
 
     ``naming_schemes``: a sequence of :mod:`acnet.schemes` schemes the weights may be written in (e.g.
     the original ACNet / DBB repositories' names); a state dict matching one of them exactly is
-    translated first. Without it, a model attribute ``weight_naming_schemes()`` is used when present.
+    translated first (without it, the names are taken as the model's own). The framework's archs give
+    theirs with ``constructor.naming_schemes(arch)``.
 
     Every other entry loads by name. Missing, unexpected or mis-shaped entries, and blocks that do
     not fit the baseline conv, raise one :class:`acnet.WeightsError` listing them. The model is put
@@ -145,20 +146,14 @@ def acnet_fuse_and_load(
 
 def _own_names(base_model: nn.Module, state: Dict[str, Tensor], source: str,
                naming_schemes: Optional[Sequence[Any]]) -> Dict[str, Tensor]:
-    """``state`` under the model's own names when foreign naming schemes are given and one matches.
-
-    The schemes: ``naming_schemes`` when given, else the model's ``weight_naming_schemes()`` when it has
-    one (the framework's architectures: the original ACNet / DBB repositories' names, see
-    :mod:`acnet.schemes`); a state dict matching one of them exactly (names, then shapes) is translated,
+    """``state`` under the model's own names when ``naming_schemes`` (:mod:`acnet.schemes`, e.g. the
+    original ACNet / DBB repositories' names) are given and one matches exactly (names, then shapes);
     anything else is used as it is.
     """
     from .schemes import recognise
 
     if naming_schemes is None:
-        schemes_of = getattr(base_model, "weight_naming_schemes", None)
-        if not callable(schemes_of):
-            return state
-        naming_schemes = schemes_of()
+        return state
     scheme = recognise(state, tuple(naming_schemes), source)
     return state if scheme is None else scheme.to_ours(state)
 

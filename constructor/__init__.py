@@ -6,7 +6,7 @@ registered architecture (``list_archs()``) whose conv-BN units are all of one bl
 :mod:`constructor.builder` for the units and how their training and deploy forms map.
 """
 from .builder import BiasFreeConv, ConvBuilder, is_reparameterizable_kernel, make_builder
-from .models import build_model
+from .models import build_model, naming_schemes
 from .published import PublishedResult
 from .registry import ARCHS, ArchSpec, get_arch_spec, list_archs, register_arch, unregister_arch
 
@@ -21,6 +21,7 @@ __all__ = [
     "is_reparameterizable_kernel",
     "list_archs",
     "make_builder",
+    "naming_schemes",
     "PublishedResult",
     "register_arch",
     "unregister_arch",

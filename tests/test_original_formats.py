@@ -343,5 +343,8 @@ def test_fuse_and_load_folds_an_original_training_file_into_our_base_model(name,
     path = fixture(FORMATS / f"{name}.keys.txt", tmp_path)[0]
     arch = describe(FORMATS / f"{name}.keys.txt")[1]
     trained = load_model_for_eval(arch, block, path)
-    plain = acnet_fuse_and_load(constructor.build_model(arch, "base", num_classes=10), path)
+    plain = acnet_fuse_and_load(constructor.build_model(arch, "base", num_classes=10), path,
+                                naming_schemes=constructor.naming_schemes(arch, num_classes=10))
     assert relative(logits(plain, arch), logits(trained, arch)) < 1e-5
+    with pytest.raises(WeightsError):  # the model carries no hidden naming schemes: foreign names need them
+        acnet_fuse_and_load(constructor.build_model(arch, "base", num_classes=10), path)
