@@ -185,7 +185,7 @@ def _store_weights_as_uint8(path: str | os.PathLike) -> None:
     products ``x * w`` in a saturating int16: a uint8 activation near 255 times an int8 weight near
     +-127 (which per-channel max-abs weights always have) overflows it, and the logits drift (0.13
     relative on cfqkbnc). onnxruntime's own remedy (its ``session.x64quantprecision`` option) is this
-    same conversion, off by default; the u8 x u8 kernels widen to int16 before multiplying and are exact.
+    same conversion, off by default; its u8 x u8 kernels do not saturate (exact on full-range operands).
     Only ``DequantizeLinear`` nodes whose data and zero point are int8 initializers read by nothing else
     are changed; biases (int32) and activations (uint8) are left as they are.
     """
