@@ -137,8 +137,8 @@ def test_cli_exports_training_time_weights_and_quantizes_into_the_run_summary(ru
     weights = {init.name: init for init in int8.graph.initializer}
     conv_weights = [weights[n.input[0]] for n in int8.graph.node
                     if n.op_type == "DequantizeLinear" and n.input[0] in weights
-                    and weights[n.input[0]].data_type == onnx.TensorProto.INT8 and len(weights[n.input[0]].dims) == 4]
-    assert conv_weights, "no int8 conv weights"
+                    and weights[n.input[0]].data_type == onnx.TensorProto.UINT8 and len(weights[n.input[0]].dims) == 4]
+    assert conv_weights, "no 8-bit conv weights (stored as uint8, zero point 128)"
     scales = [weights[n.input[1]] for n in int8.graph.node if n.op_type == "DequantizeLinear"
               and n.input[0] in weights and len(weights[n.input[0]].dims) == 4]
     assert all(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)  # per-channel

@@ -148,7 +148,10 @@ def test_int8_onnx_model_computes_what_the_qat_model_computes(block_type, tmp_pa
         q = quantize_of[dequantized_from[node.input[0]]]
         assert (float(inits[q.input[1]]), int(inits[q.input[2]])) == qparams[name], name
         kernel = deploy.get_submodule(name).weight.detach()
-        assert np.array_equal(inits[f"{name}.weight_quantized"], (kernel / weight_scale(kernel)).round().numpy())
+        stored, zero_point = inits[f"{name}.weight_quantized"], inits[f"{name}.weight_zero_point"]
+        assert stored.dtype == np.uint8 and np.array_equal(zero_point, np.full(kernel.shape[0], 128, np.uint8))
+        levels = stored.astype(np.int64) - zero_point.astype(np.int64).reshape(-1, *[1] * (stored.ndim - 1))
+        assert np.array_equal(levels, (kernel / weight_scale(kernel)).round().numpy())
         np.testing.assert_allclose(inits[f"{name}.weight_scale"], weight_scale(kernel).flatten().numpy(), rtol=1e-6)
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == len(qparams)
     # and computes the same logits, up to activations that land on the other side of a rounding step
@@ -159,6 +162,71 @@ def test_int8_onnx_model_computes_what_the_qat_model_computes(block_type, tmp_pa
     error = (actual - expected).abs().max() / expected.abs().max()
     assert error < 2e-2, error
     assert (actual.argmax(1) == expected.argmax(1)).sum() >= 62
+
+
+def _saturating_linear_model() -> nn.Module:
+    """Conv -> ReLU -> Linear whose last layer saturates a u8 x s8 kernel's int16 pair sums.
+
+    Inputs in [0, 1] calibrate to uint8 levels up to 255 and every Linear weight lies in [0.5, 1] (int8
+    levels 64..127 per row), so two adjacent products ``x_q * w_q`` can reach 2 * 255 * 127 > 32767.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.0)
+        model[0].bias.zero_()
+        model[3].weight.uniform_(0.5, 1.0)
+        model[3].bias.uniform_(-1.0, 1.0)
+    return model.eval()
+
+
+def test_ptq_int8_file_computes_the_same_with_default_and_disabled_graph_optimizations(tmp_path):
+    """Regression: default sessions fuse DQ -> Gemm/Conv into QGemm / QLinearConv, whose u8 x s8 kernel
+    saturates on x86 without VNNI; the int8 file stores uint8 weights (zero point 128), so the fused
+    model computes what the unfused one computes, and what the float model computes within int8 noise."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from acnet.export import export_onnx
+    from utils.deploy import quantize_int8
+
+    model = _saturating_linear_model()
+    images = torch.rand(32, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    images[0] = 1.0  # the calibrated range reaches 255 at the input
+    export_onnx(model, images[:4], tmp_path / "m.onnx")
+    int8 = quantize_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", [images.numpy()])
+    graph = onnx.load(int8).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    weight_dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+                  and inits[n.input[0]].ndim >= 2]
+    assert len(weight_dqs) == 2
+    for node in weight_dqs:
+        assert inits[node.input[0]].dtype == np.uint8 and (inits[node.input[2]] == 128).all(), node.input[0]
+        assert np.abs(inits[node.input[0]].astype(np.int64) - 128).max() == 127  # per-channel max-abs levels
+
+    disabled = ort.SessionOptions()
+    disabled.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    default = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    assert any(n.op_type == "QGemm" for n in _optimized_graph(int8, tmp_path).node)  # the fused kernel ran
+    fused = default.run(None, {"input": images.numpy()})[0]
+    unfused = ort.InferenceSession(str(int8), disabled, providers=["CPUExecutionProvider"]).run(
+        None, {"input": images.numpy()})[0]
+    with torch.no_grad():
+        expected = model(images).numpy()
+    assert np.abs(fused - unfused).max() / np.abs(unfused).max() < 1e-3
+    assert np.abs(fused - expected).max() / np.abs(expected).max() < 2e-2
+
+
+def _optimized_graph(path, tmp_path):
+    """The graph onnxruntime runs with default session options (its optimized model, saved)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath).graph
 
 
 def test_cli_qat_int8_top1_equals_the_qat_models(quickstart_run, tmp_path, capsys):

@@ -110,6 +110,10 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_out: str | os.PathLike, cal
     Conv and Gemm nodes are quantized; the input of the node whose weight is ``<module name>.weight`` gets
     the given uint8 scale / zero point, weights per channel their own max-abs scale, biases int32 with
     scale ``s_x * s_w`` (no weight-scale adjustment); outputs stay float.
+
+    Either way the int8 weights are then stored as uint8 ``q + 128`` with zero point ``z + 128``
+    (:func:`_store_weights_as_uint8`: the same real values), so that onnxruntime's fused kernels compute
+    u8 x u8, which never saturates, instead of u8 x s8, which saturates on x86 CPUs without VNNI.
     """
     require_extra("onnx")
     quantization = require_extra("onnxruntime.quantization")
@@ -139,10 +143,53 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_out: str | os.PathLike, cal
                 os.fspath(prepared), tmp, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
+            _store_weights_as_uint8(tmp)
     except OSError as exc:
         raise ExportError(f"cannot write {os.fspath(int8_out)!r} ({exc.strerror or exc}); choose a writable "
                           "output path") from None
     return Path(int8_out)
+
+
+def _store_weights_as_uint8(path: str | os.PathLike) -> None:
+    """Rewrite the int8 weights of the QDQ file ``path`` as uint8: ``q_u8 = q + 128``, ``z_u8 = z + 128``.
+
+    ``DequantizeLinear`` computes ``s * (q - z)``, so every weight keeps its exact real value. Why: with
+    default session options onnxruntime fuses ``DQ -> Conv/Gemm (-> Q)`` into QLinearConv / QGemm, and on
+    x86-64 CPUs without VNNI (AVX2, AVX-512F) MLAS computes u8 x s8 with ``vpmaddubsw``, which adds two
+    products ``x * w`` in a saturating int16: a uint8 activation near 255 times an int8 weight near
+    +-127 (which per-channel max-abs weights always have) overflows it, and the logits drift (0.13
+    relative on cfqkbnc). onnxruntime's own remedy (its ``session.x64quantprecision`` option) is this
+    same conversion, off by default; its u8 x u8 kernels do not saturate (exact on full-range operands).
+    Only ``DequantizeLinear`` nodes whose data and zero point are int8 initializers read by nothing else
+    are changed; biases (int32) and activations (uint8) are left as they are.
+    """
+    onnx = require_extra("onnx")
+    from onnx import numpy_helper
+
+    model = onnx.load(os.fspath(path))
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    converted: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        data, zero_point = (inits.get(name) for name in (node.input[0], node.input[2]))
+        if (data is None or zero_point is None or data.data_type != onnx.TensorProto.INT8
+                or zero_point.data_type != onnx.TensorProto.INT8
+                or readers[data.name] != 1 or readers[zero_point.name] != 1):
+            continue
+        for init in (data, zero_point):
+            shifted = (numpy_helper.to_array(init).astype(np.int16) + 128).astype(np.uint8)
+            init.CopyFrom(numpy_helper.from_array(shifted, init.name))
+            converted.add(init.name)
+    for info in list(graph.value_info) + list(graph.input):
+        if info.name in converted:
+            info.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    onnx.save(model, os.fspath(path))
 
 
 def _input_tensors(model_path: Path, input_qparams: Mapping[str, tuple[float, int]]) -> dict[str, tuple[float, int]]:
