@@ -81,3 +81,41 @@ def randomize_all_(module: nn.Module, seed: int, scale: float = 0.5) -> nn.Modul
             elif last in ("running_mean", "weight", "bias"):
                 b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64))
     return module
+
+
+@torch.no_grad()
+def randomize_state_(model: nn.Module, seed: int) -> nn.Module:
+    """Every float state-dict entry random, as after some training: kernels uniform with a fan-in scale,
+    running variances in [0.5, 2], running means and biases in [-0.5, 0.5], norm weights in [0.5, 1.5]
+    (non-persistent buffers such as DBB's identity kernel are not state)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not tensor.is_floating_point():
+            continue
+        noise = torch.rand(tensor.shape, generator=gen, dtype=torch.float64).to(tensor.dtype)
+        if name.endswith("running_var"):
+            tensor.copy_(0.5 + 1.5 * noise)
+        elif name.endswith("running_mean") or name.endswith("bias"):
+            tensor.copy_(noise - 0.5)
+        elif tensor.dim() == 1:  # norm weights
+            tensor.copy_(0.5 + noise)
+        else:
+            fan_in = tensor[0].numel()
+            tensor.copy_((2 * noise - 1) * (3.0 / fan_in) ** 0.5)
+    return model
+
+
+@torch.no_grad()
+def randomize_norm_state_(model: nn.Module, seed: int) -> nn.Module:
+    """Random 1-D float state (norm affine parameters and statistics, conv biases), kernels kept, as a
+    pretrained model has: running variances and weights in [0.5, 1.5], means and biases in [-0.5, 0.5]."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not tensor.is_floating_point() or tensor.dim() != 1:
+            continue
+        noise = torch.rand(tensor.shape, generator=gen, dtype=torch.float64).to(tensor.dtype)
+        if name.endswith("running_mean") or name.endswith("bias"):
+            tensor.copy_(noise - 0.5)
+        else:
+            tensor.copy_(0.5 + noise)
+    return model

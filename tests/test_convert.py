@@ -22,45 +22,17 @@ from acnet import (
     save_hdf5,
 )
 from acnet.convert import ConvBNPair, find_conv_bn_pairs
-from helpers import relative_difference
+from helpers import randomize_state_, relative_difference
 
 BLOCK_CLASS = {"acb": ACBlock, "dbb": DiverseBranchBlock}
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    """These models are tiny (or run at batch 2): one intra-op thread is as fast on an idle machine
-    and avoids the many-fold slowdown of two spinning threads on a busy one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    """Random weights, affine parameters and BN statistics (as after some training): every float
-    state-dict entry (non-persistent buffers such as DBB's identity kernel are not state)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if not tensor.is_floating_point():
-            continue
-        noise = torch.rand(tensor.shape, generator=gen, dtype=torch.float64).to(tensor.dtype)
-        if name.endswith("running_var"):
-            tensor.copy_(0.5 + 1.5 * noise)
-        elif name.endswith("running_mean") or name.endswith("bias"):
-            tensor.copy_(noise - 0.5)
-        elif tensor.dim() == 1:  # BN weights
-            tensor.copy_(0.5 + noise)
-        else:
-            fan_in = tensor[0].numel()
-            tensor.copy_((2 * noise - 1) * (3.0 / fan_in) ** 0.5)
-    return model
-
-
 def count(model: nn.Module, cls: type) -> int:
     return sum(isinstance(m, cls) for m in model.modules())
 
@@ -195,7 +167,7 @@ def conv_bn_nets(draw):
 @pytest.mark.parametrize("block_type", ["acb", "dbb"])
 @given(net=conv_bn_nets(), seed=st.integers(0, 2**16))
 def test_conversion_training_fusion_and_deploy_agree(block_type, net, seed):
-    randomize_(net, seed).eval()
+    randomize_state_(net, seed).eval()
     images = torch.randn(2, 3, 11, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         reference = net(images)
@@ -206,7 +178,7 @@ def test_conversion_training_fusion_and_deploy_agree(block_type, net, seed):
     if block_type == "acb":
         assert count(converted, ACBlock) == 2  # ACB represents every odd-K geometry drawn here
 
-    randomize_(converted, seed + 1)  # "training"
+    randomize_state_(converted, seed + 1)  # "training"
     with torch.no_grad():
         trained = converted(images)
     base = acnet_fuse_and_load(copy.deepcopy(net), converted.state_dict())
@@ -270,7 +242,7 @@ def test_registration_order_alone_does_not_make_a_pair_when_the_model_traces():
 
 
 def test_untraceable_model_falls_back_to_registration_order():
-    model = randomize_(Untraceable().double(), 0).eval()
+    model = randomize_state_(Untraceable().double(), 0).eval()
     assert find_conv_bn_pairs(model) == [ConvBNPair("body.0", "body.1"), ConvBNPair("conv2", "bn2")]
     images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
@@ -279,7 +251,7 @@ def test_untraceable_model_falls_back_to_registration_order():
     assert isinstance(converted.body[0], DiverseBranchBlock) and isinstance(converted.conv2, DiverseBranchBlock)
     with torch.no_grad():
         assert (converted(images) - reference).abs().max().item() <= 1e-10
-    randomize_(converted, 1)
+    randomize_state_(converted, 1)
     with torch.no_grad():
         trained = converted(images)
         base = acnet_fuse_and_load(copy.deepcopy(model), converted.state_dict())
@@ -362,7 +334,7 @@ def test_switch_to_deploy_keeps_sharing_nonlinear_and_root_blocks():
     torch.manual_seed(0)
     shared = ACBlock(4, 4, 3, padding=1)
     model = nn.Sequential(shared, nn.ReLU(), shared, DiverseBranchBlock(4, 4, 3, padding=1, nonlinear=nn.PReLU(4)))
-    randomize_(model, 0).train()
+    randomize_state_(model, 0).train()
     images = torch.randn(2, 4, 6, 6)
     model.eval()
     with torch.no_grad():
@@ -375,7 +347,7 @@ def test_switch_to_deploy_keeps_sharing_nonlinear_and_root_blocks():
     with torch.no_grad():
         assert relative_difference(model(images), expected) <= 1e-5
 
-    block = randomize_(ACBlock(4, 4, 3, padding=1), 1).eval()
+    block = randomize_state_(ACBlock(4, 4, 3, padding=1), 1).eval()
     with torch.no_grad():
         expected = block(images)
     assert acnet_switch_to_deploy(block) is block and block.deployed
@@ -388,7 +360,7 @@ def test_switch_to_deploy_keeps_sharing_nonlinear_and_root_blocks():
 # --------------------------------------------------------------------------------------------
 def _trained_pair_model(block_type: str = "acb") -> nn.Module:
     base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
-    return randomize_(convert_to_acnet(base.double(), block_type), 3).eval()
+    return randomize_state_(convert_to_acnet(base.double(), block_type), 3).eval()
 
 
 def _base_pair_model() -> nn.Module:
@@ -405,7 +377,7 @@ def test_fuse_into_a_deploy_style_conv_with_bias():
 
 
 def test_block_followed_by_a_kept_bn_folds_the_bias_into_its_mean():
-    trained = randomize_(nn.Sequential(ACBlock(3, 4, 3, padding=1), nn.BatchNorm2d(4)).double(), 5).eval()
+    trained = randomize_state_(nn.Sequential(ACBlock(3, 4, 3, padding=1), nn.BatchNorm2d(4)).double(), 5).eval()
     target = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).double()
     acnet_fuse_and_load(target, trained.state_dict())
     images = torch.randn(2, 3, 7, 7, dtype=torch.float64)
@@ -426,7 +398,7 @@ def test_deployed_blocks_and_old_files_without_bn_counters_load():
 
 
 def test_non_affine_baseline_bn_carries_the_bias():
-    trained = randomize_(nn.Sequential(ACBlock(3, 4, 3, padding=1), nn.Identity()).double(), 2).eval()
+    trained = randomize_state_(nn.Sequential(ACBlock(3, 4, 3, padding=1), nn.Identity()).double(), 2).eval()
     target = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, affine=False)).double()
     acnet_fuse_and_load(target, trained.state_dict())
     images = torch.randn(2, 3, 7, 7, dtype=torch.float64)
@@ -446,7 +418,7 @@ def test_kernel_stored_in_a_wrapper_of_one_conv_loads_as_it_is():
 def test_constructor_training_weights_fuse_into_its_deploy_model(block_type):
     import constructor  # the framework's architectures (repository root on pythonpath)
 
-    trained = randomize_(constructor.build_model("cfqkbnc", block_type), 7).eval()
+    trained = randomize_state_(constructor.build_model("cfqkbnc", block_type), 7).eval()
     deploy = acnet_fuse_and_load(constructor.build_model("cfqkbnc", "base", deploy=True), trained.state_dict())
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -465,7 +437,7 @@ class VersionCheckingNet(nn.Sequential):
 
 
 def test_module_version_metadata_reaches_the_baseline():
-    trained = randomize_(convert_to_acnet(VersionCheckingNet(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), "acb"), 0)
+    trained = randomize_state_(convert_to_acnet(VersionCheckingNet(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), "acb"), 0)
     target = acnet_fuse_and_load(VersionCheckingNet(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), trained.state_dict())
     images = torch.randn(2, 3, 6, 6)
     with torch.no_grad():

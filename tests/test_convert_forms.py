@@ -28,35 +28,13 @@ from acnet import (
 )
 from acnet.convert import ConvBNPair
 from acnet.pairs import norm_kind
-from helpers import relative_difference
+from helpers import randomize_norm_state_, relative_difference
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    """Random affine parameters and statistics (as a pretrained model has), conv kernels kept."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if not tensor.is_floating_point() or tensor.dim() != 1:
-            continue
-        noise = torch.rand(tensor.shape, generator=gen, dtype=torch.float64).to(tensor.dtype)
-        if name.endswith("running_var"):
-            tensor.copy_(0.5 + noise)
-        elif name.endswith("running_mean") or name.endswith("bias"):
-            tensor.copy_(noise - 0.5)
-        else:
-            tensor.copy_(0.5 + noise)
-    return model
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def small_net(dim: int, kind: str) -> nn.Module:
@@ -71,7 +49,7 @@ def small_net(dim: int, kind: str) -> nn.Module:
             layers.append(norm(cout))
         layers.append(nn.ReLU())
     torch.manual_seed(dim)
-    return randomize_(nn.Sequential(*layers[:-1]), dim)
+    return randomize_norm_state_(nn.Sequential(*layers[:-1]), dim)
 
 
 CASES = [(dim, kind, block) for dim in (1, 2, 3) for kind in ("batch", "frozen", "none")
@@ -138,7 +116,7 @@ def test_sync_batchnorm_pairs_convert_and_keep_the_function():
 def test_frozen_bn_resnet_converts_every_3x3_conv_and_folds_back():
     def frozen_resnet():
         torch.manual_seed(0)
-        return randomize_(torchvision.models.resnet18(num_classes=10, norm_layer=FrozenBatchNorm2d), 3).eval()
+        return randomize_norm_state_(torchvision.models.resnet18(num_classes=10, norm_layer=FrozenBatchNorm2d), 3).eval()
 
     model = frozen_resnet()
     assert norm_kind(model.bn1) == "frozen"
@@ -217,7 +195,7 @@ def test_non_cubic_video_kernels_convert_where_the_block_allows():
     """r2plus1d's (1,3,3) spatial and (3,1,1) temporal convs: DBB takes both, ACB the (1,3,3) only."""
     model = nn.Sequential(nn.Conv3d(3, 6, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(6), nn.ReLU(),
                           nn.Conv3d(6, 6, (3, 1, 1), padding=(1, 0, 0), bias=False), nn.BatchNorm3d(6))
-    randomize_(model, 5).eval()
+    randomize_norm_state_(model, 5).eval()
     x = torch.randn(1, 3, 4, 6, 6)
     with torch.no_grad():
         expected = model(x)
@@ -254,7 +232,7 @@ def test_conv_subclasses_convert_only_when_they_compute_what_the_conv_computes()
     with pytest.warns(UserWarning, match="ScaledConv is not a plain nn.Conv1d/2d/3d"):
         convert_to_acnet(scaled, "dbb")
     assert type(scaled[0]) is ScaledConv
-    randomize_(video, 1).eval()
+    randomize_norm_state_(video, 1).eval()
     x = torch.randn(1, 3, 4, 5, 5)
     with torch.no_grad():
         expected = video(x)
