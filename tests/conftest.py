@@ -8,8 +8,13 @@ from hypothesis import HealthCheck, settings
 
 from quickstart import quickstart_run_dir
 
-# Two cores on CI: keep torch from oversubscribing them (pytest runs in one process).
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two cores on CI: keep torch from oversubscribing them. Under pytest-xdist (README's `-n auto`) the cores
+# are shared by the workers, so each worker, and every process its tests spawn, gets its share of them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 settings.register_profile(
     "default",

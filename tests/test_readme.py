@@ -22,9 +22,13 @@ from quickstart import QUICKSTART_RUN, README, REPO, SUMMARY_KEYS, code_blocks, 
 
 
 # ------------------------------------------------------------------------------------------ tests
-def test_install_and_test_commands_are_kept():
+def test_install_and_test_commands_are_kept_and_are_what_ci_runs():
     (block,) = code_blocks(section("Install and test"), "bash")
-    assert block.strip().splitlines() == ['pip install -e ".[test,deploy]"', "python -m pytest -q"]
+    commands = block.strip().splitlines()
+    assert commands == ['pip install -e ".[test,deploy]"', "python -m pytest -q -n auto"]
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    ci_commands = [line for line in ci if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci_commands == commands
 
 
 def test_quickstart_is_the_offline_smoke_run():
