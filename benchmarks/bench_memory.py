@@ -27,10 +27,9 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_blocks import original_acb_forward, original_dbb_forward  # noqa: E402
+from benchmarks.bench_blocks import original_acb_forward, original_dbb_forward  # noqa: E402
 
 from acnet import ACBlock, DiverseBranchBlock  # noqa: E402
 from constructor import build_model, get_arch_spec, list_archs  # noqa: E402

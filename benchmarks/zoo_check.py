@@ -6,7 +6,7 @@ For each model (built untrained: ``weights=None`` / ``pretrained=False``, 10 cla
 same name must equal the trained model (float32, relative difference <= 1e-5 of the output's
 scale; for a model whose own float32 output is further than that from its float64 output,
 the check is made in float64 within 1e-7: "ok (f64)"; "ill-cond": even the float64 output moves by
-as much for a 1e-13 change of the input, so outputs cannot be compared). Each (model, block) runs in a worker subprocess (``tests/isolated.py``): a crash or a hang
+as much for a 1e-13 change of the input, so outputs cannot be compared). Each (model, block) runs in a worker subprocess (``benchmarks/isolated.py``): a crash or a hang
 is that row's failure. Models without a norm to convert are listed as skipped, with the reason.
 
 Beyond classification: torchvision detectors (``tvdet:``) built as torchvision builds them for
@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-from isolated import run_isolated  # noqa: E402
+from benchmarks.isolated import run_isolated  # noqa: E402
 
 TOLERANCE = 1e-5
 #: For models whose float32 output is itself further than TOLERANCE from float64 (ill-conditioned).

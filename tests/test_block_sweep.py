@@ -3,7 +3,7 @@
 PyTorch's CPU weight gradient of a 1x1 strided conv on NHWC data with few input channels crashes
 or corrupts the heap (see ``acnet.base.NHWC_STRIDED_1X1_MIN_CHANNELS``); a block that sent such a conv to
 oneDNN killed the whole process. Each case here runs in a worker subprocess
-(``tests/isolated.py``), so a crash or a hang fails its case and the sweep goes on.
+(``benchmarks/isolated.py``), so a crash or a hang fails its case and the sweep goes on.
 
 Cases: every block type acnet exports (:func:`block_types`) x input channels 1..16 x stride 1, 2
 x kernel 1, 3, 5 where the block accepts it (and 3 with dilation 2 for a few channel counts)
@@ -31,7 +31,7 @@ import torch
 import acnet
 from acnet.base import ReparamBlock, branch_input, layout_of, nhwc_faulty, run_conv
 from benchmarks.bench_blocks import DEFAULT_SHAPES
-from isolated import failures, run_isolated
+from benchmarks.isolated import failures, run_isolated
 
 CHANNELS = range(1, 17)
 STRIDES = (1, 2)

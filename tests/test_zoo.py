@@ -20,7 +20,7 @@ from torch import nn
 from acnet import ReparamBlock, acnet_fuse_and_load, convert_to_acnet
 from acnet.convert import bn_tail
 from benchmarks.zoo_check import BLOCKS, CASE_TIMEOUT_S, CI_EXTRA_CASES, CI_MODELS, verdict
-from isolated import run_isolated
+from benchmarks.isolated import run_isolated
 
 timm = pytest.importorskip("timm")
 

@@ -1,6 +1,6 @@
 """Run many cases in a worker subprocess so that a crash or a hang fails one case, not the caller.
 
-The caller (:func:`run_isolated`) starts ``python tests/isolated.py MODULE:FUNCTION``, sends the
+The caller (:func:`run_isolated`) starts ``python benchmarks/isolated.py MODULE:FUNCTION``, sends the
 cases (JSON objects) on its stdin and reads one line per case back: ``START i`` before case ``i``
 runs, then ``DONE i <json>`` with ``FUNCTION(case)``'s result (a JSON-able dict; an exception in
 the case is reported as ``{"error": "..."}``). When the worker dies inside a case (segfault, abort,
