@@ -99,6 +99,22 @@ def make_step(forward: Callable[[torch.Tensor], torch.Tensor], module: nn.Module
     return step
 
 
+def time_alternated(steps: Dict[str, Callable[[], None]], rounds: int, warmup: int) -> Dict[str, List[float]]:
+    """Per step, its time (ms) in each round: one run of every step a round, the order rotating every
+    round (so slow drifts of a shared machine's speed hit every step alike), after ``warmup`` untimed runs."""
+    names = list(steps)
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def bench_shape(shape: Tuple[int, int, int, int], rounds: int, warmup: int) -> Dict[str, List[float]]:
     """Per implementation, its step time (ms) in each round."""
     n, c, hw, k = shape
@@ -115,17 +131,7 @@ def bench_shape(shape: Tuple[int, int, int, int], rounds: int, warmup: int) -> D
         "DBB": make_step(dbb, dbb, x, grad_out),
         "DBB-orig": make_step(lambda t: original_dbb_forward(dbb, t), dbb, x, grad_out),
     }
-    names = list(steps)
-    times: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+    return time_alternated(steps, rounds, warmup)
 
 
 #: The other forms: (label, dim, norm, input shape N,C,*spatial, kernel).
@@ -163,17 +169,7 @@ def bench_form(dim: int, norm: str, shape: Tuple[int, ...], kernel, rounds: int,
             modules[name] = cls(channels, channels, kernel, padding=padding, dim=dim, norm=norm).train()
     grad_out = torch.randn(*shape)
     steps = {name: make_step(m, m, x, grad_out) for name, m in modules.items()}
-    names = list(steps)
-    times: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+    return time_alternated(steps, rounds, warmup)
 
 
 def paired_ratio(times: Dict[str, List[float]], name: str, baseline: str = "conv+BN") -> float:
