@@ -19,8 +19,8 @@ where libjpeg's 1/2 scaling would apply, is rare (impossible for a 375-pixel sid
 from __future__ import annotations
 
 import io
-import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
@@ -33,7 +33,6 @@ __all__ = ["RRC_SCALE", "RRC_RATIO", "JPEG_MAGIC", "EncodedBatch", "crop_eval", 
            "decode_batch", "decode_rgb", "eval_resize_size", "image_size_from_header",
            "random_resized_crop_box", "read_file_bytes", "sample_generator"]
 
-logger = logging.getLogger(__name__)
 
 RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -189,7 +188,10 @@ def _decode_jpegs(payloads: List[torch.Tensor], paths: List[str],
     try:
         return list(decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device))
     except RuntimeError as exc:
-        logger.debug("batch decode on %s failed (%s); decoding on the CPU", device, exc)
+        # a warning, not a debug line: shown once per process, so a machine whose nvJPEG fails every
+        # batch does not train at CPU-decoding speed unnoticed
+        warnings.warn(f"batch JPEG decoding on {device} failed ({exc}); decoding it on the CPU instead "
+                      "(slower; --decode cpu decodes in the workers)", RuntimeWarning, stacklevel=2)
         return [decode_rgb(data, path).to(device) for data, path in zip(payloads, paths)]
 
 

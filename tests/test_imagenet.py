@@ -188,6 +188,20 @@ def test_gpu_mode_falls_back_to_cpu_decoding(odd_root, monkeypatch):
     assert torch.equal(model_inputs(val)[0], expected) and calls
 
 
+def test_a_failed_batch_decode_warns_and_names_the_corrupt_file(odd_root, tmp_path):
+    """The batch decoder rejects a truncated JPEG (header intact): the fallback says so with a warning
+    (a machine whose batch decode always fails must not train at CPU speed unnoticed), then the CPU
+    decoder names the file."""
+    good = str(odd_root / "train" / "n01" / "photo.JPEG")
+    bad = tmp_path / "cut.JPEG"
+    bad.write_bytes(Path(good).read_bytes()[:600])
+    payloads = [read_file_bytes(good), read_file_bytes(str(bad))]
+    batch = EncodedBatch(payloads, torch.zeros(2, 5, dtype=torch.int64), [good, str(bad)])
+    with pytest.warns(RuntimeWarning, match="batch JPEG decoding on cpu failed"):
+        with pytest.raises(DatasetError, match=f"cannot decode image {bad} "):
+            decode_batch(batch, CPU, train=False, size=32)
+
+
 def test_float_resize_of_the_gpu_path_matches_uint8(odd_root):
     """Off the CPU the crop is resized in float32 (not rounded): within one level of the uint8
     kernel (fixed-point weights, then rounding)."""
