@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from . import norms, transforms
-from .block import IntOrPair, ReparamBlock, _dim_in, _norm_kind_in
-from .fastpath import branch_bn_sum, branch_input
+from .block import (IntOrPair, ReparamBlock, _dim_in, _norm_kind_in, apply_input_window, apply_output_window,
+                    branch_window, conv_window_padding, transposed_window_padding)
+from .fastpath import branch_bn_sum, branch_input, match_layout
 
 __all__ = ["ACBlock", "AsymConvBlock", "ACB_AXIS_NAMES"]
 
@@ -75,11 +76,14 @@ class ACBlock(ReparamBlock):
         bn_momentum: float = 0.1,
         dim: int = 2,
         norm: str = "batch",
+        transposed: bool = False,
+        output_padding: IntOrPair = 0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self._init_geometry(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
-            dim=dim, norm=norm, min_kernel=3, odd_kernel=True,
+            dim=dim, norm=norm, min_kernel=1, transposed=transposed, output_padding=output_padding, bias=bias,
         )
         if reduce_gamma and gamma_init is not None:
             raise ValueError("ACBlock: give at most one of reduce_gamma=True and gamma_init")
@@ -90,25 +94,31 @@ class ACBlock(ReparamBlock):
                              "are its affine parameters)")
         self.use_affine = use_affine
         k, p, d = self.kernel_nd, self.padding_nd, self.dilation_nd
-        centre = tuple(di * (ki // 2) for ki, di in zip(k, d))
-        #   p >= d*(K//2): the 1-D branches pad less; otherwise they crop the input (original: ``crop``).
+        centre = tuple(di * o for o, di in zip(transforms.centre_offsets(k), d))
+        #   p >= d*c: the 1-D branches pad less; otherwise they crop the input (original: ``crop``).
         crops = tuple(max(c - pi, 0) for c, pi in zip(centre, p))
-        side_pads = tuple(max(pi - c, 0) for c, pi in zip(centre, p))
         self.crop_nd = crops
         self.crop = crops[0] if len(set(crops)) == 1 else crops
         self.side_axes = tuple(a for a, ka in enumerate(k) if ka > 1)
         if deploy:
             self.fused_conv = self._empty_deploy_conv(torch.get_default_dtype(), torch.device("cpu"))
             return
-        conv_cls = norms.conv_class(dim)
-        common = dict(stride=self.stride, dilation=self.dilation, groups=groups, bias=False, padding_mode=padding_mode)
-        norm_kw = dict(eps=bn_eps, momentum=bn_momentum, affine=use_affine)
-        self.square_conv = conv_cls(in_channels, out_channels, k, padding=p, **common)
+        norm_kw = dict(eps=bn_eps, momentum=bn_momentum, affine=use_affine, bias=bias)
+        self.square_conv = self._make_conv(in_channels, out_channels, k, padding=p,
+                                           output_padding=self.output_padding_nd, padding_mode=padding_mode)
         self.square_bn = norms.make_norm(norm, out_channels, dim, main=True, **norm_kw)
+        self._side_windows = []  # per 1-D branch: the input (conv) / output (transposed) window, or None
         for a in self.side_axes:
-            kernel = tuple(ka if b == a else 1 for b, ka in enumerate(k))
-            pad = tuple(pb if b == a else side_pads[b] for b, pb in enumerate(p))
-            setattr(self, f"{self._side_name(a)}_conv", conv_cls(in_channels, out_channels, kernel, padding=pad, **common))
+            kernel, offsets = self._side_kernel(a)
+            window = branch_window(k, kernel, offsets, p, d, self.output_padding_nd if transposed else None)
+            if transposed:
+                pad, extra, window = transposed_window_padding(window, self.stride_nd, d)
+                conv = self._make_conv(in_channels, out_channels, kernel, padding=pad, output_padding=extra)
+            else:
+                pad, window = conv_window_padding(window)
+                conv = self._make_conv(in_channels, out_channels, kernel, padding=pad, padding_mode=padding_mode)
+            setattr(self, f"{self._side_name(a)}_conv", conv)
+            self._side_windows.append(window)
         for a in self.side_axes:
             setattr(self, f"{self._side_name(a)}_bn", norms.make_norm(norm, out_channels, dim, main=False, **norm_kw))
         if reduce_gamma:
@@ -117,9 +127,11 @@ class ACBlock(ReparamBlock):
             self.init_gamma(gamma_init)
 
     @classmethod
-    def unsupported(cls, *, dim, kernel_size, stride, padding, dilation, groups, padding_mode, norm) -> Optional[str]:
+    def unsupported(cls, *, dim, kernel_size, stride, padding, dilation, groups, padding_mode, norm,
+                    transposed: bool = False, bias: bool = True) -> Optional[str]:
         reason = super().unsupported(dim=dim, kernel_size=kernel_size, stride=stride, padding=padding,
-                                     dilation=dilation, groups=groups, padding_mode=padding_mode, norm=norm)
+                                     dilation=dilation, groups=groups, padding_mode=padding_mode, norm=norm,
+                                     transposed=transposed, bias=bias)
         if reason is not None:
             return reason
         if dim == 1:
@@ -127,9 +139,15 @@ class ACBlock(ReparamBlock):
         shown = "x".join(map(str, kernel_size))
         if sum(k > 1 for k in kernel_size) < 2:
             return f"ACB on a {shown} kernel: it needs two axes of size > 1 (its 1-D branch would duplicate the kernel)"
-        if any(k % 2 == 0 for k in kernel_size):
-            return f"ACB on a {shown} kernel: needs odd sizes (the 1-D branches sit on the centre lines)"
         return None
+
+    def _side_kernel(self, axis: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """``(kernel, offsets)`` of the 1-D branch along ``axis``: the full size on that axis, 1 elsewhere,
+        on the centre line (:func:`acnet.transforms.centre_offsets`; row ``(K - 1) // 2`` for an even ``K``)."""
+        centre = transforms.centre_offsets(self.kernel_nd)
+        kernel = tuple(ka if b == axis else 1 for b, ka in enumerate(self.kernel_nd))
+        offsets = tuple(0 if b == axis else c for b, c in enumerate(centre))
+        return kernel, offsets
 
     def _side_name(self, axis: int) -> str:
         return ACB_AXIS_NAMES[self.dim][axis]
@@ -167,7 +185,8 @@ class ACBlock(ReparamBlock):
         with torch.no_grad():
             for norm in self._side_norms():  # scale and shift 0: the branch adds exactly zero
                 norm.weight.fill_(0.0)
-                norm.bias.fill_(0.0)
+                if norm.bias is not None:
+                    norm.bias.fill_(0.0)
             if norms.trainable_norm(self.square_bn):
                 self.square_bn.weight.fill_(1.0)
 
@@ -181,34 +200,34 @@ class ACBlock(ReparamBlock):
 
     # --- forward ----------------------------------------------------------------------------
     def _side_inputs(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """Inputs of the 1-D branches (each cropped by ``crop`` on the axes it does not slide on)."""
-        if not any(self.crop_nd):
-            return (x,) * len(self.side_axes)
-        inputs = []
-        for a in self.side_axes:
-            index = [slice(None), slice(None)]
-            index += [slice(None) if b == a or c == 0 else slice(c, -c) for b, c in enumerate(self.crop_nd)]
-            inputs.append(x[tuple(index)])
-        return tuple(inputs)
+        """Inputs of the 1-D branches of a conv block: each windowed (cropped by ``crop`` on the axes it does
+        not slide on, or padded asymmetrically for an even kernel; :func:`acnet.block.branch_window`)."""
+        return tuple(x if window is None else apply_input_window(x, window, self.padding_mode)
+                     for window in self._side_windows)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
             return self.fused_conv(x)
-        x = branch_input(x, self.branches_nhwc())
-        outputs = (self.square_conv(x),) + tuple(conv(t) for conv, t in zip(self._side_convs(), self._side_inputs(x)))
-        return branch_bn_sum(outputs, self._branch_bns())
+        y = branch_input(x, self.branches_nhwc())
+        if self.transposed:
+            sides = tuple(conv(y) if window is None else apply_output_window(conv(y), window)
+                          for conv, window in zip(self._side_convs(), self._side_windows))
+        else:
+            sides = tuple(conv(t) for conv, t in zip(self._side_convs(), self._side_inputs(y)))
+        return match_layout(branch_bn_sum((self.square_conv(y),) + sides, self._branch_bns()), x)
 
     # --- fusion -----------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
-        """``k = s_sq*k_sq + sum_axes pad(s_a*k_a)``, ``b = t_sq + sum_axes t_a`` (norm scale s, shift t)."""
+        """``k = s_sq*k_sq + sum_axes place(s_a*k_a)``, ``b = t_sq + sum_axes t_a`` (norm scale s, shift t;
+        each 1-D kernel on its centre line; a transposed block's kernel in ``ConvTranspose`` layout)."""
         if self.deployed:
-            return self.fused_conv.weight, self.fused_conv.bias
-        kernel, bias = norms.fuse_norm(self.square_conv.weight, self.square_bn)
-        for conv, norm in zip(self._side_convs(), self._side_norms()):
-            k_side, b_side = norms.fuse_norm(conv.weight, norm)
-            kernel = transforms.add_to_centre(kernel, k_side)
+            return self._deployed_kernel_bias()
+        kernel, bias = norms.fuse_norm(self._output_major(self.square_conv.weight), self.square_bn)
+        for a, conv, norm in zip(self.side_axes, self._side_convs(), self._side_norms()):
+            k_side, b_side = norms.fuse_norm(self._output_major(conv.weight), norm)
+            kernel = kernel + transforms.place_kernel(k_side, self.kernel_nd, self._side_kernel(a)[1])
             bias = bias + b_side
-        return kernel, bias
+        return self._output_major(kernel), bias
 
     def switch_to_deploy(self) -> None:
         """Fuse into ``fused_conv`` and drop the branches (idempotent)."""

@@ -27,8 +27,10 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import norms
-from .fastpath import has_nhwc_faulty_conv, run_conv
+import torch.nn.functional as F
+
+from . import norms, transforms
+from .fastpath import has_nhwc_faulty_conv, match_layout, run_conv
 
 __all__ = ["ReparamBlock", "ConvBN", "PADDING_MODES", "IntOrPair", "IntOrTuple", "as_square_int", "as_tuple"]
 
@@ -75,6 +77,76 @@ def _shown(values: Tuple[int, ...]) -> str:
     return str(_compact(values))
 
 
+Window = Tuple[Tuple[int, int], ...]
+
+
+def branch_window(kernel: Sequence[int], sub_kernel: Sequence[int], offsets: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int], output_padding: Optional[Sequence[int]] = None) -> Window:
+    """Per axis ``(before, after)``: how a branch with the ``sub_kernel`` placed at ``offsets`` inside the
+    block's ``kernel`` reads (conv) or writes (transposed conv) the block's window.
+
+    Conv (``output_padding=None``): output pixel ``i`` of the block reads the input padded by ``p`` at
+    ``s*i + d*a``; the branch's taps are ``a = o + b``, so the branch conv (padding 0) must see the input
+    padded by ``before = p - d*o`` and ``after = p - d*(K - k - o)`` (a negative amount crops).
+    Transposed: the block's output is the full transposed output cropped by ``p`` before and
+    ``p - op`` after; the branch's full output sits ``d*o`` later, so its full output (padding 0) is
+    cropped by ``before = p - d*o`` and ``after = p - d*(K - k - o) - op`` (a negative amount pads zeros).
+    """
+    ops = output_padding if output_padding is not None else (0,) * len(kernel)
+    return tuple((p - d * o, p - d * (K - k - o) - op)
+                 for K, k, o, p, d, op in zip(kernel, sub_kernel, offsets, padding, dilation, ops))
+
+
+def conv_window_padding(window: Window) -> Tuple[Tuple[int, ...], Optional[Window]]:
+    """``(conv padding, input window)`` for a conv branch: an axis with the same non-negative amount on
+    both sides goes into the conv's own padding; any other axis (asymmetric, or cropped) is a window
+    applied to the input (:func:`apply_input_window`; padding another axis commutes with it). The
+    window is None when there is none."""
+    pads = tuple(b if b == a and b >= 0 else 0 for b, a in window)
+    rest = tuple((0, 0) if b == a and b >= 0 else (b, a) for b, a in window)
+    return pads, (None if all(b == 0 and a == 0 for b, a in rest) else rest)
+
+
+def apply_input_window(x: Tensor, window: Window, padding_mode: str = "zeros") -> Tensor:
+    """Pad (positive amounts, with ``padding_mode``) and crop (negative amounts) the spatial axes of ``x``."""
+    index = [slice(None), slice(None)]
+    for b, a in window:
+        index.append(slice(max(-b, 0), None if a >= 0 else a))
+    x = x[tuple(index)]
+    pads = []
+    for b, a in reversed(window):
+        pads += [max(b, 0), max(a, 0)]
+    if any(pads):
+        x = F.pad(x, pads) if padding_mode == "zeros" else F.pad(x, pads, mode=padding_mode)
+    return x
+
+
+def transposed_window_padding(window: Window, stride: Sequence[int], dilation: Sequence[int]
+                              ) -> Tuple[Tuple[int, ...], Tuple[int, ...], Optional[Window]]:
+    """``(padding, output_padding, output window)`` for a transposed-conv branch with the crop ``window``:
+    the conv crops ``q`` on both sides and adds ``output_padding`` at the end where it can; the rest
+    is a window applied to its output (:func:`apply_output_window`), None when there is none."""
+    pads, extra, rest = [], [], []
+    for (b, a), s, d in zip(window, stride, dilation):
+        q = max(0, min(b, a))
+        b, a = b - q, a - q
+        op = 0
+        if b == 0 and a < 0 and -a < max(s, d):
+            op, a = -a, 0
+        pads.append(q)
+        extra.append(op)
+        rest.append((b, a))
+    return tuple(pads), tuple(extra), (None if all(b == 0 and a == 0 for b, a in rest) else tuple(rest))
+
+
+def apply_output_window(y: Tensor, window: Window) -> Tensor:
+    """Crop (positive amounts) and zero-pad (negative amounts) the spatial axes of ``y``."""
+    pads = []
+    for b, a in reversed(window):
+        pads += [-b, -a]
+    return F.pad(y, pads)
+
+
 class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
     """A training-time block equal, in eval mode, to one conv with bias (see the module docstring).
 
@@ -86,6 +158,8 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
 
     in_channels: int
     out_channels: int
+    transposed: bool = False
+    has_bias: bool = True
     kernel_size: Union[int, Tuple[int, ...]]
     stride: Union[int, Tuple[int, ...]]
     padding: Union[int, Tuple[int, ...]]
@@ -118,10 +192,16 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
         norm: str = "batch",
         min_kernel: int = 1,
         odd_kernel: bool = False,
+        transposed: bool = False,
+        output_padding: IntOrTuple = 0,
+        bias: bool = True,
     ) -> None:
         """Validate and store the conv geometry; every rule violation is a ``ValueError`` naming the
         argument, then the block's own rules (:meth:`unsupported`) are a ``ValueError`` with the reason."""
         owner = type(self).__name__
+        for name, flag in (("transposed", transposed), ("bias", bias)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{owner}: {name} must be True or False, got {flag!r}")
         if isinstance(dim, bool) or dim not in DIMS:
             raise ValueError(f"{owner}: dim must be 1, 2 or 3, got {dim!r}")
         if norm not in norms.NORM_KINDS:
@@ -149,10 +229,18 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
             )
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"{owner}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        op = as_tuple(output_padding, "output_padding", owner, dim)
+        if any(v != 0 for v in op) and not transposed:
+            raise ValueError(f"{owner}: output_padding is for transposed=True blocks, got {_shown(op)}")
+        if any(v < 0 or (v >= si and v >= di) for v, si, di in zip(op, s, d)):
+            raise ValueError(f"{owner}: output_padding must be >= 0 and smaller than stride or dilation on each "
+                             f"axis, got {_shown(op)} (stride {_shown(s)}, dilation {_shown(d)})")
         reason = type(self).unsupported(dim=dim, kernel_size=k, stride=s, padding=p, dilation=d, groups=groups,
-                                        padding_mode=padding_mode, norm=norm)
+                                        padding_mode=padding_mode, norm=norm, transposed=transposed, bias=bias)
         if reason is not None:
             raise ValueError(f"{owner}: {reason}")
+        self.transposed, self.has_bias = transposed, bias
+        self.output_padding_nd, self.output_padding = op, _compact(op)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_nd, self.stride_nd, self.padding_nd, self.dilation_nd = k, s, p, d
         self.kernel_size, self.stride, self.padding, self.dilation = _compact(k), _compact(s), _compact(p), _compact(d)
@@ -161,24 +249,47 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
 
     @classmethod
     def unsupported(cls, *, dim: int, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                    dilation: Sequence[int], groups: int, padding_mode: str, norm: str) -> Optional[str]:
+                    dilation: Sequence[int], groups: int, padding_mode: str, norm: str, transposed: bool = False,
+                    bias: bool = True) -> Optional[str]:
         """None when the block can represent this conv geometry (every tuple of length ``dim``), else
-        one short reason (the converter calls it before constructing and reports the reason)."""
+        one short reason (the converter calls it before constructing and reports the reason).
+
+        ``transposed``: the geometry of an ``nn.ConvTranspose{dim}d`` (its output_padding never matters
+        here); ``bias=False``: a block whose deploy conv has no bias (BN-free form only)."""
         if dim not in DIMS:
             return f"dim must be 1, 2 or 3, got {dim!r}"
         if norm not in norms.NORM_KINDS:
             return f"norm must be one of {norms.NORM_KINDS}, got {norm!r}"
         if padding_mode not in PADDING_MODES:
             return f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}"
+        if transposed and padding_mode != "zeros":
+            return f"a transposed conv pads only with zeros, got padding_mode={padding_mode!r}"
+        if not bias and norm != "none":
+            return (f"bias=False needs norm='none': a {norm!r} form's main norm has a shift, which the deploy conv "
+                    "takes as its bias")
         return None
 
     # --- the contract (abstract: a subclass that misses one cannot be instantiated) -----------
     @abc.abstractmethod
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
-        """``(kernel (O, C/g, *K), bias (O,))`` of the one conv equal to this block in eval mode.
+        """``(kernel (O, C/g, *K), bias (O,))`` of the one conv equal to this block in eval mode; a
+        transposed block's kernel is in ``nn.ConvTranspose{dim}d``'s layout ``(C, O/g, *K)``; a block
+        built with ``bias=False`` gives a zero bias.
 
         Differentiable in the block's parameters; uses the BN running statistics and each BN's eps.
         """
+
+    def _deployed_kernel_bias(self) -> Tuple[Tensor, Tensor]:
+        """The deploy conv's ``(weight, bias)`` (a zero bias for a conv without one)."""
+        conv = self._deploy_conv_module()
+        bias = conv.bias if conv.bias is not None else torch.zeros(self.out_channels, dtype=conv.weight.dtype,
+                                                                   device=conv.weight.device)
+        return conv.weight, bias
+
+    def _output_major(self, kernel: Tensor) -> Tensor:
+        """A transposed block's kernel ``(C, O/g, *K)`` as ``(O, C/g, *K)`` and back (an involution;
+        :func:`acnet.transforms.swap_in_out`); a conv block's kernel unchanged."""
+        return transforms.swap_in_out(kernel, self.groups) if self.transposed else kernel
 
     @abc.abstractmethod
     def switch_to_deploy(self) -> None:
@@ -243,8 +354,9 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
 
     def _empty_deploy_conv(self, dtype: torch.dtype, device: torch.device, initialise: bool = True) -> nn.Module:
         """The deploy conv's shell; ``initialise=False`` skips the random init when the caller overwrites it."""
-        conv_cls = norms.conv_class(self.dim)
+        conv_cls = norms.conv_class(self.dim, self.transposed)
         factory = conv_cls if initialise else functools.partial(torch.nn.utils.skip_init, conv_cls)
+        extra = dict(output_padding=self.output_padding) if self.transposed else {}
         return factory(
             self.in_channels,
             self.out_channels,
@@ -253,14 +365,32 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
             padding=self.padding,
             dilation=self.dilation,
             groups=self.groups,
-            bias=True,
+            bias=self.has_bias,
             padding_mode=self.padding_mode,
             dtype=dtype,
             device=device,
+            **extra,
         )
 
+    def _make_conv(self, in_channels: int, out_channels: int, kernel: Sequence[int], *, padding: Sequence[int],
+                   stride: Optional[Sequence[int]] = None, dilation: Optional[Sequence[int]] = None,
+                   groups: Optional[int] = None, output_padding: Optional[Sequence[int]] = None,
+                   padding_mode: str = "zeros") -> nn.Module:
+        """A bias-free branch conv of the block's kind (``nn.ConvTranspose{dim}d`` for a transposed block);
+        stride, dilation and groups default to the block's."""
+        conv_cls = norms.conv_class(self.dim, self.transposed)
+        common = dict(stride=_compact(tuple(stride or self.stride_nd)),
+                      dilation=_compact(tuple(dilation or self.dilation_nd)),
+                      groups=self.groups if groups is None else groups, bias=False)
+        if self.transposed:
+            common["output_padding"] = _compact(tuple(output_padding or (0,) * self.dim))
+        else:
+            common["padding_mode"] = padding_mode
+        return conv_cls(in_channels, out_channels, _compact(tuple(kernel)), padding=_compact(tuple(padding)), **common)
+
     def make_deploy_conv(self) -> nn.Module:
-        """A NEW ``nn.Conv{dim}d(bias=True)`` (same geometry, dtype, device) holding the equivalent kernel/bias.
+        """A NEW ``nn.Conv{dim}d`` (``nn.ConvTranspose{dim}d`` for a transposed block; same geometry, dtype,
+        device) holding the equivalent kernel and bias (no bias for a block built with ``bias=False``).
 
         The block itself is not modified.
         """
@@ -272,7 +402,8 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
                 kernel, bias = self.get_equivalent_kernel_bias()
             conv = self._empty_deploy_conv(kernel.dtype, kernel.device, initialise=False)
             conv.weight.copy_(kernel)
-            conv.bias.copy_(bias)
+            if conv.bias is not None:
+                conv.bias.copy_(bias)
         return conv
 
     def branches_nhwc(self) -> bool:
@@ -297,14 +428,19 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
             text += f", dim={self.dim}"
         if self.norm != "batch":
             text += f", norm={self.norm!r}"
+        if self.transposed:
+            text += f", transposed=True, output_padding={self.output_padding}"
+        if not self.has_bias:
+            text += ", bias=False"
         return text
 
 
 def _norm_kind_in(state: Mapping[str, Tensor], main_norm: str, branch_norm: Optional[str]) -> Dict[str, object]:
     """``{"norm": ...}`` as a stored block's entries tell it (``{}`` for the batch form): no running
-    statistics on the main norm -> ``"none"``; on the main norm but not on ``branch_norm`` -> ``"frozen"``."""
+    statistics on the main norm -> ``"none"`` (and ``"bias": False`` when it has no shift either); on
+    the main norm but not on ``branch_norm`` -> ``"frozen"``."""
     if f"{main_norm}.weight" in state and f"{main_norm}.running_mean" not in state:
-        return {"norm": "none"}
+        return {"norm": "none"} if f"{main_norm}.bias" in state else {"norm": "none", "bias": False}
     if branch_norm is not None and f"{main_norm}.running_mean" in state and f"{branch_norm}.weight" in state \
             and f"{branch_norm}.running_mean" not in state:
         return {"norm": "frozen"}
@@ -347,35 +483,31 @@ class ConvBN(ReparamBlock):
         bn_momentum: float = 0.1,
         dim: int = 2,
         norm: str = "batch",
+        transposed: bool = False,
+        output_padding: IntOrTuple = 0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
-                            dim=dim, norm=norm, min_kernel=1)
+                            dim=dim, norm=norm, min_kernel=1, transposed=transposed, output_padding=output_padding,
+                            bias=bias)
         if deploy:
             self.fused_conv = self._empty_deploy_conv(torch.get_default_dtype(), torch.device("cpu"))
         else:
-            self.conv = norms.conv_class(dim)(
-                in_channels,
-                out_channels,
-                self.kernel_size,
-                stride=self.stride,
-                padding=self.padding,
-                dilation=self.dilation,
-                groups=groups,
-                bias=False,
-                padding_mode=padding_mode,
-            )
-            self.bn = norms.make_norm(norm, out_channels, dim, main=True, eps=bn_eps, momentum=bn_momentum)
+            self.conv = self._make_conv(in_channels, out_channels, self.kernel_nd, padding=self.padding_nd,
+                                        output_padding=self.output_padding_nd, padding_mode=padding_mode)
+            self.bn = norms.make_norm(norm, out_channels, dim, main=True, eps=bn_eps, momentum=bn_momentum, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
             return run_conv(self.fused_conv, x)
-        return self.bn(run_conv(self.conv, x))
+        return match_layout(self.bn(run_conv(self.conv, x)), x)
 
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
         if self.deployed:
-            return self.fused_conv.weight, self.fused_conv.bias
-        return norms.fuse_norm(self.conv.weight, self.bn)
+            return self._deployed_kernel_bias()
+        kernel, bias = norms.fuse_norm(self._output_major(self.conv.weight), self.bn)
+        return self._output_major(kernel), bias
 
     def main_branch(self) -> Tuple[Tensor, nn.Module]:
         return self.conv.weight, self.bn

@@ -43,8 +43,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import norms, transforms
-from .block import IntOrPair, ReparamBlock, _dim_in, _norm_kind_in
-from .fastpath import _batch_stats, _bns_fusable, branch_bn_sum, branch_input, bn_train_backward, layout_of, run_conv
+from .block import (IntOrPair, ReparamBlock, _dim_in, _norm_kind_in, apply_input_window, apply_output_window,
+                    branch_window, conv_window_padding, transposed_window_padding)
+from .fastpath import (_batch_stats, _bns_fusable, branch_bn_sum, branch_input, bn_train_backward, layout_of,
+                       match_layout, run_conv)
 
 __all__ = ["DiverseBranchBlock", "IdentityBasedConv1x1", "IdentityBasedConv1x1_1d", "IdentityBasedConv1x1_3d",
            "identity_based_conv1x1", "BNAndPadLayer", "AvgPoolKxK"]
@@ -211,29 +213,46 @@ class AvgPoolKxK(nn.Module):
     """
 
     def __init__(self, kernel_size: Sizes, stride: Sizes = 1, padding: Sizes = 0, dilation: Sizes = 1, *,
-                 dim: int = 2) -> None:
+                 dim: int = 2, transposed: bool = False, output_padding: Sizes = 0) -> None:
         super().__init__()
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
-        self.dim = dim
+        self.dim, self.transposed, self.output_padding = dim, transposed, output_padding
 
     def forward(self, x: Tensor) -> Tensor:
         channels = x.shape[1]
         k = (self.kernel_size,) * self.dim if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
         kernel = x.new_full((channels, 1, *k), 1.0 / math.prod(k))  # avg_pool_kernel(channels, k, groups=channels)
+        if self.transposed:  # the adjoint of the pooling: each input pixel spread over its window
+            conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.dim - 1]
+            return conv_t(x, kernel, None, self.stride, self.padding, self.output_padding, channels, self.dilation)
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
         return conv(x, kernel, None, self.stride, self.padding, self.dilation, channels)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+        text = f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+        return text + (f", transposed=True, output_padding={self.output_padding}" if self.transposed else "")
 
 
-def _conv_bn(in_channels: int, out_channels: int, kernel_size: Sizes, stride: Sizes, padding: Sizes,
-             dilation: Sizes, groups: int, norm: nn.Module, dim: int) -> nn.Sequential:
-    seq = nn.Sequential()
-    seq.add_module("conv", norms.conv_class(dim)(in_channels, out_channels, kernel_size, stride=stride,
-                                                 padding=padding, dilation=dilation, groups=groups, bias=False))
-    seq.add_module("bn", norm)
-    return seq
+class IdentityBasedConvTranspose1x1(nn.Module):
+    """A 1x1 transposed conv (stride 1) whose kernel ``(C, C/g, 1, ...)`` is ``identity + weight`` (``weight``
+    starts at 0): the transposed DBB's identity-based 1x1 (``idconv1``), any dimension."""
+
+    def __init__(self, channels: int, groups: int = 1, dim: int = 2) -> None:
+        super().__init__()
+        self.in_channels = self.out_channels = channels
+        self.groups, self.dim = groups, dim
+        self.weight = nn.Parameter(torch.zeros(channels, channels // groups, *((1,) * dim)))
+        self.register_buffer("id_tensor", transforms.identity_kernel(channels, groups, dim=dim), persistent=False)
+
+    def get_actual_kernel(self) -> Tensor:
+        """``identity + weight``."""
+        return self.weight + self.id_tensor.to(dtype=self.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.dim - 1]
+        return conv_t(x, self.get_actual_kernel(), None, 1, 0, 0, self.groups)
+
+
 
 
 class DiverseBranchBlock(ReparamBlock):
@@ -268,6 +287,9 @@ class DiverseBranchBlock(ReparamBlock):
         bn_momentum: float = 0.1,
         dim: int = 2,
         norm: str = "batch",
+        transposed: bool = False,
+        output_padding: IntOrPair = 0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if padding is None:
@@ -284,17 +306,21 @@ class DiverseBranchBlock(ReparamBlock):
                 padding = 0  # an invalid kernel_size / dilation: _init_geometry names it
         self._init_geometry(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, "zeros",
-            dim=dim, norm=norm, min_kernel=1, odd_kernel=True,
+            dim=dim, norm=norm, min_kernel=1, transposed=transposed, output_padding=output_padding, bias=bias,
         )
         k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
+        op = self.output_padding
         self.nonlinear = nn.Identity() if nonlinear is None else nonlinear
         if deploy:
             self.dbb_reparam = self._empty_deploy_conv(torch.get_default_dtype(), torch.device("cpu"))
             return
         # Depthwise (one input channel per output): no 1x1 branch, the avg branch pools the input itself.
         pointwise = groups < out_channels or in_channels != out_channels
+        # the 1x1 conv of the 1x1-KxK branch is identity-based when it keeps the channel count: the first
+        # conv (in -> internal) of the conv form, the last (internal -> out) of the transposed form
+        kept = out_channels if transposed else in_channels
         if internal_channels_1x1_3x3 is None:
-            internal_channels_1x1_3x3 = in_channels if pointwise else 2 * in_channels
+            internal_channels_1x1_3x3 = kept if pointwise else 2 * kept
         internal = internal_channels_1x1_3x3
         if isinstance(internal, bool) or not isinstance(internal, int) or internal < 1 or internal % groups:
             raise ValueError(
@@ -304,20 +330,37 @@ class DiverseBranchBlock(ReparamBlock):
         conv_cls = norms.conv_class(dim)
 
         def norm_of(channels: int, main: bool = False) -> nn.Module:
-            return norms.make_norm(norm, channels, dim, main=main, eps=bn_eps, momentum=bn_momentum)
+            return norms.make_norm(norm, channels, dim, main=main, eps=bn_eps, momentum=bn_momentum, bias=bias)
 
         def padded(channels: int) -> BNAndPadLayer:
             inner = None if norm == "batch" else norm_of(channels)
             return BNAndPadLayer(p, channels, eps=bn_eps, momentum=bn_momentum, dim=dim, norm=inner)
 
-        self.dbb_origin = _conv_bn(in_channels, out_channels, k, s, p, d, groups, norm_of(out_channels, True), dim)
+        nd = self.kernel_nd
+        self.dbb_origin = nn.Sequential()
+        self.dbb_origin.add_module("conv", self._make_conv(in_channels, out_channels, nd, padding=self.padding_nd,
+                                                           output_padding=self.output_padding_nd))
+        self.dbb_origin.add_module("bn", norm_of(out_channels, True))
+        ones = (1,) * dim
+        window = branch_window(nd, ones, transforms.centre_offsets(nd), self.padding_nd, self.dilation_nd,
+                               self.output_padding_nd if transposed else None)
+        self._window_1x1 = None  # the 1x1 branch's input (conv) / output (transposed) window, if any
+        if transposed:
+            self._init_transposed_branches(in_channels, out_channels, internal, pointwise, window, norm_of)
+            if single_init:
+                self.single_init()
+            return
 
         self.dbb_avg = nn.Sequential()
         if pointwise:
             self.dbb_avg.add_module("conv", conv_cls(in_channels, out_channels, 1, groups=groups, bias=False))
             self.dbb_avg.add_module("bn", padded(out_channels))
             self.dbb_avg.add_module("avg", AvgPoolKxK(k, s, 0, d, dim=dim))
-            self.dbb_1x1 = _conv_bn(in_channels, out_channels, 1, s, 0, 1, groups, norm_of(out_channels), dim)
+            pad_1x1, self._window_1x1 = conv_window_padding(window)
+            self.dbb_1x1 = nn.Sequential()
+            self.dbb_1x1.add_module("conv", self._make_conv(in_channels, out_channels, ones, padding=pad_1x1,
+                                                            dilation=ones))
+            self.dbb_1x1.add_module("bn", norm_of(out_channels))
         else:
             self.dbb_avg.add_module("avg", AvgPoolKxK(k, s, p, d, dim=dim))
         self.dbb_avg.add_module("avgbn", norm_of(out_channels))
@@ -335,20 +378,47 @@ class DiverseBranchBlock(ReparamBlock):
         if single_init:
             self.single_init()
 
+    def _init_transposed_branches(self, in_channels: int, out_channels: int, internal: int, pointwise: bool,
+                                  window, norm_of) -> None:
+        """The transposed form's branches: each the adjoint of the conv form's (its convs transposed, in
+        reverse order), so that every middle norm acts on a transposed conv's output and is followed by a
+        pointwise 1x1 only -- exact everywhere (a shift before a strided transposed conv would not be)."""
+        dim, g, nd = self.dim, self.groups, self.kernel_nd
+        ones = (1,) * dim
+        conv_t = norms.conv_class(dim, transposed=True)
+        self.dbb_avg = nn.Sequential()
+        if pointwise:
+            self.dbb_avg.add_module("avg", AvgPoolKxK(self.kernel_size, self.stride, self.padding, self.dilation,
+                                                      dim=dim, transposed=True, output_padding=self.output_padding))
+            self.dbb_avg.add_module("bn", norm_of(in_channels))
+            self.dbb_avg.add_module("conv", conv_t(in_channels, out_channels, 1, groups=g, bias=False))
+            pad, extra, self._window_1x1 = transposed_window_padding(window, self.stride_nd, ones)
+            self.dbb_1x1 = nn.Sequential()
+            self.dbb_1x1.add_module("conv", self._make_conv(in_channels, out_channels, ones, padding=pad,
+                                                            output_padding=extra, dilation=ones))
+            self.dbb_1x1.add_module("bn", norm_of(out_channels))
+        else:
+            self.dbb_avg.add_module("avg", AvgPoolKxK(self.kernel_size, self.stride, self.padding, self.dilation,
+                                                      dim=dim, transposed=True, output_padding=self.output_padding))
+        self.dbb_avg.add_module("avgbn", norm_of(out_channels))
+        self.dbb_1x1_kxk = nn.Sequential()
+        self.dbb_1x1_kxk.add_module("conv2", self._make_conv(in_channels, internal, nd, padding=self.padding_nd,
+                                                             output_padding=self.output_padding_nd))
+        self.dbb_1x1_kxk.add_module("bn1", norm_of(internal))
+        if internal == out_channels:
+            self.dbb_1x1_kxk.add_module("idconv1", IdentityBasedConvTranspose1x1(out_channels, g, dim))
+        else:
+            self.dbb_1x1_kxk.add_module("conv1", conv_t(internal, out_channels, 1, groups=g, bias=False))
+        self.dbb_1x1_kxk.add_module("bn2", norm_of(out_channels))
+
     @classmethod
-    def unsupported(cls, *, dim, kernel_size, stride, padding, dilation, groups, padding_mode, norm) -> Optional[str]:
+    def unsupported(cls, *, dim, kernel_size, stride, padding, dilation, groups, padding_mode, norm,
+                    transposed: bool = False, bias: bool = True) -> Optional[str]:
         reason = super().unsupported(dim=dim, kernel_size=kernel_size, stride=stride, padding=padding,
-                                     dilation=dilation, groups=groups, padding_mode=padding_mode, norm=norm)
+                                     dilation=dilation, groups=groups, padding_mode=padding_mode, norm=norm,
+                                     transposed=transposed, bias=bias)
         if reason is not None:
             return reason
-        if any(k % 2 == 0 for k in kernel_size):
-            return f"DBB on a {'x'.join(map(str, kernel_size))} kernel: needs odd sizes (centred 1x1 and average branches)"
-        same = tuple(d * (k // 2) for k, d in zip(kernel_size, dilation))
-        if tuple(padding) != same:
-            shown_same = same[0] if len(set(same)) == 1 else same
-            shown = padding[0] if len(set(padding)) == 1 else tuple(padding)
-            return (f"padding must be dilation * (kernel_size // 2) = {shown_same} so that the 1x1 and average "
-                    f"branches align with the KxK window, got {shown}")
         if padding_mode != "zeros":
             return f"DBB supports only padding_mode='zeros', not {padding_mode!r}"
         return None
@@ -379,17 +449,18 @@ class DiverseBranchBlock(ReparamBlock):
         with torch.no_grad():
             for bn in self._branch_output_bns()[1:]:  # scale and shift 0: the branch adds exactly zero
                 bn.weight.fill_(0.0)
-                bn.bias.fill_(0.0)
+                if bn.bias is not None:
+                    bn.bias.fill_(0.0)
             if norms.trainable_norm(self.dbb_origin.bn):
                 self.dbb_origin.bn.weight.fill_(1.0)
 
     @classmethod
     def stored_options(cls, state: Mapping[str, Tensor], in_channels: int) -> Dict[str, object]:
         options: Dict[str, object] = {}
-        if "dbb_1x1_kxk.conv1.weight" in state:
-            options["internal_channels_1x1_3x3"] = state["dbb_1x1_kxk.conv1.weight"].shape[0]
-        elif "dbb_1x1_kxk.idconv1.weight" in state:
-            options["internal_channels_1x1_3x3"] = in_channels
+        # the 1x1 conv's first axis is the internal width in both forms (conv: (D, C/g), transposed: (D, O/g))
+        for key in ("dbb_1x1_kxk.conv1.weight", "dbb_1x1_kxk.idconv1.weight"):
+            if key in state:
+                options["internal_channels_1x1_3x3"] = state[key].shape[0]
         options.update(_dim_in(state, "dbb_origin.conv.weight"))
         options.update(_norm_kind_in(state, "dbb_origin.bn", "dbb_avg.avgbn"))
         return options
@@ -398,55 +469,87 @@ class DiverseBranchBlock(ReparamBlock):
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
             return self.nonlinear(run_conv(self.dbb_reparam, x))
-        x = branch_input(x, self.branches_nhwc())
-        # branch outputs before their final BN, in the order of _branch_output_bns(); run_conv for the
-        # convs that may be 1x1 with a stride (the others have stride 1)
+        y = branch_input(x, self.branches_nhwc())
+        outputs = self._transposed_branches(y) if self.transposed else self._conv_branches(y)
+        # the branch BNs and the sum in one pass (batch statistics in training, else BN by BN)
+        return self.nonlinear(match_layout(branch_bn_sum(outputs, self._branch_output_bns()), x))
+
+    def _conv_branches(self, x: Tensor) -> list:
+        """Branch outputs before their final norm, in the order of _branch_output_bns(); run_conv for the
+        convs that may be 1x1 with a stride (the others have stride 1)."""
         outputs = [run_conv(self.dbb_origin.conv, x)]
         if hasattr(self, "dbb_1x1"):
-            outputs.append(run_conv(self.dbb_1x1.conv, x))
+            windowed = x if self._window_1x1 is None else apply_input_window(x, self._window_1x1)
+            outputs.append(run_conv(self.dbb_1x1.conv, windowed))
         avg = self.dbb_avg
         outputs.append(avg.avg(avg.bn(avg.conv(x))) if hasattr(avg, "conv") else avg.avg(x))
         kxk = self.dbb_1x1_kxk
         first = kxk.idconv1(x) if hasattr(kxk, "idconv1") else kxk.conv1(x)
         outputs.append(run_conv(kxk.conv2, kxk.bn1(first)))
-        # the branch BNs and the sum in one pass (batch statistics in training, else BN by BN)
-        return self.nonlinear(branch_bn_sum(outputs, self._branch_output_bns()))
+        return outputs
+
+    def _transposed_branches(self, x: Tensor) -> list:
+        """The transposed form's branch outputs before their final norm (the adjoint branches)."""
+        outputs = [self.dbb_origin.conv(x)]
+        if hasattr(self, "dbb_1x1"):
+            out = self.dbb_1x1.conv(x)
+            outputs.append(out if self._window_1x1 is None else apply_output_window(out, self._window_1x1))
+        avg = self.dbb_avg
+        outputs.append(avg.conv(avg.bn(avg.avg(x))) if hasattr(avg, "conv") else avg.avg(x))
+        kxk = self.dbb_1x1_kxk
+        last = kxk.idconv1 if hasattr(kxk, "idconv1") else kxk.conv1
+        outputs.append(last(kxk.bn1(kxk.conv2(x))))
+        return outputs
 
     # --- fusion -----------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
-        """Sum of the four branches' kernels/biases, each fused with its norms (see module docstring)."""
+        """Sum of the four branches' kernels/biases, each fused with its norms (see module docstring); a
+        transposed block's kernel in ``ConvTranspose`` layout."""
         if self.deployed:
-            return self.dbb_reparam.weight, self.dbb_reparam.bias
+            return self._deployed_kernel_bias()
         k, g = self.kernel_nd, self.groups
+        major = self._output_major
         kernels, biases = [], []
 
-        k_origin, b_origin = norms.fuse_norm(self.dbb_origin.conv.weight, self.dbb_origin.bn)
+        k_origin, b_origin = norms.fuse_norm(major(self.dbb_origin.conv.weight), self.dbb_origin.bn)
         kernels.append(k_origin)
         biases.append(b_origin)
 
         if hasattr(self, "dbb_1x1"):
-            k_1x1, b_1x1 = norms.fuse_norm(self.dbb_1x1.conv.weight, self.dbb_1x1.bn)
-            kernels.append(transforms.pad_kernel_to(k_1x1, k))
+            k_1x1, b_1x1 = norms.fuse_norm(major(self.dbb_1x1.conv.weight), self.dbb_1x1.bn)
+            kernels.append(transforms.place_kernel(k_1x1, k, transforms.centre_offsets(k)))
             biases.append(b_1x1)
 
         branch = self.dbb_1x1_kxk
-        first = branch.idconv1.get_actual_kernel() if hasattr(branch, "idconv1") else branch.conv1.weight
-        k_first, b_first = norms.fuse_norm(first, branch.bn1.bn)
-        k_second, b_second = norms.fuse_norm(branch.conv2.weight, branch.bn2)
-        k_merged, b_merged = transforms.fuse_1x1_kxk(k_first, b_first, k_second, b_second, groups=g)
-        kernels.append(k_merged)
-        biases.append(b_merged)
-
+        one = branch.idconv1.get_actual_kernel() if hasattr(branch, "idconv1") else branch.conv1.weight
         avg = self.dbb_avg
-        k_avg = transforms.avg_pool_kernel(self.out_channels, k, g, dim=self.dim, dtype=k_origin.dtype,
-                                           device=k_origin.device)
-        k_avg, b_avg = norms.fuse_norm(k_avg, avg.avgbn)
-        if hasattr(avg, "conv"):
-            k_first, b_first = norms.fuse_norm(avg.conv.weight, avg.bn.bn)
-            k_avg, b_avg = transforms.fuse_1x1_kxk(k_first, b_first, k_avg, b_avg, groups=g)
-        kernels.append(k_avg)
-        biases.append(b_avg)
-        return transforms.add_branches(kernels, biases)
+        if self.transposed:  # K kernel, middle norm, then the 1x1: fuse_kxk_1x1
+            k_first, b_first = norms.fuse_norm(major(branch.conv2.weight), branch.bn1)
+            k_last, b_last = norms.fuse_norm(major(one), branch.bn2)
+            k_merged, b_merged = transforms.fuse_kxk_1x1(k_first, b_first, k_last, b_last, groups=g)
+            channels = self.in_channels if hasattr(avg, "conv") else self.out_channels
+            k_avg = transforms.avg_pool_kernel(channels, k, g, dim=self.dim, dtype=k_origin.dtype,
+                                               device=k_origin.device)
+            if hasattr(avg, "conv"):
+                k_avg, b_mid = norms.fuse_norm(k_avg, avg.bn)
+                k_avg, b_avg = transforms.fuse_kxk_1x1(k_avg, b_mid, *norms.fuse_norm(major(avg.conv.weight),
+                                                                                      avg.avgbn), groups=g)
+            else:
+                k_avg, b_avg = norms.fuse_norm(k_avg, avg.avgbn)
+        else:  # 1x1, padded middle norm, then the K kernel: fuse_1x1_kxk
+            k_first, b_first = norms.fuse_norm(one, branch.bn1.bn)
+            k_second, b_second = norms.fuse_norm(branch.conv2.weight, branch.bn2)
+            k_merged, b_merged = transforms.fuse_1x1_kxk(k_first, b_first, k_second, b_second, groups=g)
+            k_avg = transforms.avg_pool_kernel(self.out_channels, k, g, dim=self.dim, dtype=k_origin.dtype,
+                                               device=k_origin.device)
+            k_avg, b_avg = norms.fuse_norm(k_avg, avg.avgbn)
+            if hasattr(avg, "conv"):
+                k_first, b_first = norms.fuse_norm(avg.conv.weight, avg.bn.bn)
+                k_avg, b_avg = transforms.fuse_1x1_kxk(k_first, b_first, k_avg, b_avg, groups=g)
+        kernels += [k_merged, k_avg]
+        biases += [b_merged, b_avg]
+        kernel, bias = transforms.add_branches(kernels, biases)
+        return major(kernel), bias
 
     def switch_to_deploy(self) -> None:
         """Fuse into ``dbb_reparam`` and drop the branches (idempotent); ``nonlinear`` stays."""

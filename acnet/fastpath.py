@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["NHWC_MIN_PIXELS", "NHWC_STRIDED_1X1_MIN_CHANNELS", "layout_of", "nhwc_faulty_geometry", "nhwc_faulty",
            "has_nhwc_faulty_conv", "as_nchw", "run_conv", "conv2d", "conv_nd", "branch_input", "bn_train_backward",
-           "branch_bn_sum"]
+           "branch_bn_sum", "memory_format_of", "match_layout"]
 
 IntOrTuple = Union[int, Sequence[int]]
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -43,6 +43,26 @@ def layout_of(t: Tensor) -> torch.memory_format:
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def memory_format_of(t: Tensor) -> torch.memory_format:
+    """The memory format a stock conv gives its output for the input ``t``: ``channels_last`` (4-d) /
+    ``channels_last_3d`` (5-d) for channels-last strided data, else ``contiguous_format``."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def match_layout(out: Tensor, like: Tensor) -> Tensor:
+    """``out`` in the memory format of the block input ``like`` (:func:`memory_format_of`): what a stock
+    conv returns. No copy when it already is (a block whose branches ran NHWC on NCHW input pays one
+    conversion pass here, so that ``out.view(...)`` works wherever it works after a stock conv)."""
+    fmt = memory_format_of(like)
+    if out.is_contiguous(memory_format=fmt):
+        return out
+    return out.contiguous(memory_format=fmt)
 
 
 def _as_tuple(value: IntOrTuple, length: int) -> Tuple[int, ...]:
@@ -147,8 +167,8 @@ def branch_input(x: Tensor, nhwc: bool = True) -> Tensor:
     oneDNN, PyTorch's CPU conv backend, computes in NHWC; an NCHW conv reorders its input, output and
     gradients on every call, which costs the cheap 1xK / Kx1 / 1x1 branches more than their arithmetic.
     One conversion per block keeps every branch native: a training step of a 3x3 ACB is about 10% and a
-    DBB about 20% faster (``benchmarks/bench_blocks.py``). The block output is then channels_last too, as
-    a conv's is for a channels_last input, so a network of such blocks stays NHWC. Feature maps under
+    DBB about 20% faster (``benchmarks/bench_blocks.py``). The block gives its output back in its input's
+    memory format (:func:`match_layout`, as a stock conv does): NHWC in, NHWC out. Feature maps under
     :data:`NHWC_MIN_PIXELS` pixels (4x4, 2x2: oneDNN's NCHW kernels win there, by up to 30% at 512
     channels) are made NCHW-contiguous instead, and so is every input of a block with ``nhwc=False``
     (a block holding a conv oneDNN cannot train on NHWC data, see :func:`has_nhwc_faulty_conv`; its

@@ -28,6 +28,7 @@ __all__ = ["NORM_KINDS", "FrozenBatchNorm", "ChannelAffine", "batch_norm_class",
 NORM_KINDS: Tuple[str, ...] = ("batch", "frozen", "none")
 _BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_TRANSPOSED_CONVS = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 def batch_norm_class(dim: int) -> type:
@@ -35,9 +36,9 @@ def batch_norm_class(dim: int) -> type:
     return _BATCH_NORMS[dim]
 
 
-def conv_class(dim: int) -> type:
-    """``nn.Conv1d`` / ``2d`` / ``3d``."""
-    return _CONVS[dim]
+def conv_class(dim: int, transposed: bool = False) -> type:
+    """``nn.Conv1d`` / ``2d`` / ``3d`` (``transposed``: ``nn.ConvTranspose1d`` / ``2d`` / ``3d``)."""
+    return (_TRANSPOSED_CONVS if transposed else _CONVS)[dim]
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -73,32 +74,38 @@ class ChannelAffine(nn.Module):
     """A learnable per-channel scale and shift, ``y = weight * x + bias``: a branch norm without statistics.
 
     ``weight`` starts at 1 and ``bias`` at 0 (a BN's affine initialisation); the same in train and eval mode.
+    ``bias=False``: a scale only (``bias`` is None, the shift is exactly zero).
     """
 
-    def __init__(self, num_features: int) -> None:
+    def __init__(self, num_features: int, bias: bool = True) -> None:
         super().__init__()
         self.num_features = num_features
         self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.bias is None:
+            return x * _channel_view(self.weight, x.dim())
         return torch.addcmul(_channel_view(self.bias, x.dim()), x, _channel_view(self.weight, x.dim()))
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}"
+        return f"{self.num_features}" + ("" if self.bias is not None else ", bias=False")
 
 
 def make_norm(kind: str, channels: int, dim: int, *, main: bool, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-              affine: bool = True) -> nn.Module:
+              affine: bool = True, bias: bool = True) -> nn.Module:
     """The norm ending a branch: ``BatchNorm{dim}d`` for ``"batch"``; for ``"frozen"`` a
     :class:`FrozenBatchNorm` on the main branch (``main=True``) and a :class:`ChannelAffine` elsewhere;
-    a :class:`ChannelAffine` everywhere for ``"none"``."""
+    a :class:`ChannelAffine` everywhere for ``"none"`` (``bias=False``: without a shift)."""
     if kind == "batch":
         return batch_norm_class(dim)(channels, eps=eps, momentum=momentum, affine=affine)
     if kind == "frozen" and main:
         return FrozenBatchNorm(channels, eps=eps)
     if kind in ("frozen", "none"):
-        return ChannelAffine(channels)
+        return ChannelAffine(channels, bias=bias)
     raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")
 
 
@@ -115,12 +122,15 @@ def scale_shift(norm: nn.Module) -> Tuple[Tensor, Tensor]:
     :func:`acnet.transforms.bn_scale_shift`.
     """
     if isinstance(norm, ChannelAffine):
-        return norm.weight, norm.bias
+        return norm.weight, norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)
     return transforms.bn_scale_shift(norm)
 
 
 def fuse_norm(kernel: Tensor, norm: nn.Module, conv_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """``norm(conv(x; kernel, conv_bias)) = conv(x; kernel * s, s * conv_bias + t)``, ``(s, t) = scale_shift(norm)``."""
+    """``norm(conv(x; kernel, conv_bias)) = conv(x; kernel * s, s * conv_bias + t)``, ``(s, t) = scale_shift(norm)``.
+
+    ``kernel`` output-channel major (a conv's layout; a transposed conv's kernel after
+    :func:`acnet.transforms.swap_in_out`)."""
     scale, shift = scale_shift(norm)
     return transforms.fuse_scale_shift(kernel, scale, shift, conv_bias)
 
@@ -137,11 +147,16 @@ def load_norm(target: nn.Module, source: Optional[nn.Module], conv_bias: Optiona
     if isinstance(target, ChannelAffine):
         if source is None:
             target.weight.fill_(1.0)
-            target.bias.copy_(conv_bias if conv_bias is not None else torch.zeros_like(target.bias))
-            return
-        scale, shift = scale_shift(source)
-        target.weight.copy_(scale)
-        target.bias.copy_(shift if conv_bias is None else shift + scale * conv_bias)
+            shift = conv_bias
+        else:
+            scale, shift = scale_shift(source)
+            target.weight.copy_(scale)
+            shift = shift if conv_bias is None else shift + scale * conv_bias
+        if target.bias is not None:
+            target.bias.copy_(shift if shift is not None else torch.zeros_like(target.bias))
+        elif shift is not None and bool((shift != 0).any()):
+            raise ValueError("the block has no biases (bias=False): it cannot take a conv bias or a norm's shift; "
+                             "build it with bias=True")
         return
     if source is None or getattr(source, "running_mean", None) is None or getattr(source, "running_var", None) is None:
         raise ValueError(

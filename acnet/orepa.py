@@ -46,7 +46,7 @@ from torch.nn import init
 
 from . import norms, transforms
 from .block import IntOrPair, ReparamBlock, _dim_in, _norm_kind_in
-from .fastpath import conv_nd, run_conv
+from .fastpath import conv_nd, match_layout, run_conv
 
 __all__ = ["OREPABlock", "OREPA_BRANCHES", "OREPA_INITIAL_SCALES"]
 
@@ -97,6 +97,9 @@ class OREPABlock(ReparamBlock):
         bn_momentum: float = 0.1,
         dim: int = 2,
         norm: str = "batch",
+        transposed: bool = False,
+        output_padding: IntOrPair = 0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if padding is None:
@@ -108,7 +111,8 @@ class OREPABlock(ReparamBlock):
             except TypeError:
                 padding = 0  # an invalid kernel_size / dilation: _init_geometry names it
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
-                            dim=dim, norm=norm, min_kernel=1, odd_kernel=True)
+                            dim=dim, norm=norm, min_kernel=1, transposed=transposed, output_padding=output_padding,
+                            bias=bias)
         for name, value in (("init_hyper_para", init_hyper_para), ("init_hyper_gamma", init_hyper_gamma)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"OREPABlock: {name} must be a number >= 0, got {value!r}")
@@ -116,9 +120,12 @@ class OREPABlock(ReparamBlock):
         if deploy:
             self.orepa_reparam = self._empty_deploy_conv(torch.get_default_dtype(), torch.device("cpu"))
             return
-        k, c_g = self.kernel_nd, in_channels // groups
+        # the merged kernel's rows and columns: (O, C/g) for a conv; a transposed block's kernel is the
+        # ConvTranspose layout (C, O/g), i.e. the kernel of the adjoint conv (O -> C), built the same way
+        rows, cols = (in_channels, out_channels) if transposed else (out_channels, in_channels)
+        k, c_g = self.kernel_nd, cols // groups
         if internal_channels_1x1_3x3 is None:
-            internal_channels_1x1_3x3 = in_channels if groups <= 4 else 2 * in_channels
+            internal_channels_1x1_3x3 = cols if groups <= 4 else 2 * cols
         internal = internal_channels_1x1_3x3
         if isinstance(internal, bool) or not isinstance(internal, int) or internal < 1 or internal % groups:
             raise ValueError(
@@ -129,22 +136,21 @@ class OREPABlock(ReparamBlock):
             return nn.Parameter(torch.empty(*shape))
 
         one = (1,) * dim
-        self.weight_orepa_origin = param(out_channels, c_g, *k)
-        self.weight_orepa_avg_conv = param(out_channels, c_g, *one)
-        self.weight_orepa_pfir_conv = param(out_channels, c_g, *one)
+        self.weight_orepa_origin = param(rows, c_g, *k)
+        self.weight_orepa_avg_conv = param(rows, c_g, *one)
+        self.weight_orepa_pfir_conv = param(rows, c_g, *one)
         self.register_buffer("weight_orepa_avg_avg", torch.full(k, 1.0 / math.prod(k)))
-        prior = transforms.frequency_prior(out_channels, k, dim=dim)
+        prior = transforms.frequency_prior(rows, k, dim=dim)
         # 3-d: stored (O, 1, *K), a rank that module.to(memory_format=torch.channels_last_3d) accepts
         self.register_buffer("weight_orepa_prior", prior.unsqueeze(1) if dim == 3 else prior)
-        self.weight_orepa_1x1 = param(out_channels, c_g, *one)
+        self.weight_orepa_1x1 = param(rows, c_g, *one)
         self.weight_orepa_1x1_kxk_idconv1 = nn.Parameter(torch.zeros(internal, c_g, *one))
-        self.register_buffer("id_tensor", transforms.identity_kernel(in_channels, groups, out_channels=internal,
-                                                                     dim=dim))
-        self.weight_orepa_1x1_kxk_conv2 = param(out_channels, internal // groups, *k)
-        self.weight_orepa_gconv_dw = param(in_channels * DEPTHWISE_EXPANSION, 1, *k)
-        self.weight_orepa_gconv_pw = param(out_channels, in_channels * DEPTHWISE_EXPANSION // groups, *one)
-        self.vector = param(len(OREPA_BRANCHES), out_channels)
-        self.bn = norms.make_norm(norm, out_channels, dim, main=True, eps=bn_eps, momentum=bn_momentum)
+        self.register_buffer("id_tensor", transforms.identity_kernel(cols, groups, out_channels=internal, dim=dim))
+        self.weight_orepa_1x1_kxk_conv2 = param(rows, internal // groups, *k)
+        self.weight_orepa_gconv_dw = param(cols * DEPTHWISE_EXPANSION, 1, *k)
+        self.weight_orepa_gconv_pw = param(rows, cols * DEPTHWISE_EXPANSION // groups, *one)
+        self.vector = param(len(OREPA_BRANCHES), rows)
+        self.bn = norms.make_norm(norm, out_channels, dim, main=True, eps=bn_eps, momentum=bn_momentum, bias=bias)
         self.reset_parameters(init_hyper_para, init_hyper_gamma)
         if single_init:
             self.single_init()
@@ -189,12 +195,11 @@ class OREPABlock(ReparamBlock):
         return self.weight_orepa_origin, self.bn
 
     @classmethod
-    def unsupported(cls, *, dim, kernel_size, stride, padding, dilation, groups, padding_mode, norm) -> Optional[str]:
-        reason = super().unsupported(dim=dim, kernel_size=kernel_size, stride=stride, padding=padding,
-                                     dilation=dilation, groups=groups, padding_mode=padding_mode, norm=norm)
-        if reason is None and any(k % 2 == 0 for k in kernel_size):
-            return f"OREPA on a {'x'.join(map(str, kernel_size))} kernel: needs odd sizes (centred branches)"
-        return reason
+    def unsupported(cls, *, dim, kernel_size, stride, padding, dilation, groups, padding_mode, norm,
+                    transposed: bool = False, bias: bool = True) -> Optional[str]:
+        return super().unsupported(dim=dim, kernel_size=kernel_size, stride=stride, padding=padding,
+                                   dilation=dilation, groups=groups, padding_mode=padding_mode, norm=norm,
+                                   transposed=transposed, bias=bias)
 
     @classmethod
     def stored_options(cls, state: Mapping[str, Tensor], in_channels: int) -> Dict[str, object]:
@@ -214,15 +219,19 @@ class OREPABlock(ReparamBlock):
         """
         self._training_form()
         pointwise = self.weight_orepa_gconv_pw
-        if 1 < self.groups < self.out_channels:
+        if 1 < self.groups < pointwise.shape[0]:
             pointwise = _original_pointwise_order(pointwise, self.groups)
         return _MergedKernel.apply(
             self.weight_orepa_origin, self.weight_orepa_avg_conv, self.weight_orepa_pfir_conv, self.weight_orepa_1x1,
             self.weight_orepa_1x1_kxk_idconv1, self.weight_orepa_1x1_kxk_conv2, self.weight_orepa_gconv_dw, pointwise,
             self.vector, self.weight_orepa_avg_avg, self.weight_orepa_prior, self.id_tensor, self.groups,
+            _flat_centre(self.kernel_nd),
         )
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        if self.transposed:
+            conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.dim - 1]
+            return conv_t(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
         if self.padding_mode != "zeros":
             pads = []
             for q in reversed(self.padding_nd):
@@ -234,14 +243,15 @@ class OREPABlock(ReparamBlock):
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
             return self.nonlinear(run_conv(self.orepa_reparam, x))
-        return self.nonlinear(self.bn(self._conv(x, self.weight_gen())))
+        return self.nonlinear(match_layout(self.bn(self._conv(x, self.weight_gen())), x))
 
     # --- fusion -----------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
         """``(W * s, t)``: the merged kernel folded with the BN's eval-mode scale ``s`` and shift ``t``."""
         if self.deployed:
-            return self.orepa_reparam.weight, self.orepa_reparam.bias
-        return norms.fuse_norm(self.weight_gen(), self.bn)
+            return self._deployed_kernel_bias()
+        kernel, bias = norms.fuse_norm(self._output_major(self.weight_gen()), self.bn)
+        return self._output_major(kernel), bias
 
     def switch_to_deploy(self) -> None:
         """Fuse into ``orepa_reparam`` and drop the branches, scales and BN (idempotent); ``nonlinear`` stays."""
@@ -256,6 +266,15 @@ class OREPABlock(ReparamBlock):
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.deployed else f", internal_channels_1x1_3x3="
                                        f"{self.weight_orepa_1x1_kxk_idconv1.shape[0]}")
+
+
+def _flat_centre(kernel: Tuple[int, ...]) -> int:
+    """Flat index of the centre tap (:func:`acnet.transforms.centre_offsets`) of a kernel of size ``kernel``
+    (``taps // 2`` for odd sizes)."""
+    index = 0
+    for k, o in zip(kernel, transforms.centre_offsets(kernel)):
+        index = index * k + o
+    return index
 
 
 def _original_pointwise_order(pointwise: Tensor, groups: int) -> Tensor:
@@ -292,7 +311,7 @@ class _MergedKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, origin, avg_conv, prior_conv, centre, idconv1, conv2, dw, pw, vector, avg_kernel, prior,
-                identity, groups):
+                identity, groups, centre_tap):
         with _no_autocast(origin.device.type):
             out_ch, c_g = origin.shape[:2]
             taps, g = math.prod(origin.shape[2:]), groups
@@ -306,12 +325,12 @@ class _MergedKernel(torch.autograd.Function):
             kernel.addcmul_(prior_conv.view(out_ch, c_g, 1) * v[2], prior.reshape(out_ch, 1, taps))
             kernel.view(g, o_g, c_g, taps).addcmul_(m11, v[3].view(g, o_g, 1, 1))
             kernel.view(g, o_g, c_g, taps).addcmul_(mdp, v[5].view(g, o_g, 1, 1))
-            kernel[:, :, taps // 2].addcmul_(centre.view(out_ch, c_g), vector[4].view(out_ch, 1))
+            kernel[:, :, centre_tap].addcmul_(centre.view(out_ch, c_g), vector[4].view(out_ch, 1))
         # Only inputs are saved (parameters and constants): the kernel-sized intermediates are
         # recomputed or avoided in backward, so the block holds no memory beyond the conv's own.
         ctx.save_for_backward(origin, avg_conv, prior_conv, centre, idconv1, conv2, dw, pw, vector, avg_kernel,
                               prior, identity)
-        ctx.groups = groups
+        ctx.groups, ctx.centre_tap = groups, centre_tap
         return kernel.view(origin.shape)
 
     @staticmethod
@@ -331,7 +350,7 @@ class _MergedKernel(torch.autograd.Function):
             # the fixed-pattern branches: <G, pattern> over the taps, per (o, c)
             on_avg = torch.mv(grad.view(-1, taps), avg_kernel.reshape(taps)).view(out_ch, c_g)
             on_prior = torch.bmm(grad, prior.reshape(out_ch, taps, 1)).view(out_ch, c_g)
-            on_centre = grad[:, :, taps // 2]
+            on_centre = grad[:, :, ctx.centre_tap]
             grads = []
             for row, on, weight in ((1, on_avg, avg_conv), (2, on_prior, prior_conv), (4, on_centre, centre)):
                 grad_vector[row] = (on * weight.view(out_ch, c_g)).sum(1)
@@ -353,7 +372,8 @@ class _MergedKernel(torch.autograd.Function):
             scaled_pw_b = (pw.view(out_ch, c_g * m) * vector[5].view(out_ch, 1)).view(g, o_g, c_g, m)
             scaled_pw_b = scaled_pw_b.transpose(1, 2).reshape(g * c_g, o_g, m)
             grad_dw = torch.bmm(scaled_pw_b.transpose(1, 2), grad_t).view(dw.shape)
-        return (grad_origin, *grads, grad_first, grad_conv2, grad_dw, grad_pw, grad_vector, None, None, None, None)
+        return (grad_origin, *grads, grad_first, grad_conv2, grad_dw, grad_pw, grad_vector, None, None, None, None,
+                None)
 
 
 def _merge_1x1_kxk_backward(grad: Tensor, first: Tensor, conv2: Tensor, groups: int) -> Tuple[Tensor, Tensor]:

@@ -28,7 +28,10 @@ __all__ = [
     "avg_pool_kernel",
     "identity_kernel",
     "pad_kernel_to",
+    "place_kernel",
     "add_to_centre",
+    "swap_in_out",
+    "fuse_kxk_1x1",
     "merge_1x1_kxk_kernel",
     "merge_depthwise_pointwise",
     "frequency_prior",
@@ -271,3 +274,63 @@ def add_to_centre(square: Tensor, small: Tensor) -> Tensor:
     column, a Kx1x1 on the centre line along the first axis (ACNet's kernel skeleton).
     """
     return square + pad_kernel_to(small, tuple(square.shape[2:]))
+
+
+def centre_offsets(size: Sequence[int]) -> Tuple[int, ...]:
+    """Index of the centre tap on each axis of a kernel of ``size``: ``(K - 1) // 2`` (``K // 2`` for odd
+    ``K``; for even ``K`` the tap PyTorch's ``padding="same"`` puts over the output pixel)."""
+    return tuple((k - 1) // 2 for k in size)
+
+
+def place_kernel(kernel: Tensor, size: Size, offsets: Sequence[int]) -> Tensor:
+    """Zero-pad a ``k`` kernel to ``K`` with its first tap at ``offsets`` on each spatial axis.
+
+    ``conv(x; place_kernel(k, K, o), padding=p)`` reads, on each axis, what ``conv(x; k)`` reads on the
+    input padded by ``p - d*o`` before and ``p - d*(K - k - o)`` after (dilation ``d``; a negative
+    amount crops): see :func:`acnet.block.branch_window`.
+    """
+    dim = kernel.dim() - 2
+    target = _size(size, dim)
+    small = tuple(kernel.shape[2:])
+    if len(offsets) != dim or any(o < 0 or o + k > t for o, k, t in zip(offsets, small, target)):
+        raise ValueError(f"place_kernel: a {'x'.join(map(str, small))} kernel at {tuple(offsets)} does not fit in "
+                         f"{'x'.join(map(str, target))}")
+    pads = []
+    for o, k, t in reversed(list(zip(offsets, small, target))):
+        pads += [o, t - k - o]
+    return F.pad(kernel, pads)
+
+
+def swap_in_out(kernel: Tensor, groups: int = 1) -> Tensor:
+    """A conv kernel ``(O, C/g, *K)`` in a transposed conv's layout ``(C, O/g, *K)``, and back (an involution).
+
+    Within group ``j``: ``out[j*C/g + c, o] = kernel[j*O/g + o, c]`` (no spatial flip). A transposed
+    conv's kernel ``(C, O/g, *K)`` becomes output-channel major, ``(O, C/g, *K)``, where the per-output-
+    channel algebra (:func:`fuse_scale_shift`, :func:`add_branches`, :func:`fuse_kxk_1x1`) applies.
+    """
+    rows, cols = kernel.shape[:2]
+    if rows % groups:
+        raise ValueError(f"swap_in_out: {rows} rows are not divisible by groups={groups}")
+    spatial = tuple(kernel.shape[2:])
+    grouped = kernel.reshape(groups, rows // groups, cols, *spatial).transpose(1, 2)
+    return grouped.reshape(groups * cols, rows // groups, *spatial)
+
+
+def fuse_kxk_1x1(k1: Tensor, b1: Tensor, k2: Tensor, b2: Tensor, groups: int = 1) -> KernelBias:
+    """A K kernel ``(k1, b1)`` (``(D, C/g, *K)``, output-channel major) followed by a 1x1 conv ``(k2, b2)``
+    (``(O, D/g, 1, ...)``), both with ``groups``, as one kernel ``(O, C/g, *K)``.
+
+    ``k[o, c] = sum_d k2[o, d] * k1[d, c]``, ``b[o] = b2[o] + sum_d k2[o, d] * b1[d]`` (within a group):
+    exact everywhere, borders included, since the 1x1 conv is pointwise (the transposed DBB's
+    KxK-then-1x1 and average-then-1x1 branches, whose middle norm acts on the transposed conv's output).
+    """
+    D, c_g = k1.shape[:2]
+    O, d_g = k2.shape[:2]
+    if any(v != 1 for v in k2.shape[2:]) or D % groups or O % groups or D // groups != d_g:
+        raise ValueError(f"fuse_kxk_1x1: incompatible shapes k1={tuple(k1.shape)}, k2={tuple(k2.shape)} "
+                         f"for groups={groups}")
+    spatial = tuple(k1.shape[2:])
+    k2g = k2.reshape(groups, O // groups, d_g)
+    kernel = torch.bmm(k2g, k1.reshape(groups, d_g, -1)).reshape(O, c_g, *spatial)
+    bias = b2 + torch.bmm(k2g, b1.reshape(groups, d_g, 1)).reshape(O)
+    return kernel, bias

@@ -227,14 +227,17 @@ def test_equivalent_kernel_passes_gradcheck():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(kernel_size=4, padding=1), "kernel_size must be an odd int >= 3"),
-        (dict(kernel_size=1), "kernel_size must be an odd int >= 3"),
+        (dict(kernel_size=0, padding=1), "kernel_size must be an int >= 1"),
+        (dict(kernel_size=1), "two axes of size > 1"),
         (dict(kernel_size=3, padding=-1), "padding must be >= 0"),
         (dict(kernel_size=3, padding=1, groups=4), "divisible by groups"),
         (dict(kernel_size=3, stride=0), "stride must be >= 1"),
         (dict(kernel_size=3, dilation=0), "dilation must be >= 1"),
         (dict(kernel_size=(1, 3)), "two axes of size > 1"),  # non-square kernels: where the 1-D branches fit
-        (dict(kernel_size=(3, 4)), "kernel_size must be an odd int >= 3"),
+        (dict(kernel_size=3, output_padding=1, stride=2), "output_padding is for transposed=True blocks"),
+        (dict(kernel_size=3, transposed=True, output_padding=2, stride=2), "smaller than stride or dilation"),
+        (dict(kernel_size=3, transposed=True, padding_mode="reflect"), "pads only with zeros"),
+        (dict(kernel_size=3, bias=False), "bias=False needs norm='none'"),
         (dict(kernel_size=3, dim=1), "ACB on a 1-D conv"),
         (dict(kernel_size=3, norm="group"), "norm must be one of"),
         (dict(kernel_size=3, norm="frozen", use_affine=False), "use_affine=False needs norm='batch'"),

@@ -176,9 +176,9 @@ def test_equivalent_kernel_passes_gradcheck():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(kernel_size=4), "kernel_size must be an odd int"),
-        (dict(kernel_size=3, padding=0), "padding must be dilation"),
-        (dict(kernel_size=3, padding=2), "padding must be dilation"),
+        (dict(kernel_size=0), "kernel_size must be an int >= 1"),
+        (dict(kernel_size=3, padding=-1), "padding must be >= 0"),
+        (dict(kernel_size=3, bias=False, norm="frozen"), "bias=False needs norm='none'"),
         (dict(kernel_size=3, groups=4), "divisible by groups"),
         (dict(kernel_size=3, groups=2, internal_channels_1x1_3x3=5), "internal_channels_1x1_3x3"),
         (dict(kernel_size=3, stride=0), "stride must be >= 1"),

@@ -214,7 +214,7 @@ def test_bf16_autocast_builds_the_kernel_in_float32():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(kernel_size=4), "odd"),
+    (dict(kernel_size=0), "kernel_size must be an int >= 1"),
     (dict(internal_channels_1x1_3x3=3, groups=2), "multiple of groups"),
     (dict(init_hyper_gamma=-1.0), "init_hyper_gamma"),
 ])
