@@ -28,6 +28,7 @@ def block_class(entry: Any) -> type:
 
 BLOCK_CLASSES = {name: block_class(entry) for name, entry in BLOCK_REGISTRY.items()}
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 
 
@@ -37,32 +38,56 @@ def accepts(cls: type, argument: str) -> bool:
 
 @st.composite
 def forms(draw, cls: type) -> Dict[str, Any]:
-    """A geometry and form the block accepts (``unsupported()`` is None), with a small input shape."""
+    """A geometry and form the block accepts (``unsupported()`` is None), with a small input shape:
+    conv or transposed conv (with an output_padding), even and odd kernels, any padding (0 included),
+    with or without bias in the BN-free form."""
     dim = draw(st.sampled_from([1, 2, 3]))
     norm = draw(st.sampled_from(NORM_KINDS))
-    sizes = [1, 3, 5] if dim < 3 else [1, 3]
+    sizes = [1, 2, 3, 4, 5] if dim < 3 else [1, 2, 3]
     kernel = tuple(draw(st.sampled_from(sizes)) for _ in range(dim))
     if draw(st.booleans()):
         kernel = (kernel[0],) * dim  # cubic
     dilation = tuple(draw(st.sampled_from([1, 1, 2])) for _ in range(dim))
     stride = tuple(draw(st.sampled_from([1, 1, 2])) for _ in range(dim))
-    same = tuple(d * (k // 2) for k, d in zip(kernel, dilation))
+    same = tuple(d * ((k - 1) // 2) for k, d in zip(kernel, dilation))
     padding = same if draw(st.booleans()) else tuple(draw(st.integers(0, s + 1)) for s in same)
+    transposed = accepts(cls, "transposed") and draw(st.sampled_from([False, False, True]))
+    output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation)) \
+        if transposed else (0,) * dim
+    bias = draw(st.booleans()) if norm == "none" and accepts(cls, "bias") else True
     mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"])) \
-        if accepts(cls, "padding_mode") else "zeros"
+        if accepts(cls, "padding_mode") and not transposed else "zeros"
     groups, cin, cout = draw(st.sampled_from([(1, 2, 3), (1, 3, 2), (2, 4, 2), (2, 2, 4), (3, 3, 3)]))
+    extra = dict(transposed=True) if transposed else {}
+    if not bias:
+        extra["bias"] = False
     assume(cls.unsupported(dim=dim, kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
-                           groups=groups, padding_mode=mode, norm=norm) is None)
-    # smallest map that leaves one output pixel and is larger than the padding (reflect / circular need that)
-    low = [max(d * (k - 1) + 1 - 2 * p, p + 1, 2) for k, d, p in zip(kernel, dilation, padding)]
+                           groups=groups, padding_mode=mode, norm=norm, **extra) is None)
+    if transposed:  # smallest map whose transposed output has a pixel
+        low = [1 + max(0, -(-(2 * p - d * (k - 1) - o) // s))
+               for k, d, p, s, o in zip(kernel, dilation, padding, stride, output_padding)]
+    else:  # smallest map that leaves one output pixel and is larger than the padding (reflect / circular need that)
+        low = [max(d * (k - 1) + 1 - 2 * p, p + 1, 2) for k, d, p in zip(kernel, dilation, padding)]
     shape = tuple(draw(st.integers(v, v + 3)) for v in low)
     return dict(dim=dim, norm=norm, kernel=kernel, stride=stride, padding=padding, dilation=dilation, mode=mode,
-                groups=groups, cin=cin, cout=cout, shape=shape, seed=draw(st.integers(0, 2**16)))
+                groups=groups, cin=cin, cout=cout, shape=shape, transposed=transposed,
+                output_padding=output_padding, bias=bias, seed=draw(st.integers(0, 2**16)))
+
+
+def form_options(case: Dict[str, Any]) -> Dict[str, Any]:
+    """The constructor keywords of the case's transposed / bias-free form (none for the plain form)."""
+    options: Dict[str, Any] = {}
+    if case.get("transposed"):
+        options.update(transposed=True, output_padding=case["output_padding"])
+    if not case.get("bias", True):
+        options["bias"] = False
+    return options
 
 
 def build(cls: type, case: Dict[str, Any], dtype=torch.float64):
     kwargs = dict(kernel_size=case["kernel"], stride=case["stride"], padding=case["padding"],
-                  dilation=case["dilation"], groups=case["groups"], dim=case["dim"], norm=case["norm"])
+                  dilation=case["dilation"], groups=case["groups"], dim=case["dim"], norm=case["norm"],
+                  **form_options(case))
     if accepts(cls, "padding_mode"):
         kwargs["padding_mode"] = case["mode"]
     block = randomize_all_(cls(case["cin"], case["cout"], **kwargs).double(), case["seed"]).to(dtype)
@@ -79,8 +104,13 @@ def check_deploy_equals_training_form(cls: type, case: Dict[str, Any], dtype, to
     with torch.no_grad():
         expected = block(x)
         conv = block.make_deploy_conv()
-        assert type(conv) is CONVS[case["dim"]] and conv.bias is not None and conv.weight.dtype == dtype
+        kind = (TRANSPOSED if case["transposed"] else CONVS)[case["dim"]]
+        assert type(conv) is kind and (conv.bias is not None) == case["bias"] and conv.weight.dtype == dtype
         assert (conv.padding_mode, conv.groups) == (case["mode"], case["groups"])
+        if case["transposed"]:
+            assert tuple(conv.output_padding) == case["output_padding"]
+        kernel, bias = block.get_equivalent_kernel_bias()
+        assert kernel.shape == conv.weight.shape and (case["bias"] or not bias.any())
         assert relative_difference(conv(x), expected) <= tol
         block.switch_to_deploy()
         assert block.deployed and block.deploy_conv_name in dict(block.named_children())
@@ -93,7 +123,7 @@ def check_deploy_equals_training_form(cls: type, case: Dict[str, Any], dtype, to
 def test_deploy_equals_training_form_float64(name):
     cls = BLOCK_CLASSES[name]
 
-    @settings(max_examples=15, **SETTINGS)
+    @settings(max_examples=30, **SETTINGS)
     @given(forms(cls))
     def check(case):
         check_deploy_equals_training_form(cls, case, torch.float64, 1e-10)
@@ -123,11 +153,13 @@ def test_unsupported_agrees_with_the_constructor(name):
         kernel = tuple(data.draw(st.integers(1, 4)) for _ in range(dim))
         padding = tuple(data.draw(st.integers(0, 2)) for _ in range(dim))
         mode = data.draw(st.sampled_from(["zeros", "reflect"])) if accepts(cls, "padding_mode") else "zeros"
+        form = dict(transposed=data.draw(st.booleans()), bias=data.draw(st.booleans())) \
+            if accepts(cls, "transposed") else {}
         reason = cls.unsupported(dim=dim, kernel_size=kernel, stride=(1,) * dim, padding=padding,
-                                 dilation=(1,) * dim, groups=1, padding_mode=mode, norm=norm)
+                                 dilation=(1,) * dim, groups=1, padding_mode=mode, norm=norm, **form)
         extra = dict(padding_mode=mode) if accepts(cls, "padding_mode") else {}
         try:
-            cls(2, 2, kernel, padding=padding, dim=dim, norm=norm, **extra)
+            cls(2, 2, kernel, padding=padding, dim=dim, norm=norm, **extra, **form)
         except ValueError as error:
             assert reason is not None or "kernel_size must be" in str(error), str(error)
         else:
@@ -137,16 +169,33 @@ def test_unsupported_agrees_with_the_constructor(name):
     check()
 
 
+#: The block forms of issue 27 the contract runs over too: (label, constructor keywords, unsupported() keywords).
+EXTRA_FORMS = {
+    "plain": ({}, {}),
+    "transposed": (dict(transposed=True, output_padding=1, stride=2), dict(transposed=True)),
+    "no-bias": (dict(bias=False), dict(bias=False)),
+}
+
+
+def form_accepted(cls: type, form: str, dim: int, norm: str, kernel: int = 3, padding: int = 1) -> bool:
+    options, asked = EXTRA_FORMS[form]
+    if asked and not accepts(cls, "transposed"):
+        return False
+    stride = options.get("stride", 1)
+    return cls.unsupported(dim=dim, kernel_size=(kernel,) * dim, stride=(stride,) * dim, padding=(padding,) * dim,
+                           dilation=(1,) * dim, groups=1, padding_mode="zeros", norm=norm, **asked) is None
+
+
 @pytest.mark.parametrize("name", list(BLOCK_CLASSES))
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("norm", NORM_KINDS)
-def test_class_attributes_and_stored_options_rebuild_a_stored_block(name, dim, norm):
+@pytest.mark.parametrize("form", list(EXTRA_FORMS))
+def test_class_attributes_and_stored_options_rebuild_a_stored_block(name, dim, norm, form):
     cls = BLOCK_CLASSES[name]
-    kernel = (3,) * dim
-    if cls.unsupported(dim=dim, kernel_size=kernel, stride=(1,) * dim, padding=(1,) * dim, dilation=(1,) * dim,
-                       groups=1, padding_mode="zeros", norm=norm) is not None:
+    if not form_accepted(cls, form, dim, norm):
         return
-    block = cls(4, 6, 3, padding=1, dim=dim, norm=norm)
+    options_in, _ = EXTRA_FORMS[form]
+    block = cls(4, 6, 3, padding=1, dim=dim, norm=norm, **options_in)
     state = block.state_dict()
     assert isinstance(cls.signature, str) and cls.signature
     # the plain unit (``base``) is recognised by its BN statistics: its BN-free form has none (a conv with a
@@ -155,7 +204,10 @@ def test_class_attributes_and_stored_options_rebuild_a_stored_block(name, dim, n
         assert cls.signature in state
     assert isinstance(cls.recipe_options, tuple) and all(accepts(cls, o) for o in cls.recipe_options)
     options = cls.stored_options(state, 4)
-    rebuilt = cls(4, 6, 3, padding=1, **options)
+    # a transposed block is stored like a conv one: the stock conv's class tells it, not the entries
+    told = {k: v for k, v in options_in.items() if k != "bias"}
+    assert options.get("bias", True) == options_in.get("bias", True)  # bias=False is read from the entries
+    rebuilt = cls(4, 6, 3, padding=1, **options, **told)
 
     def shapes(entries):  # a frozen BN is stored like a BN without its batch count (ConvBN, OREPA: told apart by it
         return {k: tuple(v.shape) for k, v in entries.items() if not k.endswith("num_batches_tracked")}
@@ -169,19 +221,24 @@ def test_class_attributes_and_stored_options_rebuild_a_stored_block(name, dim, n
     with torch.no_grad():
         assert relative_difference(rebuilt.eval()(x), block.eval()(x)) <= 1e-6
     block.switch_to_deploy()
-    assert isinstance(getattr(block, cls.deploy_conv_name), CONVS[dim])
+    deployed = getattr(block, cls.deploy_conv_name)
+    assert isinstance(deployed, (TRANSPOSED if "transposed" in options_in else CONVS)[dim])
+    assert (deployed.bias is None) == (options_in.get("bias", True) is False)
 
 
 @pytest.mark.parametrize("name", list(BLOCK_CLASSES))
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("norm", NORM_KINDS)
-def test_load_main_branch_single_init_and_init_gamma(name, dim, norm):
+@pytest.mark.parametrize("form", list(EXTRA_FORMS))
+def test_load_main_branch_single_init_and_init_gamma(name, dim, norm, form):
     cls = BLOCK_CLASSES[name]
-    if cls.unsupported(dim=dim, kernel_size=(3,) * dim, stride=(1,) * dim, padding=(1,) * dim, dilation=(1,) * dim,
-                       groups=1, padding_mode="zeros", norm=norm) is not None:
+    if not form_accepted(cls, form, dim, norm):
         return
-    block = randomize_all_(cls(3, 4, 3, padding=1, dim=dim, norm=norm).double(), 1).eval()
-    conv = CONVS[dim](3, 4, 3, padding=1, bias=True).double()
+    options, _ = EXTRA_FORMS[form]
+    block = randomize_all_(cls(3, 4, 3, padding=1, dim=dim, norm=norm, **options).double(), 1).eval()
+    stock = TRANSPOSED[dim] if options.get("transposed") else CONVS[dim]
+    conv = stock(3, 4, 3, padding=1, bias=options.get("bias", True),
+                 **{k: v for k, v in options.items() if k in ("stride", "output_padding")}).double()
     follower = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1](4).double() if norm != "none" else None
     randomize_all_(conv, 2)
     if follower is not None:
