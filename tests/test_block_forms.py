@@ -288,3 +288,110 @@ def test_the_forms_benchmark_times_every_block_the_form_accepts():
     assert set(one_d) == {"plain", "DBB", "OREPA"}  # no 1-D ACB
     three_d = bench_form(3, "frozen", (1, 4, 3, 5, 5), (1, 3, 3), rounds=1, warmup=0)
     assert set(three_d) == {"plain", "ACB", "DBB", "OREPA"} and all(len(t) == 1 and t[0] > 0 for t in three_d.values())
+
+
+# --- issue 27: no layout leaks, transposed, bias-free, even-kernel and padding-0 forms --------------------
+#: (label, block class, constructor keywords) of every new form, 2-d unless ``dim`` says otherwise.
+LAYOUT_FORMS = [(f"{cls.__name__}-{label}", cls, dict(kwargs)) for cls in BLOCKS for label, kwargs in [
+    ("conv", dict(kernel_size=3, padding=1)),
+    ("stride2", dict(kernel_size=3, padding=1, stride=2)),
+    ("padding0", dict(kernel_size=3, padding=0)),
+    ("even4-s4", dict(kernel_size=4, padding=0, stride=4)),
+    ("even2-s2", dict(kernel_size=2, padding=0, stride=2)),
+    ("no-bias", dict(kernel_size=3, padding=1, norm="none", bias=False)),
+    ("transposed-s2", dict(kernel_size=3, padding=1, stride=2, transposed=True, output_padding=1)),
+    ("transposed-even4", dict(kernel_size=4, padding=1, stride=2, transposed=True)),
+    ("transposed-3d", dict(kernel_size=3, padding=1, stride=2, transposed=True, output_padding=1, dim=3)),
+    ("frozen-3d", dict(kernel_size=3, padding=1, dim=3, norm="frozen")),
+]]
+
+
+@pytest.mark.parametrize("label, cls, kwargs", LAYOUT_FORMS, ids=[f[0] for f in LAYOUT_FORMS])
+def test_every_block_form_returns_its_output_in_the_input_memory_format(label, cls, kwargs):
+    """A stock conv's rule: NCHW in, NCHW out (``.view`` works, as torchvision's keypoint head needs);
+    channels_last in, channels_last out -- in training (the NHWC fast path inside) and in eval mode."""
+    dim = kwargs.get("dim", 2)
+    block = cls(16, 8, **kwargs)
+    x = torch.randn(2, 16, *(12,) * dim)
+    last = torch.channels_last_3d if dim == 3 else torch.channels_last
+    for mode in ("train", "eval"):
+        getattr(block, mode)()
+        out = block(x)
+        assert out.is_contiguous(), f"{label} ({mode}): an NCHW input gave a non-contiguous output"
+        out.view(out.shape[0], -1)
+        out.sum().backward()
+        assert x.grad is None  # (x needs no grad) the backward ran through the layout conversion
+        out_last = block(x.contiguous(memory_format=last))
+        assert out_last.is_contiguous(memory_format=last) and not out_last.is_contiguous(), f"{label} ({mode})"
+        torch.testing.assert_close(out_last, out, rtol=1e-4, atol=1e-4) if mode == "eval" else None
+    block.switch_to_deploy()
+    assert block(x).is_contiguous()
+
+
+@pytest.mark.parametrize("cls", [ConvBN, ACBlock, DiverseBranchBlock, OREPABlock])
+def test_bias_free_form_has_no_bias_anywhere_and_takes_a_bias_free_conv_exactly(cls):
+    block = randomize_all_(cls(4, 6, 3, padding=1, norm="none", bias=False).double(), 3)
+    assert not [n for n, _ in block.named_parameters() if n.endswith("bias")]
+    if cls is DiverseBranchBlock:  # the padded intermediate maps pad with the (absent) shift: zero
+        assert torch.equal(block.dbb_1x1_kxk.bn1.pad_values(), torch.zeros(4, dtype=torch.float64))
+    kernel, bias = block.get_equivalent_kernel_bias()
+    assert torch.equal(bias, torch.zeros_like(bias))
+    conv = randomize_all_(nn.Conv2d(4, 6, 3, padding=1, bias=False).double(), 4)
+    block.load_main_branch(conv.weight, None, None)
+    x = make_input(dict(dim=2))
+    with torch.no_grad():
+        assert relative_difference(block(x), conv(x)) <= 1e-10
+        deployed = block.make_deploy_conv()
+        assert deployed.bias is None and relative_difference(deployed(x), conv(x)) <= 1e-10
+    with pytest.raises(ValueError, match="bias=False"):
+        block.load_main_branch(conv.weight, torch.ones(6, dtype=torch.float64), None)  # a conv bias has no place
+    randomize_all_(block, 5)
+    with torch.no_grad():  # trained: still exact, still no bias
+        assert relative_difference(block.make_deploy_conv()(x), block(x)) <= 1e-10
+
+
+@pytest.mark.parametrize("cls", [ACBlock, DiverseBranchBlock, OREPABlock])
+@pytest.mark.parametrize("kwargs", [
+    dict(transposed=True, stride=2, padding=1, output_padding=1),
+    dict(transposed=True, kernel_size=4, stride=2, padding=1, norm="none", bias=False),
+    dict(kernel_size=4, stride=2, padding=1, norm="frozen"),
+    dict(kernel_size=3, padding=0, norm="none"),
+], ids=["transposed", "transposed-even-nobias", "even-frozen", "padding0"])
+def test_equivalent_kernel_of_the_issue27_forms_passes_gradcheck(cls, kwargs):
+    kwargs = dict(kwargs)
+    kernel = kwargs.pop("kernel_size", 3)
+    extra = dict(internal_channels_1x1_3x3=2) if cls is DiverseBranchBlock else {}
+    block = randomize_all_(cls(2, 2, kernel, **kwargs, **extra).double(), 4)
+    names = gradcheck_equivalent_kernel(block)
+    assert len(names) == len(list(block.parameters()))
+
+
+def test_acb_even_kernel_puts_its_1d_branches_on_the_row_and_column_a_same_padded_conv_centres():
+    """For an even K the 1-D branches sit on row / column (K - 1) // 2: the tap over the output pixel with
+    PyTorch's padding="same" (the block itself is exact for any padding)."""
+    block = ACBlock(1, 1, 4, padding=0, norm="none").double()
+    with torch.no_grad():
+        block.square_conv.weight.zero_()
+        block.hor_conv.weight.fill_(1.0)
+        block.ver_conv.weight.fill_(2.0)
+    kernel = block.get_equivalent_kernel_bias()[0][0, 0]
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    expected[1, :] += 1.0
+    expected[:, 1] += 2.0
+    assert torch.equal(kernel, expected)
+
+
+def test_transposed_dbb_runs_each_branch_as_the_adjoint_of_the_conv_forms_branch():
+    """Transposed DBB: KxKᵀ -> norm -> 1x1 and avgᵀ -> norm -> 1x1 (the middle norm after the strided
+    transposed conv, then a pointwise conv: exact); a shift BEFORE a strided transposed conv is not a
+    constant after it, which is why the conv form's order (1x1 -> padded norm -> KxK) is not used."""
+    block = DiverseBranchBlock(4, 6, 3, stride=2, padding=1, transposed=True, output_padding=1)
+    branch = block.dbb_1x1_kxk
+    assert [n for n, _ in branch.named_children()] == ["conv2", "bn1", "idconv1", "bn2"]
+    assert isinstance(branch.conv2, nn.ConvTranspose2d) and branch.conv2.stride == (2, 2)
+    assert [n for n, _ in block.dbb_avg.named_children()] == ["avg", "bn", "conv", "avgbn"]
+    shift = torch.ones(1, 1, 4, 4)  # a constant map through a stride-2 transposed 3x3 conv: not constant
+    spread = torch.nn.functional.conv_transpose2d(shift, torch.ones(1, 1, 3, 3), stride=2, padding=1, output_padding=1)
+    assert spread.min() < spread.max()
+    stored = DiverseBranchBlock.stored_options(block.state_dict(), 4)
+    assert stored == {"internal_channels_1x1_3x3": 6}  # the transposed 1x1's first axis: the internal width
