@@ -121,17 +121,20 @@ def apply_input_window(x: Tensor, window: Window, padding_mode: str = "zeros") -
     return x
 
 
-def transposed_window_padding(window: Window, stride: Sequence[int], dilation: Sequence[int]
+def transposed_window_padding(window: Window, stride: Sequence[int], dilation: Sequence[int], *,
+                              use_output_padding: bool = True
                               ) -> Tuple[Tuple[int, ...], Tuple[int, ...], Optional[Window]]:
     """``(padding, output_padding, output window)`` for a transposed-conv branch with the crop ``window``:
-    the conv crops ``q`` on both sides and adds ``output_padding`` at the end where it can; the rest
-    is a window applied to its output (:func:`apply_output_window`), None when there is none."""
+    the conv crops ``q`` on both sides and adds ``output_padding`` at the end where it can (and
+    ``use_output_padding``: a 1x1 transposed conv with an output_padding is one oneDNN cannot train
+    on NHWC data, :func:`acnet.fastpath.nhwc_faulty_geometry`); the rest is a window applied to its
+    output (:func:`apply_output_window`), None when there is none."""
     pads, extra, rest = [], [], []
     for (b, a), s, d in zip(window, stride, dilation):
         q = max(0, min(b, a))
         b, a = b - q, a - q
         op = 0
-        if b == 0 and a < 0 and -a < max(s, d):
+        if use_output_padding and b == 0 and a < 0 and -a < max(s, d):
             op, a = -a, 0
         pads.append(q)
         extra.append(op)
@@ -500,7 +503,7 @@ class ConvBN(ReparamBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
-            return run_conv(self.fused_conv, x)
+            return match_layout(run_conv(self.fused_conv, x), x)
         return match_layout(self.bn(run_conv(self.conv, x)), x)
 
     def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:

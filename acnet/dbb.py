@@ -45,8 +45,8 @@ from torch.autograd.function import once_differentiable
 from . import norms, transforms
 from .block import (IntOrPair, ReparamBlock, _dim_in, _norm_kind_in, apply_input_window, apply_output_window,
                     branch_window, conv_window_padding, transposed_window_padding)
-from .fastpath import (_batch_stats, _bns_fusable, branch_bn_sum, branch_input, bn_train_backward, layout_of,
-                       match_layout, run_conv)
+from .fastpath import (_batch_stats, _bns_fusable, branch_bn_sum, branch_input, bn_train_backward,
+                       conv_transpose_nd, layout_of, match_layout, run_conv)
 
 __all__ = ["DiverseBranchBlock", "IdentityBasedConv1x1", "IdentityBasedConv1x1_1d", "IdentityBasedConv1x1_3d",
            "identity_based_conv1x1", "BNAndPadLayer", "AvgPoolKxK"]
@@ -223,8 +223,8 @@ class AvgPoolKxK(nn.Module):
         k = (self.kernel_size,) * self.dim if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
         kernel = x.new_full((channels, 1, *k), 1.0 / math.prod(k))  # avg_pool_kernel(channels, k, groups=channels)
         if self.transposed:  # the adjoint of the pooling: each input pixel spread over its window
-            conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.dim - 1]
-            return conv_t(x, kernel, None, self.stride, self.padding, self.output_padding, channels, self.dilation)
+            return conv_transpose_nd(x, kernel, None, self.stride, self.padding, self.output_padding, channels,
+                                     self.dilation)
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
         return conv(x, kernel, None, self.stride, self.padding, self.dilation, channels)
 
@@ -392,7 +392,8 @@ class DiverseBranchBlock(ReparamBlock):
                                                       dim=dim, transposed=True, output_padding=self.output_padding))
             self.dbb_avg.add_module("bn", norm_of(in_channels))
             self.dbb_avg.add_module("conv", conv_t(in_channels, out_channels, 1, groups=g, bias=False))
-            pad, extra, self._window_1x1 = transposed_window_padding(window, self.stride_nd, ones)
+            pad, extra, self._window_1x1 = transposed_window_padding(window, self.stride_nd, ones,
+                                                                     use_output_padding=False)
             self.dbb_1x1 = nn.Sequential()
             self.dbb_1x1.add_module("conv", self._make_conv(in_channels, out_channels, ones, padding=pad,
                                                             output_padding=extra, dilation=ones))
@@ -468,7 +469,7 @@ class DiverseBranchBlock(ReparamBlock):
     # --- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
-            return self.nonlinear(run_conv(self.dbb_reparam, x))
+            return self.nonlinear(match_layout(run_conv(self.dbb_reparam, x), x))
         y = branch_input(x, self.branches_nhwc())
         outputs = self._transposed_branches(y) if self.transposed else self._conv_branches(y)
         # the branch BNs and the sum in one pass (batch statistics in training, else BN by BN)
@@ -490,15 +491,15 @@ class DiverseBranchBlock(ReparamBlock):
 
     def _transposed_branches(self, x: Tensor) -> list:
         """The transposed form's branch outputs before their final norm (the adjoint branches)."""
-        outputs = [self.dbb_origin.conv(x)]
+        outputs = [run_conv(self.dbb_origin.conv, x)]
         if hasattr(self, "dbb_1x1"):
-            out = self.dbb_1x1.conv(x)
+            out = run_conv(self.dbb_1x1.conv, x)
             outputs.append(out if self._window_1x1 is None else apply_output_window(out, self._window_1x1))
         avg = self.dbb_avg
         outputs.append(avg.conv(avg.bn(avg.avg(x))) if hasattr(avg, "conv") else avg.avg(x))
         kxk = self.dbb_1x1_kxk
         last = kxk.idconv1 if hasattr(kxk, "idconv1") else kxk.conv1
-        outputs.append(last(kxk.bn1(kxk.conv2(x))))
+        outputs.append(last(kxk.bn1(run_conv(kxk.conv2, x))))  # (stride 1 1x1 convs: never NHWC-faulty)
         return outputs
 
     # --- fusion -----------------------------------------------------------------------------

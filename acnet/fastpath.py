@@ -20,11 +20,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 __all__ = ["NHWC_MIN_PIXELS", "NHWC_STRIDED_1X1_MIN_CHANNELS", "layout_of", "nhwc_faulty_geometry", "nhwc_faulty",
-           "has_nhwc_faulty_conv", "as_nchw", "run_conv", "conv2d", "conv_nd", "branch_input", "bn_train_backward",
+           "has_nhwc_faulty_conv", "as_nchw", "run_conv", "conv2d", "conv_nd", "conv_transpose_nd", "branch_input", "bn_train_backward",
            "branch_bn_sum", "memory_format_of", "match_layout"]
 
 IntOrTuple = Union[int, Sequence[int]]
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _FUNCTIONAL_CONVS = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
 
 _NHWC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -69,23 +70,36 @@ def _as_tuple(value: IntOrTuple, length: int) -> Tuple[int, ...]:
     return (value,) * length if isinstance(value, int) else tuple(value)
 
 
-def nhwc_faulty_geometry(kernel_size: IntOrTuple, stride: IntOrTuple, groups: int, in_channels: int) -> bool:
-    """True for a conv geometry whose CPU channels-last weight gradient oneDNN gets wrong
-    (:data:`NHWC_STRIDED_1X1_MIN_CHANNELS`): a 1x1 (1x1x1, 1) kernel with a stride, groups 1, few inputs.
-    Measured on 2-d convs; 1-d and 3-d convs of that geometry are treated alike (never NHWC)."""
+def nhwc_faulty_geometry(kernel_size: IntOrTuple, stride: IntOrTuple, groups: int, in_channels: int, *,
+                         transposed: bool = False, output_padding: IntOrTuple = 0) -> bool:
+    """True for a conv geometry whose CPU channels-last backward oneDNN gets wrong:
+
+    * a conv with a 1x1 (1x1x1, 1) kernel, a stride, groups 1 and few inputs
+      (:data:`NHWC_STRIDED_1X1_MIN_CHANNELS`): its weight gradient;
+    * a transposed conv with a 1x1 kernel and an ``output_padding`` (hence a stride): its backward
+      (torch 2.14, any channel count: segfault or "free(): invalid next size" from a 64x64 map on;
+      measured in 2-d, larger kernels and no output_padding are fine).
+
+    Measured on 2-d convs; 1-d and 3-d convs of those geometries are treated alike (never NHWC)."""
     k = _as_tuple(kernel_size, 2)
-    return (all(v == 1 for v in k) and any(v != 1 for v in _as_tuple(stride, len(k))) and groups == 1
+    if not all(v == 1 for v in k):
+        return False
+    if transposed:
+        return any(v != 0 for v in _as_tuple(output_padding, len(k)))
+    return (any(v != 1 for v in _as_tuple(stride, len(k))) and groups == 1
             and in_channels < NHWC_STRIDED_1X1_MIN_CHANNELS)
 
 
 def nhwc_faulty(conv: nn.Module) -> bool:
-    """True for a conv whose CPU NHWC weight gradient oneDNN gets wrong (:func:`nhwc_faulty_geometry`)."""
-    return nhwc_faulty_geometry(conv.kernel_size, conv.stride, conv.groups, conv.in_channels)
+    """True for a conv (or transposed conv) whose CPU NHWC backward oneDNN gets wrong (:func:`nhwc_faulty_geometry`)."""
+    transposed = isinstance(conv, _TRANSPOSED_CONVS)
+    return nhwc_faulty_geometry(conv.kernel_size, conv.stride, conv.groups, conv.in_channels, transposed=transposed,
+                                output_padding=conv.output_padding if transposed else 0)
 
 
 def has_nhwc_faulty_conv(module: nn.Module) -> bool:
     """True when ``module`` holds a conv for which :func:`nhwc_faulty` holds."""
-    return any(isinstance(m, _CONVS) and nhwc_faulty(m) for m in module.modules())
+    return any(isinstance(m, _CONVS + _TRANSPOSED_CONVS) and nhwc_faulty(m) for m in module.modules())
 
 
 def _nchw_strides(shape: Sequence[int]) -> Tuple[int, ...]:
@@ -149,6 +163,28 @@ def conv_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: IntOrTupl
     if x.device.type == "cpu" and nhwc_faulty_geometry(tuple(weight.shape[2:]), stride, groups, weight.shape[1]):
         return _conv_nd_nchw(x, weight, bias, stride, padding, dilation, groups)
     return _FUNCTIONAL_CONVS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+
+_FUNCTIONAL_TRANSPOSED = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d,
+                          3: torch.nn.functional.conv_transpose3d}
+
+
+def conv_transpose_nd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: IntOrTuple, padding: IntOrTuple,
+                      output_padding: IntOrTuple, groups: int, dilation: IntOrTuple) -> Tensor:
+    """``F.conv_transpose1d`` / ``2d`` / ``3d`` for a kernel built at run time; on CPU a geometry for which
+    :func:`nhwc_faulty_geometry` holds gets NCHW input and weight (run eagerly under ``torch.compile``)."""
+    if x.device.type == "cpu" and nhwc_faulty_geometry(tuple(weight.shape[2:]), stride, groups, weight.shape[0],
+                                                       transposed=True, output_padding=output_padding):
+        return _conv_transpose_nd_nchw(x, weight, bias, stride, padding, output_padding, groups, dilation)
+    return _FUNCTIONAL_TRANSPOSED[weight.dim() - 2](x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+@_not_compiled
+def _conv_transpose_nd_nchw(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: IntOrTuple,
+                            padding: IntOrTuple, output_padding: IntOrTuple, groups: int,
+                            dilation: IntOrTuple) -> Tensor:
+    return _FUNCTIONAL_TRANSPOSED[weight.dim() - 2](as_nchw(x), as_nchw(weight), bias, stride, padding,
+                                                    output_padding, groups, dilation)
 
 
 #: The 2-d name of :func:`conv_nd` (kept for importers).

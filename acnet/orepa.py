@@ -46,7 +46,7 @@ from torch.nn import init
 
 from . import norms, transforms
 from .block import IntOrPair, ReparamBlock, _dim_in, _norm_kind_in
-from .fastpath import conv_nd, match_layout, run_conv
+from .fastpath import conv_nd, conv_transpose_nd, match_layout, run_conv
 
 __all__ = ["OREPABlock", "OREPA_BRANCHES", "OREPA_INITIAL_SCALES"]
 
@@ -230,8 +230,8 @@ class OREPABlock(ReparamBlock):
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if self.transposed:
-            conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.dim - 1]
-            return conv_t(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+            return conv_transpose_nd(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups,
+                                     self.dilation)
         if self.padding_mode != "zeros":
             pads = []
             for q in reversed(self.padding_nd):
@@ -242,7 +242,7 @@ class OREPABlock(ReparamBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.deployed:
-            return self.nonlinear(run_conv(self.orepa_reparam, x))
+            return self.nonlinear(match_layout(run_conv(self.orepa_reparam, x), x))
         return self.nonlinear(match_layout(self.bn(self._conv(x, self.weight_gen())), x))
 
     # --- fusion -----------------------------------------------------------------------------

@@ -58,12 +58,17 @@ def block_types() -> Dict[str, type]:
 
 
 def make_block(case: Dict[str, Any]) -> ReparamBlock:
-    """The case's block: padding ``dilation * (K // 2)`` (the 'same' padding every block accepts)."""
+    """The case's block: padding ``case["padding"]``, by default ``dilation * (K // 2)`` (the 'same' padding
+    of an odd kernel); the transposed / bias-free forms when the case asks for them."""
     cls = block_types()[case["block"]]
     k, d = case["kernel"], case.get("dilation", 1)
     form = dict(dim=case.get("dim", 2), norm=case.get("norm", "batch"))
-    return cls(case["cin"], case["cout"], k, case["stride"], padding=d * (k // 2), dilation=d, groups=case["groups"],
-               **form)
+    if case.get("transposed"):
+        form.update(transposed=True, output_padding=case.get("output_padding", 0))
+    if not case.get("bias", True):
+        form["bias"] = False
+    return cls(case["cin"], case["cout"], k, case["stride"], padding=case.get("padding", d * (k // 2)), dilation=d,
+               groups=case["groups"], **form)
 
 
 def sweep_cases() -> List[Dict[str, Any]]:
@@ -104,6 +109,40 @@ def form_cases() -> List[Dict[str, Any]]:
     return cases
 
 
+#: The issue-27 grid: (transposed, stride, output_padding) x kernel x padding x input channels x layout, every
+#: block type, the batch and the bias-free (bias=False) forms. Input channels 3 sit in the oneDNN fault's range
+#: (the 1x1 stride-2 branch of DBB, a 1x1 stride-2 ConvBN / OREPA), 16 just above it (1x1 kernels only); the
+#: transposed 1x1 with an output_padding crashes on NHWC data at any channel count (``nhwc_faulty_geometry``).
+ISSUE27_GEOMETRIES = ((False, 1, 0), (False, 2, 0), (True, 1, 0), (True, 2, 0), (True, 2, 1))
+ISSUE27_KERNELS = (1, 2, 3, 4)
+ISSUE27_SIZES = ((2, 4, 5), (2, 64, 64))
+
+
+def issue27_cases() -> List[Dict[str, Any]]:
+    """The transposed x stride x padding x output_padding x channels grid (a refused geometry is not a case)."""
+    cases = []
+    for name in block_types():
+        for (transposed, stride, output_padding), kernel, cin, (norm, bias) in itertools.product(
+                ISSUE27_GEOMETRIES, ISSUE27_KERNELS, FORM_CHANNELS, (("batch", True), ("none", False))):
+            for padding in sorted({0, (kernel - 1) // 2}):
+                if cin == 16 and kernel != 1:
+                    continue  # above the conv fault's channel range: only the 1x1 kernels (the fault's own)
+                if kernel == 4 and stride == 1:
+                    continue  # a 4x4 kernel: the stride-2 down- / up-sampler is the case that matters
+                case = dict(block=name, cin=cin, cout=OUT_CHANNELS, kernel=kernel, stride=stride, groups=1,
+                            dilation=1, padding=padding, transposed=transposed, output_padding=output_padding,
+                            norm=norm, bias=bias)
+                try:
+                    make_block(case)
+                except ValueError:
+                    continue
+                # NCHW input runs NHWC inside the block too; the input layout matters for the strided ones
+                layouts = ("channels_last_module",) if not bias else \
+                    ("nchw", "channels_last") if stride == 2 and cin == 3 else ("channels_last",)
+                cases.extend(dict(case, layout=layout) for layout in layouts)
+    return cases
+
+
 def _memory_format(dim: int) -> torch.memory_format:
     return torch.channels_last_3d if dim == 3 else torch.channels_last
 
@@ -133,19 +172,23 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     dim = case.get("dim", 2)
     if case["layout"] == "channels_last_module":
         block = block.to(memory_format=_memory_format(dim))
-    for n, *spatial in FORM_SIZES[dim]:
+    sizes = ISSUE27_SIZES if "padding" in case else FORM_SIZES[dim]
+    for n, *spatial in sizes:
         x = _input(case, n, *spatial, gen=gen)
         _train_step(block, x, gen, f"training on {n}x{'x'.join(map(str, spatial))}")
     block.eval()
     with torch.no_grad():
         expected = block(x)
-        fused = block.make_deploy_conv()(x)
+        fused = run_conv(block.make_deploy_conv(), x)  # a stock conv of a faulty geometry crashes on NHWC too
     diff = ((fused - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
     if not diff < 1e-4:
         raise AssertionError(f"eval-mode block and its deploy conv differ by {diff:.2e} (relative)")
+    if not expected.is_contiguous(memory_format=torch.contiguous_format if case["layout"] == "nchw"
+                                  else _memory_format(dim)):
+        raise AssertionError("the block's output is not in its input's memory format")
     block.switch_to_deploy()
     block.train()
-    _train_step(block, _input(case, *FORM_SIZES[dim][-1], gen=gen), gen, "training the deployed block")
+    _train_step(block, _input(case, *sizes[-1], gen=gen), gen, "training the deployed block")
     return {"relative_diff": diff}
 
 
@@ -163,6 +206,16 @@ def test_every_block_form_trains_on_a_reduced_grid_without_crashing():
     # every block type has cases in every form it accepts (ACB: no 1-d form)
     assert {(c["block"], c["dim"], c["norm"]) for c in cases} == {
         (name, dim, norm) for name in block_types() for dim, norm in FORMS if not (name == "ACBlock" and dim == 1)}
+    results = run_isolated("test_block_sweep:run_case", cases, CASE_TIMEOUT_S)
+    bad = failures(cases, results)
+    assert not bad, f"{len(bad)} of {len(cases)} cases failed:\n" + "\n".join(bad)
+
+
+def test_every_issue27_form_trains_on_its_grid_without_crashing():
+    cases = issue27_cases()
+    assert {c["block"] for c in cases} == set(block_types())
+    assert any(c["transposed"] and c["kernel"] == 1 and c["stride"] == 2 and c["cin"] == 3 and c["layout"] != "nchw"
+               for c in cases)  # the oneDNN fault's region, transposed
     results = run_isolated("test_block_sweep:run_case", cases, CASE_TIMEOUT_S)
     bad = failures(cases, results)
     assert not bad, f"{len(bad)} of {len(cases)} cases failed:\n" + "\n".join(bad)
