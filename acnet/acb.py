@@ -1,10 +1,14 @@
 """ACNet's Asymmetric Convolution Block (ACB): a K kernel plus a 1-D kernel along each axis of size > 1, fused
 into one conv.
 
-Branch alignment. With padding ``p``, dilation ``d`` and ``c = K // 2`` on an axis, output pixel ``i`` of
+Branch alignment. With padding ``p``, dilation ``d`` and ``c = (K - 1) // 2`` on an axis (``K // 2`` for an
+odd ``K``; for an even one the tap ``padding="same"`` puts over the output pixel), output pixel ``i`` of
 the K conv reads the padded input at ``s*i + d*a`` on that axis; its centre line is ``a = c``, i.e. padded
 index ``s*i + d*c``. A 1-D branch sliding along another axis must read exactly that line, so it pads this
-axis by ``p - d*c``; when ``p < d*c`` the input is cropped by ``d*c - p`` instead. The same
+axis by ``p - d*c`` before and ``p - d*(K - 1 - c)`` after; a negative amount crops the input instead
+(:func:`acnet.block.branch_window`). Transposed (``transposed=True``): each 1-D branch is a transposed
+conv whose output is cropped or zero-padded to the same place in the block's output window, followed by
+its norm. The same
 ``padding_mode`` is used everywhere: for reflect / replicate / circular, padding by fewer pixels yields
 the central part of padding by more, and cropping one axis commutes with padding another, so every
 branch reads exactly the padded input the fused conv reads.
@@ -43,8 +47,9 @@ class ACBlock(ReparamBlock):
     (:meth:`switch_to_deploy`): ``fused_conv`` holding ``sum_i s_i * k_i`` (each 1-D kernel on its centre
     line) and bias ``sum_i t_i`` (``(s_i, t_i)`` each branch norm's eval-mode scale and shift).
 
-    Arguments as in the original ``ACBlock``; ``kernel_size`` odd (>= 3 on at least two axes, any odd
-    size per axis). ``use_affine``: affine BNs; ``reduce_gamma``: all branch norm weights start at 1/3;
+    Arguments as in the original ``ACBlock``; ``kernel_size`` >= 2 on at least two axes (any size per
+    axis, even sizes too); ``transposed`` / ``output_padding`` / ``bias``: the forms of
+    :class:`~acnet.block.ReparamBlock`. ``use_affine``: affine BNs; ``reduce_gamma``: all branch norm weights start at 1/3;
     ``gamma_init``: all start at this value (a frozen norm is never changed). ``bn_eps`` /
     ``bn_momentum`` configure the BNs; ``dim`` / ``norm`` choose the form (module docstring).
 

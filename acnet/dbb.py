@@ -12,9 +12,21 @@ Branches (each ends in a BN; their sum, then ``nonlinear``, is the output):
 The padded BNs make the 1x1-then-KxK merges exact at the borders: the intermediate map's padding
 holds ``bn(0) = beta - mu * gamma / sqrt(var + eps)`` (from the running statistics, as in the
 original), which is what the fused 1x1 conv produces on the zero-padded input.
-Geometry: odd ``kernel_size`` (per axis; non-cubic kernels such as (1,3,3) or (3,1,1) too),
-``padding = dilation * (kernel_size // 2)``, any stride, any groups up to depthwise, any dilation
+Geometry: any ``kernel_size`` (per axis; even sizes and non-cubic kernels such as (1,3,3) too), any
+padding (0 included: the 1x1 branch reads the centre tap ``(K - 1) // 2`` of the block's window,
+cropping or padding its input as :func:`acnet.block.branch_window` says; the average and 1x1-KxK branches
+pad their intermediate map by the block's padding), any stride, any groups up to depthwise, any dilation
 (the KxK parts of every branch are dilated alike); ``dim`` 1, 2 or 3 (every branch in N-d).
+
+Transposed form (``transposed=True``, ``output_padding``): each branch is the adjoint of its conv-form
+branch -- ``dbb_origin``: KxKᵀ-BN; ``dbb_1x1``: 1x1ᵀ-BN (its output cropped / zero-padded to the centre
+tap's place in the block's output window); ``dbb_avg``: averageᵀ -> ``bn`` -> 1x1ᵀ ``conv`` -> ``avgbn``;
+``dbb_1x1_kxk``: KxKᵀ ``conv2`` -> ``bn1`` -> 1x1ᵀ ``conv1`` / ``idconv1`` (identity-based when it keeps
+the output channel count) -> ``bn2``. Every middle norm acts on a transposed conv's output and only a
+pointwise conv follows it, so each branch is ``conv_transpose(x; K, b)`` exactly, borders included
+(:func:`acnet.transforms.fuse_kxk_1x1`); the conv form's order (a shift, then a strided transposed conv)
+would not be: a constant map through a strided transposed conv is not constant. ``bias=False`` (with
+``norm="none"``): no norm has a shift, the padded maps pad with zero, the equivalent bias is zero.
 
 Norm kinds (``norm``): ``"batch"`` as above. ``"frozen"``: ``dbb_origin`` ends in a frozen BN (the
 pretrained pair); every other norm -- the final norm of each new branch and the padded intermediate

@@ -23,14 +23,16 @@ the branches are merged in kernel space, never on feature maps. Deploy form: ``o
 State-dict names, buffers (``weight_orepa_avg_avg``, ``weight_orepa_prior``, ``id_tensor``) and initial
 values are the original's (JUGGHM/OREPA_CVPR2022, ``blocks.py`` class ``OREPA``).
 
-Forms. ``dim`` 1, 2, 3: every branch in N-d (``K`` odd per axis, non-cubic kernels such as (1,3,3)
-too; the frequency prior of :func:`acnet.transforms.frequency_prior` splits the channels over the
+Forms. ``dim`` 1, 2, 3: every branch in N-d (any ``K`` per axis, even sizes -- the 1x1 branch on the
+tap ``(K - 1) // 2`` -- and non-cubic kernels such as (1,3,3) too; the frequency prior of :func:`acnet.transforms.frequency_prior` splits the channels over the
 axes). ``norm``: the one norm after the conv is a ``BatchNorm{dim}d`` (``"batch"``), a frozen BN
 (``"frozen"``: the pretrained pair's; the new branches are normalised by their learned scales
 ``vector[1:]`` only, no batch statistics anywhere, so a batch of one trains) or a learnable
 per-channel scale and shift (``"none"``, BN-free: the conv with a bias). The branches are merged in
 kernel space before the one conv on the zero-padded input, so every form is exact at the borders
-without any bias padding.
+without any bias padding. ``transposed=True``: the merged kernel is built as the adjoint conv's
+(``(C, O/g, *K)``, ConvTranspose's layout: rows are the input channels, so the branch scales are per
+input channel) and the one conv is ``conv_transpose``; linear in the parameters, exact as the conv form.
 """
 from __future__ import annotations
 

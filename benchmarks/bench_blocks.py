@@ -11,10 +11,11 @@ round) and the table reports the median conv+BN time and, per implementation, th
 of its time divided by the conv+BN time of the same round, so slow drifts of a shared machine's speed
 cancel out.
 
-A second table gives the other forms (``dim=1``, ``dim=3``, ``norm="frozen"``, ``norm="none"``): the
-fwd+bwd time of ACB / DBB / OREPA in that form divided by the time of the plain unit it replaces
-(Conv1d + BatchNorm1d, Conv3d + BatchNorm3d, Conv2d + frozen BN, Conv2d with bias), alternated and
-paired the same way.
+A second table gives the other forms (``dim=1``, ``dim=3``, ``norm="frozen"``, ``norm="none"`` with and
+without bias, an even 2x2 stride-2 kernel, ``transposed=True``): the fwd+bwd time of ACB / DBB / OREPA in
+that form divided by the time of the plain unit it replaces (Conv1d + BatchNorm1d, Conv3d + BatchNorm3d,
+Conv2d + frozen BN, Conv2d with or without bias, ConvTranspose2d / 3d + BN or without bias), alternated
+and paired the same way.
 
     python benchmarks/bench_blocks.py                 # the six reference shapes, 2 threads
     python benchmarks/bench_blocks.py --rounds 15 --shapes 128,16,32,3 32,256,14,3
@@ -134,40 +135,66 @@ def bench_shape(shape: Tuple[int, int, int, int], rounds: int, warmup: int) -> D
     return time_alternated(steps, rounds, warmup)
 
 
-#: The other forms: (label, dim, norm, input shape N,C,*spatial, kernel).
+#: The other forms: (label, dim, norm, input shape N,C,*spatial, kernel, options). ``options``: the block's
+#: ``stride`` / ``padding`` (default ``K // 2``) / ``transposed`` / ``output_padding`` / ``bias``, which the
+#: plain unit takes too (a ConvTranspose for a transposed form, a conv without bias for ``bias=False``).
 FORM_SHAPES = [
-    ("1-D BN", 1, "batch", (32, 64, 512), 3),
-    ("3-D BN", 3, "batch", (4, 32, 8, 28, 28), 3),
-    ("3-D BN (1,3,3)", 3, "batch", (4, 32, 8, 28, 28), (1, 3, 3)),
-    ("2-D frozen", 2, "frozen", (32, 64, 28, 28), 3),
-    ("2-D BN-free", 2, "none", (32, 64, 28, 28), 3),
-    ("3-D frozen", 3, "frozen", (4, 32, 8, 28, 28), 3),
+    ("1-D BN", 1, "batch", (32, 64, 512), 3, {}),
+    ("3-D BN", 3, "batch", (4, 32, 8, 28, 28), 3, {}),
+    ("3-D BN (1,3,3)", 3, "batch", (4, 32, 8, 28, 28), (1, 3, 3), {}),
+    ("2-D frozen", 2, "frozen", (32, 64, 28, 28), 3, {}),
+    ("2-D BN-free", 2, "none", (32, 64, 28, 28), 3, {}),
+    ("2-D BN-free, no bias", 2, "none", (32, 64, 28, 28), 3, dict(bias=False)),
+    ("3-D frozen", 3, "frozen", (4, 32, 8, 28, 28), 3, {}),
+    ("2-D BN-free 2x2 s2", 2, "none", (32, 64, 56, 56), 2, dict(stride=2, padding=0)),
+    ("2-D transposed BN", 2, "batch", (32, 64, 28, 28), 3, dict(stride=2, transposed=True, output_padding=1)),
+    ("2-D transp. no bias", 2, "none", (32, 64, 28, 28), 3,
+     dict(stride=2, transposed=True, output_padding=1, bias=False)),
+    ("3-D transposed BN", 3, "batch", (4, 32, 8, 14, 14), 3, dict(stride=2, transposed=True, output_padding=1)),
 ]
 
 
-def plain_unit(dim: int, norm: str, channels: int, kernel) -> nn.Module:
+def _padding(kernel, options: Dict) -> object:
+    if "padding" in options:
+        return options["padding"]
+    return tuple((k - 1) // 2 for k in kernel) if isinstance(kernel, tuple) else (kernel - 1) // 2
+
+
+def plain_unit(dim: int, norm: str, channels: int, kernel, options: Dict | None = None) -> nn.Module:
     """The conv (+ norm) a user's model holds where a block of this form goes."""
-    padding = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
-    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim - 1](channels, channels, kernel, padding=padding, bias=norm == "none")
+    options = dict(options or {})
+    padding = _padding(kernel, options)
+    transposed, bias = options.get("transposed", False), options.get("bias", True)
+    cls = ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d) if transposed
+           else (nn.Conv1d, nn.Conv2d, nn.Conv3d))[dim - 1]
+    extra = dict(output_padding=options.get("output_padding", 0)) if transposed else {}
+    conv = cls(channels, channels, kernel, stride=options.get("stride", 1), padding=padding,
+               bias=norm == "none" and bias, **extra)
     if norm == "none":
         return conv
     follower = FrozenBatchNorm(channels) if norm == "frozen" else (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1](channels)
     return nn.Sequential(conv, follower)
 
 
-def bench_form(dim: int, norm: str, shape: Tuple[int, ...], kernel, rounds: int, warmup: int) -> Dict[str, List[float]]:
+def bench_form(dim: int, norm: str, shape: Tuple[int, ...], kernel, rounds: int, warmup: int,
+               options: Dict | None = None) -> Dict[str, List[float]]:
     """Per implementation (the plain unit, ACB, DBB, OREPA in this form), its step time (ms) in each round."""
     torch.manual_seed(0)
+    options = dict(options or {})
     channels = shape[1]
     x = torch.randn(*shape, requires_grad=True)
-    padding = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
-    modules = {"plain": plain_unit(dim, norm, channels, kernel).train()}
+    padding = _padding(kernel, options)
+    modules = {"plain": plain_unit(dim, norm, channels, kernel, options).train()}
+    asked = {k: options[k] for k in ("transposed", "bias") if k in options}
+    stride = options.get("stride", 1)
     for name, cls in (("ACB", ACBlock), ("DBB", DiverseBranchBlock), ("OREPA", OREPABlock)):
         if cls.unsupported(dim=dim, kernel_size=(kernel,) * dim if isinstance(kernel, int) else kernel,
-                           stride=(1,) * dim, padding=(padding,) * dim if isinstance(padding, int) else padding,
-                           dilation=(1,) * dim, groups=1, padding_mode="zeros", norm=norm) is None:
-            modules[name] = cls(channels, channels, kernel, padding=padding, dim=dim, norm=norm).train()
-    grad_out = torch.randn(*shape)
+                           stride=(stride,) * dim, padding=(padding,) * dim if isinstance(padding, int) else padding,
+                           dilation=(1,) * dim, groups=1, padding_mode="zeros", norm=norm, **asked) is None:
+            modules[name] = cls(channels, channels, kernel, padding=padding, dim=dim, norm=norm,
+                                **{k: v for k, v in options.items() if k != "padding"}).train()
+    out_shape = modules["plain"](x).shape
+    grad_out = torch.randn(*out_shape)
     steps = {name: make_step(m, m, x, grad_out) for name, m in modules.items()}
     return time_alternated(steps, rounds, warmup)
 
@@ -226,17 +253,18 @@ def main(argv: List[str] | None = None) -> int:
 
 def print_forms(args: argparse.Namespace) -> None:
     """The second table: every other form's fwd+bwd time over its plain unit's."""
-    header = f"{'form':>16} | {'N,C,*spatial':>16} | {'K':>7} | {'plain ms':>8} | {'ACB/pl':>6} {'DBB/pl':>6} {'OREPA/pl':>8}"
+    header = f"{'form':>20} | {'N,C,*spatial':>16} | {'K':>7} | {'plain ms':>8} | {'ACB/pl':>6} {'DBB/pl':>6} {'OREPA/pl':>8}"
     print()
-    print("other forms: fwd+bwd over the plain unit they replace (Conv1d/3d + BN, Conv2d + frozen BN, Conv2d with bias)")
+    print("other forms: fwd+bwd over the plain unit they replace (Conv1d/3d + BN, Conv2d + frozen BN, Conv2d with or "
+          "without bias, ConvTranspose2d/3d + BN or without bias)")
     print(header)
     print("-" * len(header))
-    for label, dim, norm, shape, kernel in FORM_SHAPES:
-        times = bench_form(dim, norm, shape, kernel, args.rounds, args.warmup)
+    for label, dim, norm, shape, kernel, options in FORM_SHAPES:
+        times = bench_form(dim, norm, shape, kernel, args.rounds, args.warmup, options)
         cells = [f"{paired_ratio(times, name, 'plain'):{width}.2f}" if name in times else f"{'-':>{width}}"
                  for name, width in (("ACB", 6), ("DBB", 6), ("OREPA", 8))]
         k = "x".join(map(str, kernel)) if isinstance(kernel, tuple) else str(kernel)
-        print(f"{label:>16} | {','.join(map(str, shape)):>16} | {k:>7} | {statistics.median(times['plain']):8.1f} | "
+        print(f"{label:>20} | {','.join(map(str, shape)):>16} | {k:>7} | {statistics.median(times['plain']):8.1f} | "
               + " ".join(cells), flush=True)
 
 

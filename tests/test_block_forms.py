@@ -283,7 +283,13 @@ def test_state_dict_names_of_the_new_forms():
 def test_the_forms_benchmark_times_every_block_the_form_accepts():
     from benchmarks.bench_blocks import FORM_SHAPES, bench_form
 
-    assert {(dim, norm) for _, dim, norm, _, _ in FORM_SHAPES} >= {(1, "batch"), (3, "batch"), (2, "frozen"), (2, "none")}
+    assert {(dim, norm) for _, dim, norm, _, _, _ in FORM_SHAPES} >= {(1, "batch"), (3, "batch"), (2, "frozen"),
+                                                                       (2, "none")}
+    assert {(o.get("transposed", False), o.get("bias", True)) for *_, o in FORM_SHAPES} >= {(True, True), (True, False),
+                                                                                          (False, False)}
+    transposed = bench_form(2, "none", (1, 4, 5, 5), 3, rounds=1, warmup=0,
+                            options=dict(stride=2, transposed=True, output_padding=1, bias=False))
+    assert set(transposed) == {"plain", "ACB", "DBB", "OREPA"}
     one_d = bench_form(1, "batch", (2, 4, 16), 3, rounds=1, warmup=0)
     assert set(one_d) == {"plain", "DBB", "OREPA"}  # no 1-D ACB
     three_d = bench_form(3, "frozen", (1, 4, 3, 5, 5), (1, 3, 3), rounds=1, warmup=0)
