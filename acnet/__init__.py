@@ -5,9 +5,10 @@ Depends on torch only (h5py for the hdf5 weight files).
 Blocks: :class:`ACBlock` (alias :class:`AsymConvBlock`), :class:`DiverseBranchBlock`, :class:`OREPABlock`,
 :class:`ConvBN`, all :class:`ReparamBlock` s (in eval mode each equals one conv with bias); the one
 registry of block types: :data:`BLOCK_REGISTRY` / :func:`get_block_type` (module :mod:`acnet.registry`). Whole models:
-:func:`convert_to_acnet` plugs blocks into any model (N-D convs; BatchNorm, frozen BatchNorm or,
-with ``bn_free=True``, no norm), :func:`conversion_report` says beforehand what it would do,
-:func:`acnet_switch_to_deploy` turns every block into its plain conv, :func:`acnet_fuse_and_load`
+:func:`convert_to_acnet` plugs blocks into any model (every N-D conv and transposed conv a block has a
+form for; the form per conv from what it feeds: BatchNorm, frozen BatchNorm, or anything else, BN-free),
+:func:`conversion_report` says beforehand what it would do and which option would change it,
+:func:`acnet_switch_to_deploy` gives back the stock module tree (plain convs, the stock norms), :func:`acnet_fuse_and_load`
 loads training-time weights into the unmodified baseline model. Weights: :func:`save_hdf5` / :func:`load_hdf5` (the original hdf5 format),
 :func:`load_state_dict_file` (hdf5 or torch checkpoint, loaded safely), :class:`WeightsError`.
 The fusion maths: module :mod:`acnet.transforms`.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from . import transforms
 from .acb import ACBlock, AsymConvBlock
 from .base import ConvBN, ReparamBlock
-from .convert import acnet_switch_to_deploy, convert_to_acnet
+from .convert import FoldedNorm, FoldedNormAct, acnet_switch_to_deploy, convert_to_acnet
 from .fuse_load import acnet_fuse_and_load
 from .pairs import find_conv_bn_pairs
 from .report import ConversionReport, ConvReportRow, conversion_report, format_report
@@ -46,6 +47,8 @@ __all__ = [
     "get_block_type",
     "acnet_switch_to_deploy",
     "convert_to_acnet",
+    "FoldedNorm",
+    "FoldedNormAct",
     "acnet_fuse_and_load",
     "find_conv_bn_pairs",
     "conversion_report",

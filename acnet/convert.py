@@ -1,11 +1,14 @@
 """Whole-model re-parameterization: plug blocks into any model and switch a model to deploy form.
 
-* :func:`convert_to_acnet` finds every conv-norm pair (:func:`acnet.pairs.find_conv_bn_pairs`: an
-  ``nn.Conv1d/2d/3d`` whose output goes only into a BatchNorm, SyncBatchNorm or frozen BatchNorm; with
-  ``bn_free=True`` also convs no norm follows) and replaces the conv by an ACB/DBB/OREPA block
-  (:mod:`acnet.registry`) of the matching form (``dim``, ``norm``) and the norm by ``nn.Identity``.
-* :func:`acnet_switch_to_deploy` replaces every :class:`~acnet.base.ReparamBlock` by the one
-  conv with bias it equals in eval mode.
+* :func:`convert_to_acnet` replaces every conv (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``) a
+  block has a form for by an ACB/DBB/OREPA block (:mod:`acnet.registry`), the form chosen per conv from
+  what it feeds (:func:`acnet.pairs.find_conv_bn_pairs`): a BatchNorm / SyncBatchNorm -> ``norm="batch"``
+  (the block takes the BN, a :class:`FoldedNorm` keeps its place), a frozen BatchNorm ->
+  ``norm="frozen"``, anything else (GroupNorm, LayerNorm, an activation, nothing) -> the BN-free form
+  ``norm="none"`` with a bias exactly when the conv had one.
+* :func:`acnet_switch_to_deploy` replaces every :class:`~acnet.base.ReparamBlock` by the one conv it
+  equals in eval mode, and every :class:`FoldedNorm` by the stock norm it stands for, set to add the
+  fused bias: the deployed model has the stock model's module tree (conv + BN where it had conv + BN).
 * :func:`acnet_fuse_and_load` (module :mod:`acnet.fuse_load`) loads training-time weights into the
   unmodified baseline model; :func:`acnet.conversion_report` (module :mod:`acnet.report`) says, before
   anything changes, what :func:`convert_to_acnet` would do.
@@ -14,26 +17,30 @@ The decision per conv (:func:`plan_conversion`) is made in one place, used by th
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import warnings
 from collections import Counter
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .base import ReparamBlock
 from .fuse_load import acnet_fuse_and_load
+from .fuse_load import pass_through_norm_state
 from .pairs import (
-    CONV_TYPES,
+    ANY_CONV_TYPES,
     NORM_ACT_CLASSES,
     ConvBNPair,
     bn_tail,
     constructor_geometry,
     conv_geometry,
     find_conv_bn_pairs,
+    geometry_rule_arguments,
     modules_outside_blocks,
     norm_features,
     norm_kind,
@@ -43,6 +50,9 @@ from .registry import BLOCK_REGISTRY
 __all__ = [
     "ConvBNPair",
     "ConvPlan",
+    "FoldedNorm",
+    "FoldedNormAct",
+    "FORM_NAMES",
     "NORM_ACT_CLASSES",
     "acnet_switch_to_deploy",
     "convert_to_acnet",
@@ -58,57 +68,163 @@ logger = logging.getLogger(__name__)
 # Constructor arguments taken from the model, never from the caller's block_kwargs.
 _RESERVED_BLOCK_KWARGS = (
     "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-    "padding_mode", "deploy", "bn_eps", "dim", "norm",
+    "padding_mode", "deploy", "bn_eps", "dim", "norm", "bias", "transposed", "output_padding",
 )
 _UNVERIFIED_BN = "its BN is a"
-_NOT_PAIRED = "its output does not go only into one norm (BatchNorm, SyncBatchNorm, FrozenBatchNorm2d)"
-_NOT_PAIRED_BN_FREE = "its output goes into a norm it does not feed alone"
+_NOT_PAIRED = ("bn_free=False converts only convs whose output goes only into one norm (BatchNorm, "
+               "SyncBatchNorm, FrozenBatchNorm2d)")
+_NO_STAND_IN = ("its parameters are read directly in forward (or, a transposed conv, it is called with "
+                "output_size): no block can stand in for it")
+#: How the report and the docs name each block form.
+FORM_NAMES: Dict[str, str] = {"batch": "BN", "frozen": "frozen", "none": "BN-free"}
+
+
+# --------------------------------------------------------------------------------------------
+# the place of a norm a block took
+# --------------------------------------------------------------------------------------------
+class _FoldedSlot:
+    """Mixin of :class:`FoldedNorm` / :class:`FoldedNormAct`: what the stock norm was (a copy on the meta
+    device: its class and configuration, no memory), whether the stock conv had a bias, and the block
+    that took the norm (plain attributes, not sub-modules: the state dict does not change)."""
+
+    def _remember(self, norm: nn.Module, block: Optional[nn.Module], conv_bias: bool) -> None:
+        stock = copy.deepcopy(norm).to("meta")
+        for name in list(getattr(self, "_modules", {})):  # the tail's children stay live, not copied
+            if name in stock._modules:
+                stock._modules[name] = None
+        self.__dict__["stock_norm"] = stock
+        self.__dict__["block"] = block
+        self.__dict__["conv_bias"] = bool(conv_bias)
+
+    def restore(self, shift: Tensor) -> Tuple[nn.Module, float]:
+        """``(norm, f)``: the stock norm (on ``shift``'s device and dtype, the tail's live children) with
+        ``norm(f * y) = y + shift`` in eval mode; ``f = 1`` for an affine norm (weight 1, bias ``shift``,
+        running_mean 0, running_var ``1 - eps``), ~1 for a non-affine one
+        (:func:`acnet.fuse_load.pass_through_norm_state`)."""
+        norm = copy.deepcopy(self.stock_norm).to_empty(device=shift.device)
+        norm = norm.to(dtype=shift.dtype)
+        entries, factor = pass_through_norm_state("", norm, shift)
+        with torch.no_grad():
+            for name, value in entries.items():
+                tensor = getattr(norm, name)
+                if name == "num_batches_tracked":
+                    tensor.zero_()
+                else:
+                    tensor.copy_(value)
+        for name, child in self._modules.items():
+            setattr(norm, name, child)
+        return norm.train(False), factor
+
+    def extra_repr(self) -> str:
+        return f"stock={type(self.stock_norm).__name__}: folded into the block before it"
+
+
+class FoldedNorm(_FoldedSlot, nn.Identity):
+    """The place of a BatchNorm / frozen BatchNorm that a block took (an identity while training);
+    :func:`acnet_switch_to_deploy` puts the stock norm back here, set to add the block's fused bias."""
+
+    def __init__(self, norm: nn.Module, block: Optional[nn.Module] = None, conv_bias: bool = False) -> None:
+        nn.Identity.__init__(self)
+        self._remember(norm, block, conv_bias)
+
+
+class FoldedNormAct(_FoldedSlot, nn.Sequential):
+    """The place of a norm + activation (timm's ``BatchNormAct2d``) that a block took: its post-norm
+    children under their own names (same state-dict keys); deploy puts the stock class back."""
+
+    def __init__(self, norm: nn.Module, tail: nn.Sequential, block: Optional[nn.Module] = None,
+                 conv_bias: bool = False) -> None:
+        nn.Sequential.__init__(self, OrderedDict(tail.named_children()))
+        self._remember(norm, block, conv_bias)
 
 
 # --------------------------------------------------------------------------------------------
 # acnet_switch_to_deploy
 # --------------------------------------------------------------------------------------------
 def acnet_switch_to_deploy(model: nn.Module) -> nn.Module:
-    """Put ``model`` in eval mode and replace every re-parameterizable block by its deploy conv.
+    """Put ``model`` in eval mode and give it back the stock model's structure, holding the fused weights.
 
-    Each outermost :class:`ReparamBlock` is replaced in its parent, under the same attribute name,
-    by ``block.make_deploy_conv()``: a plain ``nn.Conv{1,2,3}d(bias=True)`` holding the equivalent
-    kernel and bias (built from the running statistics, hence eval mode first). A block with a
-    non-identity ``nonlinear`` (DBB) becomes ``nn.Sequential(conv, nonlinear)``. A deploy model's module
-    tree is therefore the same whatever block type trained it. A block shared by several parents stays
-    shared. ``model`` itself being a block is switched in place with ``switch_to_deploy()``.
-    Returns ``model``.
+    Each outermost :class:`ReparamBlock` is replaced in its parent, under the same attribute name, by
+    ``block.make_deploy_conv()``: a plain ``nn.Conv{1,2,3}d`` / ``nn.ConvTranspose{1,2,3}d`` holding the
+    equivalent kernel and bias (built from the running statistics, hence eval mode first). Where the
+    block took a norm (a :class:`FoldedNorm` / :class:`FoldedNormAct` holds its place), the stock norm
+    comes back there, set to the identity plus the fused bias (``running_mean = 0``, ``running_var =
+    1 - eps``, ``weight = 1``, ``bias = b``), and the conv keeps the stock conv's bias setting (``bias=None``
+    for a bias-free conv): conv + BN again, as a host's own fuse (timm ``reparameterize_model``,
+    ultralytics ``fuse()``) expects it. A block with a non-identity ``nonlinear`` (DBB) becomes
+    ``nn.Sequential(conv, nonlinear)``. A block shared by several parents stays shared. ``model`` itself
+    being a block is switched in place with ``switch_to_deploy()``. Returns ``model``.
     """
     model.eval()
     if isinstance(model, ReparamBlock):
         model.switch_to_deploy()
         return model
+    slots: Dict[int, _FoldedSlot] = {}
+    seen: set = set()
+    _find_slots(model, slots, seen)
+    slots = {block_id: slot for block_id, slot in slots.items() if block_id in seen}  # its block is in the model
     replacements: Dict[int, nn.Module] = {}
-    _replace_blocks(model, replacements)
+    _replace_blocks(model, replacements, slots)
     logger.debug("acnet_switch_to_deploy: %d block(s) replaced by plain convs", len(replacements))
     return model
 
 
-def _replace_blocks(module: nn.Module, replacements: Dict[int, nn.Module]) -> None:
+def _find_slots(module: nn.Module, slots: Dict[int, "_FoldedSlot"], seen: set) -> None:
+    for child in module._modules.values():
+        if child is None or id(child) in seen:
+            continue
+        seen.add(id(child))
+        if isinstance(child, _FoldedSlot) and child.block is not None:
+            slots[id(child.block)] = child
+        if not isinstance(child, ReparamBlock):
+            _find_slots(child, slots, seen)
+
+
+def _replace_blocks(module: nn.Module, replacements: Dict[int, nn.Module], slots: Dict[int, "_FoldedSlot"]) -> None:
     for name, child in list(module._modules.items()):  # not named_children(): it hides repeats
         if child is None:
             continue
         if isinstance(child, ReparamBlock):
             if id(child) not in replacements:
-                replacements[id(child)] = _deploy_module(child)
+                slot = slots.get(id(child))
+                replacements[id(child)], norm = _deploy_module(child, slot)
+                if slot is not None:
+                    replacements[id(slot)] = norm
             setattr(module, name, replacements[id(child)])
+        elif isinstance(child, _FoldedSlot) and child.block is not None and id(child.block) in slots:
+            if id(child) not in replacements:  # its block comes later in registration order
+                _replace_blocks_of(child.block, replacements, slots)
+            if id(child) in replacements:
+                setattr(module, name, replacements[id(child)])
         else:
-            _replace_blocks(child, replacements)
+            _replace_blocks(child, replacements, slots)
 
 
-def _deploy_module(block: ReparamBlock) -> nn.Module:
+def _replace_blocks_of(block: ReparamBlock, replacements: Dict[int, nn.Module], slots: Dict[int, "_FoldedSlot"]) -> None:
+    slot = slots[id(block)]
+    replacements[id(block)], replacements[id(slot)] = _deploy_module(block, slot)
+
+
+def _deploy_module(block: ReparamBlock, slot: Optional["_FoldedSlot"] = None) -> Tuple[nn.Module, Optional[nn.Module]]:
+    """``(the block's deploy module, the stock norm for its slot or None)``."""
     conv = block.make_deploy_conv()
+    norm = None
+    if slot is not None and conv.bias is not None:
+        with torch.no_grad():
+            shift = conv.bias.detach().clone()
+            norm, factor = slot.restore(shift)
+            if factor != 1.0:
+                conv.weight.mul_(factor)
+            if slot.conv_bias:
+                conv.bias.zero_()
+        if not slot.conv_bias:
+            conv.bias = None  # the stock conv was bias-free: the shift lives in the norm
     nonlinear = getattr(block, "nonlinear", None)
     if isinstance(nonlinear, nn.Module) and not isinstance(nonlinear, nn.Identity):
         deploy: nn.Module = nn.Sequential(conv, nonlinear)
     else:
         deploy = conv
-    return deploy.train(False)
+    return deploy.train(False), norm
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,8 +294,10 @@ def check_block_options(block_class: type, block_kwargs: Dict[str, Any], keep_we
         )
 
 
-def kernel_size_set(kernel_sizes: Iterable[int]) -> frozenset:
-    """``kernel_sizes`` as a non-empty set of ints, or one ``ValueError``."""
+def kernel_size_set(kernel_sizes: Optional[Iterable[int]]) -> Optional[frozenset]:
+    """``kernel_sizes`` as a non-empty set of ints (``None``: every size, left to the block), or one ``ValueError``."""
+    if kernel_sizes is None:
+        return None
     try:
         sizes = frozenset(int(k) for k in kernel_sizes)
     except (TypeError, ValueError):
@@ -194,45 +312,62 @@ def _accepts(block_class: type, argument: str) -> bool:
 
 
 def _block_options(block_class: type, conv: nn.Module, norm: Optional[nn.Module], form: str,
-                   sizes: frozenset) -> Union[Dict[str, Any], str]:
-    """Constructor arguments of the block replacing ``conv`` (+ ``norm``), or the reason it cannot.
+                   sizes: Optional[frozenset], bn_free: Optional[bool]) -> Union[Dict[str, Any], str]:
+    """Constructor arguments of the block replacing ``conv`` (+ ``norm``) in ``form``, or the reason it cannot.
 
     The block is asked first (``block_class.unsupported(...)``, the block contract); a 2-D conv with a
     square geometry gets ints (today's constructor arguments), any other conv tuples of length ``dim``
-    plus ``dim=`` and ``norm=`` (passed only when they differ from the defaults 2 and "batch").
+    plus ``dim=`` and ``norm=`` (passed only when they differ from the defaults 2 and "batch");
+    ``transposed=True`` / ``output_padding`` for a transposed conv; the BN-free form ``bias=False`` for a
+    bias-free conv (so that it folds back into the stock conv).
     """
     geometry = conv_geometry(conv)
     if isinstance(geometry, str):
         return geometry
-    dim = geometry.pop("dim")
     kernel = geometry["kernel_size"]
-    if max(kernel) not in sizes:
+    if sizes is not None and max(kernel) not in sizes:
         return f"kernel size {_show(kernel)} not in kernel_sizes {sorted(sizes)}"
+    transposed = bool(geometry.get("transposed"))
+    if transposed and not (_accepts(block_class, "transposed") and _accepts(block_class, "output_padding")):
+        return f"{block_class.__name__} has no transposed form (no transposed/output_padding arguments)"
     if norm is not None:
         if norm_features(norm) != geometry["out_channels"]:
             return f"its norm has {norm_features(norm)} features for {geometry['out_channels']} conv outputs"
         if form == "batch" and (not norm.track_running_stats or norm.running_mean is None):
             return "its BN has no running statistics (track_running_stats=False)"
+    bias = True
+    if form == "none" and conv.bias is None:
+        if _accepts(block_class, "bias"):
+            bias = False
+        elif bn_free is not True:
+            return (f"{block_class.__name__} has no bias-free BN-free form (no bias argument): its fused bias "
+                    "could not fold back into this bias-free conv (bn_free=True converts it anyway, for "
+                    "acnet_switch_to_deploy)")
     if not _accepts(block_class, "padding_mode"):
         if geometry["padding_mode"] != "zeros":
             return f"{block_class.__name__} supports only padding_mode='zeros', not {geometry['padding_mode']!r}"
         del geometry["padding_mode"]
     unsupported = getattr(block_class, "unsupported", None)
     if callable(unsupported):
-        reason = unsupported(dim=dim, **{k: geometry[k] for k in ("kernel_size", "stride", "padding", "dilation")},
-                             groups=geometry["groups"], padding_mode=geometry.get("padding_mode", "zeros"), norm=form)
+        try:
+            reason = unsupported(**geometry_rule_arguments(geometry, form, bias))
+        except TypeError:  # an older unsupported() without transposed= / bias=
+            return (f"{block_class.__name__} has no {'transposed ' if transposed else ''}"
+                    f"{'bias-free ' if not bias else ''}form")
         if reason:
             return reason
-    elif (dim, form) != (2, "batch"):  # a block without the contract's forms (a user's older block)
+    elif (geometry["dim"], form, transposed) != (2, "batch", False):  # a user's older block without the contract
         return f"{block_class.__name__} has only the 2-D BatchNorm form (no unsupported()/dim/norm)"
-    if (dim != 2 or form != "batch") and not (_accepts(block_class, "dim") and _accepts(block_class, "norm")):
+    if (geometry["dim"] != 2 or form != "batch") and not (_accepts(block_class, "dim") and _accepts(block_class, "norm")):
         return f"{block_class.__name__} takes no dim/norm arguments"
-    geometry = constructor_geometry({"dim": dim, **geometry}, form)
+    options = constructor_geometry(geometry, form)
+    if not bias:
+        options["bias"] = False
     if form == "batch":
-        geometry.update(bn_eps=norm.eps, bn_momentum=norm.momentum)
+        options.update(bn_eps=norm.eps, bn_momentum=norm.momentum)
     elif form == "frozen":
-        geometry["bn_eps"] = float(norm.eps)
-    return geometry
+        options["bn_eps"] = float(norm.eps)
+    return options
 
 
 def _show(size: Tuple[int, ...]) -> str:
@@ -250,44 +385,64 @@ def _build_for_inspection(block_class: type, options: Dict[str, Any]) -> nn.Modu
         return block_class(**options)
 
 
-def plan_conversion(model: nn.Module, block_class: type, sizes: frozenset, *, bn_free: bool = False,
-                    block_kwargs: Optional[Dict[str, Any]] = None) -> List[ConvPlan]:
-    """One :class:`ConvPlan` per conv of ``model`` outside re-param blocks, in registration order.
+def plan_conversion(model: nn.Module, block_class: type, sizes: Optional[frozenset], *,
+                    bn_free: Optional[bool] = None, block_kwargs: Optional[Dict[str, Any]] = None) -> List[ConvPlan]:
+    """One :class:`ConvPlan` per conv (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``) of ``model``
+    outside re-param blocks, in registration order.
 
-    Read only: nothing in ``model`` changes (blocks are built, on the meta device, only to check that
-    the options fit the geometry).
+    The form per conv: a conv paired with a norm (:func:`find_conv_bn_pairs`) gets the norm's form
+    (``"batch"`` / ``"frozen"``); if that form is refused for the norm's sake (a BN subclass acnet cannot
+    verify, a BN without running statistics) or the conv has no pair, the BN-free form ``"none"`` (the
+    conv alone, whatever follows stays) -- unless ``bn_free=False``. ``sizes=None``: every kernel size
+    the block has a form for. Read only: nothing in ``model`` changes (blocks are built, on the meta
+    device, only to check that the options fit the geometry).
     """
     block_kwargs = dict(block_kwargs or {})
-    pairs = {p.conv_name: p for p in find_conv_bn_pairs(model, bn_free=bn_free)}
+    pairs = {p.conv_name: p for p in find_conv_bn_pairs(model, bn_free=bn_free is not False)}
     plans = []
     for name, conv in modules_outside_blocks(model):
-        if not isinstance(conv, CONV_TYPES):
+        if not isinstance(conv, ANY_CONV_TYPES):
             continue
         pair = pairs.get(name)
         if pair is None:
             geometry = conv_geometry(conv)  # a conv subclass with its own forward: say so first
-            reason = geometry if isinstance(geometry, str) else _NOT_PAIRED_BN_FREE if bn_free else _NOT_PAIRED
+            reason = geometry if isinstance(geometry, str) else _NOT_PAIRED if bn_free is False else _NO_STAND_IN
             plans.append(ConvPlan(name, conv, None, None, None, reason))
             continue
         norm = model.get_submodule(pair.bn_name) if pair.bn_name is not None else None
-        plan = ConvPlan(name, conv, pair.bn_name, norm, norm_kind(norm) or "none")
+        candidates = [(pair.bn_name, norm, norm_kind(norm))] if norm is not None else []
+        if norm is None or bn_free is not False:
+            candidates.append((None, None, "none"))
+        first_reason: Optional[str] = None
+        plan = None
+        for norm_name, candidate_norm, form in candidates:
+            plan = ConvPlan(name, conv, norm_name, candidate_norm, form)
+            reason = _plan_block(plan, block_class, sizes, bn_free, block_kwargs)
+            if reason is None:
+                break
+            first_reason = first_reason or reason
+        else:
+            plan = ConvPlan(name, conv, pair.bn_name, norm, None, first_reason)
         plans.append(plan)
-        tail: Union[nn.Module, str] = nn.Identity() if norm is None else bn_tail(norm)
-        if isinstance(tail, str):
-            plan.reason = tail
-            continue
-        options = _block_options(block_class, conv, norm, plan.form, sizes)
-        if isinstance(options, str):
-            plan.reason = options
-            continue
-        try:
-            block = _build_for_inspection(block_class, {**options, **block_kwargs})
-        except ValueError as exc:
-            plan.reason = f"{block_class.__name__} cannot represent it: {exc}"
-            continue
-        plan.options, plan.tail = {**options, **block_kwargs}, tail
-        plan.block_params = sum(p.numel() for p in block.parameters())
     return plans
+
+
+def _plan_block(plan: ConvPlan, block_class: type, sizes: Optional[frozenset], bn_free: Optional[bool],
+                block_kwargs: Dict[str, Any]) -> Optional[str]:
+    """Fill ``plan``'s options, tail and block size; the reason when the block cannot take it in ``plan.form``."""
+    tail: Union[nn.Module, str] = nn.Identity() if plan.norm is None else bn_tail(plan.norm)
+    if isinstance(tail, str):
+        return tail
+    options = _block_options(block_class, plan.conv, plan.norm, plan.form, sizes, bn_free)
+    if isinstance(options, str):
+        return options
+    try:
+        block = _build_for_inspection(block_class, {**options, **block_kwargs})
+    except ValueError as exc:
+        return f"{block_class.__name__} cannot represent it: {exc}"
+    plan.options, plan.tail = {**options, **block_kwargs}, tail
+    plan.block_params = sum(p.numel() for p in block.parameters())
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,34 +451,45 @@ def plan_conversion(model: nn.Module, block_class: type, sizes: frozenset, *, bn
 def convert_to_acnet(
     model: nn.Module,
     block_type: str = "acb",
-    kernel_sizes: Iterable[int] = range(2, 7),
+    kernel_sizes: Optional[Iterable[int]] = None,
     *,
     keep_weights: bool = False,
-    bn_free: bool = False,
+    bn_free: Optional[bool] = None,
     **block_kwargs: Any,
 ) -> nn.Module:
-    """Replace each eligible conv-norm pair of ``model`` by a training-time block, in place.
+    """Replace every conv of ``model`` that a ``block_type`` block has a form for by that block, in place.
 
-    A pair (see :func:`find_conv_bn_pairs`) is an ``nn.Conv1d/2d/3d`` followed only by a
-    ``BatchNorm{1,2,3}d`` / ``SyncBatchNorm`` (block form ``norm="batch"``), a torchvision
-    ``FrozenBatchNorm2d`` (``norm="frozen"``: no batch statistics anywhere, the pretrained pair is the
-    main branch) or, with ``bn_free=True``, nothing (``norm="none"``: a BN-free block with biases). It is
-    eligible when its largest kernel side is in ``kernel_sizes`` (default ``2..6``: 7x7 stems and 1x1 convs
-    stay), the padding is symmetric (``'same'``/``'valid'`` resolved), the norm tracks running statistics
-    over the conv's output channels, and the block accepts that geometry (``block_class.unsupported``:
-    e.g. ACB needs odd kernel sides, ACB refuses 1-D convs). Other convs are left as they are (logged at
-    debug level with the reason; :func:`acnet.conversion_report` lists every conv with its reason);
-    a ``UserWarning`` counts the reasons when no conv is replaced, and names refused BN subclasses.
+    With no option, each ``nn.Conv1d/2d/3d`` / ``nn.ConvTranspose1d/2d/3d`` gets the form that fits what
+    it feeds (:func:`find_conv_bn_pairs`):
+
+    * only a ``BatchNorm{1,2,3}d`` / ``SyncBatchNorm`` -> ``norm="batch"``: the block takes the conv and
+      the BN, a :class:`FoldedNorm` keeps the BN's place (for a BN subclass that also applies an
+      activation, timm's ``BatchNormAct2d``, a :class:`FoldedNormAct` applies it; other BN subclasses
+      cannot be verified and their conv takes the BN-free form);
+    * only a torchvision ``FrozenBatchNorm2d`` -> ``norm="frozen"`` (no batch statistics anywhere);
+    * anything else -- GroupNorm, LayerNorm, InstanceNorm (they cannot absorb a conv), an activation,
+      an add, nothing -> ``norm="none"``: the block replaces the conv alone (a bias exactly when the conv
+      has one, so it folds back into the stock conv).
+
+    A conv converts when the block has a form for its geometry (``block_class.unsupported``: e.g. ACB
+    needs two axes of size > 1, so 1x1 and 1-D convs stay; transposed convs where the maths allows),
+    its padding is symmetric (``'same'``/``'valid'`` resolved) and a batch norm tracks running
+    statistics over the conv's outputs. Other convs are left as they are (logged at debug level;
+    :func:`acnet.conversion_report` lists every conv with its form or reason and the option that would
+    change it); a ``UserWarning`` counts the reasons when no conv is replaced.
+
+    Overrides: ``kernel_sizes`` (default ``None``: every size the block has a form for) restricts the
+    convs by their largest kernel side, e.g. ``range(2, 7)`` keeps 1x1 and 7x7 convs (the papers'
+    rule); ``bn_free=False`` converts only conv + norm pairs (the form choice of earlier versions'
+    defaults); ``bn_free=True`` also converts a bias-free conv with a block that has no bias-free form.
 
     The conv is replaced by ``block_class(in, out, K, stride, padding, dilation, groups,
-    [padding_mode,] [dim=, norm=,] bn_eps=norm.eps, bn_momentum=norm.momentum, **block_kwargs)`` on the
-    conv's device and dtype (frozen if the conv was frozen), the norm by ``nn.Identity`` -- or, for a BN
-    subclass that also applies an activation (timm's ``BatchNormAct2d``), by what it applies after
-    normalising (:func:`bn_tail`; other BN subclasses are refused). ``block_kwargs`` are the block's own
-    options (``gamma_init``, ``use_affine``, ``reduce_gamma``, ``internal_channels_1x1_3x3``,
-    ``bn_momentum``, ...); the geometry, form and ``bn_eps`` always come from the model, and
-    ``nonlinear`` is refused (it would change the function, and the result could no longer be folded
-    back into the baseline model).
+    [padding_mode,] [dim=, norm=, bias=False, transposed=True, output_padding=,] bn_eps=norm.eps,
+    bn_momentum=norm.momentum, **block_kwargs)`` on the conv's device and dtype (frozen if the conv was
+    frozen). ``block_kwargs`` are the block's own options (``gamma_init``, ``use_affine``,
+    ``reduce_gamma``, ``internal_channels_1x1_3x3``, ``bn_momentum``, ...); the geometry, form and
+    ``bn_eps`` always come from the model, and ``nonlinear`` is refused (it would change the function,
+    and the result could no longer be folded back into the stock model).
 
     ``keep_weights=False`` (training from scratch, as in the papers): blocks are freshly
     initialised by their own rules. ``keep_weights=True`` (fine-tuning a trained model): each block
@@ -331,7 +497,9 @@ def convert_to_acnet(
     norm)``: the main branch takes the pretrained conv and norm, every other branch contributes zero --
     so the eval-mode outputs do not change.
 
-    Returns ``model`` (converted in place; the model then trains as usual).
+    Returns ``model`` (converted in place; the model then trains as usual). The trained model folds
+    back into the stock class with :func:`acnet_fuse_and_load`, or deploys with
+    :func:`acnet_switch_to_deploy` (the stock module tree again).
     """
     block_class = block_class_for(block_type)
     sizes = kernel_size_set(kernel_sizes)
@@ -357,25 +525,29 @@ def convert_to_acnet(
         block.train(conv.training)
         _set_submodule(model, plan.conv_name, block)
         if plan.norm_name is not None:
-            _set_submodule(model, plan.norm_name, plan.tail)
+            _set_submodule(model, plan.norm_name, _folded(plan, block))
         converted += 1
     present = sum(1 for _, m in modules_outside_blocks(model) if isinstance(m, ReparamBlock)) - converted
     if present:
         kept["already a re-param block"] = present
     logger.info("convert_to_acnet: %d conv(s) replaced by %s, %d conv(s) / block(s) left as they are",
                 converted, block_class.__name__, sum(kept.values()))
-    refused_bns = {reason: n for reason, n in kept.items() if reason.startswith(_UNVERIFIED_BN)}
     if converted == 0:
         reasons = ("; ".join(f"{n} conv(s): {reason}" for reason, n in kept.most_common())
-                   or "the model has no nn.Conv1d/2d/3d")
-        hint = "" if bn_free else "; convs no norm follows convert with bn_free=True"
+                   or "the model has no nn.Conv1d/2d/3d / nn.ConvTranspose1d/2d/3d")
         warnings.warn(f"convert_to_acnet: no conv of {type(model).__name__} was replaced by {block_class.__name__} "
-                      f"({reasons}){hint}; acnet.conversion_report(model, {block_type!r}) lists every conv "
-                      "with its reason", stacklevel=2)
-    elif refused_bns:
-        warnings.warn("convert_to_acnet: " + "; ".join(f"{n} conv(s) kept: {r}" for r, n in refused_bns.items()),
-                      stacklevel=2)
+                      f"({reasons}); acnet.conversion_report(model, {block_type!r}) lists every conv "
+                      "with its reason and the option that would convert it", stacklevel=2)
     return model
+
+
+def _folded(plan: ConvPlan, block: nn.Module) -> nn.Module:
+    """What takes the place of the norm a block took: a :class:`FoldedNorm`, or a :class:`FoldedNormAct`
+    holding the norm's post-norm children."""
+    conv_bias = plan.conv.bias is not None
+    if isinstance(plan.tail, nn.Sequential):
+        return FoldedNormAct(plan.norm, plan.tail, block, conv_bias)
+    return FoldedNorm(plan.norm, block, conv_bias)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

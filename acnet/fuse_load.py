@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from .base import ReparamBlock
-from .pairs import CONV_TYPES, NORM_TENSORS, constructor_geometry, conv_geometry, find_conv_bn_pairs, norm_kind
+from .pairs import ANY_CONV_TYPES, NORM_TENSORS, constructor_geometry, conv_geometry, find_conv_bn_pairs, norm_kind
 from .registry import BLOCK_REGISTRY, get_block_type
 from .weights import PathLike, WeightsError, as_state_dict, load_state_dict_file
 
-__all__ = ["acnet_fuse_and_load"]
+__all__ = ["acnet_fuse_and_load", "pass_through_norm_state"]
 
 _BN_TENSORS = NORM_TENSORS
 
@@ -55,7 +55,7 @@ def acnet_fuse_and_load(
     ``weights``: a state dict, a module (its state dict), or a file (``.pth``/``.pt`` checkpoint or
     hdf5, see :func:`acnet.load_state_dict_file`); a ``module.`` prefix is stripped.
 
-    For every ``nn.Conv1d/2d/3d`` named ``c`` in ``base_model`` whose weights hold a block under ``c.``
+    For every ``nn.Conv1d/2d/3d`` / ``nn.ConvTranspose1d/2d/3d`` named ``c`` in ``base_model`` whose weights hold a block under ``c.``
     instead of ``c.weight`` (an ACB, a DBB, an OREPA block, a ``ConvBN``: any type of
     :mod:`acnet.registry`; or a kernel stored ready, as an already deployed ``fused_conv`` /
     ``dbb_reparam`` / ``orepa_reparam`` or a block wrapping one plain ``conv``), the block is rebuilt with
@@ -66,11 +66,12 @@ def acnet_fuse_and_load(
     the kind), loaded strictly, and its
     equivalent ``(K, b)`` is computed in float64 and written as:
 
-    * ``c.weight = K``, and ``c.bias = b`` when the conv has a bias;
-    * when ``c`` feeds a BN ``n`` whose entries the weights lack (the BN was replaced by
-      ``nn.Identity``), ``n`` becomes a pass-through that adds the bias (when ``c`` has none):
+    * ``c.weight = K``, and ``c.bias = b`` when the conv has a bias (a bias-free conv, e.g. before a
+      GroupNorm, was trained as a bias-free BN-free block: ``b = 0``);
+    * when ``c`` feeds a BN ``n`` whose entries the weights lack (the block took the BN, a
+      :class:`~acnet.convert.FoldedNorm` held its place), ``n`` becomes a pass-through that adds the bias (when ``c`` has none):
       ``running_var = 1 - eps``, ``running_mean = 0``, ``weight = sqrt(running_var + eps)``,
-      ``bias = b`` (see ``_pass_through_bn_state`` for non-affine BNs); a frozen BatchNorm's buffers
+      ``bias = b`` (see :func:`pass_through_norm_state` for non-affine BNs); a frozen BatchNorm's buffers
       are set the same way;
     * when the weights hold ``n.*`` (a block followed by a BN that was kept), they load with
       ``running_mean - b`` and ``c`` gets ``K`` alone.
@@ -106,7 +107,7 @@ def acnet_fuse_and_load(
     problems: List[str] = []
     for conv_name, conv in modules.items():
         prefix = f"{conv_name}." if conv_name else ""
-        if not isinstance(conv, CONV_TYPES) or f"{prefix}weight" in state:
+        if not isinstance(conv, ANY_CONV_TYPES) or f"{prefix}weight" in state:
             continue
         prefix = _block_prefix(modules, conv_name, state)
         kind = _stored_block_kind(state, prefix)
@@ -215,7 +216,8 @@ def _equivalent_kernel_bias(kind: str, sub_state: Dict[str, Tensor], conv: nn.Mo
         if geometry.pop("padding_mode") != "zeros":
             raise ValueError(f"{block_class.__name__} has no padding_mode")
     block = _block_matching(block_class, geometry, norm_kind(bn) or "none", bn,
-                            {**block_type.stored_options(as64, conv.in_channels), **block_kwargs}, as64)
+                            {**block_type.stored_options(as64, conv.in_channels), **block_kwargs}, as64,
+                            conv.bias is not None)
     block.load_state_dict(as64, strict=True)
     block.eval()
     kernel, bias = block.get_equivalent_kernel_bias()
@@ -223,24 +225,28 @@ def _equivalent_kernel_bias(kind: str, sub_state: Dict[str, Tensor], conv: nn.Mo
 
 
 def _block_matching(block_class: type, geometry: Dict[str, Any], guess: str, bn: Optional[nn.Module],
-                    options: Dict[str, Any], state: Mapping[str, Tensor]) -> nn.Module:
+                    options: Dict[str, Any], state: Mapping[str, Tensor], conv_bias: bool = True) -> nn.Module:
     """The block (float64) of the form whose state-dict names are the stored ones: first the form the
     baseline model suggests (``guess``: the norm after the conv), then the others (a block with BNs
-    trained for a conv whose BN was later folded, ...); the guess when none matches (its load error
-    then names the keys)."""
+    trained for a conv whose BN was later folded, a BN-free block trained for a conv whose BN was
+    kept, ...); the BN-free form first with the conv's own bias setting, then the other; the guess when
+    none matches (its load error then names the keys)."""
     eps = {"bn_eps": float(bn.eps)} if bn is not None and getattr(bn, "eps", None) is not None else {}
     first: Optional[nn.Module] = None
+    bias_variants = ([{"bias": False}, {}] if not conv_bias else [{}, {"bias": False}]) \
+        if "bias" in inspect.signature(block_class).parameters and "bias" not in options else [{}]
     for form in dict.fromkeys((guess, "batch", "frozen", "none")):
-        try:
-            block = block_class(**{**constructor_geometry(geometry, form), **({} if form == "none" else eps),
-                                   **options})
-        except (TypeError, ValueError):
-            if form == guess and guess == "batch":
-                raise
-            continue
-        first = first if first is not None else block
-        if set(block.state_dict()) == set(state):
-            return block.to(torch.float64)
+        for variant in bias_variants if form == "none" else [{}]:
+            try:
+                block = block_class(**{**constructor_geometry(geometry, form), **({} if form == "none" else eps),
+                                       **variant, **options})
+            except (TypeError, ValueError):
+                if form == guess and guess == "batch":
+                    raise
+                continue
+            first = first if first is not None else block
+            if set(block.state_dict()) == set(state):
+                return block.to(torch.float64)
     if first is None:
         raise ValueError(f"{block_class.__name__} has no form for this conv")
     return first.to(torch.float64)
@@ -253,9 +259,15 @@ def _place_kernel_bias(conv_name: str, conv: nn.Module, bn_name: Optional[str], 
     prefix = f"{conv_name}." if conv_name else ""
     # its own tensors, not those of a kept tail (e.g. timm BatchNormAct2d's ``act``)
     bn_is_stored = bn_name is not None and any(f"{bn_name}.{t}" in state for t in _BN_TENSORS)
+    bias_is_zero = not bool(bias.ne(0).any())
     if bn is not None and bn_is_stored:
         # The block was followed by a BN that was kept: bn(Kx + b) == bn'(Kx + 0), mean' = mean - b.
         mean_key = f"{bn_name}.running_mean"
+        if bias_is_zero:  # a bias-free block: the BN loads as it is (below)
+            values[f"{prefix}weight"] = kernel
+            if conv.bias is not None:
+                values[f"{prefix}bias"] = bias
+            return []
         if mean_key not in state:
             return [f"'{bn_name}' has entries in the weights but no running_mean"]
         values[f"{prefix}weight"] = kernel
@@ -264,6 +276,9 @@ def _place_kernel_bias(conv_name: str, conv: nn.Module, bn_name: Optional[str], 
         values[mean_key] = state[mean_key].to("cpu", torch.float64) - bias
         consumed.add(mean_key)
         return []
+    if conv.bias is None and bn is None and bias_is_zero:  # a bias-free block on a bias-free conv
+        values[f"{prefix}weight"] = kernel
+        return []
     if conv.bias is None and bn is None:
         return [f"'{conv_name}' holds a block but the baseline conv has no bias and feeds no norm to carry "
                 "the fused bias (is this the baseline model the weights were trained from? a BN-free block "
@@ -271,7 +286,7 @@ def _place_kernel_bias(conv_name: str, conv: nn.Module, bn_name: Optional[str], 
     factor = 1.0
     if bn is not None:  # the BN was replaced by nn.Identity: make it one that carries the bias
         shift = torch.zeros_like(bias) if conv.bias is not None else bias
-        entries, factor = _pass_through_bn_state(bn_name, bn, shift)
+        entries, factor = pass_through_norm_state(bn_name, bn, shift)
         values.update(entries)
     values[f"{prefix}weight"] = kernel * factor
     if conv.bias is not None:
@@ -279,8 +294,9 @@ def _place_kernel_bias(conv_name: str, conv: nn.Module, bn_name: Optional[str], 
     return []
 
 
-def _pass_through_bn_state(bn_name: str, bn: nn.Module, shift: Tensor) -> Tuple[Dict[str, Tensor], float]:
-    """BN entries and input factor ``f`` with ``bn(f * y) = y + shift`` in eval mode.
+def pass_through_norm_state(bn_name: str, bn: nn.Module, shift: Tensor) -> Tuple[Dict[str, Tensor], float]:
+    """BN entries (``bn_name.running_var`` etc.; bare names when ``bn_name`` is empty) and input factor
+    ``f`` with ``bn(f * y) = y + shift`` in eval mode.
 
     ``running_var = v = 1 - eps`` (0 when eps >= 1), ``s = sqrt(v + eps)`` (1 up to rounding):
     affine BN: ``weight = s, bias = shift, running_mean = 0``, ``f = 1``; non-affine BN:
@@ -290,17 +306,18 @@ def _pass_through_bn_state(bn_name: str, bn: nn.Module, shift: Tensor) -> Tuple[
     var = 1.0 - eps if eps < 1.0 else 0.0
     std = math.sqrt(var + eps)
     n = shift.shape[0]
-    entries = {f"{bn_name}.running_var": torch.full((n,), var, dtype=torch.float64)}
+    prefix = f"{bn_name}." if bn_name else ""
+    entries = {f"{prefix}running_var": torch.full((n,), var, dtype=torch.float64)}
     if getattr(bn, "affine", True):
-        entries[f"{bn_name}.weight"] = torch.full((n,), std, dtype=torch.float64)
-        entries[f"{bn_name}.bias"] = shift
-        entries[f"{bn_name}.running_mean"] = torch.zeros(n, dtype=torch.float64)
+        entries[f"{prefix}weight"] = torch.full((n,), std, dtype=torch.float64)
+        entries[f"{prefix}bias"] = shift
+        entries[f"{prefix}running_mean"] = torch.zeros(n, dtype=torch.float64)
         factor = 1.0
     else:
-        entries[f"{bn_name}.running_mean"] = -shift * std
+        entries[f"{prefix}running_mean"] = -shift * std
         factor = std
     if getattr(bn, "num_batches_tracked", None) is not None:
-        entries[f"{bn_name}.num_batches_tracked"] = bn.num_batches_tracked.detach().clone()
+        entries[f"{prefix}num_batches_tracked"] = bn.num_batches_tracked.detach().clone()
     return entries, factor
 
 

@@ -1,7 +1,15 @@
-"""Which convs of a model a block can replace: conv-norm pairs (and, on request, convs no norm follows).
+"""Which convs of a model a block can replace, and in which form.
 
-A *pair* is an N-D conv (``nn.Conv1d/2d/3d``) whose output goes only into one normalisation layer that
-acnet can take with it:
+Every N-D conv (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``) outside re-param blocks has a role:
+
+* a *pair* with the norm it feeds (block form ``"batch"`` or ``"frozen"``, the block takes the norm too);
+* *BN-free* (``bn_name=None``, block form ``"none"``): its output goes anywhere else -- a GroupNorm,
+  LayerNorm or InstanceNorm (which cannot absorb a conv), an activation, an add, nothing -- so the
+  block replaces the conv alone and whatever follows stays;
+* none: its parameters are read directly in ``forward`` (or a transposed conv is called with
+  ``output_size``), so no block can stand in for it.
+
+A *pair* is a conv whose output goes only into one normalisation layer that acnet can take with it:
 
 * ``"batch"``: ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` (and the BN subclasses of
   :data:`NORM_ACT_CLASSES`, e.g. timm's ``BatchNormAct2d``);
@@ -14,8 +22,8 @@ otherwise by the registration order of siblings (a conv registered immediately b
 torchvision's ``conv1``/``bn1`` and ``Sequential(conv, bn, relu)``). The same rule runs in conversion,
 in the report and in fuse-and-load, so all three see the same pairs.
 
-With ``bn_free=True``, convs that feed no norm at all come back too, as pairs with ``bn_name=None``
-(EDSR-style restoration nets, audio nets without BN).
+With ``bn_free=True``, the BN-free convs come back too, as pairs with ``bn_name=None`` (what
+:func:`acnet.convert_to_acnet` converts in the BN-free form by default).
 """
 from __future__ import annotations
 
@@ -29,14 +37,19 @@ from torch import nn
 
 from .base import ReparamBlock
 
-__all__ = ["ConvBNPair", "CONV_TYPES", "NORM_ACT_CLASSES", "FROZEN_NORM_CLASSES", "find_conv_bn_pairs",
-           "norm_kind", "bn_tail", "modules_outside_blocks"]
+__all__ = ["ConvBNPair", "CONV_TYPES", "TRANSPOSED_CONV_TYPES", "ANY_CONV_TYPES", "NORM_ACT_CLASSES", "FROZEN_NORM_CLASSES", "find_conv_bn_pairs",
+           "norm_kind", "bn_tail", "modules_outside_blocks", "is_transposed", "conv_geometry", "geometry_rule_arguments"]
 
 logger = logging.getLogger(__name__)
 
 #: The convs a block can replace, by dimension.
 CONV_TYPES: Tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_DIM: Dict[type, int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+#: The transposed convs a block can replace (``transposed=True`` forms), by dimension.
+TRANSPOSED_CONV_TYPES: Tuple[type, ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+TRANSPOSED_CONV_DIM: Dict[type, int] = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+#: Every conv class the plug-in looks at.
+ANY_CONV_TYPES: Tuple[type, ...] = CONV_TYPES + TRANSPOSED_CONV_TYPES
 _BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 #: BatchNorm subclasses whose forward is verified to be ``tail(batch_norm(x))`` (the parent's
 #: batch-norm, then the named children in this order), by exact class: the block takes the conv and the
@@ -59,20 +72,29 @@ _UNVERIFIED_BN = "its BN is a"
 @dataclass(frozen=True)
 class ConvBNPair:
     """A conv whose output feeds only one norm (qualified module names in the model); ``bn_name`` is
-    ``None`` for a conv no norm follows (found with ``bn_free=True`` only)."""
+    ``None`` for a BN-free conv (found with ``bn_free=True`` only)."""
 
     conv_name: str
     bn_name: Optional[str]
 
 
 def conv_dim(module: nn.Module) -> Optional[int]:
-    """1, 2 or 3 for an ``nn.Conv1d/2d/3d`` or a subclass that computes what its base class does (it
-    overrides neither ``forward`` nor ``_conv_forward``, e.g. torchvision's ``Conv3DSimple``); else None."""
+    """1, 2 or 3 for an ``nn.Conv1d/2d/3d`` / ``nn.ConvTranspose1d/2d/3d`` or a subclass that computes what
+    its base class does (it overrides neither ``forward`` nor ``_conv_forward``, e.g. torchvision's
+    ``Conv3DSimple``); else None."""
     for base, dim in CONV_DIM.items():
         if isinstance(module, base):
             cls = type(module)
             return dim if cls.forward is base.forward and cls._conv_forward is base._conv_forward else None
+    for base, dim in TRANSPOSED_CONV_DIM.items():
+        if isinstance(module, base):
+            return dim if type(module).forward is base.forward else None
     return None
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.ConvTranspose1d/2d/3d`` (or a subclass)."""
+    return isinstance(module, TRANSPOSED_CONV_TYPES)
 
 
 def _qualified_name(module: nn.Module) -> str:
@@ -131,16 +153,18 @@ def modules_outside_blocks(model: nn.Module) -> Iterable[Tuple[str, nn.Module]]:
 
 
 def find_conv_bn_pairs(model: nn.Module, *, bn_free: bool = False) -> List[ConvBNPair]:
-    """Every conv (``nn.Conv1d/2d/3d``) whose output goes only into one norm (:func:`norm_kind`), outside
-    re-param blocks; with ``bn_free=True`` also every conv that feeds no norm (``bn_name=None``).
+    """Every conv (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``) whose output goes only into one norm
+    (:func:`norm_kind`), outside re-param blocks; with ``bn_free=True`` also every other conv a block can
+    stand in for alone (``bn_name=None``: its output goes into anything else, a norm it does not feed
+    alone included -- that norm then stays).
 
     By dataflow when ``torch.fx`` can trace the model: every call of the conv must feed exactly
     one node, a call of the same norm, whose only input it is; the norm must be called on nothing else,
-    and neither module's parameters may be read directly in ``forward``. A BN-free conv: none of its
-    calls feeds a norm and its parameters are not read directly. When tracing fails (data-dependent
-    control flow), by registration order: a conv child registered immediately before a norm child of
-    the same parent; a BN-free conv: one not registered immediately before a norm. Pairs are returned
-    in module-registration order.
+    and neither module's parameters may be read directly in ``forward``. A BN-free conv: its parameters
+    are not read directly and (a transposed conv) it is never called with ``output_size``. When tracing
+    fails (data-dependent control flow), by registration order: a conv child registered immediately
+    before a norm child of the same parent; a BN-free conv: any other. Pairs are returned in
+    module-registration order.
     """
     try:
         pairs = _pairs_by_dataflow(model, bn_free)
@@ -186,33 +210,39 @@ def _pairs_by_dataflow(model: nn.Module, bn_free: bool) -> List[ConvBNPair]:
 
     pairs = []
     for conv_name, sites in conv_sites.items():
-        if read_directly(conv_name):
-            continue
-        if bn_free and not any(user.op == "call_module" and user.target in bn_sites
-                               for site in sites for user in site.users):
+        if read_directly(conv_name) or any(len(site.args) != 1 or site.kwargs for site in sites):
+            continue  # parameters read in forward, or a transposed conv called with output_size
+        pair = _norm_fed_alone(conv_name, sites, bn_sites, read_directly)
+        if pair is not None:
+            pairs.append(pair)
+        elif bn_free:
             pairs.append(ConvBNPair(conv_name, None))
-            continue
-        bn_names = set()
-        for site in sites:
-            users = list(site.users)
-            if len(users) != 1:
-                break
-            user = users[0]
-            if not (user.op == "call_module" and user.target in bn_sites and user.args[:1] == (site,)
-                    and len(user.args) == 1 and not user.kwargs):
-                break
-            bn_names.add(user.target)
-        else:
-            if len(bn_names) != 1:
-                continue
-            bn_name = bn_names.pop()
-            bn_fed_by_conv_only = all(
-                n.args and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "call_module"
-                and n.args[0].target == conv_name for n in bn_sites[bn_name]
-            )
-            if bn_fed_by_conv_only and not read_directly(bn_name):
-                pairs.append(ConvBNPair(conv_name, bn_name))
     return pairs
+
+
+def _norm_fed_alone(conv_name: str, sites: List[torch.fx.Node], bn_sites: Dict[str, List[torch.fx.Node]],
+                    read_directly) -> Optional[ConvBNPair]:
+    """The pair of ``conv_name`` with the one norm every call of it feeds alone, or None."""
+    bn_names = set()
+    for site in sites:
+        users = list(site.users)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if not (user.op == "call_module" and user.target in bn_sites and user.args[:1] == (site,)
+                and len(user.args) == 1 and not user.kwargs):
+            return None
+        bn_names.add(user.target)
+    if len(bn_names) != 1:
+        return None
+    bn_name = bn_names.pop()
+    bn_fed_by_conv_only = all(
+        n.args and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "call_module"
+        and n.args[0].target == conv_name for n in bn_sites[bn_name]
+    )
+    if bn_fed_by_conv_only and not read_directly(bn_name):
+        return ConvBNPair(conv_name, bn_name)
+    return None
 
 
 def _pairs_by_registration(model: nn.Module, bn_free: bool) -> List[ConvBNPair]:
@@ -250,25 +280,44 @@ def _resolved_padding(conv: nn.Module, kernel: Tuple[int, ...], dilation: Tuple[
 
 def conv_geometry(conv: nn.Module) -> Union[Dict[str, object], str]:
     """``dim, in/out_channels, kernel_size, stride, padding, dilation, groups, padding_mode`` of a plain
-    ``nn.Conv1d/2d/3d`` (sizes as tuples of length ``dim``, ``'same'``/``'valid'`` resolved), or why not."""
+    ``nn.Conv1d/2d/3d`` (sizes as tuples of length ``dim``, ``'same'``/``'valid'`` resolved), plus
+    ``transposed=True`` and ``output_padding`` for an ``nn.ConvTranspose1d/2d/3d``; or why not."""
     dim = conv_dim(conv)
     if dim is None:
-        return f"{type(conv).__name__} is not a plain nn.Conv1d/2d/3d (its forward may differ)"
+        base = "nn.ConvTranspose1d/2d/3d" if is_transposed(conv) else "nn.Conv1d/2d/3d"
+        return f"{type(conv).__name__} is not a plain {base} (its forward may differ)"
     kernel, stride, dilation = (tuple(int(v) for v in getattr(conv, a)) for a in ("kernel_size", "stride", "dilation"))
     padding = _resolved_padding(conv, kernel, dilation)
     if isinstance(padding, str):
         return padding
-    return dict(dim=dim, in_channels=conv.in_channels, out_channels=conv.out_channels,
-                kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, groups=conv.groups,
-                padding_mode=conv.padding_mode)
+    geometry: Dict[str, object] = dict(dim=dim, in_channels=conv.in_channels, out_channels=conv.out_channels,
+                                       kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
+                                       groups=conv.groups, padding_mode=conv.padding_mode)
+    if is_transposed(conv):
+        geometry.update(transposed=True, output_padding=tuple(int(v) for v in conv.output_padding))
+    return geometry
+
+
+def geometry_rule_arguments(geometry: Dict[str, object], norm: str, bias: bool = True) -> Dict[str, object]:
+    """The keyword arguments of a block's ``unsupported()`` for a :func:`conv_geometry` (with ``dim``);
+    ``transposed`` / ``bias`` only where they differ from the contract's defaults (an older block's
+    ``unsupported()`` need not know them)."""
+    args = {k: geometry[k] for k in ("dim", "kernel_size", "stride", "padding", "dilation", "groups")}
+    args.update(padding_mode=geometry.get("padding_mode", "zeros"), norm=norm)
+    if geometry.get("transposed"):
+        args["transposed"] = True
+    if not bias:
+        args["bias"] = False
+    return args
 
 
 def constructor_geometry(geometry: Dict[str, object], form: str) -> Dict[str, object]:
     """Block constructor arguments from :func:`conv_geometry`: a 2-D square geometry as ints (today's
-    arguments), anything else as tuples plus ``dim=``; ``norm=form`` unless it is ``"batch"``."""
-    args = {k: v for k, v in geometry.items() if k != "dim"}
+    arguments), anything else as tuples plus ``dim=``; ``norm=form`` unless it is ``"batch"``;
+    ``transposed=True`` and ``output_padding`` for a transposed conv."""
+    args = {k: v for k, v in geometry.items() if k != "dim" and not (k == "transposed" and not v)}
     dim = geometry["dim"]
-    sizes = ("kernel_size", "stride", "padding", "dilation")
+    sizes = tuple(k for k in ("kernel_size", "stride", "padding", "dilation", "output_padding") if k in args)
     if dim == 2 and all(len(set(args[k])) == 1 for k in sizes):
         args.update({k: args[k][0] for k in sizes})
     if dim != 2:

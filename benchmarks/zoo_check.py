@@ -1,20 +1,25 @@
 """Model-zoo check: acnet's blocks on models it was not written for (torchvision, timm) and on BN-free nets.
 
 For each model (built untrained: ``weights=None`` / ``pretrained=False``, 10 classes) and block type:
-``convert_to_acnet``, one SGD step (gradient norm clipped to 1) in training mode on a small random batch, then in eval mode both
+``convert_to_acnet(model, block)`` with no other option (every conv gets the form of what it feeds;
+the row FAILs when any option -- ``bn_free=False``, ``kernel_sizes`` -- would convert a conv the
+default keeps), one SGD step (gradient norm clipped to 1) in training mode on a small random batch, then in eval mode both
 ``acnet_switch_to_deploy`` (of a copy) and ``acnet_fuse_and_load`` into a freshly built model of the
 same name must equal the trained model (float32, relative difference <= 1e-5 of the output's
 scale; for a model whose own float32 output is further than that from its float64 output,
 the check is made in float64 within 1e-7: "ok (f64)"; "ill-cond": even the float64 output moves by
 as much for a 1e-13 change of the input, so outputs cannot be compared). Each (model, block) runs in a worker subprocess (``benchmarks/isolated.py``): a crash or a hang
-is that row's failure. Models without a norm to convert are listed as skipped, with the reason.
+is that row's failure. For timm models, timm's own ``reparameterize_model`` must also give the trained
+model's outputs on the output of ``acnet_switch_to_deploy`` (the stock module tree). Models without a
+conv are listed as skipped, with the reason.
 
 Beyond classification: torchvision detectors (``tvdet:``) built as torchvision builds them for
 pretrained weights (backbone ``norm_layer=FrozenBatchNorm2d``, ``trainable_layers=3``; built here with
-no weights at all) -- the backbone features are compared --, video models (``tvvideo:``: Conv3d +
+no weights at all; RetinaNet v2 and SSD300 by their builders) -- compared: the backbone features and
+every head (RPN / RetinaNet / FCOS / SSD heads on those features, the box, mask and keypoint heads and
+predictors, ConvTranspose2d included, on a fixed random RoI batch) --, video models (``tvvideo:``: Conv3d +
 BatchNorm3d, input 2x3x4x16x16), and nets written here (``own:``): an EDSR-like super-resolution net
-(conv + bias, ReLU, PixelShuffle, no BN) and 1-D audio nets with and without BatchNorm1d; the BN-free
-ones convert with ``bn_free=True``.
+(conv + bias, ReLU, PixelShuffle, no BN) and 1-D audio nets with and without BatchNorm1d.
 
     python benchmarks/zoo_check.py                        # the full zoo, acb and dbb (long: ~1 h on 2 cores)
     python benchmarks/zoo_check.py --models tv:resnet18 timm:efficientnet_b0 --blocks dbb
@@ -48,7 +53,7 @@ BLOCKS = ("acb", "dbb")
 ALL_BLOCKS = ("acb", "dbb", "orepa")
 CASE_TIMEOUT_S = 900.0
 #: Larger inputs where a model needs more than 64x64 (inception_v3: 75; maxvit_t: its 7x7 windows at 224).
-INPUT_SIZE = {"tv:inception_v3": 96, "tv:maxvit_t": 224}
+INPUT_SIZE = {"tv:inception_v3": 96, "tv:maxvit_t": 224, "tvdet:ssd300_vgg16": 128}
 #: The models the test suite checks (tests/test_zoo.py): one of each family's structures, all small.
 CI_MODELS = (
     "tv:resnet18", "tv:mobilenet_v3_small", "tv:shufflenet_v2_x0_5", "tv:regnet_y_400mf",
@@ -62,18 +67,16 @@ CI_EXTRA_CASES = (
 #: Detectors whose pretrained builds freeze the backbone's BatchNorms (torchvision 0.29).
 DETECTION_MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn",
                     "retinanet_resnet50_fpn", "fcos_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
-                    "fasterrcnn_mobilenet_v3_large_320_fpn")
+                    "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn_v2", "ssd300_vgg16")
 VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18")
 OWN_MODELS = ("edsr", "audio", "audio_bn")
-#: Models converted with bn_free=True (their convs have no norm).
-BN_FREE = {"own:edsr", "own:audio"}
 TIMM_MODELS = (
     "efficientnet_b0", "tf_efficientnetv2_b0", "efficientnet_lite0", "mobilenetv2_100", "mobilenetv3_large_100",
     "mobilenetv3_small_050", "mixnet_s", "fbnetc_100", "spnasnet_100", "semnasnet_050", "lcnet_050",
     "ghostnet_100", "rexnet_100", "regnetx_002", "regnety_002", "regnetz_b16", "cspdarknet53", "cspresnet50",
     "cs3darknet_m", "darknet53", "resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "dla34",
     "hrnet_w18_small", "gernet_s", "repvgg_a0", "selecsls42b", "ese_vovnet19b_dw", "dpn68", "densenet121",
-    "convnext_atto",
+    "convnext_atto", "mobileone_s0", "fastvit_t8",
 )
 #: Larger models are listed as skipped: their CPU check needs more memory than a CI machine has.
 MAX_PARAMS = 200_000_000
@@ -136,6 +139,8 @@ def _build_detection(name: str) -> nn.Module:
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
     from torchvision.ops.misc import FrozenBatchNorm2d
 
+    if name in ("retinanet_resnet50_fpn_v2", "ssd300_vgg16"):  # BN backbone, GroupNorm heads / VGG without BN
+        return getattr(detection, name)(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
     if name.startswith("fasterrcnn_mobilenet_v3_large"):
         backbone = _mobilenet_extractor(mobilenet_v3_large(weights=None, norm_layer=FrozenBatchNorm2d), True, 3)
         anchors = ((32, 64, 128, 256, 512),) * 3
@@ -193,10 +198,38 @@ def example_input(spec: str) -> torch.Tensor:
     return torch.randn(2, 3, size, size)
 
 
+def _flat(value: Any) -> List[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value.flatten()]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for v in value for t in _flat(v)] if isinstance(value, (list, tuple)) else []
+
+
+def _detector_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Backbone features and every head on them (RoI heads on a fixed random RoI batch), concatenated."""
+    features = model.backbone(x)
+    levels = list(features.values()) if isinstance(features, dict) else [features]
+    parts = _flat(levels)
+    if hasattr(model, "rpn"):
+        parts += _flat(model.rpn.head(levels))
+    if hasattr(model, "head"):  # RetinaNet, FCOS, SSD
+        parts += _flat(model.head(levels))
+    heads = getattr(model, "roi_heads", None)
+    if heads is not None:
+        rois = torch.randn(2, levels[0].shape[1], 14, 14, generator=torch.Generator().manual_seed(1))
+        pooled = torch.nn.functional.adaptive_avg_pool2d(rois, 7)
+        parts += _flat(heads.box_predictor(heads.box_head(pooled)))
+        if getattr(heads, "mask_head", None) is not None:
+            parts += _flat(heads.mask_predictor(heads.mask_head(rois)))
+        if getattr(heads, "keypoint_head", None) is not None:
+            parts += _flat(heads.keypoint_predictor(heads.keypoint_head(rois)))
+    return torch.cat(parts)
+
+
 def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if hasattr(model, "backbone") and hasattr(model, "transform"):
-        # a detector: its backbone's features (the part acnet converts), flattened and concatenated
-        return torch.cat([f.flatten(1) for f in model.backbone(x).values()], 1)
+        return _detector_output(model, x)
     out = model(x)
     if isinstance(out, dict):  # torchvision segmentation models
         out = out["out"]
@@ -208,16 +241,16 @@ def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def skip_reason(spec: str) -> Optional[str]:
-    """Why ``spec`` is not checked (no norm to convert, too large), from its structure on the meta device."""
-    from acnet.pairs import norm_kind
+    """Why ``spec`` is not checked (no conv to convert, too large), from its structure on the meta device."""
+    from acnet.pairs import ANY_CONV_TYPES
 
     try:
         with torch.device("meta"):
             model = build(spec)
     except (NotImplementedError, RuntimeError):  # a builder that reads tensor values (regnet): build for real
         model = build(spec)
-    if spec not in BN_FREE and not any(norm_kind(m) is not None for m in model.modules()):
-        return "no BatchNorm / frozen BatchNorm (nothing to convert)"
+    if not any(isinstance(m, ANY_CONV_TYPES) for m in model.modules()):
+        return "no conv (nothing to convert)"
     params = sum(p.numel() for p in model.parameters())
     if params > MAX_PARAMS:
         return f"{params / 1e6:.0f}M parameters: over the {MAX_PARAMS / 1e6:.0f}M this CPU check allows"
@@ -228,14 +261,22 @@ def check_model(case: Dict[str, Any]) -> Dict[str, Any]:
     """Worker side (one model, one block type): convert, train a step, compare deploy and fuse-and-load."""
     import warnings
 
-    from acnet import ReparamBlock, acnet_fuse_and_load, acnet_switch_to_deploy, convert_to_acnet
+    from acnet import ReparamBlock, acnet_fuse_and_load, acnet_switch_to_deploy, conversion_report, convert_to_acnet
 
     spec, block = case["model"], case["block"]
     torch.manual_seed(0)
     model = build(spec)
+
+    def converted(**options: Any) -> set:
+        return {r.name for r in conversion_report(model, block, **options).rows if r.converted}
+
+    default = converted()
+    missed = set().union(*(converted(**o) for o in (dict(bn_free=False), dict(kernel_sizes=range(1, 12))))) - default
+    if missed:
+        raise AssertionError(f"converted only with an option: {sorted(missed)[:5]}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        convert_to_acnet(model, block, bn_free=spec in BN_FREE)
+        convert_to_acnet(model, block)
     blocks = sum(isinstance(m, ReparamBlock) for m in model.modules())
     x = example_input(spec)
     model.train()
@@ -253,6 +294,12 @@ def check_model(case: Dict[str, Any]) -> Dict[str, Any]:
         raise AssertionError("the trained model's eval output is not finite")
     result = {"blocks": blocks, "deploy_diff": _relative(deployed, expected), "fuse_diff": _relative(fused, expected),
               "warnings": [str(w.message)[:300] for w in caught]}
+    if spec.startswith("timm:"):  # timm's own fuse on the deployed (stock) module tree
+        from timm.utils.model import reparameterize_model
+
+        with torch.no_grad():
+            host = _output(reparameterize_model(acnet_switch_to_deploy(copy.deepcopy(model))), x)
+        result["deploy_diff"] = max(result["deploy_diff"], _relative(host, expected))
     if max(result["deploy_diff"], result["fuse_diff"]) > TOLERANCE:
         # Is float32 itself that far off for this model? Then the exactness check is done in float64.
         with torch.no_grad():

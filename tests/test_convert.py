@@ -21,7 +21,7 @@ from acnet import (
     convert_to_acnet,
     save_hdf5,
 )
-from acnet.convert import ConvBNPair, find_conv_bn_pairs
+from acnet.convert import ConvBNPair, FoldedNorm, find_conv_bn_pairs
 from helpers import randomize_state_, relative_difference
 
 BLOCK_CLASS = {"acb": ACBlock, "dbb": DiverseBranchBlock}
@@ -52,19 +52,23 @@ def test_public_api_is_exported():
 # convert_to_acnet on torchvision's resnet18
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("block_type", ["acb", "dbb"])
-def test_resnet18_conversion_replaces_exactly_the_3x3_conv_bn_pairs(block_type):
+def test_resnet18_conversion_replaces_every_conv_the_block_has_a_form_for(block_type):
     model = torchvision.models.resnet18(num_classes=10)
     model.layer2[0].bn1.eps, model.layer2[0].bn1.momentum = 1e-3, 0.05
     convert_to_acnet(model, block_type)
     block_class = BLOCK_CLASS[block_type]
-    assert count(model, block_class) == 16  # two 3x3 convs in each of the 8 basic blocks
-    assert type(model.conv1) is nn.Conv2d and isinstance(model.bn1, nn.BatchNorm2d)  # 7x7 stem kept
-    assert type(model.layer2[0].downsample[0]) is nn.Conv2d  # 1x1 kept
-    assert isinstance(model.layer2[0].downsample[1], nn.BatchNorm2d)
+    assert isinstance(model.conv1, block_class) and model.conv1.kernel_size == 7  # the 7x7 stem too
+    assert isinstance(model.bn1, FoldedNorm) and isinstance(model.bn1, nn.Identity)
+    if block_type == "acb":  # ACB has no 1x1 form: the downsample convs stay
+        assert count(model, block_class) == 17
+        assert type(model.layer2[0].downsample[0]) is nn.Conv2d
+        assert isinstance(model.layer2[0].downsample[1], nn.BatchNorm2d)
+    else:  # DBB has one: every conv converts
+        assert count(model, block_class) == 20 and isinstance(model.layer2[0].downsample[0], block_class)
     for block in model.modules():
         if isinstance(block, BasicBlock := torchvision.models.resnet.BasicBlock):
-            assert isinstance(block.conv1, block_class) and isinstance(block.bn1, nn.Identity)
-            assert isinstance(block.conv2, block_class) and isinstance(block.bn2, nn.Identity)
+            assert isinstance(block.conv1, block_class) and isinstance(block.bn1, FoldedNorm)
+            assert isinstance(block.conv2, block_class) and isinstance(block.bn2, FoldedNorm)
     carried = [m for m in model.layer2[0].conv1.modules() if isinstance(m, nn.BatchNorm2d)]
     assert carried and all(bn.eps == 1e-3 and bn.momentum == 0.05 for bn in carried)
     other = [m for m in model.layer1[0].conv1.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -113,7 +117,10 @@ def test_plug_in_round_trip_on_torchvision_resnet18(block_type):
     if block_type == "acb":  # (DBB's deploy path is covered, faster, by the property test below)
         acnet_switch_to_deploy(model)
         assert count(model, ReparamBlock) == 0 and not model.training
-        assert type(model.layer1[0].conv1) is nn.Conv2d and model.layer1[0].conv1.bias is not None
+        # the stock structure again: a bias-free conv and a BN holding the fused shift
+        assert type(model.layer1[0].conv1) is nn.Conv2d and model.layer1[0].conv1.bias is None
+        assert type(model.layer1[0].bn1) is nn.BatchNorm2d and type(model.bn1) is nn.BatchNorm2d
+        assert list(model.state_dict()) == list(torchvision.models.resnet18(num_classes=10).state_dict())
         with torch.no_grad():
             assert relative_difference(model(images), expected) <= 1e-5
 
@@ -232,9 +239,17 @@ class Untraceable(nn.Module):
         return self.bn2(self.conv2(y))
 
 
-def test_conv_with_a_second_consumer_is_not_converted():
-    model = convert_to_acnet(ConvFeedsTwoConsumers(), "acb")
-    assert type(model.conv) is nn.Conv2d and isinstance(model.bn, nn.BatchNorm2d)
+def test_conv_with_a_second_consumer_takes_the_bn_free_form_and_the_bn_stays():
+    kept = convert_to_acnet(ConvFeedsTwoConsumers(), "acb", bn_free=False)
+    assert type(kept.conv) is nn.Conv2d and isinstance(kept.bn, nn.BatchNorm2d)
+    stock = randomize_state_(ConvFeedsTwoConsumers().double(), 0)
+    model = convert_to_acnet(copy.deepcopy(stock), "acb")
+    assert isinstance(model.conv, ACBlock) and model.conv.norm == "none" and type(model.bn) is nn.BatchNorm2d
+    randomize_state_(model, 1).eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        trained = model(x)
+        assert (acnet_fuse_and_load(stock, model.state_dict())(x) - trained).abs().max().item() <= 1e-10
 
 
 def test_registration_order_alone_does_not_make_a_pair_when_the_model_traces():
@@ -258,28 +273,37 @@ def test_untraceable_model_falls_back_to_registration_order():
         assert (base(images) - trained).abs().max().item() <= 1e-10
 
 
-def test_ineligible_convs_are_left_alone():
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, (1, 3), padding=(0, 1)), nn.BatchNorm2d(4),  # non-square kernel
+def _mixed_convs() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, (1, 3), padding=(0, 1)), nn.BatchNorm2d(4),  # one axis > 1: ACB has no form
         nn.Conv2d(4, 4, 3, padding=(1, 2)), nn.BatchNorm2d(4),  # padding differing per axis: ACB represents it
-        nn.Conv2d(4, 4, 7, padding=3), nn.BatchNorm2d(4),  # outside default kernel sizes
-        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),  # 1x1
-        nn.Conv2d(4, 4, 4, padding=2), nn.BatchNorm2d(4),  # even kernel: ACB cannot represent it
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False),  # no statistics to fold
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),  # no BN at all
-        nn.Conv2d(4, 4, 3, padding="same"), nn.BatchNorm2d(4),  # eligible
+        nn.Conv2d(4, 4, 7, padding=3), nn.BatchNorm2d(4),  # 7x7: converts by default
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),  # 1x1: ACB has no form
+        nn.Conv2d(4, 4, 4, padding=2), nn.BatchNorm2d(4),  # even kernel: as ACBlock.unsupported says
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False),  # BN-free form, BN stays
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),  # no BN at all: BN-free form
+        nn.Conv2d(4, 4, 3, padding="same"), nn.BatchNorm2d(4),  # BN form
     ).eval()
+
+
+def test_ineligible_convs_are_left_alone():
+    model = _mixed_convs()
     before = [type(m) for m in model]
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
         expected = model(x)
+    even = ACBlock.unsupported(dim=2, kernel_size=(4, 4), stride=(1, 1), padding=(2, 2), dilation=(1, 1), groups=1,
+                               padding_mode="zeros", norm="batch") is None
     convert_to_acnet(model, "acb", keep_weights=True)
     after = [type(m) for m in model]
     changed = [i for i, (a, b) in enumerate(zip(before, after)) if a is not b]
-    assert changed == [2, 3, 14, 15] and isinstance(model[14], ACBlock) and model[14].padding == 1
-    assert model[2].padding == (1, 2)
+    assert changed == [2, 3, 4, 5] + ([8, 9] if even else []) + [10, 12, 14, 15]
+    assert isinstance(model[14], ACBlock) and model[14].padding == 1 and model[2].padding == (1, 2)
+    assert model[10].norm == "none" and type(model[11]) is nn.BatchNorm2d and model[12].norm == "none"
     with torch.no_grad():
         assert relative_difference(model.eval()(x), expected) <= 1e-5
+    kept = convert_to_acnet(_mixed_convs(), "dbb", kernel_sizes=range(2, 7), bn_free=False)  # the overrides
+    assert [i for i, m in enumerate(kept) if isinstance(m, ReparamBlock)] == [0, 14]  # no 1x1 / 7x7, no BN-free
 
 
 def test_kernel_sizes_is_configurable():
@@ -304,8 +328,10 @@ def test_conversion_keeps_dtype_and_frozen_state():
 def test_converting_twice_changes_nothing():
     model = convert_to_acnet(torchvision.models.resnet18(num_classes=10), "acb")
     keys = list(model.state_dict())
-    convert_to_acnet(model, "dbb")
-    assert list(model.state_dict()) == keys and count(model, DiverseBranchBlock) == 0
+    convert_to_acnet(model, "acb")
+    assert list(model.state_dict()) == keys
+    convert_to_acnet(model, "dbb")  # DBB takes only what ACB could not: the 1x1 downsample convs
+    assert count(model, DiverseBranchBlock) == 3 and count(model, ACBlock) == 17
 
 
 @pytest.mark.parametrize(
@@ -445,7 +471,7 @@ def test_module_version_metadata_reaches_the_baseline():
 
 
 def test_conv_that_cannot_carry_the_bias_is_an_error():
-    trained = nn.Sequential(ACBlock(3, 4, 3, padding=1))
+    trained = randomize_state_(nn.Sequential(ACBlock(3, 4, 3, padding=1)), 0)  # a trained block: a bias
     with pytest.raises(WeightsError, match="'0' holds a block but the baseline conv has no bias and feeds no norm"):
         acnet_fuse_and_load(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False)), trained.state_dict())
 

@@ -126,7 +126,7 @@ def test_frozen_bn_resnet_converts_every_3x3_conv_and_folds_back():
     with torch.no_grad():
         expected = model(x)
     convert_to_acnet(model, "dbb", keep_weights=True)
-    assert sum(isinstance(m, DiverseBranchBlock) for m in model.modules()) == 16
+    assert sum(isinstance(m, DiverseBranchBlock) for m in model.modules()) == 20  # 7x7 stem and 1x1s included
     with torch.no_grad():
         assert relative_difference(model.eval()(x), expected) <= 1e-5
     model.train()
@@ -152,18 +152,19 @@ class FeedsAnInputNorm(nn.Module):
     def forward(self, x):
         y = self.conv(self.bn(x))
         z = self.shared(y)
-        return self.bn2(z) + z  # shared feeds a norm and something else: neither a pair nor BN-free
+        return self.bn2(z) + z  # shared feeds a norm and something else: no pair, BN-free (bn2 stays)
 
 
 def test_bn_free_pairs_by_dataflow():
     model = FeedsAnInputNorm()
     assert find_conv_bn_pairs(model) == []
-    assert find_conv_bn_pairs(model, bn_free=True) == [ConvBNPair("conv", None)]
-    with pytest.warns(UserWarning, match="convert with bn_free=True"):
-        convert_to_acnet(copy.deepcopy(model), "acb")
-    converted = convert_to_acnet(model, "acb", bn_free=True)
+    assert find_conv_bn_pairs(model, bn_free=True) == [ConvBNPair("conv", None), ConvBNPair("shared", None)]
+    with pytest.warns(UserWarning, match="no conv of FeedsAnInputNorm was replaced"):
+        convert_to_acnet(copy.deepcopy(model), "acb", bn_free=False)
+    converted = convert_to_acnet(model, "acb")
     assert isinstance(converted.conv, ACBlock) and converted.conv.norm == "none"
-    assert type(converted.shared) is nn.Conv2d
+    assert isinstance(converted.shared, ACBlock) and converted.shared.norm == "none"
+    assert type(converted.bn) is type(converted.bn2) is nn.BatchNorm2d
 
 
 class Untraceable(nn.Module):
@@ -183,12 +184,12 @@ def test_bn_free_pairs_by_registration_order_when_tracing_fails():
     assert find_conv_bn_pairs(Untraceable()) == [ConvBNPair("body.2", "body.3")]
 
 
-def test_without_bn_free_behaviour_is_as_before():
+def test_bn_free_false_converts_only_the_pairs_as_before():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        convert_to_acnet(model, "acb")
-    assert type(model[0]) is nn.Conv2d and isinstance(model[2], ACBlock)
+        convert_to_acnet(model, "acb", bn_free=False)
+    assert type(model[0]) is nn.Conv2d and isinstance(model[2], ACBlock) and model[2].norm == "batch"
 
 
 def test_non_cubic_video_kernels_convert_where_the_block_allows():

@@ -30,14 +30,18 @@ def test_totals_match_the_real_conversion_and_the_model_is_not_touched(block_typ
     snapshot = state_snapshot(model)
     report = conversion_report(model, block_type)
     assert_unchanged(model, snapshot)
-    assert len(report.rows) == 20 and report.converted == 16
+    assert len(report.rows) == 20 and report.converted == (17 if block_type == "acb" else 20)  # ACB: no 1x1 form
     assert report.params_deploy == sum(p.numel() for p in model.parameters())
     converted = convert_to_acnet(copy.deepcopy(model), block_type)
     assert report.params_train == sum(p.numel() for p in converted.parameters())
     assert report.params_train - report.params_deploy == sum(r.extra_params for r in report.rows)
-    stem = report.rows[0]
-    assert stem == ConvReportRow("conv1", "Conv2d", (7, 7), (2, 2), 1, "BatchNorm2d", False,
-                                 "kernel size 7 not in kernel_sizes [2, 3, 4, 5, 6]", "-", 0)
+    assert report.converted_params == sum(p.numel() for r in report.rows if r.converted
+                                          for p in model.get_submodule(r.name).parameters())
+    papers = conversion_report(model, block_type, kernel_sizes=range(2, 7))  # the papers' rule
+    assert papers.converted == 16
+    assert papers.rows[0] == ConvReportRow(
+        "conv1", "Conv2d", (7, 7), (2, 2), 1, "BatchNorm2d", False, "kernel size 7 not in kernel_sizes [2, 3, 4, 5, 6]",
+        "-", 0, "converts with kernel_sizes including 7 (or the default None)")
     assert [r.name for r in report.rows if r.converted] == [
         name for name, m in converted.named_modules() if type(m).__name__ in ("ACBlock", "DiverseBranchBlock",
                                                                               "OREPABlock")]
@@ -49,15 +53,18 @@ def test_rows_name_norm_kind_form_and_reason():
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), FrozenBatchNorm2d(8), nn.ReLU(),
         nn.Conv1d(8, 8, 3, padding=1), nn.BatchNorm1d(8),  # ACB refuses 1-D convs
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),  # no norm: converts with bn_free=True only
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),  # no norm: the BN-free form
     )
     rows = {r.name: r for r in conversion_report(model, "acb").rows}
-    assert (rows["0"].norm, rows["0"].converted, rows["0"].form) == ("FrozenBatchNorm2d", True, "frozen")
+    assert (rows["0"].norm, rows["0"].converted, rows["0"].form_name) == ("FrozenBatchNorm2d", True, "frozen")
     assert rows["0"].extra_params > 0
     assert not rows["3"].converted and rows["3"].reason.startswith("ACB on a 1-D conv")
-    assert not rows["5"].converted and rows["5"].norm == "-" and "does not go only into one norm" in rows["5"].reason
-    bn_free = {r.name: r for r in conversion_report(model, "acb", bn_free=True).rows}
-    assert (bn_free["5"].converted, bn_free["5"].form) == (True, "none")
+    assert rows["3"].hint == "block type 'dbb' converts it (BN form)"
+    assert (rows["5"].converted, rows["5"].form, rows["5"].form_name) == (True, "none", "BN-free")
+    only_pairs = {r.name: r for r in conversion_report(model, "acb", bn_free=False).rows}
+    assert not only_pairs["5"].converted and only_pairs["5"].norm == "-"
+    assert "bn_free=False converts only convs whose output goes only into one norm" in only_pairs["5"].reason
+    assert only_pairs["5"].hint == "converts with bn_free=None (the default: BN-free form)"
 
 
 def test_training_flops_multiplier_of_one_acb_is_its_kernel_area_ratio():
@@ -68,8 +75,10 @@ def test_training_flops_multiplier_of_one_acb_is_its_kernel_area_ratio():
     assert_unchanged(model, snapshot)
     assert report.train_flops_multiplier == pytest.approx(15 / 9, rel=1e-6)
     assert report.input_shape == (2, 4, 8, 8)
+    assert report.converted_flops == report.model_flops == 2 * 2 * 8 * 8 * 8 * 4 * 9  # 2 per multiply-add
     plain = conversion_report(model, "acb", kernel_sizes=[5], example_input=torch.randn(2, 4, 8, 8))
-    assert plain.converted == 0 and plain.train_flops_multiplier == 1.0
+    assert plain.converted == 0 and plain.train_flops_multiplier == 1.0 and plain.converted_flops == 0
+    assert "expected training cost (forward + backward): 1.67x the model as it is" in str(report)
 
 
 def test_format_report_prints_every_row_and_the_totals():
@@ -80,9 +89,10 @@ def test_format_report_prints_every_row_and_the_totals():
     lines = text.splitlines()
     assert lines[0] == "conversion report: ResNet, block type dbb"
     assert sum(line.startswith("layer") or line.startswith("conv1 ") for line in lines) == 20
-    assert f"16 of 20 conv(s) converted; parameters: train {report.params_train:,} vs deploy " \
-           f"{report.params_deploy:,}" in text
-    assert "pass example_input= to count them" in text
+    assert f"20 of 20 conv(s) converted (20 BN), holding {report.converted_params:,} of the model's " \
+           f"{report.params_deploy:,} parameters" in text
+    assert f"parameters while training: {report.params_train:,}" in text
+    assert "FLOPs and the expected training cost: pass example_input= to count them" in text
 
 
 def test_bad_arguments_are_value_errors():
@@ -94,6 +104,7 @@ def test_bad_arguments_are_value_errors():
 
 
 def test_the_zero_conversion_warning_points_to_the_report():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    with pytest.warns(UserWarning, match=r"acnet.conversion_report\(model, 'acb'\) lists every conv with its reason"):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    with pytest.warns(UserWarning, match=r"1 conv\(s\): ACB on a 1x1 kernel.*acnet.conversion_report\(model, 'acb'\) "
+                                         r"lists every conv with its reason and the option that would convert it"):
         convert_to_acnet(model, "acb")

@@ -76,13 +76,13 @@ class _ScaledBN(nn.BatchNorm2d):
         return 2 * super().forward(x)
 
 
-def test_an_unverified_bn_subclass_is_refused_with_a_warning():
+def test_an_unverified_bn_subclass_is_not_taken_its_conv_takes_the_bn_free_form():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _ScaledBN(8), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
     assert isinstance(bn_tail(model[1]), str)
-    with pytest.warns(UserWarning, match=r"1 conv\(s\) kept: its BN is a .*_ScaledBN"):
-        convert_to_acnet(model, "dbb")
-    assert isinstance(model[0], nn.Conv2d) and isinstance(model[1], _ScaledBN)  # left as they were
-    assert isinstance(model[2], ReparamBlock)  # the plain pair still converts
+    convert_to_acnet(model, "dbb")
+    assert isinstance(model[0], ReparamBlock) and model[0].norm == "none"
+    assert type(model[1]) is _ScaledBN  # left as it was, after the block
+    assert isinstance(model[2], ReparamBlock) and model[2].norm == "batch"  # the plain pair takes its BN
 
 
 def test_a_timm_batchnormact_with_extra_children_is_refused():
@@ -93,12 +93,15 @@ def test_a_timm_batchnormact_with_extra_children_is_refused():
     assert isinstance(bn_tail(bn), str)
 
 
-def test_converting_nothing_warns_with_the_reasons():
-    import torchvision
+def audio_1d() -> nn.Module:
+    """A 1-D audio stem: no form of ACB exists for any of its convs."""
+    return nn.Sequential(nn.Conv1d(1, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU(), nn.Conv1d(16, 16, 1))
 
-    with pytest.warns(UserWarning, match=r"no conv of DenseNet was replaced .*61 conv\(s\): its output does not go "
-                                         r"only into one norm .*; 58 conv\(s\): kernel size 1 not in kernel_sizes") as caught:
-        convert_to_acnet(torchvision.models.densenet121(weights=None), "acb")
+
+def test_converting_nothing_warns_with_the_reasons():
+    with pytest.warns(UserWarning, match=r"no conv of Sequential was replaced by ACBlock \(2 conv\(s\): ACB on a 1-D "
+                                         r"conv") as caught:
+        convert_to_acnet(audio_1d(), "acb")
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"UserWarning: {caught[0].message}" in readme.splitlines()  # the README shows it as printed
     with pytest.warns(UserWarning, match="the model has no nn.Conv1d/2d/3d"):
