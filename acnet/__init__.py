@@ -9,7 +9,8 @@ registry of block types: :data:`BLOCK_REGISTRY` / :func:`get_block_type` (module
 with ``bn_free=True``, no norm), :func:`conversion_report` says beforehand what it would do,
 :func:`acnet_switch_to_deploy` turns every block into its plain conv, :func:`acnet_fuse_and_load`
 loads training-time weights into the unmodified baseline model. Weights: :func:`save_hdf5` / :func:`load_hdf5` (the original hdf5 format),
-:func:`load_state_dict_file` (hdf5 or torch checkpoint, loaded safely), :class:`WeightsError`.
+:func:`load_state_dict_file` (hdf5 or torch checkpoint, loaded safely), :func:`check_finite_weights`
+(refuses NaN / inf), :class:`WeightsError`.
 The fusion maths: module :mod:`acnet.transforms`.
 Deployment: :func:`export_onnx` (checked ONNX export; needs the ``deploy`` extra), :func:`prepare_qat` /
 :func:`convert_qat` (int8 QAT on the equivalent kernel, module :mod:`acnet.quant`).
@@ -30,7 +31,7 @@ from .export import ExportError, MissingExtraError, export_onnx
 from .hdf5 import load_hdf5, save_hdf5
 from .norms import NORM_KINDS, ChannelAffine, FrozenBatchNorm
 from .quant import convert_qat, prepare_qat
-from .weights import WeightsError, load_state_dict_file
+from .weights import NonFiniteWeightsError, WeightsError, check_finite_weights, load_state_dict_file
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,8 @@ __all__ = [
     "load_hdf5",
     "load_state_dict_file",
     "WeightsError",
+    "NonFiniteWeightsError",
+    "check_finite_weights",
     "transforms",
     "export_onnx",
     "ExportError",

@@ -153,11 +153,12 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
     model of ``block_type``, the deploy model (the same for every block type), or a file the original
     ACNet / DBB code wrote for this arch (training-time of the same block type, or deploy; translated
     to our names). ``num_classes=None``: the size of the weights' classifier (e.g. an ImageFolder set
-    with its own class count). Raises ``acnet.WeightsError`` naming the closest form and what differs.
+    with its own class count). Raises ``acnet.WeightsError`` naming the closest form and what differs,
+    ``acnet.NonFiniteWeightsError`` for weights holding NaN / inf (``acnet.check_finite_weights``).
     """
     import constructor
     from acnet import WeightsError, load_state_dict_file
-    from acnet.weights import as_state_dict
+    from acnet.weights import as_state_dict, check_finite_weights
     from constructor.original_formats import recognise_weights
 
     if isinstance(weights, Mapping):
@@ -165,6 +166,7 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
         state, source = as_state_dict(weights, "the given state dict"), "the given state dict"
     else:
         state, source = load_state_dict_file(weights), f"weights file {os.fspath(weights)!r}"
+    check_finite_weights(state, source)  # before anything is computed or written (convert, export, eval)
     found = recognise_weights(arch, state, source, num_classes=num_classes, block_type=block_type)
     if found.block_type is not None and found.block_type != block_type:
         raise WeightsError(

@@ -68,13 +68,21 @@ class RunLog:
 
 
 class TensorBoard:
-    """Scalars to TensorBoard under ``log_dir``; a no-op when disabled (ranks > 0)."""
+    """Scalars to TensorBoard under ``log_dir``; a no-op when disabled (ranks > 0).
 
-    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True, purge_step: int | None = None):
+    ``resume_step``: the iteration the run starts or continues from (0 for a fresh run). Points an
+    earlier (killed) process logged after it are hidden, the ones at or before it are kept, so a
+    resumed run shows every point an uninterrupted run shows (SummaryWriter's ``purge_step`` drops
+    steps ``>= purge_step``, hence ``resume_step + 1``; the point logged at the resumed iteration
+    itself, the end of the saved epoch, belongs to the saved state).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            purge_step = None if resume_step is None else resume_step + 1
             self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
