@@ -99,7 +99,7 @@ def check_finite_weights(state_dict: Mapping[str, Tensor], source: str = "the gi
     nans = int(torch.isnan(first).sum())
     infs = int(torch.isinf(first).sum())
     counts = " and ".join(f"{n} {what}" for n, what in ((nans, "NaN"), (infs, "inf")) if n)
-    others = f"; {len(bad) - 1} more of its {len(state_dict)} entries too" if len(bad) > 1 else ""
+    others = f"; {len(bad) - 1} more of the {len(state_dict)} entries do too" if len(bad) > 1 else ""
     raise NonFiniteWeightsError(
         f"{source} holds non-finite weights: entry {bad[0]!r} has {counts} of its {first.numel()} values{others} "
         "(what a diverged training run saves); nothing was computed or written: use weights saved before the "

@@ -2,6 +2,7 @@
 resumable-state errors, log.txt, evaluation, and the Trainer on a tiny in-process model and loader."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -296,14 +297,36 @@ def test_trainer_writes_checkpoints_learns_and_resumes_bit_identically(tmp_path)
     assert part_evals == full_evals  # one evaluation line per epoch, no duplicate from the killed epoch
 
 
-def test_non_finite_loss_stops_and_keeps_last_state(tmp_path):
+def test_non_finite_loss_stops_and_says_nothing_resumable_was_saved(tmp_path):
     trainer, _ = _trainer(tmp_path, epochs=2, lr=1e30)
-    with pytest.raises(NonFiniteLossError, match="non-finite.*last good state"):
+    with pytest.raises(NonFiniteLossError) as info:
         trainer.fit(TensorBoard(tmp_path / "tb", enabled=False))
     assert not (tmp_path / "finish.hdf5").exists()
     assert not (tmp_path / "latest.pth").exists()  # it diverged in epoch 1: no state was ever saved
+    message = str(info.value)  # what is on disk, truthfully: no claim of a latest.pth
+    assert re.search(r"non-finite .* in epoch 1 .*; nothing resumable was saved yet \(only init\.hdf5, the initial "
+                     r"weights\)\. Start again .*--lr", message), message
+    assert "latest.pth" not in message and "intact" not in message
     last_line = (tmp_path / "log.txt").read_text().splitlines()[-1]  # the log says how the run ended
-    assert last_line.split(" ", 2)[2].startswith("ERROR: the training loss became non-finite")
+    assert last_line.split(" ", 2)[2] == f"ERROR: {message}"
+
+
+def test_non_finite_loss_after_a_saved_epoch_names_that_state(tmp_path):
+    trainer, loader = _trainer(tmp_path, epochs=3)
+
+    class DivergingLoader(ListLoader):  # the images become NaN in epoch 2
+        def __iter__(self):
+            for images, labels in self.batches:
+                yield (images if self.epoch_seen[-1] == 0 else images * math.nan), labels
+
+    trainer.train_loader = DivergingLoader(loader.batches)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(TensorBoard(tmp_path / "tb", enabled=False))
+    message = str(info.value)
+    assert re.search(r"in epoch 2 .*; the last resumable state, latest\.pth after epoch 1 \(iteration 4\), is "
+                     r"intact, but continuing it with the same recipe diverges again\.", message), message
+    assert load_state(tmp_path / "latest.pth")["epoch"] == 1
+    assert (tmp_path / "log.txt").read_text().splitlines()[-1].endswith(f"ERROR: {message}")
 
 
 # ---------------------------------------------------------------------------- load_model_for_eval

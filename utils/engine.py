@@ -196,8 +196,8 @@ class Trainer:
         """What this run has on disk to go on from, in words (for the messages of a run that stops)."""
         state = self.paths.state
         if self.last_saved_epoch and state.is_file():
-            return (f"the last resumable state ({state.name}, after epoch {self.last_saved_epoch}, iteration "
-                    f"{self.last_saved_iteration}) is intact")
+            return (f"the last resumable state, {state.name} after epoch {self.last_saved_epoch} (iteration "
+                    f"{self.last_saved_iteration}), is intact")
         if self.paths.init_weights.is_file():
             return f"nothing resumable was saved yet (only {self.paths.init_weights.name}, the initial weights)"
         return "nothing was saved yet"
@@ -214,7 +214,7 @@ class Trainer:
         place = "free space on" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make writable"
         on_disk = self.saved_on_disk()
         again = "run again with -c continue" if "intact" in on_disk else "run the command again"
-        error.fix = f"{place} '{error.path.parent}' and {again} ({on_disk})"
+        error.fix = f"{place} '{error.path.parent}' and {again}: {on_disk}"
         return error
 
     def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:

@@ -55,7 +55,6 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike, *, block_type: 
     state = dict(found.state)
     if skip_classifier:
         state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
-    check_finite_weights(state if skip_classifier else raw, source)  # the file's names, unless a part is unused
         classifier_note = f"replaced: fresh {model_classes}-class {classifier} (the file's has {found.num_classes})"
     elif found.num_classes != model_classes:
         raise WeightsError(
@@ -63,6 +62,7 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike, *, block_type: 
             "--init-weights-skip-classifier to start a fresh classifier (or --dataset matching the file)")
     else:
         classifier_note = "loaded"
+    check_finite_weights(state if skip_classifier else raw, source)  # the file's names, unless a part is unused
 
     if found.block_type == block_type:
         form = f"training-time {block_type} weights, loaded as they are"
