@@ -44,23 +44,28 @@ class FailingFile:
         return False
 
 
-def install(code: int, name: str, nth: int) -> None:
-    """Make the ``nth`` write of a file named ``name`` through acnet.fileio fail with ``OSError(code)``."""
-    import acnet.fileio as fileio
-
+def failing_open(code: int, name: str, nth: int):
+    """An ``open`` whose ``nth`` opening for writing of a file named ``name`` (its temporary file
+    ``.NAME.XXXXXXXX.tmp``, see acnet.fileio.atomic_path) gives a :class:`FailingFile`."""
     seen = {"count": 0}
     real_open = builtins.open
 
     def open_(file, mode="r", *args, **kwargs):
         fh = real_open(file, mode, *args, **kwargs)
-        # the temporary file of NAME is ".NAME.XXXXXXXX.tmp" (acnet.fileio.atomic_path)
         if "w" in mode and Path(str(file)).name.startswith(f".{name}."):
             seen["count"] += 1
             if seen["count"] == nth:
                 return FailingFile(fh, code)
         return fh
 
-    fileio.open = open_  # the module's global name shadows the builtin for acnet.fileio only
+    return open_
+
+
+def install(code: int, name: str, nth: int) -> None:
+    """Make the ``nth`` write of a file named ``name`` through acnet.fileio fail with ``OSError(code)``."""
+    import acnet.fileio as fileio
+
+    fileio.open = failing_open(code, name, nth)  # the module's global name shadows the builtin there only
 
 
 def main() -> None:
