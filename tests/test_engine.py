@@ -356,3 +356,59 @@ def test_load_model_for_eval_detects_the_form_and_unwraps_in_memory_checkpoints(
 
     with pytest.raises(WeightsError, match="matches neither"):
         load_model_for_eval("vc", "acb", deploy_path)
+
+
+def _scalar_points(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for ``log_dir``: tag -> [(step, value)] (purged points left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_keeps_every_point_across_a_resume(tmp_path):
+    """A run killed in epoch 2 (after it logged a point there) and resumed shows the same points as an
+    uninterrupted run: the one at the resumed iteration kept, the killed process's later ones replaced."""
+    pytest.importorskip("tensorboard")
+    full, _ = _trainer(tmp_path / "full", epochs=3)
+    board = TensorBoard(tmp_path / "full" / "tb", resume_step=0)
+    try:
+        full.fit(board)
+    finally:
+        board.close()
+    expected = _scalar_points(tmp_path / "full" / "tb")
+    assert [step for step, _ in expected["train/loss"]] == [2, 4, 6, 8, 10, 12]
+    assert [step for step, _ in expected["val/top1"]] == [4, 8, 12]
+
+    killed, loader = _trainer(tmp_path / "part", epochs=3)
+
+    class DyingLoader(ListLoader):  # epoch 2 dies after two batches (a point at iteration 6 is logged)
+        def __iter__(self):
+            for index, batch in enumerate(self.batches):
+                if self.epoch_seen[-1] == 1 and index == 2:
+                    raise Killed
+                yield batch
+
+    killed.train_loader = DyingLoader(loader.batches)
+    board = TensorBoard(tmp_path / "part" / "tb", resume_step=0)
+    with pytest.raises(Killed):
+        try:
+            killed.fit(board)
+        finally:
+            board.close()
+    assert [step for step, _ in _scalar_points(tmp_path / "part" / "tb")["train/loss"]] == [2, 4, 6]
+    resumed, _ = _trainer(tmp_path / "part", epochs=3)
+    resumed.run_log = RunLog(resumed.paths.log, keep_existing=True)
+    resumed.load_resumable_state(load_state(tmp_path / "part" / "latest.pth"))
+    assert resumed.iteration == 4
+    board = TensorBoard(tmp_path / "part" / "tb", resume_step=resumed.iteration)  # as utils/training.py does
+    try:
+        resumed.fit(board)
+    finally:
+        board.close()
+    shown = _scalar_points(tmp_path / "part" / "tb")
+    assert {tag: [step for step, _ in points] for tag, points in shown.items()} == \
+        {tag: [step for step, _ in points] for tag, points in expected.items()}
+    timing = "train/images_per_sec"  # measured, the rest bit-identical
+    assert {k: v for k, v in shown.items() if k != timing} == {k: v for k, v in expected.items() if k != timing}
