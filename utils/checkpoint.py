@@ -73,11 +73,12 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a truncated/corrupt zip or pickle
-        detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
         size = path.stat().st_size
-        raise CheckpointError(f"the resumable state {path} is unreadable or corrupt ({size} bytes; "
-                              f"{type(exc).__name__}: {detail[:160]}): it cannot be resumed; start the run over "
-                              "with a new --exp-name, or delete it and run with -c fs") from None
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "").split(". ")[0][:160]
+        what = "an empty file" if size == 0 else f"{size} bytes; {type(exc).__name__}" + (f": {detail}" if detail else "")
+        raise CheckpointError(f"the resumable state {path} is unreadable or corrupt ({what}; a copy cut short or a "
+                              "disk error leaves such a file): it cannot be resumed; start the run over with a new "
+                              "--exp-name, or delete it and run with -c fs") from None
     required = {"model", "optimizer", "schedule", "epoch", "iteration", "rng", "recipe", "world_size"}
     if not isinstance(state, dict) or not required <= set(state):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
