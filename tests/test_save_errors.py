@@ -100,24 +100,53 @@ def test_a_multi_line_strerror_becomes_the_errnos_few_words(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the engine
-@pytest.mark.parametrize("nth,saved", [(1, r"run the command again: nothing resumable was saved yet \(only "
-                                           r"init\.hdf5, the initial weights\)"),
-                                       (2, r"run again with -c continue: the last resumable state, latest\.pth "
-                                           r"after epoch 1 \(iteration 4\), is intact")])
-def test_the_engine_stops_in_one_line_with_an_error_line_in_its_log(nth, saved, tmp_path, monkeypatch):
+NOTHING_SAVED = r"run the command again: nothing resumable was saved yet \(only init\.hdf5, the initial weights\)"
+EPOCH_1_SAVED = r"run again with -c continue: the last resumable state, latest\.pth after epoch 1 \(iteration 4\), is intact"
+
+
+@pytest.mark.parametrize("code,nth,reason,fix,saved", [
+    (errno.ENOSPC, 1, "no space left on device", "free space on '{dir}'", NOTHING_SAVED),
+    (errno.ENOSPC, 2, "no space left on device", "free space on '{dir}'", EPOCH_1_SAVED),
+    (errno.EROFS, 2, "read-only file system", "make the file system of '{dir}' writable", EPOCH_1_SAVED),
+    (errno.EACCES, 2, "permission denied", "make '{dir}' writable", EPOCH_1_SAVED),
+], ids=["ENOSPC-first", "ENOSPC-second", "EROFS", "EACCES"])
+def test_the_engine_stops_in_one_line_with_an_error_line_in_its_log(code, nth, reason, fix, saved, tmp_path,
+                                                                     monkeypatch):
     trainer, _ = _trainer(tmp_path, epochs=3)
-    monkeypatch.setattr(fileio, "open", failing_open(errno.ENOSPC, "latest.pth", nth), raising=False)
+    monkeypatch.setattr(fileio, "open", failing_open(code, "latest.pth", nth), raising=False)
     with pytest.raises(UnwritablePathError) as info:
         trainer.fit(TensorBoard(tmp_path / "tb", enabled=False))
     message = one_line(info.value)
-    assert re.fullmatch(rf"cannot write '{re.escape(str(tmp_path / 'latest.pth'))}': no space left on device; "
-                        rf"free space on '{re.escape(str(tmp_path))}' and {saved}", message), message
+    fix = re.escape(fix.format(dir=tmp_path))
+    assert re.fullmatch(rf"cannot write '{re.escape(str(tmp_path / 'latest.pth'))}': {reason}; {fix} and {saved}",
+                        message), message
     assert (tmp_path / "log.txt").read_text().splitlines()[-1].split(" ", 2)[2] == f"ERROR: {message}"
     assert stray_files(tmp_path) == [] and not (tmp_path / "finish.hdf5").exists()
     if nth == 2:
         assert load_state(tmp_path / "latest.pth")["epoch"] == 1
     else:
         assert not (tmp_path / "latest.pth").exists()
+
+
+def test_an_error_line_that_cannot_be_written_leaves_log_txt_as_it_was(tmp_path, monkeypatch, caplog):
+    from utils.runlog import RunLog
+
+    log = RunLog(tmp_path / "log.txt")
+    log.write("epoch 1 iter 4 saved resumable state latest.pth")
+    before = (tmp_path / "log.txt").read_text()
+    monkeypatch.setattr(fileio, "open", failing_open(errno.ENOSPC, "log.txt", 1), raising=False)
+    log.write_error("cannot write 'latest.pth': no space left on device; ...")  # does not raise
+    assert (tmp_path / "log.txt").read_text() == before and len(log) == 1 and stray_files(tmp_path) == []
+    assert "ERROR: cannot write 'latest.pth'" in caplog.text  # the logger (the console) still has it
+
+
+def test_the_engine_stops_in_one_line_when_log_txt_cannot_be_written(tmp_path, monkeypatch):
+    trainer, _ = _trainer(tmp_path, epochs=3)
+    monkeypatch.setattr(fileio, "open", failing_open(errno.ENOSPC, "log.txt", 4), raising=False)
+    with pytest.raises(UnwritablePathError, match=rf"^cannot write '{re.escape(str(tmp_path / 'log.txt'))}': no "
+                                                  r"space left on device; free space on .* and run"):
+        trainer.fit(TensorBoard(tmp_path / "tb", enabled=False))
+    assert stray_files(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------------------ do_acnet.py processes

@@ -202,19 +202,18 @@ class Trainer:
             return f"nothing resumable was saved yet (only {self.paths.init_weights.name}, the initial weights)"
         return "nothing was saved yet"
 
-    def _log_error(self, error: Exception) -> None:
-        """The ``ERROR:`` line of the run's end in log.txt (show_log), best effort: the disk may be full."""
-        try:
-            self.run_log.write(f"ERROR: {error}", logging.ERROR)
-        except OSError:  # log.txt itself cannot be written (UnwritablePathError): the command's line says it
-            logger.error("ERROR: %s", error)
-
     def _cannot_write(self, error: UnwritablePathError) -> UnwritablePathError:
         """``error`` with the run's way on: free space / fix the folder, then continue or run again."""
-        place = "free space on" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make writable"
+        folder = f"'{error.path.parent}'"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            place = f"free space on {folder}"
+        elif error.errno == errno.EROFS:
+            place = f"make the file system of {folder} writable"
+        else:
+            place = f"make {folder} writable"
         on_disk = self.saved_on_disk()
         again = "run again with -c continue" if "intact" in on_disk else "run the command again"
-        error.fix = f"{place} '{error.path.parent}' and {again}: {on_disk}"
+        error.fix = f"{place} and {again}: {on_disk}"
         return error
 
     def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:
@@ -227,7 +226,7 @@ class Trainer:
                 f"the training loss became non-finite (NaN or inf) in epoch {epoch + 1} (by iteration "
                 f"{self.iteration}); training stopped; {on_disk}{also}. Start again (e.g. with a new --exp-name) "
                 "with a lower learning rate (--lr), warmup (--warmup-epochs) or --no-amp.")
-            self._log_error(error)  # the log says how the run ended (show_log)
+            self.run_log.write_error(error)  # the log says how the run ended (show_log)
             raise error
 
     def fit(self, tensorboard: TensorBoard) -> TrainResult:
@@ -256,7 +255,7 @@ class Trainer:
             raise RunInterrupted(where, saved) from None
         except UnwritablePathError as exc:  # a full disk, a read-only folder: one line, here and in log.txt
             error = self._cannot_write(exc)
-            self._log_error(error)
+            self.run_log.write_error(error)
             raise error from None
         barrier()
         return TrainResult(epochs_run=self.epochs_done, iteration=self.iteration, train_images=self.train_images,

@@ -53,6 +53,16 @@ class RunLog:
             raise ValueError(f"only evaluation lines may contain 'top1=': {message!r}")
         self._append(message, level)
 
+    def write_error(self, error: object) -> None:
+        """The ``ERROR: <error>`` line a run ends with (show_log reads it), best effort: when log.txt
+        itself cannot be written (a full disk) the line goes to the logger only; the command's own
+        one-line error says the same."""
+        kept = len(self.lines)
+        try:
+            self.write(f"ERROR: {error}", logging.ERROR)  # logged first, then written
+        except OSError:  # acnet.fileio.UnwritablePathError: log.txt keeps its previous lines
+            del self.lines[kept:]
+
     def write_eval(self, epoch: int, iteration: int, metrics: dict[str, float], split: str = "val") -> None:
         self._append(eval_line(epoch, iteration, metrics, split), logging.INFO)
 
