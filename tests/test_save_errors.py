@@ -181,6 +181,22 @@ def test_do_acnet_on_a_full_disk_exits_2_in_one_line_and_continues_after(tmp_pat
     assert (run_dir / "finish_deploy.hdf5").is_file() and json.loads((run_dir / "summary.json").read_text())
 
 
+def test_a_full_disk_before_training_is_one_line_too(tmp_path, capsys, monkeypatch):
+    """recipe.json, the first file a run writes, on a full disk: one line, status 2, no temporary file."""
+    import do_acnet
+
+    monkeypatch.setattr(fileio, "open", failing_open(errno.ENOSPC, "recipe.json", 1), raising=False)
+    with pytest.raises(SystemExit) as info:
+        do_acnet.main([*TINY, "--epochs", "1", "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "cfqkbnc_acb_synthetic_train"
+    assert info.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.strip() == (f"do_acnet.py: error: cannot write '{run_dir / 'recipe.json'}': no space left on device; "
+                           f"free space on the file system of '{run_dir}' (the previous file, if any, is intact) "
+                           "and try again")
+    assert stray_files(tmp_path) == [] and not (run_dir / "recipe.json").exists()
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 2.5 MiB tmpfs (room for init.hdf5 and one latest.pth of the tiny run, not two); skipped where this
