@@ -34,7 +34,7 @@ import sys
 import time
 
 from utils.command import block_kwargs
-from utils.errors import USER_ERRORS, UsageError, exit_with_error
+from utils.errors import USER_ERRORS, UsageError, exit_status, exit_with_error
 from utils.modes import MODES, build_parser as _build_parser, check_args, command_from_args
 
 __all__ = ["main", "build_parser", "block_kwargs", "MODES"]
@@ -72,18 +72,16 @@ def main(argv: list[str] | None = None) -> None:
         cmd = command_from_args(args, mode, argv, script=__file__)
         ctx = init_distributed(cmd.device, cmd.local_rank)
     except (UsageError, ValueError) as exc:
-        parser.error(str(exc))
+        parser.error(str(exc))  # the one-line usage hint, the error line, status 2
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING, stream=sys.stdout,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     try:
         if ctx.is_main or not mode.main_rank_only:
             mode.run(cmd, ctx, run_start)
-    except UsageError as exc:  # a command line that cannot run (TrainingSetupError too): usage, status 2
-        if ctx.is_main:
-            parser.print_usage(sys.stderr)
-        fail(str(exc), ctx.rank, ctx.world_size, status=2)
-    except USER_ERRORS as exc:
-        fail(str(exc), ctx.rank, ctx.world_size)
+    except USER_ERRORS as exc:  # one line; status 2 for a refusal (utils.errors.REFUSALS), else 1
+        if ctx.is_main and isinstance(exc, UsageError):  # a command line that cannot run: the usage hint too
+            parser.print_usage_hint()
+        fail(str(exc), ctx.rank, ctx.world_size, status=exit_status(exc))
     except KeyboardInterrupt as exc:  # Ctrl-C: every file written is complete (atomic writes)
         fail(interrupted(cmd, exc), ctx.rank, ctx.world_size, status=130)
     finally:

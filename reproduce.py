@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from utils.errors import USER_ERRORS, UsageError, report_error
+from utils.errors import USER_ERRORS, OneLineUsageParser, UsageError, report_error
 from utils.run import ExperimentPaths
 
 REPO = Path(__file__).resolve().parent
@@ -88,8 +88,8 @@ class PlannedRun:
 
 # ------------------------------------------------------------------------------------------ planning
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reproduce.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineUsageParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                short_usage="reproduce.py --archs ARCH [ARCH ...] [options] [-- do_acnet.py options]")
     parser.add_argument("--archs", nargs="+", required=True, metavar="ARCH")
     parser.add_argument("--blocks", nargs="+", default=["base", "acb", "dbb"], metavar="BLOCK",
                         help="block types (default: base acb dbb)")
@@ -398,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         slot_list = slots(args)
         runs = plan(args, extra)
     except USER_ERRORS as exc:
-        parser.print_usage(sys.stderr)
+        parser.print_usage_hint()
         return report_error("reproduce.py", exc)
     if args.dry_run:
         print_dry_run(runs, slot_list, args.nproc_per_run)

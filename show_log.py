@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from utils.errors import USER_ERRORS, UsageError, report_error
+from utils.errors import USER_ERRORS, OneLineUsageParser, UsageError, report_error
 from utils.plotting import PLOT_ALTERNATIVE, import_pyplot, plot_runs
 from utils.report import (COMPARISON_HEADERS, GROUP_HEADERS, comparison_rows, comparisons,  # noqa: F401
                           group_rows, group_runs, published_reference, report, run_headers, run_rows)
@@ -57,7 +57,8 @@ def __getattr__(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineUsageParser(
+        prog="show_log.py", short_usage="show_log.py [ROOT] [EXCLUDE ...] [options]",
         description="Summarise training runs: accuracy per run, base vs ACB/DBB gains, published numbers.")
     parser.add_argument("root", nargs="?", default="acnet_exps",
                         help="directory of run directories, or one run directory (default: acnet_exps)")

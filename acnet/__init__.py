@@ -10,7 +10,8 @@ form for; the form per conv from what it feeds: BatchNorm, frozen BatchNorm, or 
 :func:`conversion_report` says beforehand what it would do and which option would change it,
 :func:`acnet_switch_to_deploy` gives back the stock module tree (plain convs, the stock norms), :func:`acnet_fuse_and_load`
 loads training-time weights into the unmodified baseline model. Weights: :func:`save_hdf5` / :func:`load_hdf5` (the original hdf5 format),
-:func:`load_state_dict_file` (hdf5 or torch checkpoint, loaded safely), :class:`WeightsError`.
+:func:`load_state_dict_file` (hdf5 or torch checkpoint, loaded safely), :func:`check_finite_weights`
+(refuses NaN / inf), :class:`WeightsError`.
 The fusion maths: module :mod:`acnet.transforms`.
 Deployment: :func:`export_onnx` (checked ONNX export; needs the ``deploy`` extra), :func:`prepare_qat` /
 :func:`convert_qat` (int8 QAT on the equivalent kernel, module :mod:`acnet.quant`).
@@ -31,7 +32,7 @@ from .export import ExportError, MissingExtraError, export_onnx
 from .hdf5 import load_hdf5, save_hdf5
 from .norms import NORM_KINDS, ChannelAffine, FrozenBatchNorm
 from .quant import convert_qat, prepare_qat
-from .weights import WeightsError, load_state_dict_file
+from .weights import NonFiniteWeightsError, WeightsError, check_finite_weights, load_state_dict_file
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,8 @@ __all__ = [
     "load_hdf5",
     "load_state_dict_file",
     "WeightsError",
+    "NonFiniteWeightsError",
+    "check_finite_weights",
     "transforms",
     "export_onnx",
     "ExportError",

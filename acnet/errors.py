@@ -6,7 +6,7 @@ and print ``SCRIPT: error: message`` (no traceback). Anything else that escapes 
 """
 from __future__ import annotations
 
-__all__ = ["ACNetError", "WeightsError"]
+__all__ = ["ACNetError", "WeightsError", "NonFiniteWeightsError"]
 
 
 class ACNetError(Exception):
@@ -15,3 +15,7 @@ class ACNetError(Exception):
 
 class WeightsError(ACNetError, RuntimeError):
     """A weights file or state dict cannot be used: missing, corrupt, unsafe or not matching the model."""
+
+
+class NonFiniteWeightsError(WeightsError):
+    """Weights holding NaN or inf (a diverged run's): refused before anything is computed or written."""

@@ -7,7 +7,10 @@ either the previous complete file or the new complete file, never a partial one.
 
 A destination that cannot be written (a read-only file system, a parent that is a file, no
 permission, a full disk) raises :class:`UnwritablePathError`, an ``OSError`` whose message is one
-line naming the path and the reason; nothing is left behind.
+line naming the path, the reason and what to do; nothing is left behind (the temporary file is
+removed, the previous file is intact). :func:`save_torch` is ``torch.save`` through the same path:
+torch's own file writer reports a full disk as ``unexpected pos`` with no errno, so the bytes go
+through a Python file whose ``OSError`` is kept.
 """
 from __future__ import annotations
 
@@ -16,33 +19,58 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Any, Iterator, Optional, Union
 
 from .errors import ACNetError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["atomic_path", "atomic_open", "ensure_writable_dir", "UnwritablePathError"]
+__all__ = ["atomic_path", "atomic_open", "save_torch", "ensure_writable_dir", "UnwritablePathError"]
 
 
 class UnwritablePathError(ACNetError, OSError):
-    """An output path that cannot be written; ``str()`` is one line: the path and the reason."""
+    """An output path that cannot be written; ``str()`` is one line: ``cannot write 'PATH': REASON; FIX``.
 
-    def __init__(self, path: PathLike, cause: OSError):
+    ``fix`` (settable by the caller, who knows how to go on: e.g. "run again with -c continue") defaults
+    to what the reason calls for: free space on a full disk or quota, a writable place for a read-only
+    file system or a permission error, nothing when the reason says it (a parent that is a file).
+    """
+
+    def __init__(self, path: PathLike, cause: OSError, fix: Optional[str] = None):
         super().__init__(cause.errno, cause.strerror)
         self.path = Path(path)
         self.cause = cause
+        self.fix = fix if fix is not None else _default_fix(self.path, cause.errno)
+
+    @property
+    def reason(self) -> str:
+        cause = self.cause
+        if cause.errno in _REASONS:
+            # h5py and others put a multi-line report in strerror; the errno says it in a few words
+            reason = _REASONS[cause.errno]
+        else:
+            reason = (cause.strerror or str(cause) or type(cause).__name__).strip().splitlines()[0]
+        blocking_file = next((p for p in self.path.parents if p.is_file()), None)
+        if cause.errno in (errno.ENOTDIR, errno.EEXIST) and blocking_file is not None:
+            return f"'{blocking_file}' is a file, not a directory"
+        culprit = getattr(cause, "filename", None)
+        if culprit is not None and Path(culprit) != self.path and not Path(culprit).name.startswith("."):
+            reason += f": '{culprit}'"  # the parent that could not be made (not our temporary file)
+        return reason
 
     def __str__(self) -> str:
-        reason = self.cause.strerror or str(self.cause) or type(self.cause).__name__
-        blocking_file = next((p for p in self.path.parents if p.is_file()), None)
-        if self.cause.errno in (errno.ENOTDIR, errno.EEXIST) and blocking_file is not None:
-            reason = f"'{blocking_file}' is a file, not a directory"
-        else:
-            culprit = getattr(self.cause, "filename", None)
-            if culprit is not None and Path(culprit) != self.path and not Path(culprit).name.startswith("."):
-                reason += f": '{culprit}'"  # the parent that could not be made (not our temporary file)
-        return f"cannot write '{self.path}': {reason}"
+        return f"cannot write '{self.path}': {self.reason}" + (f"; {self.fix}" if self.fix else "")
+
+
+def _default_fix(path: Path, code: Optional[int]) -> str:
+    where = f"'{path.parent}'"
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"free space on the file system of {where} (the previous file, if any, is intact) and try again"
+    if code == errno.EROFS:
+        return "choose a place on a writable file system"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"make {where} writable for this user or choose another place"
+    return ""
 
 
 def ensure_writable_dir(path: PathLike) -> Path:
@@ -106,9 +134,56 @@ def atomic_open(path: PathLike, mode: str = "w", encoding: str | None = None) ->
             fh.flush()
 
 
+def save_torch(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj, path)``, atomically; an OS error of the write is an :class:`UnwritablePathError`.
+
+    torch's C++ writer turns a failed write (a full disk) into ``RuntimeError: ... unexpected pos``
+    with no errno; writing through a Python file object that keeps the ``OSError`` it raised lets the
+    real reason through. Nothing is left behind on failure.
+    """
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        sink = _ErrorKeepingWriter(fh)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+        fh.flush()
+
+
+class _ErrorKeepingWriter:
+    """A write-only file object for ``torch.save`` that remembers the ``OSError`` of its file."""
+
+    def __init__(self, fh: IO[bytes]):
+        self._fh = fh
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._fh.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
 # Errors of writing the temporary file or renaming it that are about the place, not the writer.
 _NO_SPACE_OR_ACCESS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
                        errno.EISDIR, errno.ENOTDIR, errno.EXDEV}
+# The reason of an errno in a few words (lower case: it follows "cannot write 'PATH': ").
+_REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EFBIG: "file too large for the file system", errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EIO: "input/output error (a failing disk or network file system)"}
 
 
 def _current_umask() -> int:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .base import ReparamBlock
 from .pairs import ANY_CONV_TYPES, NORM_TENSORS, constructor_geometry, conv_geometry, find_conv_bn_pairs, norm_kind
 from .registry import BLOCK_REGISTRY, get_block_type
-from .weights import PathLike, WeightsError, as_state_dict, load_state_dict_file
+from .weights import PathLike, WeightsError, as_state_dict, check_finite_weights, load_state_dict_file
 
 __all__ = ["acnet_fuse_and_load", "pass_through_norm_state"]
 
@@ -97,6 +97,7 @@ def acnet_fuse_and_load(
     else:
         source = f"'{weights}'"
         state = load_state_dict_file(weights)
+    check_finite_weights(state, source)  # NaN / inf weights (a diverged run's) are refused before any change
     state = _own_names(base_model, state, source, naming_schemes)
     target = base_model.state_dict()
     modules = dict(base_model.named_modules())

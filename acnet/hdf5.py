@@ -12,7 +12,9 @@ ignore both.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
 
@@ -50,11 +52,21 @@ def save_hdf5(state_dict: Union[Mapping[str, Any], nn.Module], path: PathLike) -
         state_dict = state_dict.state_dict()
     arrays = {str(key): _to_numpy(str(key), value) for key, value in state_dict.items()}
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", track_order=True) as f:
+        f = h5py.File(tmp, "w", track_order=True)
+        try:
             for key, (array, torch_dtype) in arrays.items():
                 dataset = f.create_dataset(key.replace("/", KEY_SEPARATOR_REPLACEMENT), data=array)
                 if torch_dtype is not None:
                     dataset.attrs[_DTYPE_ATTR] = torch_dtype
+        except BaseException as exc:
+            # closing after a failed write fails again (a RuntimeError that hides the first error)
+            with contextlib.suppress(Exception):
+                f.close()
+            raise _os_error_of(exc) from None
+        try:
+            f.close()  # flushes: a full disk may show only here
+        except Exception as exc:  # noqa: BLE001 - h5py reports a failed flush as RuntimeError
+            raise _os_error_of(exc) from None
 
 
 def load_hdf5(path: PathLike) -> Dict[str, Tensor]:
@@ -94,6 +106,18 @@ def _read_group(h5py: Any, group: Any, prefix: str, result: Dict[str, Tensor]) -
         else:
             key = full_name.replace(KEY_SEPARATOR_REPLACEMENT, "/")
             result[key] = _to_tensor(key, node[()], node.attrs.get(_DTYPE_ATTR))
+
+
+def _os_error_of(exc: BaseException) -> BaseException:
+    """The ``OSError`` behind an h5py error: h5py names the errno of a failed write only in its text
+    (``errno = 28``), on a ``RuntimeError`` when closing; other exceptions are returned as they are."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc
+    match = re.search(r"errno = (\d+)", str(exc)) if isinstance(exc, Exception) else None
+    if match and int(match.group(1)):
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code))
+    return exc
 
 
 def _to_numpy(key: str, value: Any) -> "tuple[np.ndarray, str | None]":

@@ -17,6 +17,11 @@ and the epoch); the container is unwrapped. A prefix every key shares from a wra
 Every failure (missing file, corrupt file, a file that is no weights file, a pickle that would need
 arbitrary code) raises :class:`WeightsError` with one message naming the file, the problem and the
 fix.
+
+``check_finite_weights(state, source)`` is the one check that weights hold no NaN / inf (what a
+diverged run saves): every tool that uses weights (conversion, evaluation, export, initialisation,
+fuse-and-load) calls it before computing or writing anything, and it raises
+:class:`NonFiniteWeightsError` naming the first offending tensor.
 """
 from __future__ import annotations
 
@@ -31,12 +36,14 @@ from typing import Any, Dict, Mapping, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import WeightsError
+from .errors import NonFiniteWeightsError, WeightsError
 from .hdf5 import load_hdf5
 
 __all__ = [
     "WeightsError",
+    "NonFiniteWeightsError",
     "load_state_dict_file",
+    "check_finite_weights",
     "as_state_dict",
     "strip_wrapper_prefixes",
     "CONTAINER_KEYS",
@@ -74,6 +81,29 @@ def load_state_dict_file(path: PathLike) -> StateDict:
     if not state:
         raise WeightsError(f"'{file}' holds no tensors (an empty state dict): not the weights of a model")
     return state
+
+
+def check_finite_weights(state_dict: Mapping[str, Tensor], source: str = "the given weights") -> None:
+    """Raise :class:`NonFiniteWeightsError` unless every floating (or complex) tensor is finite.
+
+    ``source`` names the weights in the message (e.g. ``"'run/finish.hdf5'"``). The message is one
+    line: the first offending entry in the state dict's order, its NaN / inf counts, how many entries
+    are affected, and the fix. Integer tensors (``num_batches_tracked``) cannot hold NaN and are skipped.
+    """
+    bad = [key for key, value in state_dict.items()
+           if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
+           and not bool(torch.isfinite(value).all())]
+    if not bad:
+        return
+    first = state_dict[bad[0]]
+    nans = int(torch.isnan(first).sum())
+    infs = int(torch.isinf(first).sum())
+    counts = " and ".join(f"{n} {what}" for n, what in ((nans, "NaN"), (infs, "inf")) if n)
+    others = f"; {len(bad) - 1} more of the {len(state_dict)} entries do too" if len(bad) > 1 else ""
+    raise NonFiniteWeightsError(
+        f"{source} holds non-finite weights: entry {bad[0]!r} has {counts} of its {first.numel()} values{others} "
+        "(what a diverged training run saves); nothing was computed or written: use weights saved before the "
+        "run diverged, or retrain with a lower learning rate")
 
 
 def as_state_dict(obj: Any, source: str = "the given weights") -> StateDict:

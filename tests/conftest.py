@@ -30,8 +30,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 #: Test modules that train models, run sweeps or spawn processes as a whole: marked ``slow``, so that
 #: ``python -m pytest -m "not slow"`` is a quick tier (``python -m pytest`` still runs everything).
 #: Single slow tests elsewhere carry ``@pytest.mark.slow`` themselves.
-SLOW_MODULES = frozenset({"test_benchmarks", "test_block_sweep", "test_cli", "test_export", "test_multinode", "test_plugin_defaults",
-                          "test_quant", "test_readme", "test_reproduce", "test_zoo"})
+SLOW_MODULES = frozenset({"test_benchmarks", "test_block_sweep", "test_cli", "test_export", "test_multinode",
+                          "test_plugin_defaults", "test_quant", "test_readme", "test_reproduce", "test_save_errors",
+                          "test_zoo"})
 
 
 def pytest_collection_modifyitems(config, items) -> None:

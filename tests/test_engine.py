@@ -2,6 +2,7 @@
 resumable-state errors, log.txt, evaluation, and the Trainer on a tiny in-process model and loader."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -296,14 +297,36 @@ def test_trainer_writes_checkpoints_learns_and_resumes_bit_identically(tmp_path)
     assert part_evals == full_evals  # one evaluation line per epoch, no duplicate from the killed epoch
 
 
-def test_non_finite_loss_stops_and_keeps_last_state(tmp_path):
+def test_non_finite_loss_stops_and_says_nothing_resumable_was_saved(tmp_path):
     trainer, _ = _trainer(tmp_path, epochs=2, lr=1e30)
-    with pytest.raises(NonFiniteLossError, match="non-finite.*last good state"):
+    with pytest.raises(NonFiniteLossError) as info:
         trainer.fit(TensorBoard(tmp_path / "tb", enabled=False))
     assert not (tmp_path / "finish.hdf5").exists()
     assert not (tmp_path / "latest.pth").exists()  # it diverged in epoch 1: no state was ever saved
+    message = str(info.value)  # what is on disk, truthfully: no claim of a latest.pth
+    assert re.search(r"non-finite .* in epoch 1 .*; nothing resumable was saved yet \(only init\.hdf5, the initial "
+                     r"weights\)\. Start again .*--lr", message), message
+    assert "latest.pth" not in message and "intact" not in message
     last_line = (tmp_path / "log.txt").read_text().splitlines()[-1]  # the log says how the run ended
-    assert last_line.split(" ", 2)[2].startswith("ERROR: the training loss became non-finite")
+    assert last_line.split(" ", 2)[2] == f"ERROR: {message}"
+
+
+def test_non_finite_loss_after_a_saved_epoch_names_that_state(tmp_path):
+    trainer, loader = _trainer(tmp_path, epochs=3)
+
+    class DivergingLoader(ListLoader):  # the images become NaN in epoch 2
+        def __iter__(self):
+            for images, labels in self.batches:
+                yield (images if self.epoch_seen[-1] == 0 else images * math.nan), labels
+
+    trainer.train_loader = DivergingLoader(loader.batches)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(TensorBoard(tmp_path / "tb", enabled=False))
+    message = str(info.value)
+    assert re.search(r"in epoch 2 .*; the last resumable state, latest\.pth after epoch 1 \(iteration 4\), is "
+                     r"intact, but continuing it with the same recipe diverges again\.", message), message
+    assert load_state(tmp_path / "latest.pth")["epoch"] == 1
+    assert (tmp_path / "log.txt").read_text().splitlines()[-1].endswith(f"ERROR: {message}")
 
 
 # ---------------------------------------------------------------------------- load_model_for_eval
@@ -333,3 +356,59 @@ def test_load_model_for_eval_detects_the_form_and_unwraps_in_memory_checkpoints(
 
     with pytest.raises(WeightsError, match="matches neither"):
         load_model_for_eval("vc", "acb", deploy_path)
+
+
+def _scalar_points(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for ``log_dir``: tag -> [(step, value)] (purged points left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_keeps_every_point_across_a_resume(tmp_path):
+    """A run killed in epoch 2 (after it logged a point there) and resumed shows the same points as an
+    uninterrupted run: the one at the resumed iteration kept, the killed process's later ones replaced."""
+    pytest.importorskip("tensorboard")
+    full, _ = _trainer(tmp_path / "full", epochs=3)
+    board = TensorBoard(tmp_path / "full" / "tb", resume_step=0)
+    try:
+        full.fit(board)
+    finally:
+        board.close()
+    expected = _scalar_points(tmp_path / "full" / "tb")
+    assert [step for step, _ in expected["train/loss"]] == [2, 4, 6, 8, 10, 12]
+    assert [step for step, _ in expected["val/top1"]] == [4, 8, 12]
+
+    killed, loader = _trainer(tmp_path / "part", epochs=3)
+
+    class DyingLoader(ListLoader):  # epoch 2 dies after two batches (a point at iteration 6 is logged)
+        def __iter__(self):
+            for index, batch in enumerate(self.batches):
+                if self.epoch_seen[-1] == 1 and index == 2:
+                    raise Killed
+                yield batch
+
+    killed.train_loader = DyingLoader(loader.batches)
+    board = TensorBoard(tmp_path / "part" / "tb", resume_step=0)
+    with pytest.raises(Killed):
+        try:
+            killed.fit(board)
+        finally:
+            board.close()
+    assert [step for step, _ in _scalar_points(tmp_path / "part" / "tb")["train/loss"]] == [2, 4, 6]
+    resumed, _ = _trainer(tmp_path / "part", epochs=3)
+    resumed.run_log = RunLog(resumed.paths.log, keep_existing=True)
+    resumed.load_resumable_state(load_state(tmp_path / "part" / "latest.pth"))
+    assert resumed.iteration == 4
+    board = TensorBoard(tmp_path / "part" / "tb", resume_step=resumed.iteration)  # as utils/training.py does
+    try:
+        resumed.fit(board)
+    finally:
+        board.close()
+    shown = _scalar_points(tmp_path / "part" / "tb")
+    assert {tag: [step for step, _ in points] for tag, points in shown.items()} == \
+        {tag: [step for step, _ in points] for tag, points in expected.items()}
+    timing = "train/images_per_sec"  # measured, the rest bit-identical
+    assert {k: v for k, v in shown.items() if k != timing} == {k: v for k, v in expected.items() if k != timing}

@@ -111,16 +111,16 @@ def test_eval_only_of_a_directory_without_weights_says_so(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ unwritable places
 def test_an_unwritable_output_dir_is_one_line_and_writes_nothing(blocked, capsys):
-    main_fails([*SYNTHETIC, *TINY_RUN, "--output-dir", blocked / "exps"], capsys, 1,
+    main_fails([*SYNTHETIC, *TINY_RUN, "--output-dir", blocked / "exps"], capsys, 2,
                rf"cannot write '{re.escape(str(blocked))}/exps/cfqkbnc_acb_synthetic_train': "
                rf"'{re.escape(str(blocked))}' is a file, not a directory")
 
 
 def test_an_unwritable_convert_destination_is_one_line(quickstart_run, blocked, tmp_path, capsys):
     src = quickstart_run / "finish.hdf5"
-    main_fails(["-a", "cfqkbnc", "-b", "acb", "--convert", src, blocked / "deploy.hdf5"], capsys, 1,
+    main_fails(["-a", "cfqkbnc", "-b", "acb", "--convert", src, blocked / "deploy.hdf5"], capsys, 2,
                "is a file, not a directory")
-    main_fails(["-a", "cfqkbnc", "-b", "acb", "--convert", src, tmp_path], capsys, 1,
+    main_fails(["-a", "cfqkbnc", "-b", "acb", "--convert", src, tmp_path], capsys, 2,
                rf"cannot write '{re.escape(str(tmp_path))}': it is a directory")
     no_files_left(tmp_path, "a_file")
 

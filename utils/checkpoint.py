@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from acnet.errors import ACNetError
-from acnet.fileio import atomic_open, atomic_path
+from acnet.fileio import atomic_open, save_torch
 from utils.run import ExperimentPaths
 
 __all__ = ["CheckpointError", "ExperimentPaths", "weights_argument", "save_json", "save_state", "load_state",
@@ -59,9 +59,9 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def save_state(state: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` through a temporary file: a kill at any moment leaves the previous state intact."""
-    with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
+    """``torch.save`` through a temporary file: a kill or a full disk at any moment leaves the previous
+    state intact (a failed write: :class:`acnet.fileio.UnwritablePathError`, one line, no file left)."""
+    save_torch(dict(state), path)
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -73,9 +73,12 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a truncated/corrupt zip or pickle
-        raise CheckpointError(f"the resumable state {path} is unreadable or corrupt ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it to restart the "
-                              "run with -c fs") from None
+        size = path.stat().st_size
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "").split(". ")[0][:160]
+        what = "an empty file" if size == 0 else f"{size} bytes; {type(exc).__name__}" + (f": {detail}" if detail else "")
+        raise CheckpointError(f"the resumable state {path} is unreadable or corrupt ({what}; a copy cut short or a "
+                              "disk error leaves such a file): it cannot be resumed; start the run over with a new "
+                              "--exp-name, or delete it and run with -c fs") from None
     required = {"model", "optimizer", "schedule", "epoch", "iteration", "rng", "recipe", "world_size"}
     if not isinstance(state, dict) or not required <= set(state):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__

@@ -17,7 +17,7 @@ from utils.errors import UsageError
 def convert_file(arch: str, block_type: str, src: str, dst: str, input_size: int, fmt: str) -> None:
     """Convert ``src`` into ``dst`` and print the check (:class:`UsageError`: a command line that cannot run)."""
     from acnet import save_hdf5
-    from acnet.fileio import atomic_path
+    from acnet.fileio import save_torch
     from utils.engine import cpu_state_dict
     from utils.evaluation import load_model_for_eval
     from utils.posttrain import convert_weights, describe_logit_diff
@@ -42,8 +42,7 @@ def convert_file(arch: str, block_type: str, src: str, dst: str, input_size: int
         except ValueError as exc:
             raise UsageError(f"--format {fmt}: {exc}") from None
     if Path(dst).suffix in (".pth", ".pt"):
-        with atomic_path(dst) as tmp:
-            torch.save(state, tmp)
+        save_torch(state, dst)
     else:
         save_hdf5(state, dst)
     check = load_model_for_eval(arch, block_type, dst, "cpu")

@@ -13,9 +13,17 @@ saved running statistics are the mean of the ranks' estimates and identical on e
 
 Host synchronisation: metrics are accumulated on the device and read every ``print_freq``
 iterations and at the end of an epoch only; a non-finite loss is detected at those points.
+
+How a run stops on an error of its own (rank 0 writes one ``ERROR: ...`` line to log.txt, the same
+line the command ends with): a non-finite loss (:class:`NonFiniteLossError`), or a file it cannot
+write (:class:`acnet.fileio.UnwritablePathError`: a full disk, a read-only or unwritable folder,
+while saving init.hdf5, latest.pth, log.txt or finish.hdf5). Either message says what is on disk
+(the last resumable state and its epoch, or that nothing resumable was saved yet) and how to go on;
+a failed save leaves the previous file intact.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import time
@@ -27,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from acnet.fileio import UnwritablePathError
 from data import to_device
 from utils.checkpoint import ExperimentPaths, capture_rng_state, restore_rng_state, save_state
 from utils.errors import ACNetError, TrainingSetupError
@@ -43,7 +52,7 @@ logger = logging.getLogger("do_acnet")
 
 
 class NonFiniteLossError(ACNetError, RuntimeError):
-    """The training loss became NaN or infinite; the last saved state is left untouched."""
+    """The training loss became NaN or infinite; the last saved state (if any) is left untouched."""
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -168,8 +177,9 @@ class Trainer:
                 "log_lines": len(self.run_log) + 1,  # + the "saved" line below
                 "meta": dict(self.options.meta),
             }, self.paths.state)
+        self.last_saved_epoch, self.last_saved_iteration = next_epoch, self.iteration  # on disk (rank 0)
+        if self.ctx.is_main:
             self.run_log.write(f"epoch {next_epoch} iter {self.iteration} saved resumable state {self.paths.state.name}")
-        self.last_saved_epoch, self.last_saved_iteration = next_epoch, self.iteration
         barrier()
 
     # ----------------------------------------------------------------------------------- training
@@ -182,16 +192,41 @@ class Trainer:
             model = torch.compile(model)
         return model
 
+    def saved_on_disk(self) -> str:
+        """What this run has on disk to go on from, in words (for the messages of a run that stops)."""
+        state = self.paths.state
+        if self.last_saved_epoch and state.is_file():
+            return (f"the last resumable state, {state.name} after epoch {self.last_saved_epoch} (iteration "
+                    f"{self.last_saved_iteration}), is intact")
+        if self.paths.init_weights.is_file():
+            return f"nothing resumable was saved yet (only {self.paths.init_weights.name}, the initial weights)"
+        return "nothing was saved yet"
+
+    def _cannot_write(self, error: UnwritablePathError) -> UnwritablePathError:
+        """``error`` with the run's way on: free space / fix the folder, then continue or run again."""
+        folder = f"'{error.path.parent}'"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            place = f"free space on {folder}"
+        elif error.errno == errno.EROFS:
+            place = f"make the file system of {folder} writable"
+        else:
+            place = f"make {folder} writable"
+        on_disk = self.saved_on_disk()
+        again = "run again with -c continue" if "intact" in on_disk else "run the command again"
+        error.fix = f"{place} and {again}: {on_disk}"
+        return error
+
     def _check_finite(self, bad: torch.Tensor, epoch: int) -> None:
         flag = bad.to(torch.int32)
         all_reduce_sum(flag)
         if flag.item():
+            on_disk = self.saved_on_disk()
+            also = ", but continuing it with the same recipe diverges again" if "intact" in on_disk else ""
             error = NonFiniteLossError(
                 f"the training loss became non-finite (NaN or inf) in epoch {epoch + 1} (by iteration "
-                f"{self.iteration}); training stopped, the last good state ({self.paths.state.name}, after "
-                f"epoch {self.last_saved_epoch}) is untouched. Lower the learning rate (--lr), add warmup "
-                "(--warmup-epochs) or try --no-amp.")
-            self.run_log.write(f"ERROR: {error}", logging.ERROR)  # the log says how the run ended (show_log)
+                f"{self.iteration}); training stopped; {on_disk}{also}. Start again (e.g. with a new --exp-name) "
+                "with a lower learning rate (--lr), warmup (--warmup-epochs) or --no-amp.")
+            self.run_log.write_error(error)  # the log says how the run ended (show_log)
             raise error
 
     def fit(self, tensorboard: TensorBoard) -> TrainResult:
@@ -199,15 +234,18 @@ class Trainer:
         epoch, and ``finish.hdf5`` at the end (rank 0)."""
         process_start = time.perf_counter()
         recipe, ctx = self.recipe, self.ctx
-        if self.start_epoch == 0 and self.iteration == 0 and ctx.is_main:
-            save_weights_hdf5(self.model, self.paths.init_weights)
-        barrier()
-        self._step_model = self._build_step_model()
         self.epochs_done = 0
-        criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
         self.current_epoch = self.start_epoch
         try:
+            if self.start_epoch == 0 and self.iteration == 0 and ctx.is_main:
+                save_weights_hdf5(self.model, self.paths.init_weights)
+            barrier()
+            self._step_model = self._build_step_model()
+            criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
             last_val = self._run_epochs(criterion, tensorboard, process_start)
+            if ctx.is_main:
+                save_weights_hdf5(self.model, self.paths.finish_weights)
+                self.run_log.write(f"training done: {self.paths.finish_weights.name} written")
         except KeyboardInterrupt:
             saved = (f"the state after epoch {self.last_saved_epoch} (iteration {self.last_saved_iteration})"
                      if self.last_saved_epoch else None)
@@ -215,9 +253,10 @@ class Trainer:
             # the log says how the run ended (show_log); a resume cuts this line off again
             self.run_log.write(f"interrupted {where}", logging.WARNING)
             raise RunInterrupted(where, saved) from None
-        if ctx.is_main:
-            save_weights_hdf5(self.model, self.paths.finish_weights)
-            self.run_log.write(f"training done: {self.paths.finish_weights.name} written")
+        except UnwritablePathError as exc:  # a full disk, a read-only folder: one line, here and in log.txt
+            error = self._cannot_write(exc)
+            self.run_log.write_error(error)
+            raise error from None
         barrier()
         return TrainResult(epochs_run=self.epochs_done, iteration=self.iteration, train_images=self.train_images,
                            train_seconds=self.train_seconds, wall_seconds_before=self.wall_seconds_before,

@@ -143,8 +143,8 @@ def load_weights_strict(model: nn.Module, state: Mapping[str, torch.Tensor], wha
 
 
 def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike | Mapping[str, torch.Tensor],
-                        device: torch.device | str = "cpu", num_classes: int | None = None,
-                        **block_kwargs: Any) -> nn.Module:
+                        device: torch.device | str = "cpu", num_classes: int | None = None, *,
+                        source: str | None = None, **block_kwargs: Any) -> nn.Module:
     """Build ``arch`` and load ``weights`` strictly, in whichever form they are, in eval mode on ``device``.
 
     ``weights``: a path (hdf5 in the original format, or a torch ``.pth``/``.pt`` checkpoint, possibly
@@ -153,18 +153,22 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
     model of ``block_type``, the deploy model (the same for every block type), or a file the original
     ACNet / DBB code wrote for this arch (training-time of the same block type, or deploy; translated
     to our names). ``num_classes=None``: the size of the weights' classifier (e.g. an ImageFolder set
-    with its own class count). Raises ``acnet.WeightsError`` naming the closest form and what differs.
+    with its own class count). ``source``: how messages name in-memory ``weights`` (default "the given
+    state dict"). Raises ``acnet.WeightsError`` naming the closest form and what differs,
+    ``acnet.NonFiniteWeightsError`` for weights holding NaN / inf (``acnet.check_finite_weights``).
     """
     import constructor
     from acnet import WeightsError, load_state_dict_file
-    from acnet.weights import as_state_dict
+    from acnet.weights import as_state_dict, check_finite_weights
     from constructor.original_formats import recognise_weights
 
     if isinstance(weights, Mapping):
         # the same unwrapping as for files: checkpoint containers, a DDP ``module.`` prefix
-        state, source = as_state_dict(weights, "the given state dict"), "the given state dict"
+        source = source or "the given state dict"
+        state = as_state_dict(weights, source)
     else:
         state, source = load_state_dict_file(weights), f"weights file {os.fspath(weights)!r}"
+    check_finite_weights(state, source)  # before anything is computed or written (convert, export, eval)
     found = recognise_weights(arch, state, source, num_classes=num_classes, block_type=block_type)
     if found.block_type is not None and found.block_type != block_type:
         raise WeightsError(
@@ -178,14 +182,18 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
 
 def run_eval_only(cmd, ctx) -> None:
     """The ``--eval-only WEIGHTS`` mode: top-1/top-5/loss of any weights file (or a run's) on ``cmd.dataset``."""
+    from acnet import check_finite_weights, load_state_dict_file
     from utils.command import create_loaders
 
+    source = f"weights file {os.fspath(cmd.eval_weights)!r}"
+    state = load_state_dict_file(cmd.eval_weights)  # unusable weights are refused before the data is touched
+    check_finite_weights(state, source)
     _, eval_loader = create_loaders(cmd, cmd.recipe, ctx)
     if ctx.is_main and Path(cmd.eval_source).is_dir():
         logging.getLogger("do_acnet").info("%s is a run directory: evaluating its %s", cmd.eval_source,
                                            cmd.eval_weights.name)
-    model = load_model_for_eval(cmd.arch, cmd.block_type, cmd.eval_weights, ctx.device,
-                                num_classes=eval_loader.num_classes)
+    model = load_model_for_eval(cmd.arch, cmd.block_type, state, ctx.device, num_classes=eval_loader.num_classes,
+                                source=source)
     metrics = evaluate(model, eval_loader, ctx.device, amp=False)
     if ctx.is_main:
         print(f"{cmd.eval_weights} on {cmd.dataset} ({metrics['num_samples']} images): top1={metrics['top1']:.4f} "

@@ -38,17 +38,18 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike, *, block_type: 
     ``arch``: the model's architecture (default: found from the model's entry names). Returns
     ``{"path", "sha256", "scheme", "description", "form", "classifier"}`` for ``recipe.json``.
     Raises ``acnet.WeightsError`` (one line naming the problem and the fix) when the file cannot
-    initialise the model; the model is then unchanged.
+    initialise the model (``acnet.NonFiniteWeightsError``: it holds NaN / inf); the model is then unchanged.
     """
     import constructor
-    from acnet import WeightsError, load_state_dict_file
+    from acnet import WeightsError, check_finite_weights, load_state_dict_file
     from constructor.original_formats import recognise_weights
     from utils.evaluation import load_weights_strict
 
     log = logger or logging.getLogger(__name__)
     arch = arch or _arch_of(model, block_type)
     source = f"--init-weights file {os.fspath(path)!r}"
-    found = recognise_weights(arch, load_state_dict_file(path), source, block_type=block_type)
+    raw = load_state_dict_file(path)
+    found = recognise_weights(arch, raw, source, block_type=block_type)
     classifier = _classifier_name(model)
     model_classes = model.get_submodule(classifier).out_features
     state = dict(found.state)
@@ -61,6 +62,7 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike, *, block_type: 
             "--init-weights-skip-classifier to start a fresh classifier (or --dataset matching the file)")
     else:
         classifier_note = "loaded"
+    check_finite_weights(state if skip_classifier else raw, source)  # the file's names, unless a part is unused
 
     if found.block_type == block_type:
         form = f"training-time {block_type} weights, loaded as they are"

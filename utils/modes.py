@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from utils.errors import UsageError
+from utils.errors import OneLineUsageParser, UsageError
 from utils.run import DEFAULT_SEED, RECIPE_OVERRIDES
 
 __all__ = ["Mode", "MODES", "DATASETS_BY_INPUT_SIZE", "build_parser", "select_mode", "check_args",
@@ -191,8 +191,9 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     import data
     from acnet.registry import block_type_names
 
-    parser = argparse.ArgumentParser(
-        prog="do_acnet.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineUsageParser(
+        prog="do_acnet.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        short_usage="do_acnet.py -a ARCH -b BLOCK [options]")  # a refusal: this hint and one error line
     parser.add_argument("-a", "--arch", required=True, choices=constructor.list_archs(), metavar="ARCH",
                         help="architecture: " + ", ".join(constructor.list_archs()))
     parser.add_argument("-b", "--block-type", "--block_type", dest="block_type", default="acb",

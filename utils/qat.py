@@ -78,7 +78,7 @@ def run_qat(cmd: Command, ctx, run_start: float) -> dict[str, Any]:
                   f"{info['description']}): {recipe.epochs} epochs, lr {recipe.lr:g}, int8 fake quantization of every "
                   "equivalent kernel (per output channel) and conv input (per tensor), BN statistics frozen")
     trainer = Trainer(model, train_loader, eval_loader, recipe, ctx, paths, run_log, options)
-    tensorboard = TensorBoard(paths.tensorboard, enabled=ctx.is_main, purge_step=0)
+    tensorboard = TensorBoard(paths.tensorboard, enabled=ctx.is_main, resume_step=0)
     try:
         result = trainer.fit(tensorboard)
     finally:

@@ -53,6 +53,16 @@ class RunLog:
             raise ValueError(f"only evaluation lines may contain 'top1=': {message!r}")
         self._append(message, level)
 
+    def write_error(self, error: object) -> None:
+        """The ``ERROR: <error>`` line a run ends with (show_log reads it), best effort: when log.txt
+        itself cannot be written (a full disk) the line goes to the logger only; the command's own
+        one-line error says the same."""
+        kept = len(self.lines)
+        try:
+            self.write(f"ERROR: {error}", logging.ERROR)  # logged first, then written
+        except OSError:  # acnet.fileio.UnwritablePathError: log.txt keeps its previous lines
+            del self.lines[kept:]
+
     def write_eval(self, epoch: int, iteration: int, metrics: dict[str, float], split: str = "val") -> None:
         self._append(eval_line(epoch, iteration, metrics, split), logging.INFO)
 
@@ -68,13 +78,21 @@ class RunLog:
 
 
 class TensorBoard:
-    """Scalars to TensorBoard under ``log_dir``; a no-op when disabled (ranks > 0)."""
+    """Scalars to TensorBoard under ``log_dir``; a no-op when disabled (ranks > 0).
 
-    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True, purge_step: int | None = None):
+    ``resume_step``: the iteration the run starts or continues from (0 for a fresh run). Points an
+    earlier (killed) process logged after it are hidden, the ones at or before it are kept, so a
+    resumed run shows every point an uninterrupted run shows (SummaryWriter's ``purge_step`` drops
+    steps ``>= purge_step``, hence ``resume_step + 1``; the point logged at the resumed iteration
+    itself, the end of the saved epoch, belongs to the saved state).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            purge_step = None if resume_step is None else resume_step + 1
             self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:

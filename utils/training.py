@@ -136,7 +136,7 @@ def run_training(cmd: Command, ctx, run_start: float) -> None:
         if amp_warning:
             run_log.write(amp_warning, logging.WARNING)
         tensorboard = TensorBoard(paths.tensorboard, enabled=ctx.is_main,
-                                  purge_step=trainer.iteration)  # drop events of a killed or earlier run
+                                  resume_step=trainer.iteration)  # drop events of a killed or earlier run
         try:
             result = trainer.fit(tensorboard)
         finally:
