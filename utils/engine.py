@@ -66,6 +66,7 @@ class TrainOptions:
     progress_bar: bool = True  # tqdm bar on rank 0
     should_validate: Callable[[int], bool] = field(default=lambda epoch: True)  # 0-based epoch
     meta: dict[str, Any] = field(default_factory=dict)  # stored in the resumable state (arch, block, ...)
+    on_state_saved: Callable[[int], None] | None = None  # rank 0, after each resumable state (its epoch count)
 
 
 @dataclass
@@ -169,6 +170,8 @@ class Trainer:
                 "meta": dict(self.options.meta),
             }, self.paths.state)
             self.run_log.write(f"epoch {next_epoch} iter {self.iteration} saved resumable state {self.paths.state.name}")
+            if self.options.on_state_saved is not None:
+                self.options.on_state_saved(next_epoch)
         self.last_saved_epoch, self.last_saved_iteration = next_epoch, self.iteration
         barrier()
 
