@@ -39,7 +39,7 @@ from utils.run import ExperimentPaths
 
 __all__ = ["KINDS", "DERIVED_KINDS", "IDENTITY_FIELDS", "STATE_FILE", "LOCK_FILE", "RecordError", "RunBusyError",
            "recipe_fields", "make_record", "write_record", "read_record", "record_kind", "identity",
-           "record_conflicts", "describe_conflicts", "lock_holder", "RunLock", "read_state", "write_state",
+           "differing_fields", "record_conflicts", "describe_conflicts", "lock_holder", "RunLock", "read_state", "write_state",
            "RunSession", "hold_run", "merge_summary", "read_json_object", "remove_stale_temporaries", "move_aside",
            "data_options_from_run", "RUNNING", "FINISHED", "INTERRUPTED", "FAILED"]
 
@@ -128,13 +128,15 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples as lists, as recipe.json stores them
 
 
+def differing_fields(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The identity fields both records name and differ in, in :data:`IDENTITY_FIELDS` then recipe order."""
+    return [key for key in (*IDENTITY_FIELDS, *recipe_fields())
+            if key in recorded and key in wanted and _canonical(recorded[key]) != _canonical(wanted[key])]
+
+
 def record_conflicts(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """``"field=wanted (run has recorded)"`` for each identity field both name and differ in, arch first."""
-    out = []
-    for key in (*IDENTITY_FIELDS, *recipe_fields()):
-        if key in recorded and key in wanted and _canonical(recorded[key]) != _canonical(wanted[key]):
-            out.append(f"{key}={wanted[key]!r} (run has {recorded[key]!r})")
-    return out
+    """``"field=wanted (run has recorded)"`` for each of :func:`differing_fields`, arch first."""
+    return [f"{key}={wanted[key]!r} (run has {recorded[key]!r})" for key in differing_fields(recorded, wanted)]
 
 
 def describe_conflicts(conflicts: Sequence[str], most: int = 3) -> str:
