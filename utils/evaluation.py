@@ -179,7 +179,9 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
 def run_eval_only(cmd, ctx) -> None:
     """The ``--eval-only WEIGHTS`` mode: top-1/top-5/loss of any weights file (or a run's) on ``cmd.dataset``."""
     from utils.command import create_loaders
+    from utils.record import command_with_run_data
 
+    cmd = command_with_run_data(cmd, cmd.eval_source)  # a run's weights: its dataset unless --dataset says
     _, eval_loader = create_loaders(cmd, cmd.recipe, ctx)
     if ctx.is_main and Path(cmd.eval_source).is_dir():
         logging.getLogger("do_acnet").info("%s is a run directory: evaluating its %s", cmd.eval_source,

@@ -41,7 +41,7 @@ __all__ = ["KINDS", "DERIVED_KINDS", "IDENTITY_FIELDS", "STATE_FILE", "LOCK_FILE
            "recipe_fields", "make_record", "write_record", "read_record", "record_kind", "identity",
            "differing_fields", "record_conflicts", "describe_conflicts", "lock_holder", "RunLock", "read_state", "write_state",
            "RunSession", "hold_run", "merge_summary", "read_json_object", "remove_stale_temporaries", "move_aside",
-           "data_options_from_run", "RUNNING", "FINISHED", "INTERRUPTED", "FAILED"]
+           "data_options_from_run", "command_with_run_data", "RUNNING", "FINISHED", "INTERRUPTED", "FAILED"]
 
 #: ``train``: a run from a fresh initialisation; the others are derived from other weights.
 KINDS = ("train", "finetune", "qat")
@@ -158,6 +158,45 @@ def data_options_from_run(weights: str | os.PathLike) -> Optional[dict[str, Any]
         return None
     return {key: record.get(key) for key in ("dataset", "data_dir", "synthetic_num_train", "synthetic_num_val",
                                             "seed")}
+
+
+def _given(argv: Sequence[str], option: str, others: Sequence[str] = ()) -> bool:
+    """Whether ``option`` (or an abbreviation argparse takes for it) is on the command line ``argv``."""
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--") and len(flag) > 2 and option.startswith(flag) \
+                and not any(other.startswith(flag) for other in others):
+            return True
+    return False
+
+
+def command_with_run_data(cmd, weights: str | os.PathLike):
+    """``cmd`` with the dataset and data options of the run whose folder holds ``weights`` (its record),
+    each unless the command line gives it (``--dataset``, ``--data-dir``, ``--synthetic-num-*``, ``--seed``).
+
+    A mode that reads a run (``--eval-only``, ``--export-onnx --quantize``, ``--qat``) so evaluates and
+    calibrates on the data the run was trained on, without downloading another dataset.
+    """
+    recorded = data_options_from_run(weights)
+    if recorded is None:
+        return cmd
+    argv = tuple(cmd.argv)
+    changes: dict[str, Any] = {}
+    data_changes: dict[str, Any] = {}
+    dataset = cmd.dataset
+    if not _given(argv, "--dataset", ("--data-dir",)):
+        dataset = changes["dataset"] = recorded["dataset"]
+    if dataset == recorded["dataset"]:  # the run's data options belong to its dataset
+        if not _given(argv, "--data-dir", ("--dataset",)) and recorded.get("data_dir"):
+            data_changes["data_dir"] = recorded["data_dir"]
+        for option in ("synthetic_num_train", "synthetic_num_val"):
+            if not _given(argv, "--" + option.replace("_", "-")) and recorded.get(option) is not None:
+                data_changes[option] = recorded[option]
+        if not _given(argv, "--seed") and recorded.get("seed") is not None:
+            changes["seed"] = int(recorded["seed"])
+    if data_changes:
+        changes["data"] = dataclasses.replace(cmd.data, **data_changes)
+    return dataclasses.replace(cmd, **changes) if changes else cmd
 
 
 # ------------------------------------------------------------------------------------------ files
