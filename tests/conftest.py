@@ -31,7 +31,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 #: ``python -m pytest -m "not slow"`` is a quick tier (``python -m pytest`` still runs everything).
 #: Single slow tests elsewhere carry ``@pytest.mark.slow`` themselves.
 SLOW_MODULES = frozenset({"test_benchmarks", "test_block_sweep", "test_cli", "test_export", "test_multinode",
-                          "test_quant", "test_readme", "test_reproduce", "test_zoo"})
+                          "test_quant", "test_readme", "test_reproduce", "test_zoo", "test_run_lock",
+                          "test_fault_injection"})
 
 
 def pytest_collection_modifyitems(config, items) -> None:

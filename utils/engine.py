@@ -169,9 +169,9 @@ class Trainer:
                 "log_lines": len(self.run_log) + 1,  # + the "saved" line below
                 "meta": dict(self.options.meta),
             }, self.paths.state)
-            self.run_log.write(f"epoch {next_epoch} iter {self.iteration} saved resumable state {self.paths.state.name}")
-            if self.options.on_state_saved is not None:
+            if self.options.on_state_saved is not None:  # before the log line: the state never lags the log
                 self.options.on_state_saved(next_epoch)
+            self.run_log.write(f"epoch {next_epoch} iter {self.iteration} saved resumable state {self.paths.state.name}")
         self.last_saved_epoch, self.last_saved_iteration = next_epoch, self.iteration
         barrier()
 
