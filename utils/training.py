@@ -19,6 +19,7 @@ import torch
 from train_configs.recipes import Recipe, should_validate
 from utils.command import Command, block_kwargs, create_loaders, model_builder
 from utils.errors import UsageError
+from utils.record import STATE_FILE
 from utils.run import ExperimentPaths, merge_saved_recipe
 
 __all__ = ["run_training", "write_recipe_json", "log_rank_agreement"]
@@ -123,7 +124,10 @@ def _run_training(cmd: Command, ctx, run_start: float, paths: ExperimentPaths, s
     done = read_finished_run(paths) if finished else {}
     if "recipe" in done:
         recipe = Recipe(**done["recipe"])  # the finished run's own recipe (epochs etc. for the summary)
-    nothing_saved = cmd.continuing and not finished and not paths.state.is_file() and record is not None
+    # -c continue of a run that stopped before its first epoch was saved (it wrote its record or its state):
+    # it starts again from the beginning, as nothing of it can be lost
+    nothing_saved = cmd.continuing and not finished and not paths.state.is_file() and (
+        record is not None or (paths.root / STATE_FILE).is_file())
     if cmd.continuing and not finished and not nothing_saved:
         state = load_state(paths.state)
         if state.get("meta", {}) and state["meta"] != options.meta:
@@ -132,7 +136,7 @@ def _run_training(cmd: Command, ctx, run_start: float, paths: ExperimentPaths, s
     elif nothing_saved:  # the run stopped before its first epoch was saved: it starts again, with its recipe
         from utils.record import recipe_fields
 
-        saved = {**cmd.recipe.to_dict(), **{key: record[key] for key in recipe_fields() if key in record}}
+        saved = {**cmd.recipe.to_dict(), **{key: record[key] for key in recipe_fields() if key in (record or {})}}
         recipe = merge_saved_recipe(saved, cmd.overrides, paths.recipe)
     options.should_validate = lambda epoch: should_validate(recipe, epoch)
     session.epochs = recipe.epochs
