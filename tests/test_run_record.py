@@ -128,6 +128,19 @@ def test_the_lock_names_its_holder_and_is_free_once_released(tmp_path):
     second.release()
 
 
+def test_a_filesystem_without_flock_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def unsupported(fd, operation):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    with pytest.raises(RunBusyError, match=r"cannot lock .*the filesystem does not support flock; use a local "
+                                           r"--output-dir"):
+        RunLock(tmp_path).acquire("t")
+
+
 def test_a_running_state_without_a_live_holder_reads_interrupted(tmp_path):
     paths = ExperimentPaths(tmp_path)
     write_state(paths, "running", epoch=2, epochs=5)
@@ -201,6 +214,8 @@ def test_show_log_groups_by_recipe_and_lists_derived_runs_apart(tmp_path):
         ("acb", "epochs=1", 3), ("acb", "epochs=3", 2), ("base", "epochs=1", 2)]
     (comparison,) = [c for c in show_log.comparisons(runs) if c.base is not None and c.other is not None]
     assert {r.name for r in comparison.other.runs} >= {"cfqkbnc_acb_s0_e1", "cfqkbnc_acb_s1_e1"}  # like with like
+    assert sorted(row[1] for row in show_log.group_rows(groups, 5)) == [
+        "synthetic [epochs=1]", "synthetic [epochs=1]", "synthetic [epochs=3]"]
     text = show_log.report(runs, 5, "text")
     runs_table, derived_table = text.split("\n\nRuns")[0], text.split("Derived runs")[1]
     assert "cfqkbnc_acb_qat" not in runs_table.split("Over seeds")[0] and "cfqkbnc_acb_qat" in derived_table
@@ -240,3 +255,17 @@ def test_modes_reading_a_run_take_its_data(tmp_path):
     explicit = command("-a", "cfqkbnc", "-b", "acb", "--dataset", "cifar10", "--eval-only", paths.root)
     assert command_with_run_data(explicit, paths.root).dataset == "cifar10"
     shutil.rmtree(paths.root)
+
+
+def test_continue_of_a_run_killed_before_its_first_save_starts_it_again(tmp_path, capsys):
+    """-c continue where the run wrote its record and state but no latest.pth: nothing to lose, it trains."""
+    args = [*SYNTHETIC, "--epochs", "1", "--synthetic-num-train", "32", "--synthetic-num-val", "16", "--batch-size",
+            "16", "--workers", "0", "--no-progress", "--output-dir", tmp_path]
+    cmd = command(*args)
+    paths = cmd.paths()
+    write_record(paths, make_record(cmd, cmd.recipe, "train"))
+    write_state(paths, "running", epoch=0, epochs=1)
+    do_acnet.main([str(a) for a in [*args, "-c", "continue"]])
+    log = paths.log.read_text()
+    assert "-c continue: no epoch of this run was saved (latest.pth does not exist): training from the start" in log
+    assert json.loads((paths.root / STATE_FILE).read_text())["state"] == "finished"
