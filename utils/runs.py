@@ -1,7 +1,9 @@
 """Reading runs: a run folder's log.txt, recipe.json, summary.json (and reproduce.py's console.txt).
 
 :func:`read_run` collects one run (its evaluations, identity, figures and *state*), :func:`discover_runs`
-the runs under a folder; nothing here raises on a bad run (it is listed with what went wrong). Only
+the runs under a folder; nothing here raises on a bad run (it is listed with what went wrong). The
+record and the state are read through :mod:`utils.record` (the state: ``run_state.json``, ``running``
+only while the folder's lock is held); runs without a state file are judged from their files. Only
 *finished* runs (a ``summary.json`` recording a tested deploy model) enter statistics
 (:mod:`utils.report`). Standard library only (the arch registry is asked, lazily, for an arch's dataset).
 """
