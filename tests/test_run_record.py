@@ -269,3 +269,21 @@ def test_continue_of_a_run_killed_before_its_first_save_starts_it_again(tmp_path
     log = paths.log.read_text()
     assert "-c continue: no epoch of this run was saved (latest.pth does not exist): training from the start" in log
     assert json.loads((paths.root / STATE_FILE).read_text())["state"] == "finished"
+
+
+def test_a_full_disk_when_recording_the_end_keeps_the_run_s_own_error(tmp_path, monkeypatch):
+    import errno
+
+    import utils.record
+
+    paths = ExperimentPaths(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="the run's own error"):
+        with RunSession(paths, "t") as session:
+            session.begin(None)
+
+            def no_space(obj, path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            monkeypatch.setattr(utils.record, "_save_json", no_space)
+            raise RuntimeError("the run's own error")
+    assert lock_holder(paths.root) is None

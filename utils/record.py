@@ -467,7 +467,13 @@ class RunSession:
                 if self._previous_sigterm is not None:
                     signal.signal(signal.SIGTERM, self._previous_sigterm)
                 if self.main:
-                    self._record_end(exc)
+                    try:
+                        self._record_end(exc)
+                    except OSError as error:  # e.g. the disk is full: the run's own error is the one to report
+                        import logging
+
+                        logging.getLogger("do_acnet").warning("could not record the run's end in %s: %s",
+                                                              self.paths.root / STATE_FILE, error)
         finally:
             if self.main:
                 if not self.began and not self._lock_existed:
