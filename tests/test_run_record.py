@@ -287,3 +287,19 @@ def test_a_full_disk_when_recording_the_end_keeps_the_run_s_own_error(tmp_path, 
             monkeypatch.setattr(utils.record, "_save_json", no_space)
             raise RuntimeError("the run's own error")
     assert lock_holder(paths.root) is None
+
+
+def test_an_unfinished_run_of_another_identity_is_refused_before_writing(tmp_path, capsys):
+    cmd = command(*SYNTHETIC, "--epochs", "2", "--output-dir", tmp_path)
+    paths = cmd.paths()
+    write_record(paths, make_record(cmd, cmd.recipe, "train"))
+    paths.log.write_text("2026-11-22 16:00:00 training cfqkbnc / acb ...\n")
+    before = {p.name: p.read_bytes() for p in paths.root.iterdir()}
+    with pytest.raises(SystemExit) as info:
+        do_acnet.main([*SYNTHETIC, "-b", "dbb", "--epochs", "2", "--exp-name", paths.root.name, "--output-dir",
+                       str(tmp_path)])
+    assert info.value.code == 2
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if ": error:" in l]
+    assert line.endswith(f"{paths.root} holds another run: block_type='dbb' (run has 'acb'); use a new --exp-name, "
+                         "or start over with -c restart (its files move into previous-<time>/)")
+    assert {p.name: p.read_bytes() for p in paths.root.iterdir()} == before

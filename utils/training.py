@@ -70,11 +70,13 @@ def _check_folder(paths: ExperimentPaths, cmd: Command, recipe: Recipe, kind: st
     finished = paths.finish_weights.is_file()
     if record is not None:
         conflicts = record_conflicts(record, _wanted_identity(cmd, recipe, kind))
+        if conflicts and finished:
+            raise UsageError(f"{paths.root} holds a finished run with a different recipe: "
+                             f"{describe_conflicts(conflicts)}; it would not be trained again. Use a new --exp-name, "
+                             "or remove that folder to retrain it (or -c restart: its files move into previous-<time>/)")
         if conflicts:
-            what = "a finished run" if finished else "another run"
-            raise UsageError(f"{paths.root} holds {what} with a different recipe: {describe_conflicts(conflicts)}; "
-                             "it would not be trained again. Use a new --exp-name, or remove that folder to retrain "
-                             "it (or -c restart: its files move into previous-<time>/)")
+            raise UsageError(f"{paths.root} holds another run: {describe_conflicts(conflicts)}; use a new --exp-name, "
+                             "or start over with -c restart (its files move into previous-<time>/)")
     if not finished and not cmd.continuing and paths.state.is_file():
         raise UsageError(f"{paths.root} holds an interrupted run ({paths.state.name} is its last saved epoch); "
                          "resume it with -c continue, or start over with -c restart (its files move into "
