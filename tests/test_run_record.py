@@ -303,3 +303,23 @@ def test_an_unfinished_run_of_another_identity_is_refused_before_writing(tmp_pat
     assert line.endswith(f"{paths.root} holds another run: block_type='dbb' (run has 'acb'); use a new --exp-name, "
                          "or start over with -c restart (its files move into previous-<time>/)")
     assert {p.name: p.read_bytes() for p in paths.root.iterdir()} == before
+
+
+def test_a_lock_kept_by_a_dead_holder_s_children_is_free(tmp_path):
+    """A data loader worker forked by a killed run shares its lock for a moment: readers call the run dead, a
+    new command waits for the lock instead of being refused."""
+    import subprocess
+    import sys
+    import threading
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    orphan = RunLock(tmp_path)  # stands for the worker: it holds the lock, the file names the dead process
+    orphan.acquire("t")
+    os.pwrite(orphan.fd, json.dumps({"pid": dead_pid, "host": socket.gethostname()}).encode().ljust(200), 0)
+    assert lock_holder(tmp_path) is None
+    threading.Timer(2.0, orphan.release).start()  # the worker notices and exits
+    successor = RunLock(tmp_path)
+    successor.acquire("continue")  # waits past the usual second, then holds it
+    assert lock_holder(tmp_path)["pid"] == os.getpid()
+    successor.release()

@@ -51,6 +51,9 @@ IDENTITY_FIELDS = ("kind", "arch", "block_type", "dataset", "synthetic_num_train
 STATE_FILE, LOCK_FILE = "run_state.json", ".lock"
 RUNNING, FINISHED, INTERRUPTED, FAILED = "running", "finished", "interrupted", "failed"
 _LOCK_WAIT_SECONDS = 1.0  # a reader's momentary shared lock must not refuse a starting run
+#: How long a lock whose recorded holder is dead is waited for: the holder's forked children (data loader
+#: workers share its open lock file) notice its death and exit within a few seconds.
+_DEAD_HOLDER_WAIT_SECONDS = 20.0
 
 
 class RecordError(ACNetError):
@@ -278,9 +281,23 @@ def _read_holder(path: Path) -> dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
+def _holder_is_dead(holder: Mapping[str, Any]) -> bool:
+    """The recorded holder is a process of this host that no longer exists."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def lock_holder(folder: Path) -> Optional[dict[str, Any]]:
     """``None`` when no live process holds ``folder``'s lock, else the holder (pid, host, started, what; ``{}``
-    if it has not recorded itself yet). A non-blocking shared ``flock``, released at once."""
+    if it has not recorded itself yet). A non-blocking shared ``flock``, released at once; a lock still held
+    after its recorded holder died (by that process's forked children, for a moment) counts as free."""
     import fcntl
 
     path = Path(folder) / LOCK_FILE
@@ -293,7 +310,8 @@ def lock_holder(folder: Path) -> Optional[dict[str, Any]]:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return _read_holder(path)
+                holder = _read_holder(path)
+                return None if _holder_is_dead(holder) else holder
             return None  # flock unsupported here: cannot tell
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
@@ -313,6 +331,7 @@ class RunLock:
         import fcntl
 
         deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        dead_deadline = time.monotonic() + _DEAD_HOLDER_WAIT_SECONDS
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -328,10 +347,11 @@ class RunLock:
                     raise RunBusyError(f"cannot lock {self.folder} ({os.strerror(exc.errno)}): the filesystem does "
                                        "not support flock; use a local --output-dir (see README, 'What a run "
                                        "writes')") from None
-                if time.monotonic() < deadline:
+                holder = _read_holder(self.path)
+                if time.monotonic() < deadline or (_holder_is_dead(holder) and time.monotonic() < dead_deadline):
                     time.sleep(0.05)
                     continue
-                raise RunBusyError(f"{self.folder} is in use by {_describe_holder(_read_holder(self.path))}: wait "
+                raise RunBusyError(f"{self.folder} is in use by {_describe_holder(holder)}: wait "
                                    "for it to end, or use another --exp-name") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
