@@ -92,8 +92,8 @@ def test_no_dead_run_reads_running(tmp_path):
     crash = _crash_script(tmp_path, "raise RuntimeError('simulated crash')")
     ctrl_c = _crash_script(tmp_path / "..", "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)")
     children = {
-        "term": start(tmp_path, *TINY, "--epochs", "8", "--output-dir", "term"),
-        "kill": start(tmp_path, *TINY, "--epochs", "8", "--output-dir", "kill"),
+        "term": start(tmp_path, *TINY, "--epochs", "30", "--output-dir", "term"),  # stopped long before their end
+        "kill": start(tmp_path, *TINY, "--epochs", "30", "--output-dir", "kill"),
         "crash": start(tmp_path, *TINY, "--output-dir", "crash", script=str(crash)),
         "post": start(tmp_path, *TINY, "--output-dir", "post", script=str(ctrl_c)),
     }
@@ -107,7 +107,7 @@ def test_no_dead_run_reads_running(tmp_path):
         status = status_of(folder)
         assert status.startswith("interrupted at epoch "), status
         epoch = int(status.split()[3].rstrip(","))
-        assert 1 <= epoch == saved_epochs(folder / "log.txt") or sig == signal.SIGKILL
+        assert 1 <= saved_epochs(folder / "log.txt") <= epoch  # the state is written before the log's line
     assert "killed" in status_of(tmp_path / "kill" / NAME)
     assert state_of(tmp_path / "term" / NAME)["reason"].startswith("interrupted in epoch")
 
