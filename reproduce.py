@@ -19,9 +19,11 @@ or per group of ``--nproc-per-run`` GPUs launched with ``torchrun --standalone``
 ``--gpus cpu``) ``--cpu-jobs`` runs at a time (default 1). A "free" GPU is one no other run of this
 sweep holds.
 
-Resuming: a run whose folder has ``summary.json`` is done and skipped (unless its recipe differs from
-the sweep's, which is reported as a conflict); one with ``latest.pth`` or ``finish.hdf5`` is continued
-with ``-c continue``; any other starts from scratch. So running the same command again finishes an
+Resuming: each run folder's record (``recipe.json``, :mod:`utils.record`) is compared with the sweep's
+run: a folder of another identity (recipe, dataset, seed, ...) or with an unreadable record is a
+*conflict*, reported, not run and left out of the final tables; a run whose ``summary.json`` records a
+tested deploy model is done and skipped; one that started (a record, ``latest.pth`` or ``finish.hdf5``)
+is continued with ``-c continue``; any other starts from scratch. So running the same command again finishes an
 interrupted sweep without redoing finished runs. Each run's console output is appended to its
 folder's ``console.txt``; a failed run is reported with that path and does not stop the others.
 Ctrl-C (or SIGTERM) stops the running runs (they continue next time). The end prints show_log.py's
@@ -137,6 +139,7 @@ def plan(args: argparse.Namespace, extra: list) -> list:
     import constructor
     from acnet.registry import block_type_names
     from utils.modes import build_parser as do_acnet_parser, check_args, command_from_args
+    from utils.record import identity, make_record
 
     unknown = [a for a in args.archs if a not in constructor.list_archs()]
     if unknown:
@@ -169,13 +172,10 @@ def plan(args: argparse.Namespace, extra: list) -> list:
                     cmd = command_from_args(ns, check_args(ns), argv)
                 except UsageError as exc:
                     raise SweepError(f"{arch} / {block}: {exc}") from None
-                recipe, dataset = cmd.recipe, cmd.dataset
                 folder = cmd.paths().root
                 run = PlannedRun(arch, block, seed, folder, argv)
-                expected = {**recipe.to_dict(), "arch": arch, "block_type": block, "dataset": dataset,
-                            "seed": seed, "synthetic_num_train": ns.synthetic_num_train,
-                            "synthetic_num_val": ns.synthetic_num_val}
-                _resolve_action(run, expected)
+                _resolve_action(run, identity(make_record(cmd, cmd.recipe, "finetune" if cmd.init_weights
+                                                          else "train")))
                 runs.append(run)
     return runs
 
@@ -185,25 +185,28 @@ def _unique(values: Sequence) -> list:
 
 
 def _resolve_action(run: PlannedRun, expected: dict) -> None:
-    """done / continue / fs from the folder's files; a finished run of another recipe is a conflict."""
-    import json
+    """done / continue / fs from the folder's record (:mod:`utils.record`) and files; a run folder holding
+    another identity (a finished run of another recipe, an interrupted one) or an unreadable record is a
+    conflict: it is not run and never enters the sweep's tables."""
+    from utils.record import RecordError, describe_conflicts, differing_fields, read_json_object, read_record
 
     paths = run.paths
-    if paths.summary.is_file():
-        try:
-            recorded = json.loads(paths.recipe.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            recorded = {}
-        differ = [f"{key} {recorded.get(key)!r} (sweep: {value!r})" for key, value in expected.items()
-                  if key in recorded and recorded[key] != value]
-        if differ:
-            run.action, run.status = "conflict", "conflict"
-            run.conflict = ("finished with another recipe: " + ", ".join(differ)
-                            + "; use another --output-dir or remove the folder")
-        else:
-            run.action, run.status = "done", "skipped"
-    elif paths.state.is_file() or paths.finish_weights.is_file():
-        run.action = "continue"
+    try:
+        recorded = read_record(paths) or {}
+        summary = read_json_object(paths.summary) or {}
+    except RecordError as exc:
+        run.action, run.status, run.conflict = "conflict", "conflict", f"{exc}"
+        return
+    differ = [f"{key} {recorded[key]!r} (sweep: {expected[key]!r})" for key in differing_fields(recorded, expected)]
+    if differ:
+        run.action, run.status = "conflict", "conflict"
+        what = "finished" if paths.summary.is_file() else "holds a run"
+        run.conflict = (f"{what} with another recipe: " + describe_conflicts(differ)
+                        + "; use another --output-dir or remove the folder")
+    elif paths.summary.is_file():
+        run.action, run.status = "done", "skipped"
+    elif paths.state.is_file() or paths.finish_weights.is_file() or recorded:
+        run.action = "continue"  # -c continue also restarts a run that saved no epoch yet
 
 
 # ------------------------------------------------------------------------------------------ launching
@@ -384,7 +387,7 @@ def final_report(runs: list, n: int, fmt: str) -> str:
     from utils.report import report
     from utils.runs import read_run
 
-    records = [read_run(r.folder) for r in runs if r.folder.is_dir()]
+    records = [read_run(r.folder) for r in runs if r.folder.is_dir() and r.status != "conflict"]
     return report(records, n, fmt) if records else "(no run has written anything yet)"
 
 

@@ -16,7 +16,6 @@ lose less under these distortions (their kernels' strengthened skeleton is symme
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,14 +81,15 @@ class Target:
     data_dir: Optional[str] = None  # --data-dir, else the run's own (recipe.json), else the default root
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
+def _read_run_files(paths: ExperimentPaths) -> tuple[dict, dict]:
+    """``(record, summary)`` of a run folder through :mod:`utils.record` (``{}`` when absent); a corrupt one
+    is one line naming it."""
+    from utils.record import RecordError, read_json_object, read_record
+
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RobustnessError(f"{path} is unreadable ({exc}); pass the weights file with -a/-b/--dataset") from None
-    return content if isinstance(content, dict) else {}
+        return read_record(paths) or {}, read_json_object(paths.summary) or {}
+    except RecordError as exc:
+        raise RobustnessError(f"{exc}; or pass the weights file with -a/-b/--dataset") from None
 
 
 def resolve_target(path: Path, args: argparse.Namespace) -> Target:
@@ -105,7 +105,7 @@ def resolve_target(path: Path, args: argparse.Namespace) -> Target:
     run_name = None
     if path.is_dir():
         paths = ExperimentPaths(path)
-        recipe, summary = _read_json(paths.recipe), _read_json(paths.summary)
+        recipe, summary = _read_run_files(paths)
         if not recipe and not summary:
             raise RobustnessError(f"{path} has no recipe.json: pass a run directory written by do_acnet.py, "
                                   f"or a weights file with -a/-b/--dataset")

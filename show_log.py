@@ -14,19 +14,25 @@ Only evaluation lines of ``log.txt`` contain ``top1=``; each carries ``epoch <in
 
 1. one row per run: its *score* ``mean_top1_last<n>`` (the mean top-1 of its last ``n`` evaluations),
    max, last and deploy top-1, parameters, training speed, state;
-2. one row per (arch, dataset, block type) over the seeds of its **finished** runs: count, mean,
+2. one row per (arch, dataset, recipe, block type) over the seeds of its **finished** runs: count, mean,
    standard deviation (n-1), min and max of the scores, and mean / std of the deploy top-1;
 3. each non-base group against the base group of its (arch, dataset), finished runs only: gain of the
    mean score with a 95 % Welch confidence interval and its two-sided p-value (``utils/stats.py``;
    needs two finished runs on each side, else the note says so), gain of the mean deploy top-1,
    which seeds are paired, beside the published numbers.
 
-A run is *finished* when its ``summary.json`` records a deploy top-1 (the deploy model was built from
-``finish_deploy.hdf5`` and tested). Every other run is *running*, *interrupted* (its log ends with the
-engine's ``interrupted`` line), *failed* (its log ends with an ``ERROR`` line, or reproduce.py's
-``console.txt`` with ``do_acnet.py: error:``), *incomplete* (a ``summary.json`` without a deploy top-1) or
-*unreadable*: it is listed in the runs table with that state and left out of every statistic, and each
-group line counts what was left out and why. A finished run whose deploy top-1 differs from its
+A run's state comes from its ``run_state.json`` (:mod:`utils.record`): *finished* (and, for a training
+run, its ``summary.json`` records a deploy top-1: the deploy model was built from ``finish_deploy.hdf5``
+and tested), *running* only while a live process holds the folder's lock, *interrupted at epoch N*
+(Ctrl-C, SIGTERM, or a killed process: a ``running`` state whose lock is free), *failed* with its
+reason, *incomplete* or *unreadable* (a corrupt ``recipe.json`` / ``summary.json`` / ``run_state.json``).
+Runs without a state file (older ones, the original code's logs) are judged by their files: *interrupted*
+when the log ends with the engine's ``interrupted`` line, *failed* when it ends with an ``ERROR`` line
+(or reproduce.py's ``console.txt`` with ``do_acnet.py: error:``), *incomplete* with a ``summary.json``
+lacking a deploy top-1, else *running*. Every run but a finished one is listed in the runs table with its
+state and left out of every statistic, and each group line counts what was left out and why. Groups are
+per recipe too (the record's identity: runs of other epochs or lr are never pooled); derived runs
+(fine-tune, QAT) are listed in a table of their own, in no statistic and no plot. A finished run whose deploy top-1 differs from its
 training-time top-1 by more than one evaluation image is flagged ``DEPLOY MISMATCH`` in every table
 that shows it. Run reading (:mod:`utils.runs`) is torch-free; the block type names are read live from
 ``acnet``'s registry; matplotlib is needed only for ``--plot``.

@@ -90,6 +90,7 @@ def test_two_nodes_record_one_run_of_world_size_two(runs):
     assert json.loads((two / "recipe.json").read_text())["batch_size_per_rank"] == 8
     log = (two / "log.txt").read_text()
     assert "global batch 16 over 2 rank(s)" in log and "weights identical on all 2 ranks" in log
+    assert json.loads((two / "run_state.json").read_text())["state"] == "finished"  # recorded by rank 0
     # nothing but the run folder in the output dir, nothing in the nodes' working directories
     assert [p.name for p in (root / "two").iterdir()] == [RUN_NAME]
     assert not any((root / "node0").iterdir()) and not any((root / "node1").iterdir())

@@ -250,6 +250,9 @@ def test_cli_qat_int8_top1_equals_the_qat_models(quickstart_run, tmp_path, capsy
         assert np.allclose(levels, levels.round(), atol=1e-4), name
     assert (qat_dir / "model.int8.onnx").is_file()
     assert "int8 (model.int8.onnx, onnxruntime) acc1" in (qat_dir / "log.txt").read_text()
+    # a derived run: its record says so, it held its folder and recorded its end
+    assert json.loads((qat_dir / "recipe.json").read_text())["kind"] == "qat"
+    assert json.loads((qat_dir / "run_state.json").read_text())["state"] == "finished"
 
 
 def test_cli_qat_with_weights_of_another_block_type_is_one_line(quickstart_run, tmp_path, capsys):

@@ -72,6 +72,7 @@ class Command:
     opset: Optional[int] = None
     command_line: str = ""
     argv: tuple[str, ...] = ()
+    restart: bool = False  # -c restart: move an earlier run aside, then train from scratch
 
     @property
     def train_name(self) -> str:

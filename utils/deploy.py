@@ -15,7 +15,6 @@ Everything is written atomically; onnx / onnxruntime are imported only here and 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -30,7 +29,6 @@ from torch import nn
 from acnet.export import DEFAULT_RTOL, ExportError, ExportResult, export_onnx, require_extra
 from acnet.fileio import atomic_path
 from data import to_device
-from utils.checkpoint import save_json
 from utils.command import Command, create_loaders
 from utils.metrics import MetricSums
 from utils.run import ExperimentPaths
@@ -223,15 +221,11 @@ def evaluate_onnx(path: str | os.PathLike, loader) -> dict[str, float]:
 
 
 def merge_summary(path: Path, fields: Mapping[str, Any]) -> None:
-    """Add ``fields`` to the JSON object in ``path`` (created if missing), atomically."""
-    record: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            record = {}
-    record.update(fields)
-    save_json(record, path)
+    """Add ``fields`` to the JSON object in ``path`` (created if missing), atomically
+    (:func:`utils.record.merge_summary`: a corrupt file is one line naming it, never replaced)."""
+    from utils.record import merge_summary as merge
+
+    merge(path, fields)
 
 
 def summary_target(weights: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Optional[Path]]:
@@ -247,13 +241,27 @@ def summary_target(weights: str | os.PathLike, out: str | os.PathLike) -> tuple[
 def run_export(cmd: Command, ctx) -> dict[str, Any]:
     """The ``--export-onnx WEIGHTS OUT [--quantize int8]`` mode (module docstring); prints the figures.
 
-    The data (``--dataset``) is loaded only for ``--quantize``.
+    The data is loaded only for ``--quantize``: the run's own (its record) when WEIGHTS is in a run folder,
+    unless ``--dataset`` says otherwise.
     """
-    from utils.evaluation import evaluate
-    from utils.runlog import RunLog
+    from contextlib import nullcontext
+
+    from utils.record import RunSession, command_with_run_data
 
     weights, out = cmd.export_onnx
     summary, log = summary_target(weights, out)
+    if cmd.quantize:
+        cmd = command_with_run_data(cmd, weights)  # calibrate and test on the run's own data
+    # writing into a run folder (its log.txt and summary.json): hold its lock, as every writer there does
+    held = RunSession(ExperimentPaths(summary.parent), "do_acnet.py --export-onnx") if log is not None else nullcontext()
+    with held:
+        return _export(cmd, ctx, weights, out, summary, log)
+
+
+def _export(cmd: Command, ctx, weights, out, summary: Path, log: Optional[Path]) -> dict[str, Any]:
+    from utils.evaluation import evaluate
+    from utils.runlog import RunLog
+
     run_log = RunLog(log, enabled=True, keep_existing=True) if log is not None else None
 
     def report(message: str) -> None:  # to the run's log.txt (echoed by the logger) or to stdout

@@ -75,6 +75,7 @@ class TrainOptions:
     progress_bar: bool = True  # tqdm bar on rank 0
     should_validate: Callable[[int], bool] = field(default=lambda epoch: True)  # 0-based epoch
     meta: dict[str, Any] = field(default_factory=dict)  # stored in the resumable state (arch, block, ...)
+    on_state_saved: Callable[[int], None] | None = None  # rank 0, after each resumable state (its epoch count)
 
 
 @dataclass
@@ -179,6 +180,8 @@ class Trainer:
             }, self.paths.state)
         self.last_saved_epoch, self.last_saved_iteration = next_epoch, self.iteration  # on disk (rank 0)
         if self.ctx.is_main:
+            if self.options.on_state_saved is not None:  # before the log line: the state never lags the log
+                self.options.on_state_saved(next_epoch)
             self.run_log.write(f"epoch {next_epoch} iter {self.iteration} saved resumable state {self.paths.state.name}")
         barrier()
 

@@ -184,7 +184,9 @@ def run_eval_only(cmd, ctx) -> None:
     """The ``--eval-only WEIGHTS`` mode: top-1/top-5/loss of any weights file (or a run's) on ``cmd.dataset``."""
     from acnet import check_finite_weights, load_state_dict_file
     from utils.command import create_loaders
+    from utils.record import command_with_run_data
 
+    cmd = command_with_run_data(cmd, cmd.eval_source)  # a run's weights: its dataset unless --dataset says
     source = f"weights file {os.fspath(cmd.eval_weights)!r}"
     state = load_state_dict_file(cmd.eval_weights)  # unusable weights are refused before the data is touched
     check_finite_weights(state, source)

@@ -62,7 +62,7 @@ def resume_argv(argv: Sequence[str]) -> list[str]:
         elif token in _CONTI_FLAGS:
             skip = True
         elif not any(token.startswith(flag + "=") for flag in _CONTI_FLAGS[1:]) and not (
-                token.startswith("-c") and token[2:] in ("fs", "continue", "=fs", "=continue")):
+                token.startswith("-c") and token[2:] in ("fs", "continue", "restart", "=fs", "=continue", "=restart")):
             result.append(token)
     return [*result, "-c", "continue"]
 

@@ -162,8 +162,9 @@ def _qat_arguments(groups: Groups) -> None:
 def _check_qat(args: argparse.Namespace) -> None:
     if not args.init_weights:
         raise UsageError("--qat fine-tunes trained weights: give --init-weights FILE (e.g. a run's finish.hdf5)")
-    if args.conti_or_fs == "continue":
-        raise UsageError("--qat always starts from --init-weights; drop -c continue")
+    if args.conti_or_fs != "fs":
+        raise UsageError(f"--qat always starts from --init-weights (an earlier QAT run in its folder is moved into "
+                         f"previous-<time>/); drop -c {args.conti_or_fs}")
 
 
 def _run_qat(cmd, ctx, run_start: float) -> None:
@@ -199,7 +200,9 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("-b", "--block-type", "--block_type", dest="block_type", default="acb",
                         choices=block_type_names(), help="conv-BN unit type (default: acb)")
     parser.add_argument("-c", "--conti-or-fs", "--conti_or_fs", dest="conti_or_fs", default="fs",
-                        choices=("fs", "continue"), help="fs: from scratch (default); continue: resume latest.pth")
+                        choices=("fs", "continue", "restart"),
+                        help="fs: from scratch (default; refused on an interrupted run); continue: resume latest.pth; "
+                             "restart: move an earlier run's files into <folder>/previous-<time>/, then start")
     groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}  # help lists them in order
     modes = list(MODES.values())
     modes[0].add_arguments(groups)  # the default mode's options (the recipe) first
@@ -302,6 +305,7 @@ def command_from_args(args: argparse.Namespace, mode: Mode, argv: Sequence[str] 
         mode=mode.name, arch=args.arch, block_type=args.block_type, dataset=dataset, arch_dataset=spec.dataset,
         input_size=spec.input_size, num_classes=spec.num_classes, recipe=resolve_recipe(args.arch, overrides),
         overrides=overrides, seed=args.seed, continuing=args.conti_or_fs == "continue",
+        restart=args.conti_or_fs == "restart",
         output_dir=Path(args.output_dir), exp_name=args.exp_name,
         data=DataOptions(data_dir=args.data_dir, download=args.download, synthetic_num_train=args.synthetic_num_train,
                          synthetic_num_val=args.synthetic_num_val, workers=args.workers,

@@ -118,7 +118,7 @@ def plot_runs(runs: Sequence[Run], path: Path, n: int = 5) -> None:
 
     curves: dict = {}
     for run in runs:
-        if run.evaluations:
+        if run.evaluations and not run.derived:  # derived runs (fine-tune, QAT) are no training curves
             curves.setdefault((run.arch, run.dataset), []).append(run)
     if not curves:
         raise UsageError("--plot: no run has any evaluation line to draw")

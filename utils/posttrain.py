@@ -2,7 +2,7 @@
 ``finish_deploy.hdf5`` alone, evaluate it, compare, and write ``summary.json``.
 
 Every rank takes part in the evaluations (each on its shard of the eval loader); rank 0 writes the
-files. The comparison runs in float32 with TF32 off; deploy top-1 differing from the training-time
+files (``summary.json`` is merged: :func:`utils.record.merge_summary`). The comparison runs in float32 with TF32 off; deploy top-1 differing from the training-time
 top-1 by more than ``TOP1_TOLERANCE`` percentage points is an error (:class:`DeployMismatchError`,
 raised after ``summary.json`` is written so the numbers are on disk).
 """
@@ -14,11 +14,12 @@ from typing import Any, Callable
 
 from torch import nn
 
-from utils.checkpoint import ExperimentPaths, save_json
+from utils.checkpoint import ExperimentPaths
 from utils.distributed import DistContext, barrier
 from utils.engine import save_weights_hdf5
 from utils.errors import ACNetError
 from utils.evaluation import compare_models, load_weights_strict
+from utils.record import merge_summary
 from utils.runlog import RunLog
 
 __all__ = ["DeployMismatchError", "TOP1_TOLERANCE", "count_parameters", "convert_weights", "relative_logit_diff",
@@ -104,7 +105,7 @@ def post_training(build_model: Callable[..., nn.Module], eval_loader, ctx: DistC
                   f"params {summary['params_train']} -> {summary['params_deploy']}")
     mismatch = abs(train_m["top1"] - deploy_m["top1"]) > TOP1_TOLERANCE
     if ctx.is_main:
-        save_json(summary, paths.summary)
+        merge_summary(paths.summary, summary)  # other modes' keys (an export's) are kept
         run_log.write(f"summary written: {paths.summary.name}")
     barrier()
     if mismatch:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from utils.checkpoint import save_json, seed_everything
+from utils.checkpoint import seed_everything
 from utils.command import Command, create_loaders, model_builder
 from utils.posttrain import DeployMismatchError, count_parameters
 
@@ -45,7 +45,22 @@ def qat_recipe(recipe, lr_given: bool):
 
 
 def run_qat(cmd: Command, ctx, run_start: float) -> dict[str, Any]:
-    """The ``--qat`` mode (module docstring): fine-tune ``cmd.init_weights``, convert, export, test the int8 model."""
+    """The ``--qat`` mode (module docstring): fine-tune ``cmd.init_weights``, convert, export, test the int8 model.
+
+    The data is the init weights' run's (its record), unless the command line names it. The QAT folder is
+    held (:class:`utils.record.RunSession`: lock, state, kind ``qat``); an earlier QAT run in it is moved
+    into ``previous-<time>/`` once everything is validated.
+    """
+    from utils.record import RunSession, command_with_run_data, hold_run
+
+    cmd = command_with_run_data(cmd, cmd.init_weights)
+    paths = cmd.paths(cmd.qat_name)
+    session = RunSession(paths, f"do_acnet.py --qat {cmd.arch} / {cmd.block_type}", kind="qat", main=ctx.is_main)
+    with hold_run(session, ctx):
+        return _run_qat(cmd, ctx, run_start, session)
+
+
+def _run_qat(cmd: Command, ctx, run_start: float, session) -> dict[str, Any]:
     from acnet.export import export_onnx
     from acnet.quant import activation_qparams, convert_qat, prepare_qat
     from utils.deploy import calibration_batches, evaluate_onnx, example_batch, int8_path, quantize_int8
@@ -53,27 +68,33 @@ def run_qat(cmd: Command, ctx, run_start: float) -> dict[str, Any]:
     from utils.engine import Trainer, TrainOptions, save_weights_hdf5
     from utils.evaluation import evaluate, load_weights_strict
     from utils.init_weights import load_init_weights
+    from utils.record import make_record, merge_summary, move_aside, write_record
     from utils.runlog import RunLog, TensorBoard
 
     recipe = qat_recipe(cmd.recipe, lr_given="lr" in cmd.overrides)
     train_loader, eval_loader = create_loaders(cmd, recipe, ctx)
     build = model_builder(cmd, recipe, eval_loader.num_classes)
-    paths = cmd.paths(cmd.qat_name)
+    paths = session.paths
     seed_everything(cmd.seed)
     model = build()
     info = load_init_weights(model, cmd.init_weights, block_type=cmd.block_type, arch=cmd.arch,
                              skip_classifier=cmd.init_weights_skip_classifier)
     prepare_qat(model)
     options = TrainOptions(print_freq=cmd.train.print_freq, progress_bar=cmd.train.progress,
-                           meta={"arch": cmd.arch, "block_type": cmd.block_type, "dataset": cmd.dataset, "qat": True})
+                           meta={"arch": cmd.arch, "block_type": cmd.block_type, "dataset": cmd.dataset, "qat": True},
+                           on_state_saved=session.saved)
     options.should_validate = lambda epoch: epoch == recipe.epochs - 1
+    session.epochs = recipe.epochs
     if ctx.is_main:
-        paths.root.mkdir(parents=True, exist_ok=True)
+        moved = move_aside(paths.root)
+        if moved is not None:
+            logger.warning("an earlier QAT run in %s was moved into %s", paths.root, moved)
+    barrier()
     run_log = RunLog(paths.log, enabled=ctx.is_main)
+    session.begin(run_log, epoch=0)
     if ctx.is_main:
-        save_json({"arch": cmd.arch, "block_type": cmd.block_type, **recipe.to_dict(), "dataset": cmd.dataset,
-                   "qat": True, "init_weights": info, "seed": cmd.seed, "torch_version": torch.__version__,
-                   "command_line": cmd.command_line}, paths.recipe)
+        write_record(paths, make_record(cmd, recipe, "qat", qat=True, init_weights=info,
+                                        torch_version=torch.__version__, command_line=cmd.command_line))
     run_log.write(f"QAT of {cmd.arch} / {cmd.block_type} on {cmd.dataset} from {info['path']} ({info['form']}, "
                   f"{info['description']}): {recipe.epochs} epochs, lr {recipe.lr:g}, int8 fake quantization of every "
                   "equivalent kernel (per output channel) and conv input (per tensor), BN statistics frozen")
@@ -112,7 +133,7 @@ def run_qat(cmd: Command, ctx, run_start: float) -> dict[str, Any]:
         run_log.write(f"QAT model acc1 {qat_metrics['top1']:.4f} acc5 {qat_metrics['top5']:.4f}; converted fp32 "
                       f"({paths.deploy_weights.name}) acc1 {fp32_metrics['top1']:.4f}; int8 ({int8.name}, "
                       f"onnxruntime) acc1 {int8_metrics['top1']:.4f} acc5 {int8_metrics['top5']:.4f} on {images} images")
-        save_json(summary, paths.summary)
+        merge_summary(paths.summary, summary)
         run_log.write(f"summary written: {paths.summary.name}")
         one_image = 100.0 / max(images, 1)
         if abs(int8_metrics["top1"] - qat_metrics["top1"]) > one_image + 1e-9:

@@ -100,6 +100,12 @@ class Group:
     dataset: Optional[str]
     block_type: str
     runs: list = field(default_factory=list)
+    variant: str = ""  # the recipe fields that set this group apart from the arch's other recipes run here
+
+    @property
+    def dataset_label(self) -> str:
+        """The dataset cell: the dataset, and the recipe variant when runs of several recipes were found."""
+        return (self.dataset or "-") + (f" [{self.variant}]" if self.variant else "")
 
     def finished_runs(self) -> list:
         """The runs whose deploy model was tested and that have evaluations: the statistics' sample."""
@@ -155,15 +161,48 @@ def block_order(block_type: str) -> tuple:
 
 
 def group_runs(runs: Iterable[Run]) -> list:
-    """Runs grouped by (arch, dataset, block type), sorted; an unreadable run whose arch or block type is
-    unknown belongs to no group (one whose directory name tells both is counted in its group as left out)."""
+    """Training runs grouped by (arch, dataset, recipe, block type), sorted; runs of different recipes (their
+    records' identity: epochs, lr, synthetic sizes, ...) are never pooled, each group of a recipe that is not
+    the only one is labelled with the fields it differs in (a run that records fewer fields, e.g. one of
+    other code, joins the recipe it does not contradict). Derived runs (fine-tune, QAT) belong to no group;
+    nor does an unreadable run whose arch or block type is unknown (one whose directory name tells both is
+    counted in its group as left out)."""
     groups: dict = {}
-    for run in runs:
-        if run.unreadable and "?" in (run.arch, run.block_type):
-            continue
-        key = (run.arch, run.dataset, run.block_type)
-        groups.setdefault(key, Group(*key)).runs.append(run)
-    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1] or "", block_order(k[2])))]
+    chosen = [run for run in runs if not (run.derived or (run.unreadable and "?" in (run.arch, run.block_type)))]
+    recipes: dict = {}  # (arch, dataset) -> the distinct recipes, most complete first
+    for run in sorted(chosen, key=lambda r: -len(r.recipe_key)):
+        known = recipes.setdefault((run.arch, run.dataset), [])
+        if not any(_compatible(run.recipe_key, key) for key in known):
+            known.append(run.recipe_key)
+    for run in chosen:
+        recipe_key = next(key for key in recipes[(run.arch, run.dataset)] if _compatible(run.recipe_key, key))
+        key = (run.arch, run.dataset, recipe_key, run.block_type)
+        groups.setdefault(key, Group(run.arch, run.dataset, run.block_type)).runs.append(run)
+    for (arch, dataset, recipe_key, _), group in groups.items():
+        group.variant = _variant_label(recipe_key, set(recipes[(arch, dataset)]))
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1] or "", groups[k].variant, block_order(k[3])))]
+
+
+def _compatible(a: tuple, b: tuple) -> bool:
+    """No field known to both differs."""
+    theirs = dict(b)
+    return all(theirs[name] == value for name, value in a if name in theirs)
+
+
+def _variant_label(recipe_key: tuple, all_keys: set) -> str:
+    """``"epochs=3, lr=0.05"``: the fields in which ``recipe_key`` differs from any other key of ``all_keys``."""
+    if len(all_keys) < 2:
+        return ""
+    mine = dict(recipe_key)
+    fields_differing = []
+    for other in all_keys:
+        theirs = dict(other)
+        for name in sorted(set(mine) | set(theirs)):
+            if mine.get(name) != theirs.get(name) and name not in fields_differing:
+                fields_differing.append(name)
+    if not mine:
+        return "recipe unknown"
+    return ", ".join(f"{name}={mine.get(name, '?')}" for name in fields_differing) or "recipe unknown"
 
 
 def _seeds(group: Group) -> str:
@@ -179,7 +218,7 @@ def group_rows(groups: Iterable[Group], n: int) -> list:
     for group in groups:
         score: Optional[Summary] = summarize(group.scores(n))
         deploy = summarize(group.deploy_scores())
-        rows.append((group.arch, group.dataset or "-", group.block_type, str(len(group.finished_runs())), _seeds(group),
+        rows.append((group.arch, group.dataset_label, group.block_type, str(len(group.finished_runs())), _seeds(group),
                      _fmt(score and score.mean), _fmt(score and score.std), _fmt(score and score.min),
                      _fmt(score and score.max), _fmt(deploy and deploy.mean), _fmt(deploy and deploy.std),
                      "; ".join(group.notes(n))))
@@ -203,7 +242,7 @@ def comparisons(runs: Iterable[Run]) -> list:
     """Pair each (arch, dataset)'s base group with each of its non-base groups (acb, dbb, ...)."""
     by_key: dict = {}
     for group in group_runs(runs):
-        by_key.setdefault((group.arch, group.dataset), []).append(group)
+        by_key.setdefault((group.arch, group.dataset, group.variant), []).append(group)
     result = []
     for members in by_key.values():
         base = next((g for g in members if g.block_type == "base"), None)
@@ -286,7 +325,7 @@ def comparison_rows(items: Iterable[Comparison], n: int) -> list:
                 notes.extend((f"{group.block_type}: {note}" if note == group.left_out() else note)
                              for note in group.notes(n))
         rows.append((
-            ref.arch, ref.dataset or "-", block, str(len(base_scores)) if item.base else "0",
+            ref.arch, ref.dataset_label, block, str(len(base_scores)) if item.base else "0",
             str(len(scores)) if item.other else "-", _fmt(base_mean), _fmt(mean), _fmt_signed(_diff(mean, base_mean)),
             _fmt_signed(test and test.low), _fmt_signed(test and test.high), _fmt_p(test and test.p_value),
             _fmt_signed(gain_deploy), _fmt(paper_base), _fmt(paper_block), _fmt_signed(_diff(paper_block, paper_base)),
@@ -315,15 +354,21 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], fmt: str
 
 
 def report(runs: Sequence[Run], n: int, fmt: str) -> str:
-    """The three tables, titled (the csv sections are separated by one blank line)."""
+    """The three tables, titled (the csv sections are separated by one blank line); derived runs (fine-tune,
+    QAT) in a fourth table of their own, in no statistic."""
+    trained = [run for run in runs if not run.derived]
+    derived = [run for run in runs if run.derived]
     sections = [
         (f"Runs ({score_header(n)} = a run's score, the mean top-1 of its last {n} evaluations; state: "
-         "finished = summary.json with a tested deploy model)", run_headers(n), run_rows(runs, n)),
+         "finished = summary.json with a tested deploy model)", run_headers(n), run_rows(trained, n)),
         (f"Over seeds, finished runs only (score = a run's {score_header(n)}; mean, std, min, max of the scores; "
          "deploy = deploy_top1)", GROUP_HEADERS, group_rows(group_runs(runs), n)),
         ("Base vs ACB/DBB, finished runs only (gain of the mean score in top-1 points, 95 % Welch interval and "
          "p-value; paper = published numbers)", COMPARISON_HEADERS, comparison_rows(comparisons(runs), n)),
     ]
+    if derived:
+        sections.append(("Derived runs (fine-tune from --init-weights, QAT: listed apart, in no statistic)",
+                         ("kind", *run_headers(n)), [(run.kind, *row) for run, row in zip(derived, run_rows(derived, n))]))
     parts = []
     for title, headers, rows in sections:
         table = render_table(headers, rows, fmt)

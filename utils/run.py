@@ -5,13 +5,13 @@ Identity: ``(arch, block type, dataset, seed)``. The folder is ``<output-dir>/<n
 the seed only when it is not :data:`DEFAULT_SEED` (so a seed-0 run keeps the name runs always had);
 a QAT run of the same identity ends in ``_qat``. :class:`ExperimentPaths` names the files in it.
 do_acnet.py, show_log.py, reproduce.py, robustness.py, kernel_skeleton.py and the benchmarks read
-runs through this module. Recipe resolution (:func:`resolve_recipe`) and the guards of a finished
-or continued run (:func:`check_finished_run`, :func:`merge_saved_recipe`) live here too; reading a
-run's resumable state (torch) is :mod:`utils.checkpoint`'s.
+runs through this module. Recipe resolution (:func:`resolve_recipe`) and the guard of a continued
+run (:func:`merge_saved_recipe`) live here too. What a run folder holds -- its record (identity),
+lock and state -- is :mod:`utils.record`'s; reading a run's resumable state (torch) is
+:mod:`utils.checkpoint`'s.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +20,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 __all__ = ["DEFAULT_SEED", "RUN_FILES", "LOG", "RECIPE", "SUMMARY", "INIT_WEIGHTS", "FINISH_WEIGHTS", "DEPLOY_WEIGHTS",
            "STATE", "CONSOLE", "ExperimentPaths", "experiment_name", "RunName", "parse_run_name", "block_types",
            "qat_experiment_name",
-           "RECIPE_OVERRIDES", "resolve_recipe", "merge_saved_recipe", "finished_run_conflicts",
-           "check_finished_run"]
+           "RECIPE_OVERRIDES", "resolve_recipe", "merge_saved_recipe"]
 
 #: The seed of a run whose folder name carries no ``_s<seed>``.
 DEFAULT_SEED = 0
@@ -156,29 +155,5 @@ def merge_saved_recipe(saved: Mapping[str, Any], overrides: Mapping[str, Any], s
                  if saved.get(field) != value]
     if conflicts:
         raise UsageError(f"-c continue: {state_path} was trained with a different recipe: " + ", ".join(conflicts)
-                         + "; drop these options to continue, or start again with -c fs")
+                         + "; drop these options to continue, or start over with -c restart")
     return recipe
-
-
-def finished_run_conflicts(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """``"field=wanted (run has saved)"`` for every field of ``wanted`` the finished run ``saved`` differs in.
-
-    ``saved`` is the run's recipe.json (or its latest.pth recipe); a field it lacks is not compared.
-    """
-    return [f"{field}={value!r} (run has {saved[field]!r})" for field, value in wanted.items()
-            if field in saved and _canonical(saved[field]) != _canonical(value)]
-
-
-def _canonical(value: Any) -> Any:
-    return json.loads(json.dumps(value))  # tuples as lists, as recipe.json stores them
-
-
-def check_finished_run(paths: ExperimentPaths, saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
-    """A finished run (trained with ``saved``: ``utils.checkpoint.finished_run_record``) is only reused
-    (training skipped) by a command asking for the same ``wanted`` fields."""
-    from utils.errors import UsageError
-
-    conflicts = finished_run_conflicts(saved, wanted)
-    if conflicts:
-        raise UsageError(f"{paths.root} holds a finished run with a different recipe: {', '.join(conflicts)}; it "
-                         "would not be trained again. Use a new --exp-name, or remove that folder to retrain it")

@@ -1,7 +1,9 @@
 """Reading runs: a run folder's log.txt, recipe.json, summary.json (and reproduce.py's console.txt).
 
 :func:`read_run` collects one run (its evaluations, identity, figures and *state*), :func:`discover_runs`
-the runs under a folder; nothing here raises on a bad run (it is listed with what went wrong). Only
+the runs under a folder; nothing here raises on a bad run (it is listed with what went wrong). The
+record and the state are read through :mod:`utils.record` (the state: ``run_state.json``, ``running``
+only while the folder's lock is held); runs without a state file are judged from their files. Only
 *finished* runs (a ``summary.json`` recording a tested deploy model) enter statistics
 (:mod:`utils.report`). Standard library only (the arch registry is asked, lazily, for an arch's dataset).
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from utils.record import LOCK_FILE, STATE_FILE, RecordError, identity, lock_holder, read_state, record_kind
 from utils.run import RUN_FILES, ExperimentPaths, parse_run_name
 
 #: A run's states. Only ``finished`` runs enter the statistics; the others are listed and counted.
@@ -115,6 +118,14 @@ class Run:
     images_per_sec: Optional[float] = None
     problems: list = field(default_factory=list)
     unreadable: bool = False
+    kind: str = "train"  # utils.record.KINDS: train, or derived from other weights (finetune, qat)
+    recipe_key: tuple = ()  # the record's identity fields but arch, block, dataset, seed: runs of one recipe share it
+    saved_epoch: Optional[int] = None  # the last saved epoch (run_state.json)
+
+    @property
+    def derived(self) -> bool:
+        """A fine-tune or QAT run: listed apart, in no statistic and no training curve."""
+        return self.kind != "train"
 
     @property
     def finished(self) -> bool:
@@ -158,6 +169,8 @@ class Run:
         if self.state == UNREADABLE:
             return "unreadable: " + "; ".join(self.problems)
         parts = [self.state]
+        if self.state == INTERRUPTED and self.saved_epoch is not None:
+            parts = [f"{self.state} at epoch {self.saved_epoch}"]
         count = len(self.evaluations)
         if count == 0:
             parts.append("no evals")
@@ -173,15 +186,18 @@ class Run:
 
 
 def _read_json(path: Path, run: Run) -> dict:
+    """The JSON object in ``path`` (``{}`` if absent); a corrupt one makes the run unreadable."""
     if not path.is_file():
         return {}
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         run.problems.append(f"{path.name} unreadable ({type(exc).__name__})")
+        run.unreadable = True
         return {}
     if not isinstance(content, dict):
         run.problems.append(f"{path.name} is not a JSON object")
+        run.unreadable = True
         return {}
     return content
 
@@ -254,6 +270,12 @@ def read_run(run_dir: Path) -> Run:
     run.params_train = _as_int(summary.get("params_train"))
     run.params_deploy = _as_int(summary.get("params_deploy"))
     run.images_per_sec = _as_float(summary.get("train_images_per_sec"))
+    if recipe:
+        run.kind = record_kind(recipe)
+        run.recipe_key = tuple((key, value if not isinstance(value, list) else tuple(value))
+                               for key, value in identity(recipe).items()
+                               if key not in ("kind", "arch", "block_type", "dataset", "seed"))
+    corrupt = run.unreadable
 
     log_path = paths.log
     try:
@@ -274,6 +296,9 @@ def read_run(run_dir: Path) -> Run:
     run.evaluations = parsed.evaluations
     run.eval_images = parsed.eval_images
     run.state, run.end_message = _run_state(run_dir, summary, parsed)
+    _apply_recorded_state(run, run_dir, summary)
+    if corrupt:
+        run.state = UNREADABLE
     if run.images_per_sec is None:
         run.images_per_sec = parsed.images_per_sec
     if parsed.malformed_lines:
@@ -305,6 +330,32 @@ def _run_state(run_dir: Path, summary: dict, parsed: ParsedLog) -> tuple:
     if summary:
         return INCOMPLETE, "summary.json has no deploy_top1"
     return RUNNING, None
+
+
+def _apply_recorded_state(run: Run, run_dir: Path, summary: dict) -> None:
+    """The state the run recorded (``run_state.json``, :func:`utils.record.read_state`) wins over the
+    guess from its files: ``running`` only while its process holds the folder's lock. A run folder with a
+    lock file but no state file stopped before it wrote anything: never ``running`` unless locked."""
+    try:
+        recorded = read_state(run_dir)
+    except RecordError:
+        run.problems.append(f"{STATE_FILE} unreadable")
+        run.unreadable = True
+        return
+    if recorded is None:
+        if run.state == RUNNING and (run_dir / LOCK_FILE).exists() and lock_holder(run_dir) is None:
+            run.state, run.end_message = INTERRUPTED, "killed before it recorded a state"
+        return
+    state = recorded.get("state")
+    run.saved_epoch = _as_int(recorded.get("epoch"))
+    reason = recorded.get("reason") or None
+    if state == FINISHED:
+        if run.kind == "train" and _as_float(summary.get("deploy_top1")) is None:
+            run.state, run.end_message = INCOMPLETE, "summary.json has no deploy_top1"
+        else:
+            run.state, run.end_message = FINISHED, None
+    elif state in (RUNNING, INTERRUPTED, FAILED):
+        run.state, run.end_message = state, reason
 
 
 def _last_line(path: Path) -> Optional[str]:
