@@ -23,6 +23,7 @@ from acnet.fileio import UnwritablePathError
 from inject_oserror import failing_open
 from test_engine import _trainer
 from utils.checkpoint import load_state, save_json, save_state
+from utils.record import LOCK_FILE
 from utils.runlog import TensorBoard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,9 @@ FIXES = {errno.ENOSPC: "free space on the file system of", errno.EDQUOT: "free s
 
 
 def stray_files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp"))
+    """Hidden or temporary files a failed save may leave; the folder's lock file is the run's, not a leftover."""
+    return sorted(p.name for p in directory.rglob("*")
+                  if (p.name.startswith(".") or p.name.endswith(".tmp")) and p.name != LOCK_FILE)
 
 
 def one_line(error: BaseException) -> str:
