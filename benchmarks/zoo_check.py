@@ -2,7 +2,7 @@
 
 For each model (built untrained: ``weights=None`` / ``pretrained=False``, 10 classes) and block type:
 ``convert_to_acnet(model, block)`` with no other option (every conv gets the form of what it feeds;
-the row FAILs when any option -- ``bn_free=False``, ``kernel_sizes`` -- would convert a conv the
+the row FAILs when any option -- ``bn_free=False/True``, ``kernel_sizes`` -- would convert a conv the
 default keeps), one SGD step (gradient norm clipped to 1) in training mode on a small random batch, then in eval mode both
 ``acnet_switch_to_deploy`` (of a copy) and ``acnet_fuse_and_load`` into a freshly built model of the
 same name must equal the trained model (float32, relative difference <= 1e-5 of the output's
@@ -271,7 +271,8 @@ def check_model(case: Dict[str, Any]) -> Dict[str, Any]:
         return {r.name for r in conversion_report(model, block, **options).rows if r.converted}
 
     default = converted()
-    missed = set().union(*(converted(**o) for o in (dict(bn_free=False), dict(kernel_sizes=range(1, 12))))) - default
+    options = (dict(bn_free=False), dict(bn_free=True), dict(kernel_sizes=range(1, 12)))
+    missed = set().union(*(converted(**o) for o in options)) - default
     if missed:
         raise AssertionError(f"converted only with an option: {sorted(missed)[:5]}")
     with warnings.catch_warnings(record=True) as caught:
