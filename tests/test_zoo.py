@@ -47,9 +47,10 @@ def test_detection_video_and_bn_free_models_deploy_and_fuse_to_the_trained_model
     # mobilenet_v3's 16 3x3 / 5x5 depthwise convs with their FrozenBatchNorm2d, the FPN's two 3x3 convs and
     # the RPN head's 3x3 conv (BN-free); r2plus1d's (1,7,7) stem and (1,3,3) spatial convs (ACB refuses
     # the (3,1,1) temporal ones: a 1-D branch would duplicate them); every 3x3 conv of the BN-free nets;
-    # the audio nets' 3-tap Conv1d (DBB / OREPA refuse the 8-tap strided stem: even kernel)
+    # the audio nets' 3-tap Conv1d and their 8-tap strided stem (padding 0, even: DBB / OREPA crop their
+    # branches to the window)
     assert blocks == {"tvdet:fasterrcnn_mobilenet_v3_large_fpn": 19, "tvvideo:r2plus1d_18": 17, "own:edsr": 8,
-                      "own:audio": 4, "own:audio_bn": 4}
+                      "own:audio": 5, "own:audio_bn": 5}
 
 
 def test_timm_batchnormact_keeps_its_activation_and_fuses_into_a_fresh_model():
