@@ -21,7 +21,7 @@ predictors, ConvTranspose2d included, on a fixed random RoI batch) --, video mod
 BatchNorm3d, input 2x3x4x16x16), and nets written here (``own:``): an EDSR-like super-resolution net
 (conv + bias, ReLU, PixelShuffle, no BN) and 1-D audio nets with and without BatchNorm1d.
 
-    python benchmarks/zoo_check.py                        # the full zoo, acb and dbb (long: ~1 h on 2 cores)
+    python benchmarks/zoo_check.py                        # the full zoo, acb and dbb (long: hours on 2 cores)
     python benchmarks/zoo_check.py --models tv:resnet18 timm:efficientnet_b0 --blocks dbb
 
 Model names: ``tv:NAME`` (torchvision.models), ``tvseg:NAME`` (torchvision.models.segmentation),
