@@ -314,6 +314,21 @@ def test_ineligible_convs_are_left_alone():
         4, 6, 10, 12}
 
 
+@pytest.mark.parametrize("block_type", ["acb", "dbb"])
+def test_every_conv_of_the_mixed_model_folds_back_into_it(block_type):
+    """BN-free forms before a BN without statistics (it stays) and before a ReLU fold back exactly too."""
+    stock = _mixed_convs().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained = randomize_state_(convert_to_acnet(copy.deepcopy(stock), block_type), 1).eval()
+    assert trained[10].norm == "none" and type(trained[11]) is nn.BatchNorm2d
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = trained(x)
+        assert (acnet_fuse_and_load(copy.deepcopy(stock), trained.state_dict())(x) - expected).abs().max() <= 1e-10
+        assert (acnet_switch_to_deploy(copy.deepcopy(trained))(x) - expected).abs().max() <= 1e-10
+
+
 def test_kernel_sizes_is_configurable():
     model = convert_to_acnet(torchvision.models.resnet18(num_classes=10), "acb", kernel_sizes=[7])
     assert isinstance(model.conv1, ACBlock) and model.conv1.kernel_size == 7
