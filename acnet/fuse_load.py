@@ -264,7 +264,9 @@ def _place_kernel_bias(conv_name: str, conv: nn.Module, bn_name: Optional[str], 
     if bn is not None and bn_is_stored:
         # The block was followed by a BN that was kept: bn(Kx + b) == bn'(Kx + 0), mean' = mean - b.
         mean_key = f"{bn_name}.running_mean"
-        if bias_is_zero:  # a bias-free block: the BN loads as it is (below)
+        if bias_is_zero or (mean_key not in state and not getattr(bn, "track_running_stats", True)):
+            # a bias-free block, or a BN normalising with batch statistics (bn(y + b) == bn(y)): the BN loads
+            # as it is (below), the bias goes into the conv where it has one
             values[f"{prefix}weight"] = kernel
             if conv.bias is not None:
                 values[f"{prefix}bias"] = bias

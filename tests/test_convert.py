@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -302,8 +303,30 @@ def test_ineligible_convs_are_left_alone():
     assert model[10].norm == "none" and type(model[11]) is nn.BatchNorm2d and model[12].norm == "none"
     with torch.no_grad():
         assert relative_difference(model.eval()(x), expected) <= 1e-5
-    kept = convert_to_acnet(_mixed_convs(), "dbb", kernel_sizes=range(2, 7), bn_free=False)  # the overrides
-    assert [i for i, m in enumerate(kept) if isinstance(m, ReparamBlock)] == [0, 14]  # no 1x1 / 7x7, no BN-free
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default = convert_to_acnet(_mixed_convs(), "dbb")
+        kept = convert_to_acnet(_mixed_convs(), "dbb", kernel_sizes=range(2, 7), bn_free=False)  # the overrides
+    blocks = {i for i, m in enumerate(default) if isinstance(m, ReparamBlock)}
+    # DBB converts the 7x7, the 1x1, the conv before a BN without statistics and the one before a ReLU by
+    # default; the overrides keep exactly those
+    assert {4, 6, 10, 12} <= blocks and blocks - {i for i, m in enumerate(kept) if isinstance(m, ReparamBlock)} == {
+        4, 6, 10, 12}
+
+
+@pytest.mark.parametrize("block_type", ["acb", "dbb"])
+def test_every_conv_of_the_mixed_model_folds_back_into_it(block_type):
+    """BN-free forms before a BN without statistics (it stays) and before a ReLU fold back exactly too."""
+    stock = _mixed_convs().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained = randomize_state_(convert_to_acnet(copy.deepcopy(stock), block_type), 1).eval()
+    assert trained[10].norm == "none" and type(trained[11]) is nn.BatchNorm2d
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = trained(x)
+        assert (acnet_fuse_and_load(copy.deepcopy(stock), trained.state_dict())(x) - expected).abs().max() <= 1e-10
+        assert (acnet_switch_to_deploy(copy.deepcopy(trained))(x) - expected).abs().max() <= 1e-10
 
 
 def test_kernel_sizes_is_configurable():
@@ -312,10 +335,16 @@ def test_kernel_sizes_is_configurable():
     assert count(model, ACBlock) == 1
 
 
-def test_dbb_skips_padding_it_cannot_align():
+def test_dbb_takes_padding_0_exactly_when_its_unsupported_says_so():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=0), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
-    convert_to_acnet(model, "dbb")
-    assert type(model[0]) is nn.Conv2d and isinstance(model[2], DiverseBranchBlock)
+    reason = DiverseBranchBlock.unsupported(dim=2, kernel_size=(3, 3), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                                            groups=1, padding_mode="zeros", norm="batch")
+    rows = {r.name: r for r in acnet.conversion_report(model, "dbb").rows}
+    assert rows["0"].converted == (reason is None) and rows["0"].reason == (reason or "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_to_acnet(model, "dbb")
+    assert isinstance(model[0], DiverseBranchBlock) == (reason is None) and isinstance(model[2], DiverseBranchBlock)
 
 
 def test_conversion_keeps_dtype_and_frozen_state():

@@ -229,7 +229,7 @@ def test_conversion_of_a_torchvision_model_and_fuse_and_load_into_the_baseline()
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=10)
     model = convert_to_acnet(torchvision.models.resnet18(num_classes=10), "orepa")
-    assert sum(isinstance(m, OREPABlock) for m in model.modules()) == 16
+    assert sum(isinstance(m, OREPABlock) for m in model.modules()) == 20  # every conv: OREPA has 7x7 and 1x1 forms
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, OREPABlock):  # every branch in play, not only the initial values

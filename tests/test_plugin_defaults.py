@@ -155,7 +155,7 @@ def _converted(model: nn.Module, block_type: str, **options) -> set:
 def test_no_option_converts_every_conv_that_any_option_converts(builder, block_type):
     model = builder()
     default = _converted(model, block_type)
-    options = [dict(bn_free=False), dict(kernel_sizes=range(1, 12)), dict(kernel_sizes=range(2, 7))]
+    options = [dict(bn_free=False), dict(bn_free=True), dict(kernel_sizes=range(1, 12)), dict(kernel_sizes=range(2, 7))]
     union = set().union(*(_converted(model, block_type, **o) for o in options))
     assert union <= default, f"converted only with an option: {sorted(union - default)}"
     for row in conversion_report(model, block_type).rows:

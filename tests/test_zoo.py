@@ -32,8 +32,9 @@ def test_zoo_subset_deploys_and_fuses_to_the_trained_model():
     bad = [f"{model} {block}: {status} {detail}" for (model, block), ((status, detail), _) in rows.items()
            if not status.startswith("ok")]
     assert not bad, "\n".join(bad)
-    # timm's efficientnet_b0 normalises with BatchNormAct2d: its 17 3x3 / 5x5 conv-BN pairs all convert
-    assert all(rows[("timm:efficientnet_b0", block)][1]["blocks"] == 17 for block in BLOCKS)
+    # timm's efficientnet_b0 normalises with BatchNormAct2d: its 17 3x3 / 5x5 conv-BN pairs all convert with ACB;
+    # DBB also takes the 1x1 convs (pointwise, squeeze-excite): all 81
+    assert [rows[("timm:efficientnet_b0", block)][1]["blocks"] for block in BLOCKS] == [17, 81]
 
 
 def test_detection_video_and_bn_free_models_deploy_and_fuse_to_the_trained_model():
@@ -43,11 +44,13 @@ def test_detection_video_and_bn_free_models_deploy_and_fuse_to_the_trained_model
     bad = [f"{model}: {status} {detail}" for model, ((status, detail), _) in rows.items() if not status.startswith("ok")]
     assert not bad, "\n".join(bad)
     blocks = {model: result["blocks"] for model, (_, result) in rows.items()}
-    # mobilenet_v3's 3x3 / 5x5 depthwise convs with their FrozenBatchNorm2d; r2plus1d's (1,3,3) spatial convs
-    # (ACB refuses the (3,1,1) temporal ones: a 1-D branch would duplicate them); every 3x3 conv of the
-    # BN-free nets; the audio nets' 3-tap Conv1d (the 8-tap strided stem is outside kernel_sizes)
-    assert blocks == {"tvdet:fasterrcnn_mobilenet_v3_large_fpn": 16, "tvvideo:r2plus1d_18": 16, "own:edsr": 8,
-                      "own:audio": 4, "own:audio_bn": 4}
+    # mobilenet_v3's 16 3x3 / 5x5 depthwise convs with their FrozenBatchNorm2d, the FPN's two 3x3 convs and
+    # the RPN head's 3x3 conv (BN-free); r2plus1d's (1,7,7) stem and (1,3,3) spatial convs (ACB refuses
+    # the (3,1,1) temporal ones: a 1-D branch would duplicate them); every 3x3 conv of the BN-free nets;
+    # the audio nets' 3-tap Conv1d and their 8-tap strided stem (padding 0, even: DBB / OREPA crop their
+    # branches to the window)
+    assert blocks == {"tvdet:fasterrcnn_mobilenet_v3_large_fpn": 19, "tvvideo:r2plus1d_18": 17, "own:edsr": 8,
+                      "own:audio": 5, "own:audio_bn": 5}
 
 
 def test_timm_batchnormact_keeps_its_activation_and_fuses_into_a_fresh_model():
