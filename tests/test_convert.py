@@ -264,7 +264,7 @@ def test_ineligible_convs_are_left_alone():
         nn.Conv2d(4, 4, 3, padding=(1, 2)), nn.BatchNorm2d(4),  # padding differing per axis: ACB represents it
         nn.Conv2d(4, 4, 7, padding=3), nn.BatchNorm2d(4),  # outside default kernel sizes
         nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),  # 1x1
-        nn.Conv2d(4, 4, 4, padding=2), nn.BatchNorm2d(4),  # even kernel: ACB cannot represent it
+        nn.Conv2d(4, 4, 4, padding=2), nn.BatchNorm2d(4),  # even kernel: ACB represents it (1-D branches on row 1)
         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False),  # no statistics to fold
         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),  # no BN at all
         nn.Conv2d(4, 4, 3, padding="same"), nn.BatchNorm2d(4),  # eligible
@@ -276,8 +276,8 @@ def test_ineligible_convs_are_left_alone():
     convert_to_acnet(model, "acb", keep_weights=True)
     after = [type(m) for m in model]
     changed = [i for i, (a, b) in enumerate(zip(before, after)) if a is not b]
-    assert changed == [2, 3, 14, 15] and isinstance(model[14], ACBlock) and model[14].padding == 1
-    assert model[2].padding == (1, 2)
+    assert changed == [2, 3, 8, 9, 14, 15] and isinstance(model[14], ACBlock) and model[14].padding == 1
+    assert model[2].padding == (1, 2) and model[8].kernel_size == 4
     with torch.no_grad():
         assert relative_difference(model.eval()(x), expected) <= 1e-5
 
@@ -288,10 +288,17 @@ def test_kernel_sizes_is_configurable():
     assert count(model, ACBlock) == 1
 
 
-def test_dbb_skips_padding_it_cannot_align():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=0), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
-    convert_to_acnet(model, "dbb")
-    assert type(model[0]) is nn.Conv2d and isinstance(model[2], DiverseBranchBlock)
+def test_dbb_converts_padding_0_exactly():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=0), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+    convert_to_acnet(model, "dbb", keep_weights=True)
+    assert isinstance(model[0], DiverseBranchBlock) and model[0].padding == 0
+    assert isinstance(model[2], DiverseBranchBlock)
+    with torch.no_grad():
+        assert relative_difference(model.eval()(x), expected) <= 1e-5
 
 
 def test_conversion_keeps_dtype_and_frozen_state():
