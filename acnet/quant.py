@@ -155,6 +155,9 @@ class QATUnit(nn.Module):
         super().__init__()
         if isinstance(block, ReparamBlock) and block.padding_mode != "zeros":
             raise ValueError(f"QATUnit: padding_mode {block.padding_mode!r} is not supported (zeros only)")
+        if isinstance(block, ReparamBlock) and (block.transposed or block.dim != 2):
+            raise ValueError(f"QATUnit: a {'transposed' if block.transposed else f'{block.dim}-d'} block is not "
+                             "supported (2-d conv blocks only)")
         if isinstance(block, nn.Conv2d) and block.padding_mode != "zeros":
             raise ValueError(f"QATUnit: padding_mode {block.padding_mode!r} is not supported (zeros only)")
         self.block = block

@@ -302,11 +302,13 @@ def place_kernel(kernel: Tensor, size: Size, offsets: Sequence[int]) -> Tensor:
 
 
 def swap_in_out(kernel: Tensor, groups: int = 1) -> Tensor:
-    """A conv kernel ``(O, C/g, *K)`` in a transposed conv's layout ``(C, O/g, *K)``, and back (an involution).
+    """Swap the two channel axes of a kernel within each group: ``(A, B, *K)`` -> ``(g*B, A/g, *K)`` (an involution).
 
-    Within group ``j``: ``out[j*C/g + c, o] = kernel[j*O/g + o, c]`` (no spatial flip). A transposed
-    conv's kernel ``(C, O/g, *K)`` becomes output-channel major, ``(O, C/g, *K)``, where the per-output-
-    channel algebra (:func:`fuse_scale_shift`, :func:`add_branches`, :func:`fuse_kxk_1x1`) applies.
+    Within group ``j``: ``out[j*B + b, a] = kernel[j*A/g + a, b]`` (no spatial flip). A transposed conv's
+    kernel ``(C, O/g, *K)`` becomes output-channel major, ``(O, C/g, *K)`` (row ``o``: every tap that
+    writes output channel ``o``), where the per-output-channel algebra (:func:`fuse_scale_shift`,
+    :func:`add_branches`, :func:`fuse_kxk_1x1`) applies; swapping again gives ConvTranspose's layout.
+    (This is a relabelling, not the adjoint: ``conv_transpose(y; W)`` with a conv's own ``W`` is that.)
     """
     rows, cols = kernel.shape[:2]
     if rows % groups:

@@ -183,9 +183,11 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     diff = ((fused - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
     if not diff < 1e-4:
         raise AssertionError(f"eval-mode block and its deploy conv differ by {diff:.2e} (relative)")
-    if not expected.is_contiguous(memory_format=torch.contiguous_format if case["layout"] == "nchw"
-                                  else _memory_format(dim)):
-        raise AssertionError("the block's output is not in its input's memory format")
+    # the input's memory format: channels-last strided and not also NCHW-contiguous (1 channel, 1x1 maps: both)
+    fmt = _memory_format(dim)
+    fmt = fmt if x.is_contiguous(memory_format=fmt) and not x.is_contiguous() else torch.contiguous_format
+    if not expected.is_contiguous(memory_format=fmt):
+        raise AssertionError(f"the block's output is not in its input's memory format ({fmt})")
     block.switch_to_deploy()
     block.train()
     _train_step(block, _input(case, *sizes[-1], gen=gen), gen, "training the deployed block")
@@ -226,11 +228,15 @@ def test_blocks_with_a_strided_1x1_conv_on_few_channels_compute_nchw():
     x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     dbb = acnet.DiverseBranchBlock(3, 8, 3, stride=2)  # its dbb_1x1 branch: 1x1, stride 2, 3 inputs
     assert nhwc_faulty(dbb.dbb_1x1.conv) and not dbb.branches_nhwc()
-    assert layout_of(dbb(x)) == torch.contiguous_format
+    assert layout_of(branch_input(x, dbb.branches_nhwc())) == torch.contiguous_format  # the branches run NCHW
+    assert layout_of(dbb(x)) == torch.channels_last  # and the output has the input's layout, as a conv's
+    transposed = acnet.DiverseBranchBlock(16, 8, 1, stride=2, transposed=True, output_padding=1)
+    assert nhwc_faulty(transposed.dbb_origin.conv) and not transposed.branches_nhwc()  # 1x1ᵀ with output_padding
+    assert not nhwc_faulty(acnet.DiverseBranchBlock(16, 8, 3, stride=2, transposed=True, output_padding=1).dbb_1x1.conv)
     for block in (acnet.DiverseBranchBlock(16, 8, 3, stride=2), acnet.DiverseBranchBlock(3, 8, 3, stride=1),
                   acnet.ACBlock(3, 8, 3, stride=2, padding=1)):
         assert block.branches_nhwc()  # only the faulty geometry leaves the NHWC fast path
-        assert layout_of(block(torch.randn(2, block.in_channels, 16, 16))) == torch.channels_last
+        assert layout_of(block(torch.randn(2, block.in_channels, 16, 16))) == torch.contiguous_format
 
 
 def test_run_conv_gives_a_faulty_conv_nchw_input_and_weight():

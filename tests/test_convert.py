@@ -280,7 +280,7 @@ def _mixed_convs() -> nn.Sequential:
         nn.Conv2d(4, 4, 3, padding=(1, 2)), nn.BatchNorm2d(4),  # padding differing per axis: ACB represents it
         nn.Conv2d(4, 4, 7, padding=3), nn.BatchNorm2d(4),  # 7x7: converts by default
         nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),  # 1x1: ACB has no form
-        nn.Conv2d(4, 4, 4, padding=2), nn.BatchNorm2d(4),  # even kernel: as ACBlock.unsupported says
+        nn.Conv2d(4, 4, 4, padding=2), nn.BatchNorm2d(4),  # even kernel: ACB represents it (1-D branches on row 1)
         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False),  # BN-free form, BN stays
         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),  # no BN at all: BN-free form
         nn.Conv2d(4, 4, 3, padding="same"), nn.BatchNorm2d(4),  # BN form
@@ -293,13 +293,12 @@ def test_ineligible_convs_are_left_alone():
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
         expected = model(x)
-    even = ACBlock.unsupported(dim=2, kernel_size=(4, 4), stride=(1, 1), padding=(2, 2), dilation=(1, 1), groups=1,
-                               padding_mode="zeros", norm="batch") is None
     convert_to_acnet(model, "acb", keep_weights=True)
     after = [type(m) for m in model]
     changed = [i for i, (a, b) in enumerate(zip(before, after)) if a is not b]
-    assert changed == [2, 3, 4, 5] + ([8, 9] if even else []) + [10, 12, 14, 15]
+    assert changed == [2, 3, 4, 5, 8, 9, 10, 12, 14, 15]
     assert isinstance(model[14], ACBlock) and model[14].padding == 1 and model[2].padding == (1, 2)
+    assert model[8].kernel_size == 4
     assert model[10].norm == "none" and type(model[11]) is nn.BatchNorm2d and model[12].norm == "none"
     with torch.no_grad():
         assert relative_difference(model.eval()(x), expected) <= 1e-5
@@ -335,16 +334,17 @@ def test_kernel_sizes_is_configurable():
     assert count(model, ACBlock) == 1
 
 
-def test_dbb_takes_padding_0_exactly_when_its_unsupported_says_so():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=0), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
-    reason = DiverseBranchBlock.unsupported(dim=2, kernel_size=(3, 3), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                                            groups=1, padding_mode="zeros", norm="batch")
-    rows = {r.name: r for r in acnet.conversion_report(model, "dbb").rows}
-    assert rows["0"].converted == (reason is None) and rows["0"].reason == (reason or "")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        convert_to_acnet(model, "dbb")
-    assert isinstance(model[0], DiverseBranchBlock) == (reason is None) and isinstance(model[2], DiverseBranchBlock)
+def test_dbb_converts_padding_0_exactly():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=0), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+    convert_to_acnet(model, "dbb", keep_weights=True)
+    assert isinstance(model[0], DiverseBranchBlock) and model[0].padding == 0
+    assert isinstance(model[2], DiverseBranchBlock)
+    with torch.no_grad():
+        assert relative_difference(model.eval()(x), expected) <= 1e-5
 
 
 def test_conversion_keeps_dtype_and_frozen_state():

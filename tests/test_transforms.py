@@ -268,3 +268,93 @@ def test_frequency_prior_in_n_d_varies_each_channel_along_one_axis(channels, ker
         shape = [1] * dim
         shape[axis] = kernel[axis]
         torch.testing.assert_close(prior[o], line.view(shape).expand(kernel), **TOL)
+
+
+# --- issue 27: transposed layouts, placed kernels, K-then-1x1 merges, branch windows ----------------------
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([1, 2, 3]), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
+       st.integers(0, 2), st.integers(0, 1000))
+def test_swap_in_out_makes_a_transposed_kernel_output_channel_major(groups, c_g, o_g, stride, k, padding, seed):
+    """A ConvTranspose kernel ``(C, O/g, *K)`` through swap_in_out is ``(O, C/g, *K)`` with row ``o`` holding all
+    of output channel ``o``'s taps: scaling its rows scales the transposed conv's output channels, adding a
+    per-row bias adds to them; applying it twice gives the kernel back."""
+    weight = rand(groups * c_g, o_g, 2 * k - 1, k, seed=seed)  # ConvTranspose2d(C, O) layout
+    x = rand(2, groups * c_g, 5, 4, seed=seed + 1)
+    scale = rand(groups * o_g, seed=seed + 2)
+    major = transforms.swap_in_out(weight, groups)
+    assert major.shape == (groups * o_g, c_g, 2 * k - 1, k)
+    scaled = transforms.swap_in_out(major * scale.view(-1, 1, 1, 1), groups)
+    expected = F.conv_transpose2d(x, weight, None, stride, padding, 0, groups) * scale.view(1, -1, 1, 1)
+    torch.testing.assert_close(F.conv_transpose2d(x, scaled, None, stride, padding, 0, groups), expected, **TOL)
+    assert torch.equal(transforms.swap_in_out(major, groups), weight)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=2, max_size=2), st.data())
+def test_place_kernel_puts_the_small_kernel_at_its_offsets(size, data):
+    small = tuple(data.draw(st.integers(1, s)) for s in size)
+    offsets = tuple(data.draw(st.integers(0, s - k)) for s, k in zip(size, small))
+    kernel = rand(3, 2, *small, seed=1)
+    placed = transforms.place_kernel(kernel, size, offsets)
+    assert placed.shape == (3, 2, *size)
+    window = placed[:, :, offsets[0]:offsets[0] + small[0], offsets[1]:offsets[1] + small[1]]
+    rest = placed.clone()
+    rest[:, :, offsets[0]:offsets[0] + small[0], offsets[1]:offsets[1] + small[1]] = 0
+    assert torch.equal(window, kernel) and not rest.any()
+    if all((s - k) % 2 == 0 for s, k in zip(size, small)):  # centred: pad_kernel_to's placement
+        centred = tuple((s - k) // 2 for s, k in zip(size, small))
+        assert torch.equal(transforms.place_kernel(kernel, size, centred), transforms.pad_kernel_to(kernel, size))
+    with pytest.raises(ValueError, match="does not fit"):
+        transforms.place_kernel(kernel, size, tuple(s for s in size))
+
+
+@pytest.mark.parametrize("groups, mid_per_group", [(1, 3), (2, 2), (3, 1)])
+@pytest.mark.parametrize("stride, output_padding", [(1, 0), (2, 1)])
+def test_fuse_kxk_1x1_equals_a_transposed_conv_a_shift_and_a_1x1_everywhere(groups, mid_per_group, stride,
+                                                                            output_padding):
+    """The transposed DBB's branch: conv_transpose (K), + b1 on every output pixel, then a 1x1 conv: one
+    transposed conv with the merged kernel and bias, borders included."""
+    c, d, o = 2 * groups, mid_per_group * groups, 2 * groups
+    first = rand(c, d // groups, 3, 3, seed=1)  # ConvTranspose layout (C, D/g, K, K)
+    b1, k2, b2 = rand(d, seed=2), rand(o, d // groups, 1, 1, seed=3), rand(o, seed=4)
+    x = rand(2, c, 5, 4, seed=5)
+    mid = F.conv_transpose2d(x, first, None, stride, 1, output_padding, groups) + b1.view(1, -1, 1, 1)
+    expected = F.conv2d(mid, k2, b2, groups=groups)
+    kernel, bias = transforms.fuse_kxk_1x1(transforms.swap_in_out(first, groups), b1, k2, b2, groups)
+    fused = F.conv_transpose2d(x, transforms.swap_in_out(kernel, groups), bias, stride, 1, output_padding, groups)
+    torch.testing.assert_close(fused, expected, **TOL)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 3), st.integers(0, 3), st.integers(1, 2), st.integers(0, 1), st.data())
+def test_branch_window_makes_a_placed_sub_kernel_branch_equal_its_placed_kernel(K, stride, padding, dilation,
+                                                                               transposed, data):
+    """A branch with a 1-D / 1x1 sub-kernel at any offset, run with the padding, output_padding and window the
+    block helpers choose, equals the block-sized conv (or transposed conv) with the kernel placed there."""
+    from acnet.block import (apply_input_window, apply_output_window, branch_window, conv_window_padding,
+                             transposed_window_padding)
+
+    sub = (data.draw(st.sampled_from([1, K])), 1)
+    offsets = (data.draw(st.integers(0, K - sub[0])), data.draw(st.integers(0, K - 1)))
+    op = data.draw(st.integers(0, max(stride, dilation) - 1)) if transposed else 0
+    kernel = rand(3, 2, *sub, seed=7)
+    placed = transforms.place_kernel(kernel, (K, K), offsets)
+    p, d, s = (padding,) * 2, (dilation,) * 2, (stride,) * 2
+    x = rand(2, 3 if transposed else 2, 9, 8, seed=8)
+    if transposed:
+        weight, placed_t = transforms.swap_in_out(kernel), transforms.swap_in_out(placed)
+        try:
+            expected = F.conv_transpose2d(x, placed_t, None, s, p, (op, op), 1, d)
+        except RuntimeError:
+            return  # a geometry the stock transposed conv refuses
+        window = branch_window((K, K), sub, offsets, p, d, (op, op))
+        pad, extra, rest = transposed_window_padding(window, s, d)
+        out = F.conv_transpose2d(x, weight, None, s, pad, extra, 1, d)
+        out = out if rest is None else apply_output_window(out, rest)
+    else:
+        if any(9 + 2 * padding - dilation * (K - 1) < 1 for _ in (0,)) or 8 + 2 * padding - dilation * (K - 1) < 1:
+            return
+        expected = F.conv2d(x, placed, None, s, p, d)
+        pad, rest = conv_window_padding(branch_window((K, K), sub, offsets, p, d))
+        out = F.conv2d(x if rest is None else apply_input_window(x, rest), kernel, None, s, pad, d)
+    torch.testing.assert_close(out, expected, **TOL)
