@@ -149,7 +149,7 @@ def test_n_commands_at_once_on_one_folder_one_trains(tmp_path):
     host = re.escape(socket.gethostname())
     for lr, (code, _, err) in zip(rates, results):
         if lr != winners[0]:
-            assert code == 1, err
+            assert code == 2, err
             one_error(err, rf"out/shared is in use by pid \d+ on {host} since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d "
                            r"\(do_acnet\.py training cfqkbnc / acb\): wait for it to end, or use another --exp-name$")
     folder = tmp_path / "out" / "shared"
@@ -168,7 +168,7 @@ def test_a_second_continue_is_refused_naming_the_holder(finished, tmp_path):
         refused = run(finished.parents[1], *TINY, "-c", "continue", "--output-dir", "out")
     finally:
         lock.release()
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     one_error(refused.stderr, rf"is in use by pid \d+ on .* \(the test\)")
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from utils.errors import ACNetError
+from utils.errors import ACNetError, UsageError
 from utils.run import ExperimentPaths
 
 __all__ = ["KINDS", "DERIVED_KINDS", "IDENTITY_FIELDS", "STATE_FILE", "LOCK_FILE", "RecordError", "RunBusyError",
@@ -60,7 +60,7 @@ class RecordError(ACNetError):
     """A run file that cannot be read (corrupt JSON, not an object): one line naming the file."""
 
 
-class RunBusyError(ACNetError):
+class RunBusyError(UsageError):
     """Another live process holds the run folder's lock: one line naming the holder."""
 
 
