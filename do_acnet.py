@@ -4,7 +4,7 @@
 Train (CIFAR-10 ResNet-56 with ACBs; baseline with -b base; DBB with -b dbb; OREPA with -b orepa)::
 
     python do_acnet.py -a src56 -b acb
-    python do_acnet.py -a cfqkbnc -b acb --dataset synthetic --epochs 3      # offline smoke run, ~20 s on CPU
+    python do_acnet.py -a cfqkbnc -b acb --dataset synthetic --epochs 3      # offline smoke run, ~10 s on CPU
 
 Distributed (the global batch is split over the ranks; NCCL on CUDA, gloo on CPU)::
 
