@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from . import transforms
 from .acb import ACBlock, AsymConvBlock
-from .base import ConvBN, ReparamBlock
+from .block import ConvBN, ReparamBlock
 from .convert import FoldedNorm, FoldedNormAct, acnet_switch_to_deploy, convert_to_acnet
 from .fuse_load import acnet_fuse_and_load
 from .pairs import find_conv_bn_pairs

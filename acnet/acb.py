@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import norms, transforms
-from .block import (IntOrPair, ReparamBlock, _dim_in, _norm_kind_in, apply_input_window, apply_output_window,
+from .block import (IntOrPair, ReparamBlock, stored_dim_option, stored_norm_option, apply_input_window, apply_output_window,
                     branch_window, conv_window_padding, transposed_window_padding)
 from .fastpath import branch_bn_sum, branch_input, match_layout
 
@@ -199,8 +199,8 @@ class ACBlock(ReparamBlock):
     def stored_options(cls, state: Mapping[str, Tensor], in_channels: int) -> Dict[str, object]:
         sides = [name for name in ("dep", "ver", "hor") if f"{name}_conv.weight" in state]
         options: Dict[str, object] = {"use_affine": any(f"{name}_bn.weight" in state for name in sides)}
-        options.update(_dim_in(state, "square_conv.weight"))
-        options.update(_norm_kind_in(state, "square_bn", f"{sides[0]}_bn" if sides else None))
+        options.update(stored_dim_option(state, "square_conv.weight"))
+        options.update(stored_norm_option(state, "square_bn", f"{sides[0]}_bn" if sides else None))
         return options
 
     # --- forward ----------------------------------------------------------------------------

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from . import norms, transforms
 from .fastpath import has_nhwc_faulty_conv, match_layout, run_conv
 
-__all__ = ["ReparamBlock", "ConvBN", "PADDING_MODES", "IntOrPair", "IntOrTuple", "as_square_int", "as_tuple"]
+__all__ = ["ReparamBlock", "ConvBN", "PADDING_MODES", "IntOrPair", "IntOrTuple", "as_square_int", "as_tuple",
+           "stored_dim_option", "stored_norm_option"]
 
 IntOrTuple = Union[int, Sequence[int]]
 #: The 2-d name of :data:`IntOrTuple` (kept for importers).
@@ -438,8 +439,9 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
         return text
 
 
-def _norm_kind_in(state: Mapping[str, Tensor], main_norm: str, branch_norm: Optional[str]) -> Dict[str, object]:
-    """``{"norm": ...}`` as a stored block's entries tell it (``{}`` for the batch form): no running
+def stored_norm_option(state: Mapping[str, Tensor], main_norm: str, branch_norm: Optional[str]) -> Dict[str, object]:
+    """The ``norm`` option of a stored block (for :meth:`ReparamBlock.stored_options`), as its entries
+    (keys relative to the block's prefix) tell it: ``{}`` for the batch form; no running
     statistics on the main norm -> ``"none"`` (and ``"bias": False`` when it has no shift either); on
     the main norm but not on ``branch_norm`` -> ``"frozen"``."""
     if f"{main_norm}.weight" in state and f"{main_norm}.running_mean" not in state:
@@ -450,8 +452,9 @@ def _norm_kind_in(state: Mapping[str, Tensor], main_norm: str, branch_norm: Opti
     return {}
 
 
-def _dim_in(state: Mapping[str, Tensor], weight_key: str) -> Dict[str, object]:
-    """``{"dim": d}`` from a stored kernel's rank (``{}`` for 2-d)."""
+def stored_dim_option(state: Mapping[str, Tensor], weight_key: str) -> Dict[str, object]:
+    """The ``dim`` option of a stored block (for :meth:`ReparamBlock.stored_options`): ``{"dim": d}`` from the
+    rank of its kernel ``state[weight_key]`` (``{}`` for 2-d or when the entry is absent)."""
     weight = state.get(weight_key)
     if weight is None or weight.dim() == 4:
         return {}
@@ -526,7 +529,7 @@ class ConvBN(ReparamBlock):
 
     @classmethod
     def stored_options(cls, state: Mapping[str, Tensor], in_channels: int) -> Dict[str, object]:
-        return {**_dim_in(state, "conv.weight"), **_norm_kind_in(state, "bn", None)}
+        return {**stored_dim_option(state, "conv.weight"), **stored_norm_option(state, "bn", None)}
 
     def switch_to_deploy(self) -> None:
         if self.deployed:

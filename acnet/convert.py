@@ -6,7 +6,7 @@
   (the block takes the BN, a :class:`FoldedNorm` keeps its place), a frozen BatchNorm ->
   ``norm="frozen"``, anything else (GroupNorm, LayerNorm, an activation, nothing) -> the BN-free form
   ``norm="none"`` with a bias exactly when the conv had one.
-* :func:`acnet_switch_to_deploy` replaces every :class:`~acnet.base.ReparamBlock` by the one conv it
+* :func:`acnet_switch_to_deploy` replaces every :class:`~acnet.block.ReparamBlock` by the one conv it
   equals in eval mode, and every :class:`FoldedNorm` by the stock norm it stands for, set to add the
   fused bias: the deployed model has the stock model's module tree (conv + BN where it had conv + BN).
 * :func:`acnet_fuse_and_load` (module :mod:`acnet.fuse_load`) loads training-time weights into the
@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .base import ReparamBlock
+from .block import ReparamBlock
 from .fuse_load import acnet_fuse_and_load
 from .fuse_load import pass_through_norm_state
 from .pairs import (
@@ -58,6 +58,7 @@ __all__ = [
     "convert_to_acnet",
     "acnet_fuse_and_load",
     "bn_tail",
+    "copy_pair_into_block",
     "find_conv_bn_pairs",
     "pluggable_block_classes",
     "plan_conversion",
@@ -557,7 +558,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _copy_pair_into_block(conv: nn.Module, bn: Optional[nn.Module], block: ReparamBlock) -> None:
-    """``block`` computes ``bn(conv(x))`` in eval mode: the keep_weights step of :func:`convert_to_acnet`
-    (``block.load_main_branch``), under the name ``utils/init_weights.py`` imports."""
+def copy_pair_into_block(conv: nn.Module, bn: Optional[nn.Module], block: ReparamBlock) -> None:
+    """``block`` computes ``bn(conv(x))`` in eval mode (``bn=None``: ``conv(x)``): the keep_weights step of
+    :func:`convert_to_acnet` (``block.load_main_branch``), for a caller that holds the pair as modules."""
     block.load_main_branch(conv.weight, conv.bias, bn)

@@ -55,9 +55,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import norms, transforms
-from .block import (IntOrPair, ReparamBlock, _dim_in, _norm_kind_in, apply_input_window, apply_output_window,
+from .block import (IntOrPair, ReparamBlock, stored_dim_option, stored_norm_option, apply_input_window, apply_output_window,
                     branch_window, conv_window_padding, transposed_window_padding)
-from .fastpath import (_batch_stats, _bns_fusable, branch_bn_sum, branch_input, bn_train_backward,
+from .fastpath import (batch_stats, bns_fusable, branch_bn_sum, branch_input, bn_train_backward,
                        conv_transpose_nd, layout_of, match_layout, run_conv)
 
 __all__ = ["DiverseBranchBlock", "IdentityBasedConv1x1", "IdentityBasedConv1x1_1d", "IdentityBasedConv1x1_3d",
@@ -173,9 +173,9 @@ class BNAndPadLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.pad_pixels
-        if isinstance(p, int) and p > 0 and _bns_fusable([x], [self.bn]) and self.bn.affine:
+        if isinstance(p, int) and p > 0 and bns_fusable([x], [self.bn]) and self.bn.affine:
             with torch.no_grad():
-                mean, var = _batch_stats(x, self.bn)
+                mean, var = batch_stats(x, self.bn)
                 pad_value = self.pad_values().to(x.dtype)  # running stats after this batch's update, as the original
                 invstd = (var + self.bn.eps).rsqrt().to(x.dtype)
             return _BNTrainPad.apply(x, self.bn.weight, self.bn.bias, mean.to(x.dtype), invstd, pad_value, p)
@@ -474,8 +474,8 @@ class DiverseBranchBlock(ReparamBlock):
         for key in ("dbb_1x1_kxk.conv1.weight", "dbb_1x1_kxk.idconv1.weight"):
             if key in state:
                 options["internal_channels_1x1_3x3"] = state[key].shape[0]
-        options.update(_dim_in(state, "dbb_origin.conv.weight"))
-        options.update(_norm_kind_in(state, "dbb_origin.bn", "dbb_avg.avgbn"))
+        options.update(stored_dim_option(state, "dbb_origin.conv.weight"))
+        options.update(stored_norm_option(state, "dbb_origin.bn", "dbb_avg.avgbn"))
         return options
 
     # --- forward ----------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["NHWC_MIN_PIXELS", "NHWC_STRIDED_1X1_MIN_CHANNELS", "layout_of", "nhwc_faulty_geometry", "nhwc_faulty",
            "has_nhwc_faulty_conv", "as_nchw", "run_conv", "conv2d", "conv_nd", "conv_transpose_nd", "branch_input", "bn_train_backward",
-           "branch_bn_sum", "memory_format_of", "match_layout"]
+           "branch_bn_sum", "bns_fusable", "batch_stats", "autocast_enabled", "memory_format_of",
+           "match_layout"]
 
 IntOrTuple = Union[int, Sequence[int]]
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -229,7 +230,7 @@ def bn_train_backward(grad: Tensor, y: Tensor, weight: Optional[Tensor], mean: T
     return torch.ops.aten.native_batch_norm_backward(grad, y, weight, None, None, mean, invstd, True, 0.0, list(mask))
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def autocast_enabled(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``; torch < 2.4 has only the per-backend queries."""
     try:
         return torch.is_autocast_enabled(device_type)
@@ -239,12 +240,12 @@ def _autocast_enabled(device_type: str) -> bool:
         return device_type == "cuda" and torch.is_autocast_enabled()
 
 
-def _bns_fusable(outputs: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d]) -> bool:
+def bns_fusable(outputs: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d]) -> bool:
     """True when ``sum_i bns[i](outputs[i])`` may take the fused batch-statistics path."""
     first = outputs[0]
     if first.dtype not in (torch.float32, torch.float64) or first.dim() != 4:
         return False
-    if _autocast_enabled(first.device.type):
+    if autocast_enabled(first.device.type):
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
@@ -262,7 +263,7 @@ def _bns_fusable(outputs: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d]) -> bo
     return True
 
 
-def _batch_stats(y: Tensor, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+def batch_stats(y: Tensor, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
     """Per-channel batch ``(mean, biased var)`` of ``y``; updates ``bn``'s running statistics as ``bn(y)`` would."""
     if not bn.track_running_stats or bn.running_mean is None:
         var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
@@ -320,14 +321,14 @@ def branch_bn_sum(outputs: Sequence[Tensor], bns: Sequence[nn.BatchNorm2d]) -> T
     per branch, one output pass, no normalised branch outputs (see :class:`_BranchBNSum`); the running
     statistics are updated as each BN would. Other cases call the BNs one by one.
     """
-    if not _bns_fusable(outputs, bns):
+    if not bns_fusable(outputs, bns):
         total = bns[0](outputs[0])
         for y, bn in zip(outputs[1:], bns[1:]):
             total = total + bn(y)
         return total
     first = outputs[0]
     with torch.no_grad():
-        stats = [_batch_stats(y, bn) for y, bn in zip(outputs, bns)]
+        stats = [batch_stats(y, bn) for y, bn in zip(outputs, bns)]
         means = torch.stack([mean for mean, _ in stats]).to(first.dtype)
         invstds = torch.stack([(var + bn.eps).rsqrt() for (_, var), bn in zip(stats, bns)]).to(first.dtype)
     if bns[0].weight is None:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .base import ReparamBlock
+from .block import ReparamBlock
 from .pairs import ANY_CONV_TYPES, NORM_TENSORS, constructor_geometry, conv_geometry, find_conv_bn_pairs, norm_kind
 from .registry import BLOCK_REGISTRY, get_block_type
 from .weights import PathLike, WeightsError, as_state_dict, check_finite_weights, load_state_dict_file

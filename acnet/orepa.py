@@ -47,7 +47,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import init
 
 from . import norms, transforms
-from .block import IntOrPair, ReparamBlock, _dim_in, _norm_kind_in
+from .block import IntOrPair, ReparamBlock, stored_dim_option, stored_norm_option
 from .fastpath import conv_nd, conv_transpose_nd, match_layout, run_conv
 
 __all__ = ["OREPABlock", "OREPA_BRANCHES", "OREPA_INITIAL_SCALES"]
@@ -207,8 +207,8 @@ class OREPABlock(ReparamBlock):
     def stored_options(cls, state: Mapping[str, Tensor], in_channels: int) -> Dict[str, object]:
         key = "weight_orepa_1x1_kxk_idconv1"
         options: Dict[str, object] = {"internal_channels_1x1_3x3": state[key].shape[0]} if key in state else {}
-        options.update(_dim_in(state, "weight_orepa_origin"))
-        options.update(_norm_kind_in(state, "bn", None))
+        options.update(stored_dim_option(state, "weight_orepa_origin"))
+        options.update(stored_norm_option(state, "bn", None))
         return options
 
     # --- the kernel -------------------------------------------------------------------------

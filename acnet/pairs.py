@@ -35,7 +35,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .base import ReparamBlock
+from .block import ReparamBlock
 
 __all__ = ["ConvBNPair", "CONV_TYPES", "TRANSPOSED_CONV_TYPES", "ANY_CONV_TYPES", "NORM_ACT_CLASSES", "FROZEN_NORM_CLASSES", "find_conv_bn_pairs",
            "norm_kind", "bn_tail", "modules_outside_blocks", "is_transposed", "conv_geometry", "geometry_rule_arguments"]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ReparamBlock
+from .block import ReparamBlock
 
 __all__ = ["fake_quantize", "weight_scale", "ActivationQuantizer", "QATUnit", "FrozenBatchNorm2d", "prepare_qat",
            "convert_qat", "activation_qparams", "qat_units", "INT8_MAX", "UINT8_MAX", "INT32_MAX"]

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 
-from acnet.base import ConvBN, IntOrPair, ReparamBlock
+from acnet.block import ConvBN, IntOrPair, ReparamBlock
 from acnet.registry import block_type_names, get_block_type
 
 __all__ = [

@@ -43,7 +43,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from acnet.base import ConvBN
+from acnet.block import ConvBN
 from acnet.schemes import BN_ENTRIES, NamingScheme, Rule, closest_scheme, describe_difference, recognise
 from acnet.weights import WeightsError
 

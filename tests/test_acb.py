@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from acnet.acb import ACBlock, AsymConvBlock
-from acnet.base import ReparamBlock
+from acnet.block import ReparamBlock
 from helpers import randomize_
 
 
@@ -291,7 +291,7 @@ def test_training_mode_forward_backward_match_reference(case, momentum):
 @pytest.mark.parametrize("track", [True, False])
 def test_branch_bn_sum_equals_bn_by_bn(affine, momentum, track):
     """The fused batch-statistics BN + sum: same output, gradients and running statistics as separate BNs."""
-    from acnet.base import branch_bn_sum
+    from acnet.fastpath import branch_bn_sum
 
     gen = torch.Generator().manual_seed(3)
     bns = [nn.BatchNorm2d(3, eps=eps, momentum=momentum, affine=affine, track_running_stats=track).double()

@@ -1,7 +1,7 @@
 """Crash sweep: every block type trains (forward + backward) on every small geometry and layout.
 
 PyTorch's CPU weight gradient of a 1x1 strided conv on NHWC data with few input channels crashes
-or corrupts the heap (see ``acnet.base.NHWC_STRIDED_1X1_MIN_CHANNELS``); a block that sent such a conv to
+or corrupts the heap (see ``acnet.fastpath.NHWC_STRIDED_1X1_MIN_CHANNELS``); a block that sent such a conv to
 oneDNN killed the whole process. Each case here runs in a worker subprocess
 (``benchmarks/isolated.py``), so a crash or a hang fails its case and the sweep goes on.
 
@@ -29,7 +29,8 @@ import pytest
 import torch
 
 import acnet
-from acnet.base import ReparamBlock, branch_input, layout_of, nhwc_faulty, run_conv
+from acnet.block import ReparamBlock
+from acnet.fastpath import branch_input, layout_of, nhwc_faulty, run_conv
 from benchmarks.bench_blocks import DEFAULT_SHAPES
 from benchmarks.isolated import failures, run_isolated
 

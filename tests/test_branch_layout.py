@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from acnet.acb import ACBlock
-from acnet.base import branch_input, layout_of
+from acnet.fastpath import branch_input, layout_of
 from acnet.dbb import DiverseBranchBlock
 from test_acb import randomize_ as randomize_acb
 from test_acb import reference_train_forward as acb_reference

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from acnet.base import ReparamBlock
+from acnet.block import ReparamBlock
 from acnet.dbb import BNAndPadLayer, DiverseBranchBlock, IdentityBasedConv1x1
 from helpers import gradcheck_equivalent_kernel, randomize_
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from acnet import OREPABlock, acnet_fuse_and_load, acnet_switch_to_deploy, convert_to_acnet
-from acnet.base import ReparamBlock
+from acnet.block import ReparamBlock
 from acnet.orepa import OREPA_INITIAL_SCALES
 from helpers import gradcheck_equivalent_kernel, randomize_, relative_difference
 

@@ -13,7 +13,7 @@ from acnet import BLOCK_REGISTRY, BlockType, acnet_fuse_and_load, acnet_switch_t
 from acnet import convert as convert_module
 from acnet import fuse_load
 from acnet import transforms
-from acnet.base import ReparamBlock
+from acnet.block import ReparamBlock
 from acnet.registry import block_type_names, get_block_type, register_block_type, unregister_block_type
 from do_acnet import block_kwargs, build_parser
 from train_configs import get_recipe

@@ -94,8 +94,8 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike, *, block_type: 
 @torch.no_grad()
 def _start_blocks_from(model: nn.Module, source: nn.Module, skip: Optional[str]) -> None:
     """Every unit of ``model`` starts as the same-named unit of ``source`` (base training or deploy model)."""
-    from acnet.base import ConvBN, ReparamBlock
-    from acnet.convert import _copy_pair_into_block  # the keep_weights semantics of convert_to_acnet
+    from acnet.block import ConvBN, ReparamBlock
+    from acnet.convert import copy_pair_into_block  # the keep_weights semantics of convert_to_acnet
     from constructor.builder import BiasFreeConv
 
     source_modules = dict(source.named_modules())
@@ -106,7 +106,7 @@ def _start_blocks_from(model: nn.Module, source: nn.Module, skip: Optional[str])
             if isinstance(module, (ConvBN, BiasFreeConv)):
                 _copy_pair_into_plain(conv, bn, module)
             else:
-                _copy_pair_into_block(conv, bn, module)
+                copy_pair_into_block(conv, bn, module)
     # everything outside the units (classifiers, standalone BNs) has the same names in both models
     outside = [k for k in model.state_dict()
                if not any(k.startswith(u + ".") for u in units) and not (skip and k.startswith(skip + "."))]
@@ -117,7 +117,7 @@ def _start_blocks_from(model: nn.Module, source: nn.Module, skip: Optional[str])
 
 def _as_pair(unit: nn.Module) -> tuple:
     """``(conv, bn)`` computing the source unit: ConvBN's own pair, or a conv with an identity BN."""
-    from acnet.base import ConvBN
+    from acnet.block import ConvBN
     from constructor.builder import BiasFreeConv
 
     if isinstance(unit, ConvBN):
@@ -132,7 +132,7 @@ def _as_pair(unit: nn.Module) -> tuple:
 def _copy_pair_into_plain(conv: nn.Conv2d, bn: nn.BatchNorm2d, unit: nn.Module) -> None:
     """A ConvBN / BiasFreeConv of the model takes the source pair (a bias-free one only a bias-free conv)."""
     from acnet import WeightsError
-    from acnet.base import ConvBN
+    from acnet.block import ConvBN
 
     if isinstance(unit, ConvBN):
         unit.conv.weight.copy_(conv.weight)
