@@ -18,57 +18,68 @@ Deployment: :func:`export_onnx` (checked ONNX export; needs the ``deploy`` extra
 """
 from __future__ import annotations
 
-from . import transforms
-from .acb import ACBlock, AsymConvBlock
-from .block import ConvBN, ReparamBlock
-from .convert import FoldedNorm, FoldedNormAct, acnet_switch_to_deploy, convert_to_acnet
-from .fuse_load import acnet_fuse_and_load
-from .pairs import find_conv_bn_pairs
-from .report import ConversionReport, ConvReportRow, conversion_report, format_report
-from .dbb import DiverseBranchBlock
-from .orepa import OREPABlock
-from .registry import BLOCK_REGISTRY, BlockType, get_block_type
-from .export import ExportError, MissingExtraError, export_onnx
-from .hdf5 import load_hdf5, save_hdf5
-from .norms import NORM_KINDS, ChannelAffine, FrozenBatchNorm
-from .quant import convert_qat, prepare_qat
-from .weights import NonFiniteWeightsError, WeightsError, check_finite_weights, load_state_dict_file
+import importlib
+import importlib.util
+from typing import Any, Dict, List
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ReparamBlock",
-    "ConvBN",
-    "ACBlock",
-    "AsymConvBlock",
-    "DiverseBranchBlock",
-    "OREPABlock",
-    "BLOCK_REGISTRY",
-    "BlockType",
-    "get_block_type",
-    "acnet_switch_to_deploy",
-    "convert_to_acnet",
-    "FoldedNorm",
-    "FoldedNormAct",
-    "acnet_fuse_and_load",
-    "find_conv_bn_pairs",
-    "conversion_report",
-    "format_report",
-    "ConversionReport",
-    "ConvReportRow",
-    "NORM_KINDS",
-    "FrozenBatchNorm",
-    "ChannelAffine",
-    "save_hdf5",
-    "load_hdf5",
-    "load_state_dict_file",
-    "WeightsError",
-    "NonFiniteWeightsError",
-    "check_finite_weights",
-    "transforms",
-    "export_onnx",
-    "ExportError",
-    "MissingExtraError",
-    "prepare_qat",
-    "convert_qat",
-]
+#: Each public name -> the submodule that defines it. ``import acnet`` imports none of them (nor torch):
+#: a name is imported from its module on first access (PEP 562), so ``import acnet.registry`` and
+#: ``acnet.registry.block_type_names()`` stay torch-free while ``from acnet import convert_to_acnet`` works.
+_EXPORTS: Dict[str, str] = {
+    "ReparamBlock": "block",
+    "ConvBN": "block",
+    "ACBlock": "acb",
+    "AsymConvBlock": "acb",
+    "DiverseBranchBlock": "dbb",
+    "OREPABlock": "orepa",
+    "BLOCK_REGISTRY": "registry",
+    "BlockType": "registry",
+    "get_block_type": "registry",
+    "acnet_switch_to_deploy": "convert",
+    "convert_to_acnet": "convert",
+    "FoldedNorm": "convert",
+    "FoldedNormAct": "convert",
+    "acnet_fuse_and_load": "fuse_load",
+    "find_conv_bn_pairs": "pairs",
+    "conversion_report": "report",
+    "format_report": "report",
+    "ConversionReport": "report",
+    "ConvReportRow": "report",
+    "NORM_KINDS": "norms",
+    "FrozenBatchNorm": "norms",
+    "ChannelAffine": "norms",
+    "save_hdf5": "hdf5",
+    "load_hdf5": "hdf5",
+    "load_state_dict_file": "weights",
+    "WeightsError": "weights",
+    "NonFiniteWeightsError": "weights",
+    "check_finite_weights": "weights",
+    "export_onnx": "export",
+    "ExportError": "export",
+    "MissingExtraError": "export",
+    "prepare_qat": "quant",
+    "convert_qat": "quant",
+}
+#: Public submodules offered as attributes too (``acnet.transforms``: the fusion maths).
+_SUBMODULES = ("transforms",)
+
+__all__ = [*_EXPORTS, *_SUBMODULES]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported from its submodule on first access (then cached in this module); any
+    submodule of the package by its name."""
+    module_name = _EXPORTS.get(name)
+    if module_name is not None:
+        value = getattr(importlib.import_module(f"{__name__}.{module_name}"), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES or (not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}")):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -167,3 +167,58 @@ def test_unregister_block_type_removes_the_name():
     assert "twok2" not in block_type_names()
     with pytest.raises(ValueError, match="unknown block type"):
         unregister_block_type("twok2")
+
+
+TORCH_FREE = """
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+import acnet
+import acnet.registry as registry
+print(registry.block_type_names())
+print([(t.name, t.plain, t.paper, bool(t.description)) for t in registry.BLOCK_REGISTRY.values()])
+registry.register_block_type(registry.BlockType("acb2", "acnet.acb:ACBlock"))  # registered by reference: not imported
+print(sorted(name for name in sys.modules if name.split(".")[0] == "acnet"))
+try:
+    registry.get_block_type("acb2").block_class
+except ValueError as exc:
+    print("first use:", exc)
+"""
+
+
+def test_the_registry_is_read_without_torch():
+    """`do_acnet.py -h` lists the block types: the registry (and `import acnet`) must not import torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(block_type_names())
+    assert lines[1] == str([(t.name, t.plain, t.paper, bool(t.description)) for t in BLOCK_REGISTRY.values()])
+    assert lines[2] == "['acnet', 'acnet.registry']"
+    assert lines[3].startswith("first use: block type 'acb2': cannot import its block class 'acnet.acb:ACBlock'")
+
+
+def test_a_block_class_given_by_reference_is_imported_and_checked_on_first_use():
+    from acnet.acb import ACBlock
+
+    spec = register_block_type(BlockType("acb2", "acnet.acb:ACBlock", paper="ACNet"))
+    try:
+        assert spec.block_ref == "acnet.acb:ACBlock" and spec.block_class is ACBlock
+        assert spec.signature == ACBlock.signature and spec.recipe_options == ("gamma_init",)
+        assert isinstance(convert_to_acnet(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "acb2")[0], ACBlock)
+    finally:
+        unregister_block_type("acb2")
+    with pytest.raises(ValueError, match="'acnet.acb:ACB:x' is not a 'package.module:ClassName' reference"):
+        register_block_type(BlockType("bad", "acnet.acb:ACB:x"))
+    for ref, error, message in (("acnet.acb:NoSuchBlock", ValueError, "cannot import its block class"),
+                                ("acnet.no_such_module:ACBlock", ValueError, "cannot import its block class"),
+                                ("torch.nn:Conv2d", TypeError, "is not a ReparamBlock")):
+        spec = register_block_type(BlockType("bad", ref))  # the form is checked now, the class on first use
+        try:
+            with pytest.raises(error, match=f"block type 'bad': .*{message}"):
+                spec.block_class
+        finally:
+            unregister_block_type("bad")
