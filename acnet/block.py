@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+import inspect
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ from . import norms, transforms
 from .fastpath import has_nhwc_faulty_conv, match_layout, run_conv
 
 __all__ = ["ReparamBlock", "ConvBN", "PADDING_MODES", "IntOrPair", "IntOrTuple", "as_square_int", "as_tuple",
-           "stored_dim_option", "stored_norm_option"]
+           "stored_dim_option", "stored_norm_option", "takes_arguments"]
 
 IntOrTuple = Union[int, Sequence[int]]
 #: The 2-d name of :data:`IntOrTuple` (kept for importers).
@@ -67,6 +68,16 @@ def as_tuple(value: IntOrTuple, name: str, owner: str, dim: int) -> Tuple[int, .
     if isinstance(value, (tuple, list, torch.Size)) and len(value) == dim and all(is_int(v) for v in value):
         return tuple(int(v) for v in value)
     raise ValueError(f"{owner}: {name} must be an int or a tuple of {dim} ints (dim={dim}), got {value!r}")
+
+
+def takes_arguments(function: Callable[..., Any], *names: str) -> bool:
+    """Whether ``function`` (a block class: its constructor) takes every keyword argument in ``names``,
+    by name or through a ``**kwargs``: how the plug-in and the builder learn which forms and options a
+    block type offers (a user's block need not take ``dim``, ``norm``, ``transposed`` or ``bias``)."""
+    parameters = inspect.signature(function).parameters
+    return all(name in parameters for name in names) or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
 
 
 def _compact(values: Tuple[int, ...]) -> Union[int, Tuple[int, ...]]:

@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .block import ReparamBlock
+from .block import ReparamBlock, takes_arguments
 from .fuse_load import acnet_fuse_and_load
 from .fuse_load import pass_through_norm_state
 from .pairs import (
@@ -308,10 +308,6 @@ def kernel_size_set(kernel_sizes: Optional[Iterable[int]]) -> Optional[frozenset
     return sizes
 
 
-def _accepts(block_class: type, argument: str) -> bool:
-    return argument in inspect.signature(block_class).parameters
-
-
 def _block_options(block_class: type, conv: nn.Module, norm: Optional[nn.Module], form: str,
                    sizes: Optional[frozenset], bn_free: Optional[bool]) -> Union[Dict[str, Any], str]:
     """Constructor arguments of the block replacing ``conv`` (+ ``norm``) in ``form``, or the reason it cannot.
@@ -329,7 +325,7 @@ def _block_options(block_class: type, conv: nn.Module, norm: Optional[nn.Module]
     if sizes is not None and max(kernel) not in sizes:
         return f"kernel size {_show(kernel)} not in kernel_sizes {sorted(sizes)}"
     transposed = bool(geometry.get("transposed"))
-    if transposed and not (_accepts(block_class, "transposed") and _accepts(block_class, "output_padding")):
+    if transposed and not (takes_arguments(block_class, "transposed", "output_padding")):
         return f"{block_class.__name__} has no transposed form (no transposed/output_padding arguments)"
     if norm is not None:
         if norm_features(norm) != geometry["out_channels"]:
@@ -338,13 +334,13 @@ def _block_options(block_class: type, conv: nn.Module, norm: Optional[nn.Module]
             return "its BN has no running statistics (track_running_stats=False)"
     bias = True
     if form == "none" and conv.bias is None:
-        if _accepts(block_class, "bias"):
+        if takes_arguments(block_class, "bias"):
             bias = False
         elif bn_free is not True:
             return (f"{block_class.__name__} has no bias-free BN-free form (no bias argument): its fused bias "
                     "could not fold back into this bias-free conv (bn_free=True converts it anyway, for "
                     "acnet_switch_to_deploy)")
-    if not _accepts(block_class, "padding_mode"):
+    if not takes_arguments(block_class, "padding_mode"):
         if geometry["padding_mode"] != "zeros":
             return f"{block_class.__name__} supports only padding_mode='zeros', not {geometry['padding_mode']!r}"
         del geometry["padding_mode"]
@@ -359,7 +355,7 @@ def _block_options(block_class: type, conv: nn.Module, norm: Optional[nn.Module]
             return reason
     elif (geometry["dim"], form, transposed) != (2, "batch", False):  # a user's older block without the contract
         return f"{block_class.__name__} has only the 2-D BatchNorm form (no unsupported()/dim/norm)"
-    if (geometry["dim"] != 2 or form != "batch") and not (_accepts(block_class, "dim") and _accepts(block_class, "norm")):
+    if (geometry["dim"] != 2 or form != "batch") and not (takes_arguments(block_class, "dim", "norm")):
         return f"{block_class.__name__} takes no dim/norm arguments"
     options = constructor_geometry(geometry, form)
     if not bias:

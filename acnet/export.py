@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import ACNetError
+from .errors import ACNetError, exception_line
 from .fileio import atomic_path
 
 __all__ = ["ExportError", "MissingExtraError", "ExportResult", "export_onnx", "onnx_op_counts", "require_extra",
@@ -79,11 +79,6 @@ class ExportResult:
         return (f"{self.path}: opset {self.opset}, {sum(self.op_counts.values())} nodes; {self.checker}; "
                 f"onnxruntime vs PyTorch on a batch of {self.batch_size}: max abs diff {self.max_abs_diff:.3g}, "
                 f"relative {self.rel_diff:.3g}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def onnx_op_counts(model_proto: Any) -> Dict[str, int]:
@@ -140,8 +135,8 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: PathLike, *, opse
     try:
         proto = _to_proto(deploy, example, opset, dynamic_batch)
     except Exception as exc:  # the exporter raises many types; the first line names the unsupported part
-        raise ExportError(f"the model does not export to ONNX ({_first_line(exc)}); every operation of its "
-                          "deploy form must be supported by torch.onnx.export(dynamo=True)") from None
+        raise ExportError(f"the model does not export to ONNX ({exception_line(exc, type_name=True)}); every "
+                          "operation of its deploy form must be supported by torch.onnx.export(dynamo=True)") from None
     proto.producer_name = "acnet"
     opset_used = next((imp.version for imp in proto.opset_import if imp.domain in ("", "ai.onnx")), 0)
     result = ExportResult(Path(path), opset_used, onnx_op_counts(proto), batch_size=int(example.shape[0]))
@@ -151,7 +146,8 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: PathLike, *, opse
             try:
                 onnx.checker.check_model(tmp, full_check=True)
             except Exception as exc:
-                raise ExportError(f"the exported graph fails onnx.checker ({_first_line(exc)})") from None
+                raise ExportError(f"the exported graph fails onnx.checker "
+                                  f"({exception_line(exc, type_name=True)})") from None
             options = ort.SessionOptions()
             options.log_severity_level = 3
             session = ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])

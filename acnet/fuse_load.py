@@ -8,7 +8,6 @@ so conversion and fuse-and-load see the same pairs.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -16,7 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .block import ReparamBlock
+from .block import ReparamBlock, takes_arguments
+from .errors import exception_line
 from .pairs import ANY_CONV_TYPES, NORM_TENSORS, constructor_geometry, conv_geometry, find_conv_bn_pairs, norm_kind
 from .registry import BLOCK_REGISTRY, get_block_type
 from .weights import PathLike, WeightsError, as_state_dict, check_finite_weights, load_state_dict_file
@@ -127,7 +127,7 @@ def acnet_fuse_and_load(
             kernel, bias = _equivalent_kernel_bias(kind, sub_state, conv, bn, block_kwargs)
         except (RuntimeError, ValueError, TypeError) as exc:
             problems.append(f"the {kind} weights under '{conv_name}' do not fit its conv "
-                            f"{_describe_conv(conv)}: {_first_line(exc)}")
+                            f"{_describe_conv(conv)}: {exception_line(exc, whole=True, limit=400)}")
             continue
         problems.extend(_place_kernel_bias(conv_name, conv, bn_name, bn, kernel, bias, state, values, consumed))
 
@@ -187,11 +187,6 @@ def _describe_conv(conv: nn.Module) -> str:
             f"stride={tuple(conv.stride)}, padding={conv.padding}, groups={conv.groups})")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.split())[:400] if text else type(exc).__name__
-
-
 @torch.no_grad()
 def _equivalent_kernel_bias(kind: str, sub_state: Dict[str, Tensor], conv: nn.Module,
                             bn: Optional[nn.Module], block_kwargs: Dict[str, Any]) -> Tuple[Tensor, Tensor]:
@@ -213,7 +208,7 @@ def _equivalent_kernel_bias(kind: str, sub_state: Dict[str, Tensor], conv: nn.Mo
         raise ValueError(geometry)
     block_type = get_block_type(kind)
     block_class = block_type.block_class
-    if not _accepts(block_class, "padding_mode"):
+    if not takes_arguments(block_class, "padding_mode"):
         if geometry.pop("padding_mode") != "zeros":
             raise ValueError(f"{block_class.__name__} has no padding_mode")
     block = _block_matching(block_class, geometry, norm_kind(bn) or "none", bn,
@@ -235,7 +230,7 @@ def _block_matching(block_class: type, geometry: Dict[str, Any], guess: str, bn:
     eps = {"bn_eps": float(bn.eps)} if bn is not None and getattr(bn, "eps", None) is not None else {}
     first: Optional[nn.Module] = None
     bias_variants = ([{"bias": False}, {}] if not conv_bias else [{}, {"bias": False}]) \
-        if "bias" in inspect.signature(block_class).parameters and "bias" not in options else [{}]
+        if takes_arguments(block_class, "bias") and "bias" not in options else [{}]
     for form in dict.fromkeys((guess, "batch", "frozen", "none")):
         for variant in bias_variants if form == "none" else [{}]:
             try:
@@ -348,7 +343,3 @@ def _raise_on_mismatch(base_model: nn.Module, source: str, target: Mapping[str, 
     raise WeightsError(
         f"cannot load {source} into {type(base_model).__name__}: " + " | ".join(parts) + f". Hint: {hint}"
     )
-
-
-def _accepts(block_class: type, argument: str) -> bool:
-    return argument in inspect.signature(block_class).parameters

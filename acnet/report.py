@@ -239,7 +239,8 @@ def _flops(model: nn.Module, inputs: Tuple[Any, ...], converted: set, block_type
     return (trained / baseline if baseline else None), converted_flops, forward_total
 
 
-def _size(values: Tuple[int, ...]) -> str:
+def _shown_size(values: Tuple[int, ...]) -> str:
+    """A kernel size or stride as the table shows it: ``3x3``."""
     return "x".join(map(str, values))
 
 
@@ -251,7 +252,8 @@ def format_report(report: ConversionReport) -> str:
     lines = [f"conversion report: {report.model}, block type {report.block_type}", header, "-" * len(header)]
     for row in report.rows:
         why = row.reason + (f"; {row.hint}" if row.hint else "")
-        lines.append(f"{row.name:<36} {row.conv_type:<15} {_size(row.kernel_size):<7} {_size(row.stride):<6} "
+        lines.append(f"{row.name:<36} {row.conv_type:<15} {_shown_size(row.kernel_size):<7} "
+                     f"{_shown_size(row.stride):<6} "
                      f"{row.groups:>6} {row.norm:<18} {row.form_name:<18} {row.extra_params:>8}  {why}".rstrip())
     lines.append("-" * len(header))
     forms: Dict[str, int] = {}

@@ -42,7 +42,7 @@ Size = Union[int, Sequence[int]]
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _size(size: Size, dim: int) -> Tuple[int, ...]:
+def _sizes_per_axis(size: Size, dim: int) -> Tuple[int, ...]:
     """``3`` -> ``(3,) * dim``; a sequence as a tuple (its length must be ``dim``)."""
     if isinstance(size, int):
         return (size,) * dim
@@ -189,7 +189,7 @@ def frequency_prior(channels: int, kernel_size: Size, *, dim: int = 2, dtype=Non
     rows with ``f = o + 1``, the others along columns with ``f = o + 1 - channels / 2``; for ``K = 3``
     exactly the original's values (its loops cover only 3x3).
     """
-    ks = _size(kernel_size, dim)
+    ks = _sizes_per_axis(kernel_size, dim)
     share = channels / dim
     o = torch.arange(channels, dtype=torch.float64)
     axis = torch.clamp(torch.floor(o / share), max=dim - 1)
@@ -219,7 +219,7 @@ def identity_kernel(channels: int, groups: int = 1, kernel_size: Size = 1, *, ou
     """
     if channels % groups:
         raise ValueError(f"identity_kernel: channels={channels} is not divisible by groups={groups}")
-    ks = _size(kernel_size, dim)
+    ks = _sizes_per_axis(kernel_size, dim)
     per_group = channels // groups
     rows = channels if out_channels is None else out_channels
     kernel = torch.zeros(rows, per_group, *ks, dtype=dtype, device=device)
@@ -237,7 +237,7 @@ def avg_pool_kernel(channels: int, kernel_size: Size, groups: int = 1, *, dim: i
     """
     if channels % groups:
         raise ValueError(f"avg_pool_kernel: channels={channels} is not divisible by groups={groups}")
-    ks = _size(kernel_size, dim)
+    ks = _sizes_per_axis(kernel_size, dim)
     per_group = channels // groups
     kernel = torch.zeros(channels, per_group, *ks, dtype=dtype, device=device)
     idx = torch.arange(channels, device=device)
@@ -253,7 +253,7 @@ def pad_kernel_to(kernel: Tensor, size: Size) -> Tensor:
     axis) or one per spatial axis.
     """
     dim = kernel.dim() - 2
-    target = _size(size, dim)
+    target = _sizes_per_axis(size, dim)
     small = tuple(kernel.shape[2:])
     diffs = [t - k for t, k in zip(target, small)]
     if any(d < 0 or d % 2 for d in diffs):
@@ -290,7 +290,7 @@ def place_kernel(kernel: Tensor, size: Size, offsets: Sequence[int]) -> Tensor:
     amount crops): see :func:`acnet.block.branch_window`.
     """
     dim = kernel.dim() - 2
-    target = _size(size, dim)
+    target = _sizes_per_axis(size, dim)
     small = tuple(kernel.shape[2:])
     if len(offsets) != dim or any(o < 0 or o + k > t for o, k, t in zip(offsets, small, target)):
         raise ValueError(f"place_kernel: a {'x'.join(map(str, small))} kernel at {tuple(offsets)} does not fit in "

@@ -36,7 +36,7 @@ from typing import Any, Dict, Mapping, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import NonFiniteWeightsError, WeightsError
+from .errors import NonFiniteWeightsError, WeightsError, exception_line
 from .hdf5 import load_hdf5
 
 __all__ = [
@@ -217,17 +217,11 @@ _ZIP_SIGNATURE = b"PK\x03\x04"
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled 0x1950a86a20f9469cfc6c
 
 
-def _first_line(exc: BaseException, limit: int = 120) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0].split(". ")[0] if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _not_weights_message(file: Path, exc: BaseException) -> str:
     """One line: a damaged torch checkpoint, or what the file is instead of a weights file."""
     damaged = _damaged_checkpoint(file)
     if damaged is not None:
-        return (f"'{file}' is a damaged torch checkpoint ({damaged}; torch.load: {_first_line(exc)}). "
+        return (f"'{file}' is a damaged torch checkpoint ({damaged}; torch.load: {exception_line(exc, sentence=True, limit=120)}). "
                 "Re-create or re-download the file")
     return (f"'{file}' is not a weights file: neither hdf5 nor a torch checkpoint, it is "
             f"{_describe_content(file)}. Pass an .hdf5 file (do_acnet.py's finish.hdf5, acnet.save_hdf5) "

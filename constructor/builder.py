@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 
-from acnet.block import ConvBN, IntOrPair, ReparamBlock
+from acnet.block import ConvBN, IntOrPair, ReparamBlock, takes_arguments
 from acnet.registry import block_type_names, get_block_type
 
 __all__ = [
@@ -203,7 +203,7 @@ class ConvBuilder:
         self.bn_momentum = float(bn_momentum)
         self.block_options = options
         self.gamma_init = gamma_after
-        if block_class is not None and _accepts(block_class, *_BN_ARGS):
+        if block_class is not None and takes_arguments(block_class, *_BN_ARGS):
             self.block_options.update(bn_eps=self.bn_eps, bn_momentum=self.bn_momentum)
         elif block_class is not None and (self.bn_eps, self.bn_momentum) != (1e-5, 0.1):
             raise ValueError(f"{self.block_type}: the block class takes no bn_eps / bn_momentum to set")
@@ -281,14 +281,6 @@ class ConvBuilder:
     def bn(self, num_features: int) -> nn.BatchNorm2d:
         """A standalone ``BatchNorm2d`` (same in every form) with the builder's eps and momentum."""
         return nn.BatchNorm2d(num_features, eps=self.bn_eps, momentum=self.bn_momentum)
-
-
-def _accepts(function: Callable[..., Any], *names: str) -> bool:
-    """Whether ``function`` takes every keyword in ``names``."""
-    parameters = inspect.signature(function).parameters
-    return all(name in parameters for name in names) or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
-    )
 
 
 def _square(kernel_size: IntOrPair) -> int:
