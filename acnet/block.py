@@ -23,7 +23,7 @@ from __future__ import annotations
 import abc
 import functools
 import inspect
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -34,13 +34,23 @@ from . import norms, transforms
 from .fastpath import has_nhwc_faulty_conv, match_layout, run_conv
 
 __all__ = ["ReparamBlock", "ConvBN", "PADDING_MODES", "IntOrPair", "IntOrTuple", "as_square_int", "as_tuple",
-           "stored_dim_option", "stored_norm_option", "takes_arguments"]
+           "stored_dim_option", "stored_norm_option", "takes_arguments", "GEOMETRY_ARGUMENTS", "NORM_ARGUMENTS",
+           "block_option_names"]
 
 IntOrTuple = Union[int, Sequence[int]]
 #: The 2-d name of :data:`IntOrTuple` (kept for importers).
 IntOrPair = IntOrTuple
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 DIMS = (1, 2, 3)
+#: Constructor arguments a caller sets from the conv a block stands in for (its geometry and form), and
+#: ``deploy``: never a user's block option. The plug-in (:func:`acnet.convert_to_acnet`) and the
+#: architecture builder (``constructor``) both refuse them as options (:func:`block_option_names`).
+GEOMETRY_ARGUMENTS: FrozenSet[str] = frozenset({
+    "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "deploy",
+    "dim", "norm", "bias", "transposed", "output_padding"})
+#: The settings of a block's norms: the plug-in takes ``bn_eps`` from the norm a block replaces, the
+#: builder sets both from its own.
+NORM_ARGUMENTS: FrozenSet[str] = frozenset({"bn_eps", "bn_momentum"})
 
 
 def as_square_int(value: IntOrTuple, name: str, owner: str) -> int:
@@ -78,6 +88,16 @@ def takes_arguments(function: Callable[..., Any], *names: str) -> bool:
     return all(name in parameters for name in names) or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
     )
+
+
+def block_option_names(block_class: Callable[..., Any], excluding: Iterable[str] = ()) -> Tuple[str, ...]:
+    """The options a user may give ``block_class`` (``gamma_init``, ``internal_channels_1x1_3x3``, ...), in
+    constructor order: its named parameters but :data:`GEOMETRY_ARGUMENTS` and ``excluding`` (what the
+    caller sets itself). The one rule by which the plug-in and the builder validate block options."""
+    excluded = GEOMETRY_ARGUMENTS | frozenset(excluding)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return tuple(name for name, p in inspect.signature(block_class).parameters.items()
+                 if name not in excluded and p.kind not in variadic)
 
 
 def _compact(values: Tuple[int, ...]) -> Union[int, Tuple[int, ...]]:
@@ -261,6 +281,30 @@ class ReparamBlock(nn.Module, metaclass=abc.ABCMeta):
         self.kernel_size, self.stride, self.padding, self.dilation = _compact(k), _compact(s), _compact(p), _compact(d)
         self.padding_mode = padding_mode
         self.dim, self.norm = dim, norm
+
+    @staticmethod
+    def same_padding(kernel_size: IntOrTuple, dilation: IntOrTuple, dim: int) -> IntOrTuple:
+        """The padding of a block built with ``padding=None`` (the original DBB / OREPA default):
+        ``d * (k // 2)`` per axis, so that stride 1 keeps an odd kernel's input size; one int when every
+        axis has the same, else the tuple. ``0`` for a ``kernel_size`` / ``dilation`` that is neither an
+        int nor a sequence (the geometry check then names it)."""
+        try:
+            kernels = (kernel_size,) * dim if isinstance(kernel_size, int) else tuple(kernel_size)
+            dilations = (dilation,) * len(kernels) if isinstance(dilation, int) else tuple(dilation)
+            same = tuple(d * (k // 2) for k, d in zip(kernels, dilations))
+        except TypeError:
+            return 0
+        return same[0] if len(set(same)) == 1 else same
+
+    def internal_channels(self, value: Optional[int], default: int) -> int:
+        """The width of an internal branch (``internal_channels_1x1_3x3`` of DBB and OREPA): ``value``, or
+        ``default`` when it is None; anything but a positive multiple of ``groups`` is a ``ValueError``
+        (call after :meth:`_init_geometry`)."""
+        internal = default if value is None else value
+        if isinstance(internal, bool) or not isinstance(internal, int) or internal < 1 or internal % self.groups:
+            raise ValueError(f"{type(self).__name__}: internal_channels_1x1_3x3 must be a positive multiple of "
+                             f"groups ({self.groups}), got {internal!r}")
+        return internal
 
     @classmethod
     def unsupported(cls, *, dim: int, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],

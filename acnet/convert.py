@@ -18,7 +18,6 @@ The decision per conv (:func:`plan_conversion`) is made in one place, used by th
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import warnings
 from collections import Counter
@@ -29,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .block import ReparamBlock, takes_arguments
+from .block import GEOMETRY_ARGUMENTS, ReparamBlock, block_option_names, takes_arguments
 from .fuse_load import acnet_fuse_and_load
 from .fuse_load import pass_through_norm_state
 from .pairs import (
@@ -67,10 +66,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Constructor arguments taken from the model, never from the caller's block_kwargs.
-_RESERVED_BLOCK_KWARGS = (
-    "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-    "padding_mode", "deploy", "bn_eps", "dim", "norm", "bias", "transposed", "output_padding",
-)
+_RESERVED_BLOCK_KWARGS = GEOMETRY_ARGUMENTS | {"bn_eps"}
 _UNVERIFIED_BN = "its BN is a"
 _NOT_PAIRED = ("bn_free=False converts only convs whose output goes only into one norm (BatchNorm, "
                "SyncBatchNorm, FrozenBatchNorm2d)")
@@ -278,8 +274,7 @@ def check_block_options(block_class: type, block_kwargs: Dict[str, Any], keep_we
             "not be folded back into the baseline model"
         )
     block_kwargs.pop("nonlinear", None)
-    options = [name for name, p in inspect.signature(block_class).parameters.items()
-               if name not in _RESERVED_BLOCK_KWARGS and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    options = block_option_names(block_class, excluding=_RESERVED_BLOCK_KWARGS)
     unknown = sorted(set(block_kwargs) - set(options))
     if unknown:
         raise ValueError(f"convert_to_acnet: {block_class.__name__} has no option {', '.join(map(repr, unknown))}; "

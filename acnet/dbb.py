@@ -305,17 +305,7 @@ class DiverseBranchBlock(ReparamBlock):
     ) -> None:
         super().__init__()
         if padding is None:
-            try:
-                k0 = kernel_size if isinstance(kernel_size, int) else tuple(kernel_size)
-                d0 = dilation if isinstance(dilation, int) else tuple(dilation)
-                if isinstance(k0, int) and isinstance(d0, int):
-                    padding = d0 * (k0 // 2)
-                else:
-                    ks = (k0,) * len(d0) if isinstance(k0, int) else k0
-                    ds = (d0,) * len(ks) if isinstance(d0, int) else d0
-                    padding = tuple(d * (k // 2) for k, d in zip(ks, ds))
-            except TypeError:
-                padding = 0  # an invalid kernel_size / dilation: _init_geometry names it
+            padding = self.same_padding(kernel_size, dilation, dim)
         self._init_geometry(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, "zeros",
             dim=dim, norm=norm, min_kernel=1, transposed=transposed, output_padding=output_padding, bias=bias,
@@ -331,14 +321,7 @@ class DiverseBranchBlock(ReparamBlock):
         # the 1x1 conv of the 1x1-KxK branch is identity-based when it keeps the channel count: the first
         # conv (in -> internal) of the conv form, the last (internal -> out) of the transposed form
         kept = out_channels if transposed else in_channels
-        if internal_channels_1x1_3x3 is None:
-            internal_channels_1x1_3x3 = kept if pointwise else 2 * kept
-        internal = internal_channels_1x1_3x3
-        if isinstance(internal, bool) or not isinstance(internal, int) or internal < 1 or internal % groups:
-            raise ValueError(
-                f"DiverseBranchBlock: internal_channels_1x1_3x3 must be a positive multiple of groups ({groups}), "
-                f"got {internal!r}"
-            )
+        internal = self.internal_channels(internal_channels_1x1_3x3, kept if pointwise else 2 * kept)
         conv_cls = norms.conv_class(dim)
 
         def norm_of(channels: int, main: bool = False) -> nn.Module:

@@ -105,13 +105,7 @@ class OREPABlock(ReparamBlock):
     ) -> None:
         super().__init__()
         if padding is None:
-            try:
-                ks = (kernel_size,) * dim if isinstance(kernel_size, int) else tuple(kernel_size)
-                ds = (dilation,) * len(ks) if isinstance(dilation, int) else tuple(dilation)
-                same = tuple(d * (k // 2) for k, d in zip(ks, ds))
-                padding = same[0] if len(set(same)) == 1 else same
-            except TypeError:
-                padding = 0  # an invalid kernel_size / dilation: _init_geometry names it
+            padding = self.same_padding(kernel_size, dilation, dim)
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
                             dim=dim, norm=norm, min_kernel=1, transposed=transposed, output_padding=output_padding,
                             bias=bias)
@@ -126,13 +120,7 @@ class OREPABlock(ReparamBlock):
         # ConvTranspose layout (C, O/g), i.e. the kernel of the adjoint conv (O -> C), built the same way
         rows, cols = (in_channels, out_channels) if transposed else (out_channels, in_channels)
         k, c_g = self.kernel_nd, cols // groups
-        if internal_channels_1x1_3x3 is None:
-            internal_channels_1x1_3x3 = cols if groups <= 4 else 2 * cols
-        internal = internal_channels_1x1_3x3
-        if isinstance(internal, bool) or not isinstance(internal, int) or internal < 1 or internal % groups:
-            raise ValueError(
-                f"OREPABlock: internal_channels_1x1_3x3 must be a positive multiple of groups ({groups}), got {internal!r}"
-            )
+        internal = self.internal_channels(internal_channels_1x1_3x3, cols if groups <= 4 else 2 * cols)
 
         def param(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape))

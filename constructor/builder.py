@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 
-from acnet.block import ConvBN, IntOrPair, ReparamBlock, takes_arguments
+from acnet.block import NORM_ARGUMENTS, ConvBN, IntOrPair, ReparamBlock, block_option_names, takes_arguments
 from acnet.registry import block_type_names, get_block_type
 
 __all__ = [
@@ -63,11 +63,6 @@ def __getattr__(name: str) -> Any:
         return block_type_names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-#: Arguments the builder itself controls: not accepted as per-block options.
-_GEOMETRY_ARGS = frozenset(
-    {"in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "deploy"}
-)
-_BN_ARGS = frozenset({"bn_eps", "bn_momentum"})
 _REFUSED_OPTIONS = {
     "nonlinear": "architectures place their own activations (conv_bn_relu / bn_relu_conv), so every "
     "block type keeps the same deploy structure",
@@ -159,7 +154,7 @@ def _split_block_options(
             raise ValueError(f"gamma_init must be a number, got {gamma_after!r}")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return options, gamma_after
-    accepted = set(parameters) - _GEOMETRY_ARGS - _BN_ARGS - set(_REFUSED_OPTIONS)
+    accepted = set(block_option_names(block_class, excluding=NORM_ARGUMENTS | set(_REFUSED_OPTIONS)))
     if hasattr(block_class, "init_gamma"):
         accepted.add("gamma_init")
     unknown = sorted(set(options) - accepted)
@@ -203,13 +198,13 @@ class ConvBuilder:
         self.bn_momentum = float(bn_momentum)
         self.block_options = options
         self.gamma_init = gamma_after
-        if block_class is not None and takes_arguments(block_class, *_BN_ARGS):
+        if block_class is not None and takes_arguments(block_class, *NORM_ARGUMENTS):
             self.block_options.update(bn_eps=self.bn_eps, bn_momentum=self.bn_momentum)
         elif block_class is not None and (self.bn_eps, self.bn_momentum) != (1e-5, 0.1):
             raise ValueError(f"{self.block_type}: the block class takes no bn_eps / bn_momentum to set")
 
     def __repr__(self) -> str:
-        shown = {k: v for k, v in self.block_options.items() if k not in _BN_ARGS}
+        shown = {k: v for k, v in self.block_options.items() if k not in NORM_ARGUMENTS}
         shown.update({} if self.gamma_init is None else {"gamma_init": self.gamma_init})
         options = "".join(f", {k}={v!r}" for k, v in shown.items())
         return f"ConvBuilder({self.block_type!r}, deploy={self.deploy}{options})"

@@ -256,3 +256,48 @@ def test_load_main_branch_single_init_and_init_gamma(name, dim, norm, form):
             assert torch.allclose(out, out.flatten(2)[..., :1].reshape(*out.shape[:2], *(1,) * dim).expand_as(out),
                                   rtol=0, atol=1e-12)
         block.single_init()  # idempotent after load_main_branch's own, whatever init_gamma did to the others
+
+
+@pytest.mark.parametrize("kernel,dilation,dim,expected", [
+    (3, 1, 2, 1), (5, 2, 2, 4), ((1, 3, 3), 1, 3, (0, 1, 1)), (4, 1, 1, 2), ((3, 5), (2, 1), 2, 2), ((3, 5), 1, 2, (1, 2)),
+    ("3", 1, 2, 0)])
+def test_dbb_and_orepa_default_padding_is_the_one_contract_rule(kernel, dilation, dim, expected):
+    from acnet.block import ReparamBlock
+    from acnet.dbb import DiverseBranchBlock
+    from acnet.orepa import OREPABlock
+
+    assert ReparamBlock.same_padding(kernel, dilation, dim) == expected
+    if expected == 0:
+        return
+    for cls in (DiverseBranchBlock, OREPABlock):  # padding=None: the block's padding is that rule's
+        block = cls(2, 2, kernel, dilation=dilation, dim=dim, padding=None)
+        assert block.padding_nd == ((expected,) * dim if isinstance(expected, int) else expected), cls
+
+
+def test_dbb_and_orepa_check_their_internal_channels_by_one_rule():
+    from acnet.dbb import DiverseBranchBlock
+    from acnet.orepa import OREPABlock
+
+    for cls in (DiverseBranchBlock, OREPABlock):
+        for bad in (0, 3, 2.0, True):
+            with pytest.raises(ValueError, match=rf"^{cls.__name__}: internal_channels_1x1_3x3 must be a positive "
+                                                 rf"multiple of groups \(2\), got {bad!r}$"):
+                cls(4, 4, 3, groups=2, internal_channels_1x1_3x3=bad)
+
+
+@pytest.mark.parametrize("block_type", [n for n, t in BLOCK_REGISTRY.items() if not t.plain])
+def test_the_plugin_and_the_builder_refuse_the_same_geometry_arguments(block_type):
+    """One table of the arguments a caller sets from the conv (acnet.block.GEOMETRY_ARGUMENTS), read by both."""
+    from acnet import convert_to_acnet
+    from acnet.block import GEOMETRY_ARGUMENTS, block_option_names
+    from constructor import make_builder
+
+    cls = BLOCK_CLASSES[block_type]
+    options = block_option_names(cls)
+    assert options and not set(options) & GEOMETRY_ARGUMENTS
+    for name in sorted(GEOMETRY_ARGUMENTS - {"deploy"}):  # (deploy: the builder's own argument)
+        with pytest.raises(ValueError, match=f"does not take option\\(s\\) \\['{name}'\\]"):
+            make_builder(block_type, **{name: 1})
+    for name in sorted(GEOMETRY_ARGUMENTS):
+        with pytest.raises(ValueError, match=f"{name} cannot be given"):
+            convert_to_acnet(nn.Sequential(nn.Conv2d(2, 2, 3)), block_type, **{name: 1})
