@@ -35,6 +35,8 @@ from .pairs import (
     ANY_CONV_TYPES,
     NORM_ACT_CLASSES,
     ConvBNPair,
+    Refusal,
+    RefusalKind,
     bn_tail,
     constructor_geometry,
     conv_geometry,
@@ -49,6 +51,8 @@ from .registry import BLOCK_REGISTRY
 __all__ = [
     "ConvBNPair",
     "ConvPlan",
+    "Refusal",
+    "RefusalKind",
     "FoldedNorm",
     "FoldedNormAct",
     "FORM_NAMES",
@@ -67,11 +71,13 @@ logger = logging.getLogger(__name__)
 
 # Constructor arguments taken from the model, never from the caller's block_kwargs.
 _RESERVED_BLOCK_KWARGS = GEOMETRY_ARGUMENTS | {"bn_eps"}
-_UNVERIFIED_BN = "its BN is a"
-_NOT_PAIRED = ("bn_free=False converts only convs whose output goes only into one norm (BatchNorm, "
-               "SyncBatchNorm, FrozenBatchNorm2d)")
-_NO_STAND_IN = ("its parameters are read directly in forward (or, a transposed conv, it is called with "
-                "output_size): no block can stand in for it")
+_NOT_PAIRED = Refusal(RefusalKind.NOT_PAIRED,
+                      "bn_free=False converts only convs whose output goes only into one norm (BatchNorm, "
+                      "SyncBatchNorm, FrozenBatchNorm2d)")
+_NO_STAND_IN = Refusal(RefusalKind.NO_STAND_IN,
+                       "its parameters are read directly in forward (or, a transposed conv, it is called with "
+                       "output_size): no block can stand in for it")
+_ALREADY_A_BLOCK = Refusal(RefusalKind.ALREADY_A_BLOCK, "already a re-param block")
 #: How the report and the docs name each block form.
 FORM_NAMES: Dict[str, str] = {"batch": "BN", "frozen": "frozen", "none": "BN-free"}
 
@@ -230,14 +236,15 @@ def _deploy_module(block: ReparamBlock, slot: Optional["_FoldedSlot"] = None) ->
 @dataclass
 class ConvPlan:
     """What :func:`convert_to_acnet` does with one conv: ``reason is None`` means it is replaced by
-    ``block_class(**options)`` and its norm (``norm_name``) by ``tail``."""
+    ``block_class(**options)`` and its norm (``norm_name``) by ``tail``; else the :class:`Refusal` (its
+    kind, and the text the report prints)."""
 
     conv_name: str
     conv: nn.Module
     norm_name: Optional[str]
     norm: Optional[nn.Module]
     form: Optional[str]  # the block's norm argument: "batch", "frozen" or "none"
-    reason: Optional[str] = None
+    reason: Optional[Refusal] = None
     options: Dict[str, Any] = field(default_factory=dict)
     tail: Optional[nn.Module] = None
     block_params: int = 0  # trainable + frozen parameters of the block that replaces the conv
@@ -304,54 +311,51 @@ def kernel_size_set(kernel_sizes: Optional[Iterable[int]]) -> Optional[frozenset
 
 
 def _block_options(block_class: type, conv: nn.Module, norm: Optional[nn.Module], form: str,
-                   sizes: Optional[frozenset], bn_free: Optional[bool]) -> Union[Dict[str, Any], str]:
+                   sizes: Optional[frozenset], bn_free: Optional[bool]) -> Union[Dict[str, Any], Refusal]:
     """Constructor arguments of the block replacing ``conv`` (+ ``norm``) in ``form``, or the reason it cannot.
 
-    The block is asked first (``block_class.unsupported(...)``, the block contract); a 2-D conv with a
+    The block is asked (``block_class.unsupported(...)``, the block contract) after the forms its
+    constructor takes (``transposed``, ``bias``, ``padding_mode``, ``dim`` / ``norm``); a 2-D conv with a
     square geometry gets ints (today's constructor arguments), any other conv tuples of length ``dim``
     plus ``dim=`` and ``norm=`` (passed only when they differ from the defaults 2 and "batch");
     ``transposed=True`` / ``output_padding`` for a transposed conv; the BN-free form ``bias=False`` for a
     bias-free conv (so that it folds back into the stock conv).
     """
     geometry = conv_geometry(conv)
-    if isinstance(geometry, str):
+    if isinstance(geometry, Refusal):
         return geometry
+    name = block_class.__name__
     kernel = geometry["kernel_size"]
     if sizes is not None and max(kernel) not in sizes:
-        return f"kernel size {_show(kernel)} not in kernel_sizes {sorted(sizes)}"
+        return Refusal(RefusalKind.KERNEL_SIZE, f"kernel size {_show(kernel)} not in kernel_sizes {sorted(sizes)}")
     transposed = bool(geometry.get("transposed"))
-    if transposed and not (takes_arguments(block_class, "transposed", "output_padding")):
-        return f"{block_class.__name__} has no transposed form (no transposed/output_padding arguments)"
+    if transposed and not takes_arguments(block_class, "transposed", "output_padding"):
+        return Refusal(RefusalKind.NO_FORM, f"{name} has no transposed form (no transposed/output_padding arguments)")
     if norm is not None:
         if norm_features(norm) != geometry["out_channels"]:
-            return f"its norm has {norm_features(norm)} features for {geometry['out_channels']} conv outputs"
+            return Refusal(RefusalKind.NORM_MISMATCH, f"its norm has {norm_features(norm)} features for "
+                                                      f"{geometry['out_channels']} conv outputs")
         if form == "batch" and (not norm.track_running_stats or norm.running_mean is None):
-            return "its BN has no running statistics (track_running_stats=False)"
+            return Refusal(RefusalKind.NORM_MISMATCH, "its BN has no running statistics (track_running_stats=False)")
     bias = True
     if form == "none" and conv.bias is None:
         if takes_arguments(block_class, "bias"):
             bias = False
         elif bn_free is not True:
-            return (f"{block_class.__name__} has no bias-free BN-free form (no bias argument): its fused bias "
-                    "could not fold back into this bias-free conv (bn_free=True converts it anyway, for "
-                    "acnet_switch_to_deploy)")
+            return Refusal(RefusalKind.NO_FORM,
+                           f"{name} has no bias-free BN-free form (no bias argument): its fused bias could not "
+                           "fold back into this bias-free conv (bn_free=True converts it anyway, for "
+                           "acnet_switch_to_deploy)")
     if not takes_arguments(block_class, "padding_mode"):
         if geometry["padding_mode"] != "zeros":
-            return f"{block_class.__name__} supports only padding_mode='zeros', not {geometry['padding_mode']!r}"
+            return Refusal(RefusalKind.NO_FORM,
+                           f"{name} supports only padding_mode='zeros', not {geometry['padding_mode']!r}")
         del geometry["padding_mode"]
-    unsupported = getattr(block_class, "unsupported", None)
-    if callable(unsupported):
-        try:
-            reason = unsupported(**geometry_rule_arguments(geometry, form, bias))
-        except TypeError:  # an older unsupported() without transposed= / bias=
-            return (f"{block_class.__name__} has no {'transposed ' if transposed else ''}"
-                    f"{'bias-free ' if not bias else ''}form")
-        if reason:
-            return reason
-    elif (geometry["dim"], form, transposed) != (2, "batch", False):  # a user's older block without the contract
-        return f"{block_class.__name__} has only the 2-D BatchNorm form (no unsupported()/dim/norm)"
-    if (geometry["dim"] != 2 or form != "batch") and not (takes_arguments(block_class, "dim", "norm")):
-        return f"{block_class.__name__} takes no dim/norm arguments"
+    reason = block_class.unsupported(**geometry_rule_arguments(geometry, form, bias))
+    if reason:
+        return Refusal(RefusalKind.NO_FORM, reason)
+    if (geometry["dim"] != 2 or form != "batch") and not takes_arguments(block_class, "dim", "norm"):
+        return Refusal(RefusalKind.NO_FORM, f"{name} takes no dim/norm arguments")
     options = constructor_geometry(geometry, form)
     if not bias:
         options["bias"] = False
@@ -398,14 +402,14 @@ def plan_conversion(model: nn.Module, block_class: type, sizes: Optional[frozens
         pair = pairs.get(name)
         if pair is None:
             geometry = conv_geometry(conv)  # a conv subclass with its own forward: say so first
-            reason = geometry if isinstance(geometry, str) else _NOT_PAIRED if bn_free is False else _NO_STAND_IN
+            reason = geometry if isinstance(geometry, Refusal) else _NOT_PAIRED if bn_free is False else _NO_STAND_IN
             plans.append(ConvPlan(name, conv, None, None, None, reason))
             continue
         norm = model.get_submodule(pair.bn_name) if pair.bn_name is not None else None
         candidates = [(pair.bn_name, norm, norm_kind(norm))] if norm is not None else []
         if norm is None or bn_free is not False:
             candidates.append((None, None, "none"))
-        first_reason: Optional[str] = None
+        first_reason: Optional[Refusal] = None
         plan = None
         for norm_name, candidate_norm, form in candidates:
             plan = ConvPlan(name, conv, norm_name, candidate_norm, form)
@@ -420,18 +424,18 @@ def plan_conversion(model: nn.Module, block_class: type, sizes: Optional[frozens
 
 
 def _plan_block(plan: ConvPlan, block_class: type, sizes: Optional[frozenset], bn_free: Optional[bool],
-                block_kwargs: Dict[str, Any]) -> Optional[str]:
+                block_kwargs: Dict[str, Any]) -> Optional[Refusal]:
     """Fill ``plan``'s options, tail and block size; the reason when the block cannot take it in ``plan.form``."""
-    tail: Union[nn.Module, str] = nn.Identity() if plan.norm is None else bn_tail(plan.norm)
-    if isinstance(tail, str):
+    tail: Union[nn.Module, Refusal] = nn.Identity() if plan.norm is None else bn_tail(plan.norm)
+    if isinstance(tail, Refusal):
         return tail
     options = _block_options(block_class, plan.conv, plan.norm, plan.form, sizes, bn_free)
-    if isinstance(options, str):
+    if isinstance(options, Refusal):
         return options
     try:
         block = _build_for_inspection(block_class, {**options, **block_kwargs})
     except ValueError as exc:
-        return f"{block_class.__name__} cannot represent it: {exc}"
+        return Refusal(RefusalKind.BLOCK_REFUSES, f"{block_class.__name__} cannot represent it: {exc}")
     plan.options, plan.tail = {**options, **block_kwargs}, tail
     plan.block_params = sum(p.numel() for p in block.parameters())
     return None
@@ -521,7 +525,7 @@ def convert_to_acnet(
         converted += 1
     present = sum(1 for _, m in modules_outside_blocks(model) if isinstance(m, ReparamBlock)) - converted
     if present:
-        kept["already a re-param block"] = present
+        kept[_ALREADY_A_BLOCK] = present
     logger.info("convert_to_acnet: %d conv(s) replaced by %s, %d conv(s) / block(s) left as they are",
                 converted, block_class.__name__, sum(kept.values()))
     if converted == 0:

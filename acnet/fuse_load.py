@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from .block import ReparamBlock, takes_arguments
 from .errors import exception_line
-from .pairs import ANY_CONV_TYPES, NORM_TENSORS, constructor_geometry, conv_geometry, find_conv_bn_pairs, norm_kind
+from .pairs import (ANY_CONV_TYPES, NORM_TENSORS, Refusal, constructor_geometry, conv_geometry, find_conv_bn_pairs,
+                    norm_kind)
 from .registry import BLOCK_REGISTRY, get_block_type
 from .weights import PathLike, WeightsError, as_state_dict, check_finite_weights, load_state_dict_file
 
@@ -204,8 +205,8 @@ def _equivalent_kernel_bias(kind: str, sub_state: Dict[str, Tensor], conv: nn.Mo
             raise ValueError(f"stored kernel shape {tuple(kernel.shape)} != {tuple(conv.weight.shape)}")
         return kernel, bias
     geometry = conv_geometry(conv)
-    if isinstance(geometry, str):
-        raise ValueError(geometry)
+    if isinstance(geometry, Refusal):
+        raise ValueError(geometry.text)
     block_type = get_block_type(kind)
     block_class = block_type.block_class
     if not takes_arguments(block_class, "padding_mode"):

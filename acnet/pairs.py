@@ -27,6 +27,7 @@ With ``bn_free=True``, the BN-free convs come back too, as pairs with ``bn_name=
 """
 from __future__ import annotations
 
+import enum
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from torch import nn
 
 from .block import ReparamBlock
 
-__all__ = ["ConvBNPair", "CONV_TYPES", "TRANSPOSED_CONV_TYPES", "ANY_CONV_TYPES", "NORM_ACT_CLASSES", "FROZEN_NORM_CLASSES", "find_conv_bn_pairs",
+__all__ = ["ConvBNPair", "Refusal", "RefusalKind", "CONV_TYPES", "TRANSPOSED_CONV_TYPES", "ANY_CONV_TYPES", "NORM_ACT_CLASSES", "FROZEN_NORM_CLASSES", "find_conv_bn_pairs",
            "norm_kind", "bn_tail", "modules_outside_blocks", "is_transposed", "conv_geometry", "geometry_rule_arguments"]
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,33 @@ FROZEN_NORM_CLASSES: Tuple[str, ...] = ("torchvision.ops.misc.FrozenBatchNorm2d"
 #: The tensors a (batch or frozen) norm holds itself.
 NORM_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
 _FROZEN_BUFFERS = frozenset({"weight", "bias", "running_mean", "running_var"})
-_UNVERIFIED_BN = "its BN is a"
+
+
+class RefusalKind(enum.Enum):
+    """Why a conv is kept as it is (or a form of it refused): the kind of a :class:`Refusal`."""
+
+    NOT_A_PLAIN_CONV = "a conv subclass with its own forward"
+    ASYMMETRIC_PADDING = "padding='same' with an even total padding"
+    UNVERIFIED_NORM = "a BatchNorm subclass whose forward acnet cannot verify"
+    NOT_PAIRED = "bn_free=False and the conv feeds no norm alone"
+    NO_STAND_IN = "its parameters are read directly (or output_size is given)"
+    KERNEL_SIZE = "its kernel size is not in kernel_sizes"
+    NORM_MISMATCH = "its norm does not fit the form (features, running statistics)"
+    NO_FORM = "the block type has no form for it"
+    BLOCK_REFUSES = "the block's constructor refuses the options"
+    ALREADY_A_BLOCK = "already a re-param block"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a conv is kept (or a form of it refused): a :class:`RefusalKind` to compare and the one-line
+    ``text`` the report and the warnings print (``str(refusal)``)."""
+
+    kind: RefusalKind
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)
@@ -122,13 +149,14 @@ def norm_features(norm: nn.Module) -> int:
         getattr(norm, "num_features", -1))
 
 
-def bn_tail(bn: nn.Module) -> Union[nn.Module, str]:
+def bn_tail(bn: nn.Module) -> Union[nn.Module, Refusal]:
     """What stays in the norm's place when a block takes the conv and ``bn``, or why ``bn`` cannot be taken.
 
     ``nn.Identity`` for ``nn.BatchNorm{1,2,3}d`` / ``nn.SyncBatchNorm`` and frozen batch norms; for a
     class of :data:`NORM_ACT_CLASSES`, ``nn.Sequential`` of its post-norm children under their own
     names (so the trained model computes what the BN subclass computes, with the same state-dict keys);
-    any other ``BatchNorm`` subclass (its forward may differ from a BN's) is refused.
+    any other ``BatchNorm`` subclass (its forward may differ from a BN's) is refused
+    (:attr:`RefusalKind.UNVERIFIED_NORM`).
     """
     cls = type(bn)
     if cls in _BATCH_NORM_TYPES or norm_kind(bn) == "frozen":
@@ -136,9 +164,10 @@ def bn_tail(bn: nn.Module) -> Union[nn.Module, str]:
     children = NORM_ACT_CLASSES.get(_qualified_name(bn))
     own = {name for name, _ in bn.named_parameters(recurse=False)} | {name for name, _ in bn.named_buffers(recurse=False)}
     if children is None or set(bn._modules) != set(children) or not own <= NORM_TENSORS:
-        return (f"{_UNVERIFIED_BN} {_qualified_name(bn)}, a BatchNorm subclass whose forward acnet cannot "
-                "verify (supported: nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm, "
-                f"{', '.join((*NORM_ACT_CLASSES, *FROZEN_NORM_CLASSES))})")
+        return Refusal(RefusalKind.UNVERIFIED_NORM,
+                       f"its BN is a {_qualified_name(bn)}, a BatchNorm subclass whose forward acnet cannot "
+                       "verify (supported: nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm, "
+                       f"{', '.join((*NORM_ACT_CLASSES, *FROZEN_NORM_CLASSES))})")
     return nn.Sequential(OrderedDict((name, bn._modules[name]) for name in children))
 
 
@@ -267,28 +296,30 @@ def _pairs_by_registration(model: nn.Module, bn_free: bool) -> List[ConvBNPair]:
     return pairs
 
 
-def _resolved_padding(conv: nn.Module, kernel: Tuple[int, ...], dilation: Tuple[int, ...]) -> Union[Tuple[int, ...], str]:
+def _resolved_padding(conv: nn.Module, kernel: Tuple[int, ...],
+                      dilation: Tuple[int, ...]) -> Union[Tuple[int, ...], Refusal]:
     if conv.padding == "valid":
         return (0,) * len(kernel)
     if conv.padding == "same":
         totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
         if any(t % 2 for t in totals):
-            return "padding='same' with an even total padding is asymmetric"
+            return Refusal(RefusalKind.ASYMMETRIC_PADDING, "padding='same' with an even total padding is asymmetric")
         return tuple(t // 2 for t in totals)
     return tuple(int(p) for p in conv.padding)
 
 
-def conv_geometry(conv: nn.Module) -> Union[Dict[str, object], str]:
+def conv_geometry(conv: nn.Module) -> Union[Dict[str, object], Refusal]:
     """``dim, in/out_channels, kernel_size, stride, padding, dilation, groups, padding_mode`` of a plain
     ``nn.Conv1d/2d/3d`` (sizes as tuples of length ``dim``, ``'same'``/``'valid'`` resolved), plus
-    ``transposed=True`` and ``output_padding`` for an ``nn.ConvTranspose1d/2d/3d``; or why not."""
+    ``transposed=True`` and ``output_padding`` for an ``nn.ConvTranspose1d/2d/3d``; or why not (a :class:`Refusal`)."""
     dim = conv_dim(conv)
     if dim is None:
         base = "nn.ConvTranspose1d/2d/3d" if is_transposed(conv) else "nn.Conv1d/2d/3d"
-        return f"{type(conv).__name__} is not a plain {base} (its forward may differ)"
+        return Refusal(RefusalKind.NOT_A_PLAIN_CONV,
+                       f"{type(conv).__name__} is not a plain {base} (its forward may differ)")
     kernel, stride, dilation = (tuple(int(v) for v in getattr(conv, a)) for a in ("kernel_size", "stride", "dilation"))
     padding = _resolved_padding(conv, kernel, dilation)
-    if isinstance(padding, str):
+    if isinstance(padding, Refusal):
         return padding
     geometry: Dict[str, object] = dict(dim=dim, in_channels=conv.in_channels, out_channels=conv.out_channels,
                                        kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
@@ -300,8 +331,8 @@ def conv_geometry(conv: nn.Module) -> Union[Dict[str, object], str]:
 
 def geometry_rule_arguments(geometry: Dict[str, object], norm: str, bias: bool = True) -> Dict[str, object]:
     """The keyword arguments of a block's ``unsupported()`` for a :func:`conv_geometry` (with ``dim``);
-    ``transposed`` / ``bias`` only where they differ from the contract's defaults (an older block's
-    ``unsupported()`` need not know them)."""
+    ``transposed`` / ``bias`` only where they differ from the contract's defaults (a block whose
+    constructor takes no such argument is never asked about that form)."""
     args = {k: geometry[k] for k in ("dim", "kernel_size", "stride", "padding", "dilation", "groups")}
     args.update(padding_mode=geometry.get("padding_mode", "zeros"), norm=norm)
     if geometry.get("transposed"):

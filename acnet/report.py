@@ -137,7 +137,7 @@ def conversion_report(
             name=plan.conv_name, conv_type=type(conv).__name__, kernel_size=tuple(conv.kernel_size),
             stride=tuple(conv.stride), groups=conv.groups,
             norm=type(plan.norm).__name__ if plan.norm is not None else "-", converted=converted,
-            reason=plan.reason or "", form=plan.form if converted else "-", extra_params=extra,
+            reason=plan.reason.text if plan.reason is not None else "", form=plan.form if converted else "-", extra_params=extra,
             hint=hints.get(plan.conv_name, ""), transposed=is_transposed(conv)))
     params = sum(p.numel() for p in model.parameters())
     multiplier = shape = converted_flops = model_flops = None

@@ -67,6 +67,41 @@ def test_rows_name_norm_kind_form_and_reason():
     assert only_pairs["5"].hint == "converts with bn_free=None (the default: BN-free form)"
 
 
+def test_every_kept_conv_has_a_refusal_kind_and_the_report_prints_its_text():
+    """Callers compare refusal kinds (acnet.pairs.RefusalKind), never prefixes of the printed reasons."""
+    from acnet.acb import ACBlock
+    from acnet.convert import Refusal, RefusalKind, plan_conversion
+
+    class OwnForward(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class ScaledBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(
+        OwnForward(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 4, padding="same"), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 7, padding=3), nn.BatchNorm2d(8),
+        nn.Conv1d(8, 8, 3), nn.BatchNorm1d(8),
+        nn.Conv2d(8, 8, 3, padding=1), ScaledBN(8),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    kinds = {"0": RefusalKind.NOT_A_PLAIN_CONV, "2": RefusalKind.ASYMMETRIC_PADDING, "4": RefusalKind.KERNEL_SIZE,
+             "6": RefusalKind.NO_FORM}
+    plans = {p.conv_name: p for p in plan_conversion(model, ACBlock, frozenset({3, 4}))}
+    assert {name: plans[name].reason.kind for name in kinds} == kinds
+    assert plans["8"].reason is None and plans["8"].form == "none"  # its BN is refused: the BN-free form
+    assert plans["10"].reason is None
+    pairs_only = {p.conv_name: p for p in plan_conversion(model, ACBlock, None, bn_free=False)}
+    assert pairs_only["8"].reason.kind is RefusalKind.UNVERIFIED_NORM
+    assert pairs_only["10"].reason.kind is RefusalKind.NOT_PAIRED
+    rows = {r.name: r for r in conversion_report(model, "acb", kernel_sizes=(3, 4), bn_free=False).rows}
+    for name, plan in pairs_only.items():
+        if plan.reason is not None and name != "4":  # (4: kept for its kernel size only with kernel_sizes)
+            assert isinstance(plan.reason, Refusal) and rows[name].reason == str(plan.reason) == plan.reason.text
+
+
 def test_training_flops_multiplier_of_one_acb_is_its_kernel_area_ratio():
     """One 3x3 conv + BN as an ACB: branches 3x3 + 1x3 + 3x1 = 15 taps vs 9, forward and backward."""
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from acnet import ReparamBlock, acnet_fuse_and_load, convert_to_acnet
-from acnet.convert import bn_tail
+from acnet.convert import Refusal, RefusalKind, bn_tail
 from benchmarks.zoo_check import BLOCKS, CASE_TIMEOUT_S, CI_EXTRA_CASES, CI_MODELS, verdict
 from benchmarks.isolated import run_isolated
 
@@ -81,7 +81,9 @@ class _ScaledBN(nn.BatchNorm2d):
 
 def test_an_unverified_bn_subclass_is_not_taken_its_conv_takes_the_bn_free_form():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _ScaledBN(8), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
-    assert isinstance(bn_tail(model[1]), str)
+    refusal = bn_tail(model[1])
+    assert isinstance(refusal, Refusal) and refusal.kind is RefusalKind.UNVERIFIED_NORM
+    assert str(refusal).startswith(f"its BN is a {__name__}._ScaledBN, a BatchNorm subclass")
     convert_to_acnet(model, "dbb")
     assert isinstance(model[0], ReparamBlock) and model[0].norm == "none"
     assert type(model[1]) is _ScaledBN  # left as it was, after the block
@@ -93,7 +95,7 @@ def test_a_timm_batchnormact_with_extra_children_is_refused():
 
     bn = BatchNormAct2d(8)
     bn.extra = nn.Identity()  # no longer the verified structure (bn -> drop -> act)
-    assert isinstance(bn_tail(bn), str)
+    assert bn_tail(bn).kind is RefusalKind.UNVERIFIED_NORM
 
 
 def audio_1d() -> nn.Module:
