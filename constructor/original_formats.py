@@ -37,8 +37,9 @@ The block internals (``square_conv`` ... ``dbb_1x1_kxk``) have the original name
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,7 @@ from acnet.block import ConvBN
 from acnet.schemes import BN_ENTRIES, NamingScheme, Rule, closest_scheme, describe_difference, recognise
 from acnet.weights import WeightsError
 
-from acnet.registry import block_type_names
+from acnet.registry import BLOCK_REGISTRY, block_type_names
 
 from .builder import BiasFreeConv, is_reparameterizable_kernel
 from .original_layouts import BN_RELU_CONV, CONV, CONV_BN, CONV_BN_RELU, Unit
@@ -61,6 +62,41 @@ __all__ = ["Unit", "Recognised", "recognise_weights", "own_schemes", "original_s
 FAMILIES = ("acnet", "dbb")
 EXPORT_FORMATS = FAMILIES
 _ACNET_METADATA = frozenset({"deps"})  # written by ACNet's engine when the config has ``deps``
+
+
+_Schemes = TypeVar("_Schemes")
+
+
+def _same_objects(seen: Tuple[Any, ...], now: Tuple[Any, ...]) -> bool:
+    """The same registry state: the same arch spec and block type objects, the same block type names."""
+    return len(seen) == len(now) and seen[1] == now[1] and all(
+        a is b for i, (a, b) in enumerate(zip(seen, now)) if i != 1)
+
+
+def _cached_per_registry_state(function: Callable[[str, Optional[int]], _Schemes]
+                               ) -> Callable[[str, Optional[int]], _Schemes]:
+    """Memoise ``function(arch, num_classes)`` (building the schemes builds models) on what it reads: the
+    arch's registered spec and the registered block types, compared by identity at each call, so that a
+    block type or arch registered (or replaced) at run time is seen at once. The 32 latest entries."""
+    cache: "OrderedDict[Tuple[str, Optional[int]], Tuple[Tuple[Any, ...], _Schemes]]" = OrderedDict()
+
+    @functools.wraps(function)
+    def cached(arch: str, num_classes: Optional[int] = None) -> _Schemes:
+        state = (get_arch_spec(arch), tuple(BLOCK_REGISTRY), *BLOCK_REGISTRY.values())
+        key = (arch, num_classes)
+        hit = cache.get(key)
+        if hit is not None and _same_objects(hit[0], state):
+            cache.move_to_end(key)
+            return hit[1]
+        value = function(arch, num_classes)
+        cache[key] = (state, value)
+        cache.move_to_end(key)
+        while len(cache) > 32:
+            cache.popitem(last=False)
+        return value
+
+    cached.cache_clear = cache.clear  # type: ignore[attr-defined]
+    return cached
 
 
 # --------------------------------------------------------------------------- schemes from the tables
@@ -86,7 +122,7 @@ def their_arch_name(arch: str, family: str) -> str:
     return get_arch_spec(arch).original_formats[family].their_name
 
 
-@functools.lru_cache(maxsize=32)
+@_cached_per_registry_state
 def original_schemes(arch: str, num_classes: Optional[int] = None) -> Tuple[NamingScheme, ...]:
     """Every naming scheme of the original repositories for ``arch`` (module docstring), in table order.
 
@@ -250,7 +286,7 @@ class Recognised:
         return self.scheme.info["family"] != "ours"
 
 
-@functools.lru_cache(maxsize=32)
+@_cached_per_registry_state
 def own_schemes(arch: str, num_classes: Optional[int] = None) -> Tuple[NamingScheme, ...]:
     """Our own names as schemes (identity maps): the training-time model of each block type, and the deploy model."""
     schemes = []

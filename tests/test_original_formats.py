@@ -220,6 +220,25 @@ def test_the_tables_cover_every_arch_and_form():
                       "sres34": 3, "sres50": 11, "smi1": 7}
 
 
+def test_the_schemes_follow_the_registries_at_once():
+    """own_schemes / original_schemes are cached, but on the registries' state: a block type registered
+    (or removed) after a first call is seen by the next one."""
+    from acnet.registry import BlockType, register_block_type, unregister_block_type
+
+    first = own_schemes("cfqkbnc")
+    assert own_schemes("cfqkbnc") is first  # cached while nothing is registered
+    assert original_schemes("cfqkbnc") is original_schemes("cfqkbnc")
+    register_block_type(BlockType("acb2", "acnet.acb:ACBlock"))
+    try:
+        names = [s.name for s in own_schemes("cfqkbnc")]
+        assert names == [s.name for s in first][:-1] + ["ours/acb2", "ours/deploy"]
+        acb = next(s for s in first if s.name == "ours/acb")
+        assert next(s for s in own_schemes("cfqkbnc") if s.name == "ours/acb2").our_shapes == acb.our_shapes
+    finally:
+        unregister_block_type("acb2")
+    assert [s.name for s in own_schemes("cfqkbnc")] == [s.name for s in first]
+
+
 # ------------------------------------------------------------------------------------ export back
 @pytest.mark.parametrize("fmt, source, deploy_list", [
     ("acnet", "acnet_wrnc16plain_acb_train", "acnet_wrnc16plain_acb_deploy"),
