@@ -14,9 +14,11 @@ conv followed by it folds into one conv with bias (:func:`fuse_norm`).
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import transforms
@@ -46,28 +48,68 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
 
 
 class FrozenBatchNorm(nn.Module):
-    """A BatchNorm with fixed statistics and affine parameters, for any input dimension.
+    """A BatchNorm with fixed statistics, for any input dimension: the one frozen BN of acnet.
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel, always (train or
-    eval mode). ``weight``, ``bias``, ``running_mean``, ``running_var`` are buffers (never trained nor
-    updated), ``eps`` an attribute: torchvision's ``FrozenBatchNorm2d`` (same state-dict names), for
-    1-, 2- and 3-d data.
+    eval mode); the running statistics are buffers, never updated, ``eps`` an attribute.
+
+    * Default (the frozen form's main norm): ``weight`` and ``bias`` are buffers too, nothing trains:
+      torchvision's ``FrozenBatchNorm2d`` (same state-dict names, its scale-and-shift arithmetic) for
+      1-, 2- and 3-d data.
+    * ``trainable_affine=True`` (QAT's standalone BNs, :meth:`from_batch_norm`): ``weight`` and ``bias``
+      are parameters that still learn (None for a BN without affine parameters), the BN's batch count
+      ``num_batches_tracked`` is kept (never updated), so the state dict is the BatchNorm's; it computes
+      exactly what that BatchNorm computes in eval mode, and :meth:`to_batch_norm` gives it back.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, *, trainable_affine: bool = False) -> None:
         super().__init__()
         self.num_features, self.eps = num_features, eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
+        self.trainable_affine = trainable_affine
+        if trainable_affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_buffer("weight", torch.ones(num_features))
+            self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        if trainable_affine:
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    @classmethod
+    @torch.no_grad()
+    def from_batch_norm(cls, bn: nn.Module) -> "FrozenBatchNorm":
+        """A trainable-affine frozen copy of ``bn`` (a BatchNorm with running statistics): same values,
+        device, dtype and state-dict names; :meth:`to_batch_norm` restores ``bn``'s class and settings."""
+        if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+            raise ValueError(f"{type(bn).__name__} has no running statistics to freeze (track_running_stats=False)")
+        frozen = cls(bn.num_features, bn.eps, trainable_affine=True).to(device=bn.running_mean.device,
+                                                                        dtype=bn.running_mean.dtype)
+        if bn.weight is None:
+            frozen.weight = frozen.bias = None
+        frozen.load_state_dict(bn.state_dict())
+        frozen.__dict__["stock"] = copy.deepcopy(bn).to("meta")  # its class and settings, no memory
+        return frozen
+
+    @torch.no_grad()
+    def to_batch_norm(self) -> nn.Module:
+        """The BatchNorm :meth:`from_batch_norm` froze, holding this module's current values."""
+        stock = self.__dict__.get("stock")
+        if stock is None:
+            raise ValueError("to_batch_norm: this FrozenBatchNorm was not made by FrozenBatchNorm.from_batch_norm")
+        bn = copy.deepcopy(stock).to_empty(device=self.running_mean.device).to(dtype=self.running_mean.dtype)
+        bn.load_state_dict(self.state_dict())
+        return bn.train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.trainable_affine:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         scale, shift = transforms.bn_scale_shift(self)
         return x * _channel_view(scale.to(x.dtype), x.dim()) + _channel_view(shift.to(x.dtype), x.dim())
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}" + (", trainable_affine=True" if self.trainable_affine else "")
 
 
 class ChannelAffine(nn.Module):

@@ -15,7 +15,7 @@ gradients (``d fq / d v = 1`` inside the clamp range, 0 outside; ``s_w`` is not 
 block's BNs enter only through the equivalent kernel, i.e. with their running statistics: BN
 statistics are frozen (the block is exactly ``conv(x, K_eq) + b_eq``, as the converted conv will
 be), while BN weights and biases still learn. Standalone BNs (pre-activation WRN) become
-:class:`FrozenBatchNorm2d` for the same reason.
+:class:`~acnet.norms.FrozenBatchNorm` s with trainable affine parameters for the same reason.
 
 Activation ranges ``[min, max]`` are running averages of each batch's min and max in training
 mode (``momentum``, the first batch sets them) and frozen in eval mode; ``s_x, z_x`` follow
@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .block import ReparamBlock
+from .norms import FrozenBatchNorm
 
-__all__ = ["fake_quantize", "weight_scale", "ActivationQuantizer", "QATUnit", "FrozenBatchNorm2d", "prepare_qat",
+__all__ = ["fake_quantize", "weight_scale", "ActivationQuantizer", "QATUnit", "prepare_qat",
            "convert_qat", "activation_qparams", "qat_units", "INT8_MAX", "UINT8_MAX", "INT32_MAX"]
 
 INT8_MAX = 127
@@ -126,16 +127,6 @@ class ActivationQuantizer(nn.Module):
         return f"momentum={self.momentum}, range=[{float(self.min_val):.4g}, {float(self.max_val):.4g}]"
 
 
-class FrozenBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` that always normalises with its running statistics (never updates them).
-
-    Same parameters and buffers (state-dict compatible); weight and bias still learn.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-
-
 def _kernel_bias(module: nn.Module) -> Tuple[Tensor, Tensor]:
     if isinstance(module, ReparamBlock):
         return module.get_equivalent_kernel_bias()
@@ -223,11 +214,7 @@ def prepare_qat(model: nn.Module, momentum: float = 0.01) -> nn.Module:
         if _is_unit(child):
             setattr(model, name, QATUnit(child, momentum))
         elif type(child) is nn.BatchNorm2d:
-            frozen = FrozenBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                       child.track_running_stats, device=child.running_mean.device,
-                                       dtype=child.running_mean.dtype)
-            frozen.load_state_dict(child.state_dict())
-            setattr(model, name, frozen)
+            setattr(model, name, FrozenBatchNorm.from_batch_norm(child))
         else:
             prepare_qat(child, momentum)
     return model
@@ -254,12 +241,8 @@ def _replace_units(module: nn.Module) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, QATUnit):
             setattr(module, name, child.deploy_module())
-        elif isinstance(child, FrozenBatchNorm2d):
-            bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                child.track_running_stats, device=child.running_mean.device,
-                                dtype=child.running_mean.dtype)
-            bn.load_state_dict(child.state_dict())
-            setattr(module, name, bn)
+        elif isinstance(child, FrozenBatchNorm) and child.trainable_affine:
+            setattr(module, name, child.to_batch_norm())
         else:
             _replace_units(child)
 

@@ -17,7 +17,8 @@ from torch import nn
 import constructor
 import do_acnet
 from acnet import ACBlock, ConvBN, DiverseBranchBlock, load_hdf5
-from acnet.quant import (INT8_MAX, ActivationQuantizer, FrozenBatchNorm2d, QATUnit, activation_qparams, convert_qat,
+from acnet.norms import FrozenBatchNorm
+from acnet.quant import (INT8_MAX, ActivationQuantizer, QATUnit, activation_qparams, convert_qat,
                          fake_quantize, prepare_qat, qat_units, weight_scale)
 from helpers import mild_bn_statistics_
 
@@ -93,7 +94,7 @@ def test_qat_unit_is_the_quantized_equivalent_conv_and_trains_every_branch(make)
 
 def test_prepare_qat_freezes_standalone_bns_and_convert_gives_the_arch_deploy_model():
     model = prepare_qat(mild_bn_statistics_(constructor.build_model("wrnc16plain", "acb"), 0))
-    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, FrozenBatchNorm) and m.trainable_affine for m in model.modules())
     units = tuple(f"{name}." for name in qat_units(model))
     loose = [name for name, m in model.named_modules() if type(m) is nn.BatchNorm2d and not name.startswith(units)]
     assert not loose  # every BN is frozen or inside a unit (where only its running statistics are read)
@@ -106,6 +107,23 @@ def test_prepare_qat_freezes_standalone_bns_and_convert_gives_the_arch_deploy_mo
         weight = deploy.get_submodule(name).weight
         levels = weight / weight_scale(weight)
         assert torch.allclose(levels, levels.round(), atol=1e-4), name
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_frozen_bn_computes_its_batchnorm_in_eval_mode_learns_its_affine_and_gives_it_back(affine):
+    bn = nn.BatchNorm2d(6, eps=1e-3, momentum=0.3, affine=affine)
+    bn.train()(torch.randn(8, 6, 5, 5) * 3 + 1)  # running statistics away from (0, 1)
+    frozen = FrozenBatchNorm.from_batch_norm(bn).train()
+    assert list(frozen.state_dict()) == list(bn.state_dict())
+    x = torch.randn(4, 6, 5, 5)
+    assert torch.equal(frozen(x), bn.eval()(x))  # exactly the BN's eval mode, in training too
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    frozen(x.clone().requires_grad_()).sum().backward()
+    assert all(torch.equal(frozen.state_dict()[k], v) for k, v in before.items())  # statistics never move
+    assert [n for n, p in frozen.named_parameters() if p.grad is not None] == (["weight", "bias"] if affine else [])
+    back = frozen.eval().to_batch_norm()
+    assert type(back) is nn.BatchNorm2d and (back.eps, back.momentum, back.affine) == (1e-3, 0.3, affine)
+    assert not back.training and torch.equal(back(x), frozen(x))
 
 
 @pytest.mark.parametrize("block_type", ["acb", "dbb"])
