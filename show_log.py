@@ -55,13 +55,6 @@ from utils.run import block_types, parse_run_name  # noqa: F401
 from utils.runs import discover_runs, parse_log_text, read_run, run_dataset, run_seed  # noqa: F401
 
 
-def __getattr__(name: str):
-    """``BLOCK_TYPES``: the registered block type names, read live from :mod:`acnet.registry` (no copy)."""
-    if name == "BLOCK_TYPES":
-        return block_types()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineUsageParser(
         prog="show_log.py", short_usage="show_log.py [ROOT] [EXCLUDE ...] [options]",

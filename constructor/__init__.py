@@ -29,7 +29,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``BLOCK_TYPES``: the registered block type names, read live from :mod:`acnet.registry`."""
+    """``BLOCK_TYPES``: the registered block type names (``acnet.registry.block_type_names()``, read at
+    each access: a block type registered at run time is seen), the one alias of that function."""
     if name == "BLOCK_TYPES":
         from acnet.registry import block_type_names
 

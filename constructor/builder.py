@@ -47,21 +47,12 @@ from acnet.block import NORM_ARGUMENTS, ConvBN, IntOrPair, ReparamBlock, block_o
 from acnet.registry import block_type_names, get_block_type
 
 __all__ = [
-    "BLOCK_TYPES",
     "BiasFreeConv",
     "ConvBuilder",
     "make_builder",
     "is_reparameterizable_kernel",
 ]
 
-
-
-def __getattr__(name: str) -> Any:
-    """``BLOCK_TYPES``: the registered block type names, read from :mod:`acnet.registry` at each access
-    (a block type registered at run time is seen); not a copy."""
-    if name == "BLOCK_TYPES":
-        return block_type_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _REFUSED_OPTIONS = {
     "nonlinear": "architectures place their own activations (conv_bn_relu / bn_relu_conv), so every "
