@@ -16,7 +16,13 @@ The contract every block type implements (the conversion, the registry and the f
 * :meth:`ReparamBlock.get_equivalent_kernel_bias`, :meth:`ReparamBlock.make_deploy_conv`,
   :meth:`ReparamBlock.switch_to_deploy`;
 * class attributes :attr:`ReparamBlock.signature`, :attr:`ReparamBlock.recipe_options`,
-  :attr:`ReparamBlock.deploy_conv_name` and the classmethod :meth:`ReparamBlock.stored_options`.
+  :attr:`ReparamBlock.deploy_conv_name` and the classmethod :meth:`ReparamBlock.stored_options`
+  (:func:`stored_dim_option`, :func:`stored_norm_option` read what every block stores alike).
+
+Rules shared by every block type, in one place: :meth:`ReparamBlock.same_padding` (the padding of
+``padding=None``), :meth:`ReparamBlock.internal_channels` (an internal branch's width), and the block
+options a user may give (:data:`GEOMETRY_ARGUMENTS`, :data:`NORM_ARGUMENTS`, :func:`block_option_names`,
+:func:`takes_arguments`), read by the plug-in and the architecture builder alike.
 """
 from __future__ import annotations
 
