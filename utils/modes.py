@@ -278,11 +278,11 @@ def check_args(args: argparse.Namespace) -> Mode:
 def resolve_dataset(arch: str, dataset: Optional[str], synthetic_sizes: Sequence[Optional[int]] = ()):
     """``(arch spec, dataset)``: ``dataset`` or the arch's own, checked against the arch's input size."""
     import constructor
-    from data.registry import datasets_for_input_size
+    import data
 
     spec = constructor.get_arch_spec(arch)
     dataset = dataset or spec.dataset
-    allowed = datasets_for_input_size(spec.input_size)
+    allowed = data.registry.datasets_for_input_size(spec.input_size)
     if dataset not in allowed:
         raise UsageError(f"arch {arch} takes {spec.input_size}x{spec.input_size} inputs; --dataset {dataset} "
                          f"does not fit (use one of: {', '.join(allowed)})")
