@@ -127,6 +127,28 @@ def test_the_loaders_follow_the_spec(tiny_dataset, tmp_path):
         data.create_loaders(NAME, tmp_path / "elsewhere", 16)
 
 
+def test_a_class_folder_dataset_is_one_spec_line_naming_the_imagenet_factory(tmp_path, monkeypatch):
+    from fakedata import write_fake_imagefolder
+
+    spec = register_dataset(DatasetSpec("folders32", "data.imagenet:build_loaders", input_size=32, mean=MEAN, std=STD,
+                                        default_dir="folders32_data"))
+    try:
+        monkeypatch.chdir(tmp_path)
+        write_fake_imagefolder(tmp_path / "folders32_data", num_classes=3, per_class_train=2, per_class_val=2)
+        train, val = data.create_loaders("folders32", None, 4, workers=0)
+        assert (train.image_size, val.num_classes, val.num_samples) == (32, 3, 6)
+        images, _ = next(iter(val))
+        assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
+        expected = (images.double() / 255 - torch.tensor(MEAN, dtype=torch.double)[:, None, None]) / torch.tensor(
+            STD, dtype=torch.double)[:, None, None]
+        torch.testing.assert_close(data.to_device(val, images, "cpu").double(), expected, rtol=0, atol=1e-5)
+        register_dataset(DatasetSpec("folders32", spec.loader, input_size=32), replace=True)  # no default folder
+        with pytest.raises(DatasetArgumentError, match="'folders32' is read from class folders and has no default"):
+            data.create_loaders("folders32", None, 4, workers=0)
+    finally:
+        unregister_dataset("folders32")
+
+
 def test_an_arch_defined_for_the_dataset_takes_its_size_and_classes(tiny_dataset):
     import constructor
     from constructor.registry import arch_for_dataset
