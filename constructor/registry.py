@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 
+from data.registry import get_dataset
+
 from .builder import ConvBuilder, make_builder
 from .cifar_quick import CifarQuickBN
 from .mobilenet import MobileNetV1
@@ -23,15 +25,15 @@ from .resnet_cifar import CifarResNet
 from .vgg import VGGCifar
 from .wrn import WideResNetCifar
 
-__all__ = ["ArchSpec", "ARCHS", "get_arch_spec", "list_archs", "build_arch", "register_arch", "unregister_arch"]
+__all__ = ["ArchSpec", "ARCHS", "arch_for_dataset", "get_arch_spec", "list_archs", "build_arch", "register_arch", "unregister_arch"]
 
 ModelFactory = Callable[[ConvBuilder, int], nn.Module]
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """An architecture: its short ``name``, the ``dataset`` it is defined for ('cifar10' or
-    'imagenet'), the square ``input_size`` it expects (32 or 224), its default ``num_classes``, a
+    """An architecture: its short ``name``, the ``dataset`` it is defined for (a name in the dataset
+    registry, ``data.registry``), the square ``input_size`` it expects, its default ``num_classes``, a
     one-line ``description`` and ``factory(builder, num_classes) -> nn.Module``; ``recipe``: the name
     of its recipe in ``train_configs.RECIPES`` (default: its own name); ``published``: the papers'
     top-1 for it; ``original_formats``: repository ('acnet', 'dbb') -> its layout there."""
@@ -55,9 +57,18 @@ class ArchSpec:
         return self.factory(builder, self.num_classes if num_classes is None else _check_num_classes(num_classes))
 
 
+def arch_for_dataset(name: str, dataset: str, description: str, factory: ModelFactory, **fields: Any) -> ArchSpec:
+    """An :class:`ArchSpec` whose input size and class count are those its ``dataset`` declares in the
+    dataset registry (any registered dataset with both); ``fields``: the other ArchSpec fields."""
+    spec = get_dataset(dataset)
+    if spec.input_size is None or spec.num_classes is None:
+        raise ValueError(f"dataset {dataset!r} declares no input size or class count; "
+                         "give the arch's input_size and num_classes to ArchSpec")
+    return ArchSpec(name, dataset, spec.input_size, spec.num_classes, description, factory, **fields)
+
+
 def _spec(name: str, dataset: str, description: str, factory: ModelFactory) -> ArchSpec:
-    input_size, num_classes = (32, 10) if dataset == "cifar10" else (224, 1000)
-    return ArchSpec(name, dataset, input_size, num_classes, description, factory,
+    return arch_for_dataset(name, dataset, description, factory,
                     published=PUBLISHED.get(name, ()), original_formats=original_layouts_of(name))
 
 

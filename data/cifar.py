@@ -24,16 +24,21 @@ import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from .errors import DatasetError
+from .registry import get_dataset
+from .tensor_loader import TensorImageLoader, tensor_loaders
+
+if TYPE_CHECKING:
+    from .loaders import LoaderRequest
 
 __all__ = [
     "CifarSpec", "CIFAR_SPECS", "CifarUnpickler", "CifarSplit", "resolve_cifar_folder",
-    "read_cifar_batch", "load_cifar", "download_cifar",
+    "read_cifar_batch", "load_cifar", "download_cifar", "build_loaders",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,13 +59,21 @@ class CifarSpec:
     meta_file: str
     label_key: str                 # key of the labels in a batch
     label_names_key: str           # key of the class names in the meta file
-    num_classes: int
-    default_root: str              # "cifar10_data", relative to the working directory
     torchvision_class: str         # name of the torchvision dataset class holding the URL and md5
 
     @property
     def required_files(self) -> Tuple[str, ...]:
         return self.train_files + self.test_files
+
+    @property
+    def num_classes(self) -> int:
+        """The class count, as the dataset registry declares it."""
+        return int(get_dataset(self.name).num_classes)
+
+    @property
+    def default_root(self) -> str:
+        """``cifar10_data`` ...: the registry's default folder, relative to the working directory."""
+        return str(get_dataset(self.name).default_dir)
 
 
 CIFAR_SPECS: Dict[str, CifarSpec] = {
@@ -68,12 +81,12 @@ CIFAR_SPECS: Dict[str, CifarSpec] = {
         name="cifar10", title="CIFAR-10", folder="cifar-10-batches-py",
         train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_files=("test_batch",),
         meta_file="batches.meta", label_key="labels", label_names_key="label_names",
-        num_classes=10, default_root="cifar10_data", torchvision_class="CIFAR10"),
+        torchvision_class="CIFAR10"),
     "cifar100": CifarSpec(
         name="cifar100", title="CIFAR-100", folder="cifar-100-python",
         train_files=("train",), test_files=("test",), meta_file="meta",
         label_key="fine_labels", label_names_key="fine_label_names",
-        num_classes=100, default_root="cifar100_data", torchvision_class="CIFAR100"),
+        torchvision_class="CIFAR100"),
 }
 
 IMAGE_SHAPE = (3, 32, 32)
@@ -322,3 +335,16 @@ def load_cifar(name: str, root: Optional[PathLike] = None, *, train: bool,
                 len(images), folder)
     return CifarSplit(images=images, labels=torch.from_numpy(labels),
                       classes=_class_names(spec, folder), folder=folder)
+
+
+def build_loaders(request: "LoaderRequest") -> Tuple[TensorImageLoader, TensorImageLoader]:
+    """The loader factory of ``cifar10`` / ``cifar100`` (``data.registry``): both splits held on the
+    device as uint8, random crops with padding 4 and flips, normalised with the spec's mean / std."""
+    spec = CIFAR_SPECS[request.spec.name]
+    request.check_fixed("image_size", IMAGE_SHAPE[-1])
+    request.check_fixed("num_classes", spec.num_classes)
+    loaded = [load_cifar(spec.name, request.data_dir, train=train, download=request.download)
+              for train in (True, False)]
+    train, val = ((split.images, split.labels) for split in loaded)
+    return tensor_loaders(request, train, val, num_classes=spec.num_classes,
+                          classes=loaded[0].classes, padding=4)

@@ -29,7 +29,7 @@ import torch
 
 from .errors import DatasetError
 
-__all__ = ["RRC_SCALE", "RRC_RATIO", "JPEG_MAGIC", "EncodedBatch", "crop_eval", "crop_train",
+__all__ = ["RRC_SCALE", "RRC_RATIO", "JPEG_MAGIC", "DECODE_MODES", "EncodedBatch", "crop_eval", "crop_train",
            "decode_batch", "decode_rgb", "eval_resize_size", "image_size_from_header",
            "random_resized_crop_box", "read_file_bytes", "sample_generator"]
 
@@ -37,6 +37,7 @@ __all__ = ["RRC_SCALE", "RRC_RATIO", "JPEG_MAGIC", "EncodedBatch", "crop_eval", 
 RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JPEG_MAGIC = b"\xff\xd8\xff"
+DECODE_MODES = ("cpu", "gpu")  # where ImageNet JPEGs are decoded: the loader workers, or per batch on the GPU
 _AUGMENT_STREAM = 7  # generator stream of the per-sample crop parameters
 
 Box = Tuple[int, int, int, int]  # top, left, height, width

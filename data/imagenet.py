@@ -22,26 +22,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import normalization_affine
-from .decode import (JPEG_MAGIC, EncodedBatch, crop_eval, crop_train, decode_batch, decode_rgb,
+from .decode import (DECODE_MODES, JPEG_MAGIC, EncodedBatch, crop_eval, crop_train, decode_batch, decode_rgb,
                      image_size_from_header, random_resized_crop_box, read_file_bytes,
                      sample_generator)
 from .errors import DatasetArgumentError, DatasetError
+from .registry import IMAGENET_MEAN, IMAGENET_STD
 from .sharding import ShardedBatchSampler, ShardedLoaderMixin
 
+if TYPE_CHECKING:
+    from .loaders import LoaderRequest
+
 __all__ = ["DECODE_MODES", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderLoader", "ImageFiles",
-           "create_imagefolder_loaders"]
+           "create_imagefolder_loaders", "build_loaders"]
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DECODE_MODES = ("cpu", "gpu")
+Normalization = Union[float, Sequence[float]]
 
 Batch = Union[torch.Tensor, EncodedBatch]
 
@@ -141,7 +143,8 @@ class ImageFolderLoader(ShardedLoaderMixin):
 
     def __init__(self, dataset: Any, classes: List[str], root: Path, batch_size: int, *,
                  train: bool, rank: int, world_size: int, seed: int, workers: int,
-                 device: torch.device, image_size: int, decode: str = "cpu") -> None:
+                 device: torch.device, image_size: int, decode: str = "cpu",
+                 mean: Normalization = IMAGENET_MEAN, std: Normalization = IMAGENET_STD) -> None:
         if decode not in DECODE_MODES:
             raise DatasetArgumentError(f"unknown decode mode {decode!r}; choose one of "
                                        f"{', '.join(DECODE_MODES)}")
@@ -161,6 +164,7 @@ class ImageFolderLoader(ShardedLoaderMixin):
         self.image_size = image_size
         self.classes: List[str] = list(classes)
         self.num_classes = len(self.classes)
+        self.mean, self.std = mean, std
         self._affine: dict = {}
 
     def __iter__(self) -> Iterator[Tuple[Batch, torch.Tensor]]:
@@ -182,7 +186,7 @@ class ImageFolderLoader(ShardedLoaderMixin):
         images = images.contiguous(memory_format=memory_format)
         key = str(device)
         if key not in self._affine:
-            self._affine[key] = normalization_affine(IMAGENET_MEAN, IMAGENET_STD, 3, device)
+            self._affine[key] = normalization_affine(self.mean, self.std, 3, device)
         scale, shift = self._affine[key]
         return images.float().mul_(scale).sub_(shift)  # .float() keeps memory_format
 
@@ -211,9 +215,11 @@ def _image_folder(folder: Path, root: Path) -> Any:
 def create_imagefolder_loaders(root: Path, batch_size: int, eval_batch_size: int, *, rank: int,
                                world_size: int, device: torch.device, workers: int, seed: int,
                                image_size: int = 224, num_classes: Optional[int] = None,
-                               decode: str = "cpu"
+                               decode: str = "cpu", mean: Normalization = IMAGENET_MEAN,
+                               std: Normalization = IMAGENET_STD
                                ) -> Tuple[ImageFolderLoader, ImageFolderLoader]:
-    """Train and val loaders over ``root/train`` and ``root/val`` (same class folders required).
+    """Train and val loaders over ``root/train`` and ``root/val`` (same class folders required),
+    normalising with ``mean`` / ``std`` (default: ImageNet's).
 
     ``decode``: ``"cpu"`` (workers decode and crop) or ``"gpu"`` (``device`` decodes the batch;
     also runs with a CPU ``device``, where it is the CPU mode's work done in the main process).
@@ -235,8 +241,26 @@ def create_imagefolder_loaders(root: Path, batch_size: int, eval_batch_size: int
     logger.info("ImageFolder %s: %d train / %d val images, %d classes, decode on %s", root,
                 len(train_set), len(val_set), len(train_set.classes), decode)
     common = dict(rank=rank, world_size=world_size, seed=seed, workers=workers, device=device,
-                  image_size=image_size, decode=decode)
+                  image_size=image_size, decode=decode, mean=mean, std=std)
     return (ImageFolderLoader(train_set, train_set.classes, root, batch_size, train=True,
                               **common),
             ImageFolderLoader(val_set, val_set.classes, root, eval_batch_size, train=False,
                               **common))
+
+
+def build_loaders(request: "LoaderRequest") -> Tuple[ImageFolderLoader, ImageFolderLoader]:
+    """The loader factory of ``imagenet`` (``data.registry``), and of any class-folder dataset that
+    registers it: ``<data_dir>/train`` and ``<data_dir>/val``, crops of ``request.image_size`` (default:
+    the spec's input size), normalised with the spec's mean / std, decoded where ``request.decode`` says."""
+    spec = request.spec
+    if request.decode == "gpu" and request.device.type != "cuda":
+        raise DatasetArgumentError(f"decoding on the GPU needs a CUDA device, the device is "
+                                   f"{request.device}; use decode='cpu' (--decode cpu)")
+    if request.data_dir is None:
+        raise DatasetArgumentError(f"dataset {spec.name!r} is read from class folders and has no default "
+                                   "folder; pass its data directory (--data-dir)")
+    size = request.image_size or spec.input_size or 224
+    return create_imagefolder_loaders(Path(request.data_dir), request.batch_size, request.eval_batch_size,
+                                      device=request.device, workers=request.workers, image_size=size,
+                                      num_classes=request.num_classes, decode=request.decode,
+                                      mean=spec.mean, std=spec.std, **request.shard)

@@ -9,36 +9,86 @@ and gives each rank a disjoint shard (every rank runs the same number of steps);
 shards are disjoint and cover the set exactly once. CIFAR and synthetic batches are produced
 normalised directly on ``device``; ImageNet batches are uint8 (or, decoding on the GPU, file
 bytes) until ``to_device`` (``data.imagenet``).
+
+Which datasets exist and how each is built is the registry's (``data.registry``): this module
+checks the arguments every dataset shares, then calls the dataset's factory with a
+:class:`LoaderRequest`.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from .cifar import CIFAR_SPECS, Downloader, load_cifar
+from .cifar import Downloader
+from .decode import DECODE_MODES
 from .errors import DatasetArgumentError
-from .imagenet import DECODE_MODES, create_imagefolder_loaders
-from .synthetic import make_synthetic
-from .tensor_loader import TensorImageLoader
+from .registry import CIFAR_MEAN, CIFAR_STD, DatasetSpec, dataset_names, get_dataset  # noqa: F401 (CIFAR_*: their former home)
 
-__all__ = ["DATASETS", "DEFAULT_ROOTS", "create_loaders", "to_device"]
+__all__ = ["DATASETS", "DEFAULT_ROOTS", "LoaderRequest", "create_loaders", "to_device"]
 
-DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
-DEFAULT_ROOTS = {"cifar10": "cifar10_data", "cifar100": "cifar100_data",
-                 "imagenet": "imagenet_data"}
-CIFAR_MEAN = CIFAR_STD = 0.5  # the original recipe: normalise with mean 0.5, std 0.5
-SYNTHETIC_DEFAULTS = {"num_train": 1280, "num_val": 256}
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def __getattr__(name: str) -> Any:  # the registry's live contents under their former names
+    if name == "DATASETS":
+        return dataset_names()
+    if name == "DEFAULT_ROOTS":
+        return {n: get_dataset(n).default_dir for n in dataset_names() if get_dataset(n).default_dir}
+    if name == "SYNTHETIC_DEFAULTS":
+        return dict(get_dataset("synthetic").options)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass(frozen=True)
+class LoaderRequest:
+    """What a dataset's loader factory (``DatasetSpec.loader``) is asked to build, after
+    :func:`create_loaders` checked every argument that is not the dataset's own.
+
+    ``data_dir``: the directory given, else the spec's ``default_dir`` (``None`` when it has none);
+    ``batch_size`` / ``eval_batch_size``: per rank; ``image_size`` / ``num_classes``: what the caller
+    asks for (``None``: the dataset's own); ``options``: the spec's ``options`` updated with the
+    caller's; ``download`` (CIFAR) and ``decode`` (ImageNet) as :func:`create_loaders` takes them.
+    """
+
+    spec: DatasetSpec
+    data_dir: Optional[PathLike]
+    batch_size: int
+    eval_batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    workers: int = 0
+    image_size: Optional[int] = None
+    num_classes: Optional[int] = None
+    download: Union[bool, Downloader] = True
+    decode: str = "cpu"
+    options: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def shard(self) -> Dict[str, int]:
+        """``rank``, ``world_size`` and ``seed``: the sharding keywords of the loaders."""
+        return dict(rank=self.rank, world_size=self.world_size, seed=self.seed)
+
+    def check_fixed(self, name: str, fixed: int) -> None:
+        """Refuse a requested ``image_size`` / ``num_classes`` the dataset does not have."""
+        value = getattr(self, name)
+        if value is not None and value != fixed:
+            raise DatasetArgumentError(
+                f"dataset {self.spec.name!r} has {name} {fixed}, but {name}={value} was requested; "
+                f"leave {name} unset or choose a dataset that has it")
 
 
 def _check_arguments(dataset: str, global_batch_size: int, rank: int, world_size: int,
                      eval_batch_size: Any, workers: int, seed: int,
-                     dataset_kwargs: dict) -> None:
-    if dataset not in DATASETS:
-        raise DatasetArgumentError(
-            f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+                     dataset_kwargs: dict) -> DatasetSpec:
+    try:
+        spec = get_dataset(dataset)
+    except ValueError as exc:
+        raise DatasetArgumentError(str(exc)) from None
     if world_size < 1 or not 0 <= rank < world_size:
         raise DatasetArgumentError(
             f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
@@ -52,22 +102,16 @@ def _check_arguments(dataset: str, global_batch_size: int, rank: int, world_size
         raise DatasetArgumentError(f"workers must be >= 0, got {workers}")
     if seed < 0:
         raise DatasetArgumentError(f"seed must be >= 0, got {seed}")
-    allowed = set(SYNTHETIC_DEFAULTS) if dataset == "synthetic" else set()
+    allowed = set(spec.options)
     unknown = sorted(set(dataset_kwargs) - allowed)
     if unknown:
         raise DatasetArgumentError(
             f"unexpected options {unknown} for dataset {dataset!r}"
             + (f"; it accepts {sorted(allowed)}" if allowed else "; it takes none"))
+    return spec
 
 
-def _check_fixed(dataset: str, name: str, value: Any, fixed: int) -> None:
-    if value is not None and value != fixed:
-        raise DatasetArgumentError(
-            f"dataset {dataset!r} has {name} {fixed}, but {name}={value} was requested; "
-            f"leave {name} unset or choose a dataset that has it")
-
-
-def create_loaders(dataset: str, data_dir: Union[str, "os.PathLike[str]", None] = None,
+def create_loaders(dataset: str, data_dir: Optional[PathLike] = None,
                    global_batch_size: int = 128, *, rank: int = 0, world_size: int = 1,
                    device: Union[str, torch.device] = "cpu", workers: int = 4, seed: int = 0,
                    eval_batch_size: Union[int, None] = None, image_size: Union[int, None] = None,
@@ -76,20 +120,24 @@ def create_loaders(dataset: str, data_dir: Union[str, "os.PathLike[str]", None] 
                    **dataset_kwargs: int) -> Tuple[Any, Any]:
     """Build ``(train_loader, eval_loader)`` for ``dataset`` on this DDP ``rank``.
 
-    ``dataset`` is one of ``DATASETS``; ``data_dir`` defaults to ``cifar10_data``,
-    ``cifar100_data`` or ``imagenet_data`` in the working directory (ignored by ``synthetic``).
+    ``dataset`` is a registered name (``data.registry.dataset_names()``: cifar10, cifar100,
+    imagenet, synthetic, and any :func:`data.registry.register_dataset` added); its
+    :class:`~data.registry.DatasetSpec`'s factory builds the loaders from a :class:`LoaderRequest`.
+    ``data_dir`` defaults to the spec's ``default_dir`` in the working directory (``cifar10_data``,
+    ``cifar100_data``, ``imagenet_data``; ignored by ``synthetic``).
     The per-rank batch size is ``global_batch_size // world_size``; ``eval_batch_size`` is per
     rank and defaults to the training one. ``workers`` only matters for ImageNet (CIFAR and
     synthetic need none). ``image_size`` / ``num_classes`` choose the synthetic set's shape
     (defaults 32 and 10) and, if given for a real dataset, must match it (ImageNet: the crop
-    size, default 224). Synthetic also takes ``num_train`` / ``num_val`` (defaults 1280 / 256).
+    size, default 224). Synthetic also takes ``num_train`` / ``num_val`` (defaults 1280 / 256):
+    ``dataset_kwargs`` are the spec's ``options``.
     ``download``: fetch missing CIFAR files through torchvision (``False`` disables it; a
     callable ``(spec, parent_dir)`` replaces the downloader). ``decode`` (ImageNet only): where
     JPEGs are decoded, ``"cpu"`` (the workers) or ``"gpu"`` (the CUDA ``device``, per batch).
     Raises ``DatasetError`` (``DatasetArgumentError`` for invalid arguments).
     """
-    _check_arguments(dataset, global_batch_size, rank, world_size, eval_batch_size, workers,
-                     seed, dataset_kwargs)
+    spec = _check_arguments(dataset, global_batch_size, rank, world_size, eval_batch_size, workers,
+                            seed, dataset_kwargs)
     try:
         device = torch.device(device)
     except RuntimeError as exc:
@@ -100,49 +148,17 @@ def create_loaders(dataset: str, data_dir: Union[str, "os.PathLike[str]", None] 
     if decode not in DECODE_MODES:
         raise DatasetArgumentError(f"unknown decode mode {decode!r}; choose one of "
                                    f"{', '.join(DECODE_MODES)}")
-    if decode == "gpu" and dataset == "imagenet" and device.type != "cuda":
-        raise DatasetArgumentError(f"decoding on the GPU needs a CUDA device, the device is "
-                                   f"{device}; use decode='cpu' (--decode cpu)")
+    try:
+        factory = spec.factory()
+    except ValueError as exc:
+        raise DatasetArgumentError(str(exc)) from None
     batch_size = global_batch_size // world_size
-    eval_batch_size = eval_batch_size or batch_size
-    shard = dict(rank=rank, world_size=world_size, seed=seed)
-
-    if dataset == "imagenet":
-        root = Path(data_dir if data_dir is not None else DEFAULT_ROOTS[dataset])
-        return create_imagefolder_loaders(root, batch_size, eval_batch_size, device=device,
-                                          workers=workers, image_size=image_size or 224,
-                                          num_classes=num_classes, decode=decode, **shard)
-
-    if dataset == "synthetic":
-        size = 32 if image_size is None else int(image_size)
-        classes = 10 if num_classes is None else int(num_classes)
-        if size < 1 or classes < 2:
-            raise DatasetArgumentError(f"synthetic needs image_size >= 1 and num_classes >= 2, "
-                                       f"got {size} and {classes}")
-        counts = {**SYNTHETIC_DEFAULTS, **dataset_kwargs}
-        if min(counts.values()) < 1:
-            raise DatasetArgumentError(f"synthetic sizes must be >= 1, got {counts}")
-        splits = [make_synthetic(counts[key], size, classes, seed=seed, split=split)
-                  for key, split in (("num_train", "train"), ("num_val", "val"))]
-        padding, names = max(1, size // 8), [f"class_{i}" for i in range(classes)]
-    else:
-        spec = CIFAR_SPECS[dataset]
-        _check_fixed(dataset, "image_size", image_size, 32)
-        _check_fixed(dataset, "num_classes", num_classes, spec.num_classes)
-        root = data_dir if data_dir is not None else DEFAULT_ROOTS[dataset]
-        loaded = [load_cifar(dataset, root, train=train, download=download)
-                  for train in (True, False)]
-        splits = [(split.images, split.labels) for split in loaded]
-        classes, padding, names = spec.num_classes, 4, loaded[0].classes
-
-    (train_x, train_y), (val_x, val_y) = splits
-    common = dict(num_classes=classes, padding=padding, mean=CIFAR_MEAN, std=CIFAR_STD,
-                  classes=names, **shard)
-    train = TensorImageLoader(train_x.to(device), train_y.to(device), batch_size, train=True,
-                              **common)
-    val = TensorImageLoader(val_x.to(device), val_y.to(device), eval_batch_size, train=False,
-                            **common)
-    return train, val
+    request = LoaderRequest(
+        spec, data_dir if data_dir is not None else spec.default_dir, batch_size,
+        eval_batch_size or batch_size, rank=rank, world_size=world_size, seed=seed, device=device,
+        workers=workers, image_size=image_size, num_classes=num_classes, download=download,
+        decode=decode, options={**spec.options, **dataset_kwargs})
+    return factory(request)
 
 
 def to_device(loader: Any, images: Any, device: Union[str, torch.device],

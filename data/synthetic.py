@@ -8,13 +8,20 @@ chance, and everything is a deterministic function of ``(seed, split)``.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
 
 import torch
 
+from .errors import DatasetArgumentError
 from .sharding import epoch_generator
+from .tensor_loader import TensorImageLoader, tensor_loaders
 
-__all__ = ["make_synthetic"]
+if TYPE_CHECKING:
+    from .loaders import LoaderRequest
+
+__all__ = ["make_synthetic", "build_loaders"]
+
+DEFAULT_IMAGE_SIZE, DEFAULT_NUM_CLASSES = 32, 10
 
 _SPLIT_STREAMS = {"train": 11, "val": 12}
 _CHUNK_PIXELS = 1 << 24  # generate in chunks of about 16 M values to bound memory
@@ -47,3 +54,21 @@ def make_synthetic(num_samples: int, image_size: int, num_classes: int, *, seed:
         values = palette[lab][:, :, None, None] + pattern + noise
         images[start:start + chunk] = values.round_().clamp_(0, 255).to(torch.uint8)
     return images, labels
+
+
+def build_loaders(request: "LoaderRequest") -> Tuple[TensorImageLoader, TensorImageLoader]:
+    """The loader factory of ``synthetic`` (``data.registry``): ``request.image_size`` x
+    ``request.num_classes`` (defaults 32 and 10), ``num_train`` / ``num_val`` images (its options),
+    generated from ``request.seed``; random crops with padding ``max(1, size // 8)`` and flips."""
+    size = DEFAULT_IMAGE_SIZE if request.image_size is None else int(request.image_size)
+    classes = DEFAULT_NUM_CLASSES if request.num_classes is None else int(request.num_classes)
+    if size < 1 or classes < 2:
+        raise DatasetArgumentError(f"synthetic needs image_size >= 1 and num_classes >= 2, "
+                                   f"got {size} and {classes}")
+    counts = request.options
+    if min(counts.values()) < 1:
+        raise DatasetArgumentError(f"synthetic sizes must be >= 1, got {counts}")
+    train, val = (make_synthetic(counts[key], size, classes, seed=request.seed, split=split)
+                  for key, split in (("num_train", "train"), ("num_val", "val")))
+    return tensor_loaders(request, train, val, num_classes=classes,
+                          classes=[f"class_{i}" for i in range(classes)], padding=max(1, size // 8))

@@ -7,7 +7,7 @@ generator seeded by ``(seed, epoch, rank)``, so a run is reproducible and device
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -15,7 +15,10 @@ from .augment import (CropFlip, apply_affine, normalization_affine, sample_crop_
                       with_zero_sentinel)
 from .sharding import ShardedBatchSampler, ShardedLoaderMixin, epoch_generator
 
-__all__ = ["TensorImageLoader"]
+if TYPE_CHECKING:
+    from .loaders import LoaderRequest
+
+__all__ = ["TensorImageLoader", "tensor_loaders"]
 
 _AUGMENT_STREAM = 1  # generator stream of the augmentation parameters (0: the permutation)
 _CPU_CHUNK_VALUES = 24576  # < 32768, torch's grain size for parallelising an element-wise op
@@ -105,3 +108,26 @@ class TensorImageLoader(ShardedLoaderMixin):
         kind = "train" if self.train else "eval"
         return (f"TensorImageLoader({kind}, samples={self.num_samples}, "
                 f"batches={len(self)}, batch_size={self.batch_size}, device={self.device})")
+
+
+def tensor_loaders(request: "LoaderRequest", train: Tuple[torch.Tensor, torch.Tensor],
+                   val: Tuple[torch.Tensor, torch.Tensor], *, num_classes: int,
+                   classes: Optional[Sequence[str]] = None, padding: Optional[int] = None
+                   ) -> Tuple[TensorImageLoader, TensorImageLoader]:
+    """``(train_loader, eval_loader)`` over in-memory sets, for a dataset's loader factory.
+
+    ``train`` / ``val``: ``(images, labels)``, uint8 ``(N, C, H, W)`` and integer ``(N,)``; they
+    are moved to ``request.device`` once. Batches are normalised with the spec's ``mean`` /
+    ``std``; training batches are randomly cropped with ``padding`` (default ``max(1, H // 8)``:
+    4 for 32x32 images) and flipped. The ranks, seed and batch sizes come from ``request``.
+    """
+    images = train[0]
+    if padding is None:
+        padding = max(1, int(images.shape[-2]) // 8) if images.dim() == 4 else 1
+    common = dict(num_classes=num_classes, padding=padding, mean=request.spec.mean,
+                  std=request.spec.std, classes=classes, **request.shard)
+    device = request.device
+    return (TensorImageLoader(train[0].to(device), train[1].to(device), request.batch_size,
+                              train=True, **common),
+            TensorImageLoader(val[0].to(device), val[1].to(device), request.eval_batch_size,
+                              train=False, **common))

@@ -105,8 +105,9 @@ def create_loaders(cmd: Command, recipe: Recipe, ctx):
         raise UsageError(f"the global batch size {recipe.batch_size} is not divisible by the {ctx.world_size} "
                          "ranks; pass --batch-size as a multiple of the number of processes")
     kwargs: dict[str, Any] = {}
-    if cmd.dataset == "synthetic":
+    if data.get_dataset(cmd.dataset).input_size is None:  # made at any size (synthetic): the arch's size and classes
         kwargs.update(image_size=cmd.input_size, num_classes=cmd.num_classes)
+    if cmd.dataset == "synthetic":
         if cmd.data.synthetic_num_train is not None:
             kwargs["num_train"] = cmd.data.synthetic_num_train
         if cmd.data.synthetic_num_val is not None:

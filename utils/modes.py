@@ -20,11 +20,9 @@ from typing import Any, Callable, Optional, Sequence
 from utils.errors import OneLineUsageParser, UsageError
 from utils.run import DEFAULT_SEED, RECIPE_OVERRIDES
 
-__all__ = ["Mode", "MODES", "DATASETS_BY_INPUT_SIZE", "build_parser", "select_mode", "check_args",
+__all__ = ["Mode", "MODES", "build_parser", "select_mode", "check_args",
            "parse_command", "command_from_args"]
 
-#: Which datasets an arch can train on, by its input size.
-DATASETS_BY_INPUT_SIZE = {32: ("cifar10", "cifar100", "synthetic"), 224: ("imagenet", "synthetic")}
 _GROUPS = {
     "recipe": "recipe overrides (defaults: train_configs/recipes.py for the arch)",
     "io": "data and outputs",
@@ -284,7 +282,7 @@ def resolve_dataset(arch: str, dataset: Optional[str], synthetic_sizes: Sequence
 
     spec = constructor.get_arch_spec(arch)
     dataset = dataset or spec.dataset
-    allowed = DATASETS_BY_INPUT_SIZE.get(spec.input_size, data.DATASETS)
+    allowed = data.registry.datasets_for_input_size(spec.input_size)
     if dataset not in allowed:
         raise UsageError(f"arch {arch} takes {spec.input_size}x{spec.input_size} inputs; --dataset {dataset} "
                          f"does not fit (use one of: {', '.join(allowed)})")
