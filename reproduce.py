@@ -19,7 +19,7 @@ or per group of ``--nproc-per-run`` GPUs launched with ``torchrun --standalone``
 ``--gpus cpu``) ``--cpu-jobs`` runs at a time (default 1). A "free" GPU is one no other run of this
 sweep holds.
 
-Resuming: each run folder's record (``recipe.json``, :mod:`utils.record`) is compared with the sweep's
+Resuming: each run folder's record (``recipe.json``, :mod:`utils.rundir.record`) is compared with the sweep's
 run: a folder of another identity (recipe, dataset, seed, ...) or with an unreadable record is a
 *conflict*, reported, not run and left out of the final tables; a run whose ``summary.json`` records a
 tested deploy model is done and skipped; one that started (a record, ``latest.pth`` or ``finish.hdf5``)
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from utils.errors import USER_ERRORS, OneLineUsageParser, UsageError, report_error
-from utils.run import ExperimentPaths
+from utils.rundir.identity import ExperimentPaths
 
 REPO = Path(__file__).resolve().parent
 DO_ACNET = REPO / "do_acnet.py"
@@ -138,8 +138,8 @@ def plan(args: argparse.Namespace, extra: list) -> list:
     """Every run of the sweep with its do_acnet.py arguments and what to do (``PlannedRun.action``)."""
     import constructor
     from acnet.registry import block_type_names
-    from utils.modes import build_parser as do_acnet_parser, check_args, command_from_args
-    from utils.record import identity, make_record
+    from utils.modes.cli import build_parser as do_acnet_parser, check_args, command_from_args
+    from utils.rundir.record import identity, make_record
 
     unknown = [a for a in args.archs if a not in constructor.list_archs()]
     if unknown:
@@ -185,10 +185,10 @@ def _unique(values: Sequence) -> list:
 
 
 def _resolve_action(run: PlannedRun, expected: dict) -> None:
-    """done / continue / fs from the folder's record (:mod:`utils.record`) and files; a run folder holding
+    """done / continue / fs from the folder's record (:mod:`utils.rundir.record`) and files; a run folder holding
     another identity (a finished run of another recipe, an interrupted one) or an unreadable record is a
     conflict: it is not run and never enters the sweep's tables."""
-    from utils.record import RecordError, describe_conflicts, differing_fields, read_json_object, read_record
+    from utils.rundir.record import RecordError, describe_conflicts, differing_fields, read_json_object, read_record
 
     paths = run.paths
     try:
@@ -384,8 +384,8 @@ def print_dry_run(runs: list, slot_list: list, nproc: int) -> None:
 
 
 def final_report(runs: list, n: int, fmt: str) -> str:
-    from utils.report import report
-    from utils.runs import read_run
+    from utils.analysis.tables import report
+    from utils.analysis.collect import read_run
 
     records = [read_run(r.folder) for r in runs if r.folder.is_dir() and r.status != "conflict"]
     return report(records, n, fmt) if records else "(no run has written anything yet)"

@@ -9,8 +9,8 @@ import pytest
 
 from utils.command import Command
 from utils.errors import UsageError
-from utils.modes import MODES, parse_command
-from utils.run import experiment_name, parse_run_name, qat_experiment_name
+from utils.modes.cli import MODES, parse_command
+from utils.rundir.identity import experiment_name, parse_run_name, qat_experiment_name
 
 
 @pytest.fixture

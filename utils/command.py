@@ -1,7 +1,7 @@
 """What a do_acnet.py command asks for, as typed values (:class:`Command`), and the pieces every mode shares.
 
-:func:`utils.modes.parse_command` turns the command line into one :class:`Command`; the mode run
-functions (:data:`utils.modes.MODES`) read only that, never the argparse Namespace.
+:func:`utils.modes.cli.parse_command` turns the command line into one :class:`Command`; the mode run
+functions (:data:`utils.modes.cli.MODES`) read only that, never the argparse Namespace.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from train_configs import Recipe
-from utils.run import ExperimentPaths, experiment_name, qat_experiment_name
+from utils.rundir.identity import ExperimentPaths, experiment_name, qat_experiment_name
 
 __all__ = ["DataOptions", "TrainSettings", "Command", "block_kwargs", "create_loaders"]
 
@@ -76,7 +76,7 @@ class Command:
 
     @property
     def train_name(self) -> str:
-        """The training run's folder name (``--exp-name`` or :func:`utils.run.experiment_name`)."""
+        """The training run's folder name (``--exp-name`` or :func:`utils.rundir.identity.experiment_name`)."""
         return self.exp_name or experiment_name(self.arch, self.block_type, self.dataset, self.arch_dataset, self.seed)
 
     @property
@@ -98,7 +98,7 @@ def block_kwargs(block_type: str, recipe: Recipe) -> dict[str, Any]:
 def create_loaders(cmd: Command, recipe: Recipe, ctx):
     """``(train_loader, eval_loader)`` of the command's dataset, for this rank, loaded rank after rank."""
     import data
-    from utils.distributed import in_turn
+    from utils.engine.distributed import in_turn
     from utils.errors import UsageError
 
     if recipe.batch_size % ctx.world_size:

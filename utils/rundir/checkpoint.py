@@ -25,7 +25,7 @@ import torch
 
 from acnet.errors import ACNetError
 from acnet.fileio import atomic_open, save_torch
-from utils.run import ExperimentPaths
+from utils.rundir.identity import ExperimentPaths
 
 __all__ = ["CheckpointError", "ExperimentPaths", "weights_argument", "save_json", "save_state", "load_state",
            "capture_rng_state", "restore_rng_state", "seed_everything", "finished_run_record", "read_finished_run"]

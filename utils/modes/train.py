@@ -1,8 +1,8 @@
 """The training mode of do_acnet.py: train (or resume, or reuse a finished run), then the post-training steps.
 
-The run holds its folder (:class:`utils.record.RunSession`: the lock, the state file) from the start;
+The run holds its folder (:class:`utils.rundir.record.RunSession`: the lock, the state file) from the start;
 files are written only once everything is validated (the folder's record, recipe, data, model, init
-weights). The folder must hold nothing, or a run of the same identity (:func:`utils.record.record_conflicts`):
+weights). The folder must hold nothing, or a run of the same identity (:func:`utils.rundir.record.record_conflicts`):
 a finished run (``finish.hdf5``) is reused (post-training steps only); an interrupted one (``latest.pth``)
 is resumed by ``-c continue`` and otherwise refused -- ``-c restart`` moves its files into
 ``previous-<time>/`` and starts over. Nothing saved is ever deleted.
@@ -19,8 +19,8 @@ import torch
 from train_configs.recipes import Recipe, should_validate
 from utils.command import Command, block_kwargs, create_loaders, model_builder
 from utils.errors import UsageError
-from utils.record import STATE_FILE
-from utils.run import ExperimentPaths, merge_saved_recipe
+from utils.rundir.record import STATE_FILE
+from utils.rundir.identity import ExperimentPaths, merge_saved_recipe
 
 __all__ = ["run_training", "write_recipe_json", "log_rank_agreement"]
 
@@ -29,8 +29,8 @@ logger = logging.getLogger("do_acnet")
 
 def write_recipe_json(path: Path, cmd: Command, recipe: Recipe, ctx, options,
                       init_weights: Optional[dict[str, Any]] = None) -> None:
-    """The training run's record (:func:`utils.record.make_record`) with how it ran, to ``path``'s folder."""
-    from utils.record import make_record, write_record
+    """The training run's record (:func:`utils.rundir.record.make_record`) with how it ran, to ``path``'s folder."""
+    from utils.rundir.record import make_record, write_record
 
     record = make_record(cmd, recipe, "finetune" if init_weights is not None else "train",
                          world_size=ctx.world_size, batch_size_per_rank=recipe.batch_size // ctx.world_size,
@@ -43,7 +43,7 @@ def write_recipe_json(path: Path, cmd: Command, recipe: Recipe, ctx, options,
 
 def _wanted_identity(cmd: Command, recipe: Recipe, kind: str) -> dict[str, Any]:
     """The identity fields this command asks for: all of them, or on ``-c continue`` only those it names."""
-    from utils.record import identity, make_record
+    from utils.rundir.record import identity, make_record
 
     full = identity(make_record(cmd, recipe, kind))
     if not cmd.continuing:
@@ -57,8 +57,8 @@ def _check_folder(paths: ExperimentPaths, cmd: Command, recipe: Recipe, kind: st
 
     Refusals are one line and come before anything is written. ``-c restart`` first moves an earlier run aside.
     """
-    from utils.distributed import barrier
-    from utils.record import describe_conflicts, move_aside, read_json_object, read_record, record_conflicts
+    from utils.engine.distributed import barrier
+    from utils.rundir.record import describe_conflicts, move_aside, read_json_object, read_record, record_conflicts
 
     if cmd.restart:
         moved = move_aside(paths.root) if ctx.is_main and paths.root.is_dir() else None
@@ -85,9 +85,9 @@ def _check_folder(paths: ExperimentPaths, cmd: Command, recipe: Recipe, kind: st
 
 
 def run_training(cmd: Command, ctx, run_start: float) -> None:
-    """The default mode (module docstring): the folder is held (:mod:`utils.record`) while the run writes."""
-    from utils.distributed import ranks_not_seeing
-    from utils.record import RunSession, hold_run
+    """The default mode (module docstring): the folder is held (:mod:`utils.rundir.record`) while the run writes."""
+    from utils.engine.distributed import ranks_not_seeing
+    from utils.rundir.record import RunSession, hold_run
 
     paths = cmd.paths()
     blind = ranks_not_seeing(paths.root)
@@ -102,12 +102,12 @@ def run_training(cmd: Command, ctx, run_start: float) -> None:
 
 def _run_training(cmd: Command, ctx, run_start: float, paths: ExperimentPaths, session, kind: str) -> None:
     from acnet.fileio import ensure_writable_dir
-    from utils.checkpoint import load_state, read_finished_run, seed_everything
-    from utils.distributed import barrier
-    from utils.engine import Trainer, TrainOptions
-    from utils.guards import amp_cpu_warning, check_batch_fits
-    from utils.posttrain import post_training
-    from utils.runlog import RunLog, TensorBoard
+    from utils.rundir.checkpoint import load_state, read_finished_run, seed_everything
+    from utils.engine.distributed import barrier
+    from utils.engine.trainer import Trainer, TrainOptions
+    from utils.engine.guards import amp_cpu_warning, check_batch_fits
+    from utils.engine.posttrain import post_training
+    from utils.rundir.log import RunLog, TensorBoard
 
     recipe = cmd.recipe
     on_cuda = ctx.device.type == "cuda"
@@ -136,7 +136,7 @@ def _run_training(cmd: Command, ctx, run_start: float, paths: ExperimentPaths, s
             raise UsageError(f"-c continue: {paths.state} belongs to {state['meta']}, not {options.meta}")
         recipe = merge_saved_recipe(state["recipe"], cmd.overrides, paths.state)
     elif nothing_saved:  # the run stopped before its first epoch was saved: it starts again, with its recipe
-        from utils.record import recipe_fields
+        from utils.rundir.record import recipe_fields
 
         saved = {**cmd.recipe.to_dict(), **{key: record[key] for key in recipe_fields() if key in (record or {})}}
         recipe = merge_saved_recipe(saved, cmd.overrides, paths.recipe)
@@ -151,7 +151,7 @@ def _run_training(cmd: Command, ctx, run_start: float, paths: ExperimentPaths, s
     model = build()  # before any file is written: bad block options fail here
     init_weights = None
     if cmd.init_weights and state is None and not finished:  # a continued run has its own weights
-        from utils.init_weights import load_init_weights
+        from utils.engine.init_weights import load_init_weights
 
         init_weights = load_init_weights(model, cmd.init_weights, block_type=cmd.block_type, arch=cmd.arch,
                                          skip_classifier=cmd.init_weights_skip_classifier, logger=logger)
@@ -215,8 +215,8 @@ def log_rank_agreement(model: torch.nn.Module, ctx, run_log) -> None:
         return
     import hashlib
 
-    from utils.distributed import all_gather_objects
-    from utils.engine import cpu_state_dict
+    from utils.engine.distributed import all_gather_objects
+    from utils.engine.trainer import cpu_state_dict
 
     digest = hashlib.sha256()
     for key, value in sorted(cpu_state_dict(model).items()):

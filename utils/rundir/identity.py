@@ -7,8 +7,8 @@ a QAT run of the same identity ends in ``_qat``. :class:`ExperimentPaths` names 
 do_acnet.py, show_log.py, reproduce.py, robustness.py, kernel_skeleton.py and the benchmarks read
 runs through this module. Recipe resolution (:func:`resolve_recipe`) and the guard of a continued
 run (:func:`merge_saved_recipe`) live here too. What a run folder holds -- its record (identity),
-lock and state -- is :mod:`utils.record`'s; reading a run's resumable state (torch) is
-:mod:`utils.checkpoint`'s.
+lock and state -- is :mod:`utils.rundir.record`'s; reading a run's resumable state (torch) is
+:mod:`utils.rundir.checkpoint`'s.
 """
 from __future__ import annotations
 

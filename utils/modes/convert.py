@@ -18,9 +18,9 @@ def convert_file(arch: str, block_type: str, src: str, dst: str, input_size: int
     """Convert ``src`` into ``dst`` and print the check (:class:`UsageError`: a command line that cannot run)."""
     from acnet import save_hdf5
     from acnet.fileio import save_torch
-    from utils.engine import cpu_state_dict
-    from utils.evaluation import load_model_for_eval
-    from utils.posttrain import convert_weights, describe_logit_diff
+    from utils.engine.trainer import cpu_state_dict
+    from utils.engine.evaluation import load_model_for_eval
+    from utils.engine.posttrain import convert_weights, describe_logit_diff
 
     if fmt != "ours":
         from constructor.original_formats import families_of

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import to_device
-from utils.distributed import all_reduce_max
-from utils.metrics import MetricSums
+from utils.engine.distributed import all_reduce_max
+from utils.engine.metrics import MetricSums
 
 __all__ = ["evaluate", "compare_models", "load_model_for_eval", "exact_math", "autocast_context", "run_eval_only"]
 
@@ -184,7 +184,7 @@ def run_eval_only(cmd, ctx) -> None:
     """The ``--eval-only WEIGHTS`` mode: top-1/top-5/loss of any weights file (or a run's) on ``cmd.dataset``."""
     from acnet import check_finite_weights, load_state_dict_file
     from utils.command import create_loaders
-    from utils.record import command_with_run_data
+    from utils.rundir.record import command_with_run_data
 
     cmd = command_with_run_data(cmd, cmd.eval_source)  # a run's weights: its dataset unless --dataset says
     source = f"weights file {os.fspath(cmd.eval_weights)!r}"

@@ -2,7 +2,7 @@
 
 ``do_acnet.py -a ARCH -b BLOCK --export-onnx WEIGHTS OUT.onnx [--quantize int8 --calib-images N]``:
 
-1. WEIGHTS (any form :func:`utils.evaluation.load_model_for_eval` takes) -> deploy model (training-time
+1. WEIGHTS (any form :func:`utils.engine.evaluation.load_model_for_eval` takes) -> deploy model (training-time
    weights are converted first) -> ``acnet.export_onnx`` (checked: onnx.checker, onnxruntime vs PyTorch).
 2. ``--quantize int8``: onnxruntime's static QDQ quantization (``quantize_static``: uint8 activations
    per tensor, int8 weights per output channel, int32 biases, MinMax calibration on the first N
@@ -30,8 +30,8 @@ from acnet.export import DEFAULT_RTOL, ExportError, ExportResult, export_onnx, r
 from acnet.fileio import atomic_path
 from data import to_device
 from utils.command import Command, create_loaders
-from utils.metrics import MetricSums
-from utils.run import ExperimentPaths
+from utils.engine.metrics import MetricSums
+from utils.rundir.identity import ExperimentPaths
 
 __all__ = ["require_deploy_extras", "DEFAULT_CALIB_IMAGES", "QUANTIZE_CHOICES", "int8_path", "export_weights", "calibration_batches",
            "quantize_int8", "evaluate_onnx", "run_export", "merge_summary"]
@@ -67,8 +67,8 @@ def export_weights(arch: str, block_type: str, weights: str | os.PathLike | Mapp
 
     Returns ``(deploy model, export result)``. ``acnet.WeightsError`` for weights of another model.
     """
-    from utils.evaluation import load_model_for_eval
-    from utils.posttrain import convert_weights
+    from utils.engine.evaluation import load_model_for_eval
+    from utils.engine.posttrain import convert_weights
 
     model = load_model_for_eval(arch, block_type, weights, "cpu", num_classes=num_classes)
     deploy = convert_weights(model)
@@ -222,8 +222,8 @@ def evaluate_onnx(path: str | os.PathLike, loader) -> dict[str, float]:
 
 def merge_summary(path: Path, fields: Mapping[str, Any]) -> None:
     """Add ``fields`` to the JSON object in ``path`` (created if missing), atomically
-    (:func:`utils.record.merge_summary`: a corrupt file is one line naming it, never replaced)."""
-    from utils.record import merge_summary as merge
+    (:func:`utils.rundir.record.merge_summary`: a corrupt file is one line naming it, never replaced)."""
+    from utils.rundir.record import merge_summary as merge
 
     merge(path, fields)
 
@@ -246,7 +246,7 @@ def run_export(cmd: Command, ctx) -> dict[str, Any]:
     """
     from contextlib import nullcontext
 
-    from utils.record import RunSession, command_with_run_data
+    from utils.rundir.record import RunSession, command_with_run_data
 
     weights, out = cmd.export_onnx
     summary, log = summary_target(weights, out)
@@ -259,8 +259,8 @@ def run_export(cmd: Command, ctx) -> dict[str, Any]:
 
 
 def _export(cmd: Command, ctx, weights, out, summary: Path, log: Optional[Path]) -> dict[str, Any]:
-    from utils.evaluation import evaluate
-    from utils.runlog import RunLog
+    from utils.engine.evaluation import evaluate
+    from utils.rundir.log import RunLog
 
     run_log = RunLog(log, enabled=True, keep_existing=True) if log is not None else None
 

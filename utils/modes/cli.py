@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from utils.errors import OneLineUsageParser, UsageError
-from utils.run import DEFAULT_SEED, RECIPE_OVERRIDES
+from utils.rundir.identity import DEFAULT_SEED, RECIPE_OVERRIDES
 
 __all__ = ["Mode", "MODES", "DATASETS_BY_INPUT_SIZE", "build_parser", "select_mode", "check_args",
            "parse_command", "command_from_args"]
@@ -30,7 +30,7 @@ _GROUPS = {
     "io": "data and outputs",
     "run": "execution",
     "tools": "standalone tools (no training)",
-    "deploy": "deployment: ONNX and int8 (the 'deploy' extra; see utils/deploy.py, utils/qat.py)",
+    "deploy": "deployment: ONNX and int8 (the 'deploy' extra; see utils/engine/deploy.py, utils/modes/qat.py)",
 }
 Groups = dict[str, Any]  # key of _GROUPS -> its argparse argument group
 
@@ -64,13 +64,13 @@ def _train_arguments(groups: Groups) -> None:
     recipe.add_argument("--val-every", type=int, help="evaluate every N epochs (and every epoch near the end)")
     recipe.add_argument("--init-weights", metavar="FILE",
                         help="start from FILE (ours or the original ACNet/DBB code's; same block type, base or deploy "
-                             "weights: utils/init_weights.py) instead of a fresh initialisation")
+                             "weights: utils/engine/init_weights.py) instead of a fresh initialisation")
     recipe.add_argument("--init-weights-skip-classifier", action="store_true",
                         help="with --init-weights: keep a fresh classifier (e.g. another number of classes)")
 
 
 def _run_train(cmd, ctx, run_start: float) -> None:
-    from utils.training import run_training
+    from utils.modes.train import run_training
 
     run_training(cmd, ctx, run_start)
 
@@ -82,7 +82,7 @@ def _eval_arguments(groups: Groups) -> None:
 
 
 def _check_eval(args: argparse.Namespace) -> None:
-    from utils.checkpoint import weights_argument
+    from utils.rundir.checkpoint import weights_argument
 
     try:
         args.eval_weights = weights_argument(args.eval_only, "--eval-only")  # a file, or a run directory's
@@ -91,7 +91,7 @@ def _check_eval(args: argparse.Namespace) -> None:
 
 
 def _run_eval(cmd, ctx, run_start: float) -> None:
-    from utils.evaluation import run_eval_only
+    from utils.engine.evaluation import run_eval_only
 
     run_eval_only(cmd, ctx)
 
@@ -116,14 +116,14 @@ def _check_convert(args: argparse.Namespace) -> None:
 
 
 def _run_convert(cmd, ctx, run_start: float) -> None:
-    from utils.conversion import convert_file
+    from utils.modes.convert import convert_file
 
     convert_file(cmd.arch, cmd.block_type, *cmd.convert, cmd.input_size, cmd.format)
 
 
 # ------------------------------------------------------------------------------------------ export
 def _export_arguments(groups: Groups) -> None:
-    from utils.deploy import DEFAULT_CALIB_IMAGES, QUANTIZE_CHOICES
+    from utils.engine.deploy import DEFAULT_CALIB_IMAGES, QUANTIZE_CHOICES
 
     deploy = groups["deploy"]
     deploy.add_argument("--export-onnx", nargs=2, metavar=("WEIGHTS", "OUT"),
@@ -146,7 +146,7 @@ def _check_export(args: argparse.Namespace) -> None:
 
 
 def _run_export(cmd, ctx, run_start: float) -> None:
-    from utils.deploy import require_deploy_extras, run_export
+    from utils.engine.deploy import require_deploy_extras, run_export
 
     require_deploy_extras()
     run_export(cmd, ctx)
@@ -168,8 +168,8 @@ def _check_qat(args: argparse.Namespace) -> None:
 
 
 def _run_qat(cmd, ctx, run_start: float) -> None:
-    from utils.deploy import require_deploy_extras
-    from utils.qat import run_qat
+    from utils.engine.deploy import require_deploy_extras
+    from utils.modes.qat import run_qat
 
     require_deploy_extras()
     run_qat(cmd, ctx, run_start)
@@ -297,7 +297,7 @@ def command_from_args(args: argparse.Namespace, mode: Mode, argv: Sequence[str] 
     """The typed :class:`utils.command.Command` of checked arguments (resolves the dataset and the recipe);
     ``script`` and ``argv`` make its recorded command line."""
     from utils.command import Command, DataOptions, TrainSettings
-    from utils.run import resolve_recipe
+    from utils.rundir.identity import resolve_recipe
 
     spec, dataset = resolve_dataset(args.arch, args.dataset, (args.synthetic_num_train, args.synthetic_num_val))
     overrides = {field: getattr(args, field) for field in RECIPE_OVERRIDES if getattr(args, field) is not None}
