@@ -25,9 +25,21 @@ from typing import Any
 
 import torch
 
-from utils.rundir.checkpoint import seed_everything
+from acnet.export import export_onnx
+from acnet.quant import activation_qparams, convert_qat, prepare_qat
 from utils.command import Command, create_loaders, model_builder
+from utils.engine.deploy import (calibration_batches, evaluate_onnx, example_batch, int8_path, quantize_int8,
+                                 require_deploy_extras)
+from utils.engine.distributed import DistContext, barrier
+from utils.engine.evaluation import evaluate, load_weights_strict
+from utils.engine.init_weights import load_init_weights
 from utils.engine.posttrain import DeployMismatchError, count_parameters
+from utils.engine.trainer import Trainer, TrainOptions, save_weights_hdf5
+from utils.modes.registry import QatOptions
+from utils.rundir.checkpoint import seed_everything
+from utils.rundir.log import RunLog, TensorBoard
+from utils.rundir.record import (RunSession, command_with_run_data, hold_run, make_record, merge_summary, move_aside,
+                                 write_record)
 
 __all__ = ["QAT_LR_FACTOR", "qat_recipe", "run_qat"]
 
@@ -44,16 +56,15 @@ def qat_recipe(recipe, lr_given: bool):
     return dataclasses.replace(recipe, **changes)
 
 
-def run_qat(cmd: Command, ctx, run_start: float) -> dict[str, Any]:
-    """The ``--qat`` mode (module docstring): fine-tune ``cmd.init_weights``, convert, export, test the int8 model.
+def run_qat(cmd: Command, ctx: DistContext, run_start: float) -> dict[str, Any]:
+    """The ``--qat`` mode (module docstring): fine-tune ``cmd.options.init_weights``, convert, export, test the int8 model.
 
     The data is the init weights' run's (its record), unless the command line names it. The QAT folder is
     held (:class:`utils.rundir.record.RunSession`: lock, state, kind ``qat``); an earlier QAT run in it is moved
     into ``previous-<time>/`` once everything is validated.
     """
-    from utils.rundir.record import RunSession, command_with_run_data, hold_run
-
-    cmd = command_with_run_data(cmd, cmd.init_weights)
+    require_deploy_extras()
+    cmd = command_with_run_data(cmd, cmd.options.init_weights)
     paths = cmd.paths(cmd.qat_name)
     session = RunSession(paths, f"do_acnet.py --qat {cmd.arch} / {cmd.block_type}", kind="qat", main=ctx.is_main)
     with hold_run(session, ctx):
@@ -61,24 +72,15 @@ def run_qat(cmd: Command, ctx, run_start: float) -> dict[str, Any]:
 
 
 def _run_qat(cmd: Command, ctx, run_start: float, session) -> dict[str, Any]:
-    from acnet.export import export_onnx
-    from acnet.quant import activation_qparams, convert_qat, prepare_qat
-    from utils.engine.deploy import calibration_batches, evaluate_onnx, example_batch, int8_path, quantize_int8
-    from utils.engine.distributed import barrier
-    from utils.engine.trainer import Trainer, TrainOptions, save_weights_hdf5
-    from utils.engine.evaluation import evaluate, load_weights_strict
-    from utils.engine.init_weights import load_init_weights
-    from utils.rundir.record import make_record, merge_summary, move_aside, write_record
-    from utils.rundir.log import RunLog, TensorBoard
-
+    options: QatOptions = cmd.options
     recipe = qat_recipe(cmd.recipe, lr_given="lr" in cmd.overrides)
     train_loader, eval_loader = create_loaders(cmd, recipe, ctx)
     build = model_builder(cmd, recipe, eval_loader.num_classes)
     paths = session.paths
     seed_everything(cmd.seed)
     model = build()
-    info = load_init_weights(model, cmd.init_weights, block_type=cmd.block_type, arch=cmd.arch,
-                             skip_classifier=cmd.init_weights_skip_classifier)
+    info = load_init_weights(model, options.init_weights, block_type=cmd.block_type, arch=cmd.arch,
+                             skip_classifier=options.init_weights_skip_classifier)
     prepare_qat(model)
     options = TrainOptions(print_freq=cmd.train.print_freq, progress_bar=cmd.train.progress,
                            meta={"arch": cmd.arch, "block_type": cmd.block_type, "dataset": cmd.dataset, "qat": True},
@@ -119,9 +121,9 @@ def _run_qat(cmd: Command, ctx, run_start: float, session) -> dict[str, Any]:
     if ctx.is_main:
         save_weights_hdf5(deploy, paths.deploy_weights)
         onnx_path = paths.root / "model.onnx"
-        exported = export_onnx(deploy, example_batch(cmd.input_size), onnx_path, opset=cmd.opset)
+        exported = export_onnx(deploy, example_batch(cmd.input_size), onnx_path, opset=options.opset)
         run_log.write(f"ONNX export {exported.summary()}")
-        calibration = calibration_batches(train_loader, cmd.calib_images)
+        calibration = calibration_batches(train_loader, options.calib_images)
         int8 = quantize_int8(onnx_path, int8_path(onnx_path), calibration, input_qparams=activation_qparams(model))
         int8_metrics = evaluate_onnx(int8, eval_loader)
         images = int(int8_metrics["num_samples"])
