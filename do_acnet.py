@@ -35,13 +35,14 @@ import time
 
 from utils.command import block_kwargs
 from utils.errors import USER_ERRORS, UsageError, exit_status, exit_with_error
-from utils.modes import MODES, build_parser as _build_parser, check_args, command_from_args
+from utils.modes.cli import build_parser as _build_parser, check_args, command_from_args
+from utils.modes.registry import MODES, get_mode
 
 __all__ = ["main", "build_parser", "block_kwargs", "MODES"]
 
 
 def build_parser():
-    """The command line (utils/modes.py: the common options and every mode's)."""
+    """The command line (utils/modes/cli.py: the common options and every mode's, utils/modes/registry.py)."""
     return _build_parser(description=__doc__)
 
 
@@ -51,11 +52,14 @@ def fail(message: str, rank: int, world_size: int, status: int = 1):
 
 
 def interrupted(cmd, exc: KeyboardInterrupt) -> str:
-    """The one line for Ctrl-C: where it stopped and how to go on (see utils.guards.interrupted_message)."""
-    from utils.guards import interrupted_message
+    """The one line for Ctrl-C: the mode's own (``Mode.on_interrupt``), else where the run stopped and how to go
+    on (utils.engine.guards.interrupted_message)."""
+    # the engine imports torch: only after a Ctrl-C, so that parsing (and -h) stays torch-free
+    from utils.engine.guards import interrupted_message
 
-    if cmd.mode in ("eval", "convert"):
-        return "interrupted (Ctrl-C); no partial file was written"
+    note = get_mode(cmd.mode).on_interrupt
+    if note is not None:
+        return note
     return interrupted_message(list(cmd.argv), cmd.paths().root, getattr(exc, "where", None),
                                getattr(exc, "saved", None))
 
@@ -65,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
-    from utils.distributed import cleanup, init_distributed
+    # torch (the process group) only once the command line parsed: -h and argparse's refusals stay torch-free
+    from utils.engine.distributed import cleanup, init_distributed
 
     try:  # everything that needs no data and no model: nothing is written before it passes
         mode = check_args(args)

@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from utils.errors import USER_ERRORS, UsageError, report_error
-from utils.run import DEPLOY_WEIGHTS, FINISH_WEIGHTS
+from utils.rundir.identity import DEPLOY_WEIGHTS, FINISH_WEIGHTS
 
 # Submodule names that only a training-time (unfused) weights file has: the branches of ACB, DBB and OREPA.
 TRAINING_FORM_MARKERS = ("square_conv", "ver_conv", "hor_conv", "dbb_origin", "dbb_1x1", "dbb_1x1_kxk", "dbb_avg",
@@ -148,7 +148,7 @@ def format_skeleton(skeleton: Skeleton) -> str:
 
 
 def _import_pyplot():
-    from utils.plotting import import_pyplot
+    from utils.analysis.plotting import import_pyplot
 
     return import_pyplot("drawing", "or run without -o for the text output")
 

@@ -19,7 +19,7 @@ or per group of ``--nproc-per-run`` GPUs launched with ``torchrun --standalone``
 ``--gpus cpu``) ``--cpu-jobs`` runs at a time (default 1). A "free" GPU is one no other run of this
 sweep holds.
 
-Resuming: each run folder's record (``recipe.json``, :mod:`utils.record`) is compared with the sweep's
+Resuming: each run folder's record (``recipe.json``, :mod:`utils.rundir.record`) is compared with the sweep's
 run: a folder of another identity (recipe, dataset, seed, ...) or with an unreadable record is a
 *conflict*, reported, not run and left out of the final tables; a run whose ``summary.json`` records a
 tested deploy model is done and skipped; one that started (a record, ``latest.pth`` or ``finish.hdf5``)
@@ -43,17 +43,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import constructor
+from acnet.registry import block_type_names
+from utils.analysis.collect import read_run
+from utils.analysis.tables import report
 from utils.errors import USER_ERRORS, OneLineUsageParser, UsageError, report_error
-from utils.run import ExperimentPaths
+from utils.modes.cli import build_parser as do_acnet_parser, check_args, command_from_args, given_options
+from utils.modes.registry import MODES
+from utils.rundir.identity import ExperimentPaths
+from utils.rundir.record import RecordError, describe_conflicts, differing_fields, identity, make_record, \
+    read_json_object, read_record
 
 REPO = Path(__file__).resolve().parent
 DO_ACNET = REPO / "do_acnet.py"
-#: do_acnet.py options that the sweep sets itself, per run, and that may not come after ``--``.
+#: do_acnet.py options that the sweep sets itself, per run, and that may not come after ``--`` (besides
+#: the options of the modes that are not training runs: :func:`sweep_owned`).
 SWEEP_OWNED = {"arch": "--archs", "block_type": "--blocks", "seed": "--seeds", "conti_or_fs": "(resuming)",
-               "output_dir": "--output-dir", "exp_name": "(the run's folder)", "dataset": "--dataset",
-               "eval_only": "(training only)", "convert": "(training only)"}
+               "output_dir": "--output-dir", "exp_name": "(the run's folder)", "dataset": "--dataset"}
 STOP_GRACE_SECONDS = 20.0
-_UNSET = object()
 
 
 class SweepError(UsageError):
@@ -123,24 +130,25 @@ def split_extra(argv: Sequence[str]) -> tuple[list, list]:
     return argv, []
 
 
-def _do_acnet_namespace(parser: argparse.ArgumentParser, argv: list) -> argparse.Namespace:
-    def error(message):
-        raise SweepError(f"options for do_acnet.py: {message}")
+def sweep_owned() -> dict[str, str]:
+    """do_acnet.py dest -> what to use instead: the sweep's own options, and the option of every mode that is
+    not a training run (the table of modes, :data:`utils.modes.registry.MODES`, says which)."""
+    return {**SWEEP_OWNED, **{mode.dest: "(training only)" for mode in MODES.values()
+                              if not mode.sweepable and mode.dest is not None}}
 
-    parser.error = error  # type: ignore[method-assign]
+
+def _do_acnet_options(parse):
+    """``parse()``, do_acnet.py's parser at work, with its refusals as :class:`SweepError` s."""
     try:
-        return parser.parse_args(argv)
+        return parse()
+    except UsageError as exc:
+        raise SweepError(f"options for do_acnet.py: {exc}") from None
     except SystemExit:  # --help among the extra options
         raise SweepError("options for do_acnet.py: see python do_acnet.py --help") from None
 
 
 def plan(args: argparse.Namespace, extra: list) -> list:
     """Every run of the sweep with its do_acnet.py arguments and what to do (``PlannedRun.action``)."""
-    import constructor
-    from acnet.registry import block_type_names
-    from utils.modes import build_parser as do_acnet_parser, check_args, command_from_args
-    from utils.record import identity, make_record
-
     unknown = [a for a in args.archs if a not in constructor.list_archs()]
     if unknown:
         raise SweepError(f"unknown arch {unknown[0]!r}; choose from {', '.join(constructor.list_archs())}")
@@ -148,15 +156,12 @@ def plan(args: argparse.Namespace, extra: list) -> list:
     if bad_blocks:
         raise SweepError(f"unknown block type {bad_blocks[0]!r}; choose from "
                          f"{', '.join(block_type_names())}")
-    probe = do_acnet_parser()  # which of the sweep's own options the extra ones set (any spelling)
-    for action in probe._actions:
-        if action.dest in SWEEP_OWNED:
-            action.default, action.required = _UNSET, False
-    extra_ns = vars(_do_acnet_namespace(probe, extra))
-    owned = [key for key in SWEEP_OWNED if extra_ns[key] is not _UNSET]
+    owned_by_sweep = sweep_owned()
+    owned = list(_do_acnet_options(lambda: given_options(extra, list(owned_by_sweep))))  # any spelling
     if owned:
         raise SweepError(f"do_acnet.py's {owned[0].replace('_', '-')} is set by the sweep, not after '--': "
-                         f"use {SWEEP_OWNED[owned[0]]}")
+                         f"use {owned_by_sweep[owned[0]]}")
+    parser = do_acnet_parser(raise_errors=True)
     runs = []
     for arch in _unique(args.archs):
         for block in _unique(args.blocks):
@@ -167,14 +172,14 @@ def plan(args: argparse.Namespace, extra: list) -> list:
                 if "--no-progress" not in extra:
                     argv.append("--no-progress")  # the console goes to a file: no progress bar
                 argv += extra
-                ns = _do_acnet_namespace(do_acnet_parser(), argv)
+                ns = _do_acnet_options(lambda: parser.parse_args(argv))
                 try:
                     cmd = command_from_args(ns, check_args(ns), argv)
                 except UsageError as exc:
                     raise SweepError(f"{arch} / {block}: {exc}") from None
                 folder = cmd.paths().root
                 run = PlannedRun(arch, block, seed, folder, argv)
-                _resolve_action(run, identity(make_record(cmd, cmd.recipe, "finetune" if cmd.init_weights
+                _resolve_action(run, identity(make_record(cmd, cmd.recipe, "finetune" if cmd.options.init_weights
                                                           else "train")))
                 runs.append(run)
     return runs
@@ -185,11 +190,9 @@ def _unique(values: Sequence) -> list:
 
 
 def _resolve_action(run: PlannedRun, expected: dict) -> None:
-    """done / continue / fs from the folder's record (:mod:`utils.record`) and files; a run folder holding
+    """done / continue / fs from the folder's record (:mod:`utils.rundir.record`) and files; a run folder holding
     another identity (a finished run of another recipe, an interrupted one) or an unreadable record is a
     conflict: it is not run and never enters the sweep's tables."""
-    from utils.record import RecordError, describe_conflicts, differing_fields, read_json_object, read_record
-
     paths = run.paths
     try:
         recorded = read_record(paths) or {}
@@ -216,7 +219,7 @@ def slots(args: argparse.Namespace) -> list:
         raise SweepError("--nproc-per-run and --cpu-jobs must be >= 1")
     spec = args.gpus.strip()
     if spec == "auto":
-        import torch
+        import torch  # only to count the GPUs: planning and --dry-run stay torch-free
 
         ids = [str(i) for i in range(torch.cuda.device_count())]
     elif spec == "cpu":
@@ -384,9 +387,6 @@ def print_dry_run(runs: list, slot_list: list, nproc: int) -> None:
 
 
 def final_report(runs: list, n: int, fmt: str) -> str:
-    from utils.report import report
-    from utils.runs import read_run
-
     records = [read_run(r.folder) for r in runs if r.folder.is_dir() and r.status != "conflict"]
     return report(records, n, fmt) if records else "(no run has written anything yet)"
 

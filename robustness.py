@@ -23,11 +23,11 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from utils.checkpoint import ExperimentPaths
+from utils.rundir.checkpoint import ExperimentPaths
 from utils.errors import USER_ERRORS, UsageError, report_error
-from utils.guards import amp_cpu_warning
-from utils.report import render_table
-from utils.runs import run_dataset
+from utils.engine.guards import amp_cpu_warning
+from utils.analysis.tables import render_table
+from utils.analysis.collect import run_dataset
 
 
 Distortion = Callable[[torch.Tensor], torch.Tensor]
@@ -56,8 +56,8 @@ DISTORTIONS: Mapping[str, Distortion] = {
 
 def robustness_metrics(model: torch.nn.Module, loader, device: torch.device | str,
                        distortions: Mapping[str, Distortion] = DISTORTIONS, amp: bool = False) -> dict:
-    """``{distortion name: utils.evaluation.evaluate(...) metrics}`` for each distortion of the inputs."""
-    from utils.evaluation import evaluate
+    """``{distortion name: utils.engine.evaluation.evaluate(...) metrics}`` for each distortion of the inputs."""
+    from utils.engine.evaluation import evaluate
 
     return {name: evaluate(model, loader, device, input_transform=transform, amp=amp)
             for name, transform in distortions.items()}
@@ -82,9 +82,9 @@ class Target:
 
 
 def _read_run_files(paths: ExperimentPaths) -> tuple[dict, dict]:
-    """``(record, summary)`` of a run folder through :mod:`utils.record` (``{}`` when absent); a corrupt one
+    """``(record, summary)`` of a run folder through :mod:`utils.rundir.record` (``{}`` when absent); a corrupt one
     is one line naming it."""
-    from utils.record import RecordError, read_json_object, read_record
+    from utils.rundir.record import RecordError, read_json_object, read_record
 
     try:
         return read_record(paths) or {}, read_json_object(paths.summary) or {}
@@ -96,7 +96,7 @@ def resolve_target(path: Path, args: argparse.Namespace) -> Target:
     """A run directory or a weights file -> Target (command-line options override the run's files).
 
     For a run directory the arch, block type and dataset come from ``summary.json``, else ``recipe.json``
-    (the dataset, else from the directory name: ``utils.runs.run_dataset``).
+    (the dataset, else from the directory name: ``utils.analysis.collect.run_dataset``).
     """
     if not path.exists():
         raise RobustnessError(f"no such run directory or weights file: {path}")
@@ -145,7 +145,7 @@ def resolve_target(path: Path, args: argparse.Namespace) -> Target:
 def evaluate_target(target: Target, args: argparse.Namespace, device: torch.device) -> dict:
     """Load the test set and the model (with the test set's number of classes), then every distortion."""
     import data
-    from utils.evaluation import load_model_for_eval
+    from utils.engine.evaluation import load_model_for_eval
 
     loader_kwargs = dict(global_batch_size=args.batch_size, device=str(device), workers=args.workers,
                          eval_batch_size=args.batch_size, download=not args.no_download)

@@ -48,11 +48,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from utils.errors import USER_ERRORS, OneLineUsageParser, UsageError, report_error
-from utils.plotting import PLOT_ALTERNATIVE, import_pyplot, plot_runs
-from utils.report import (COMPARISON_HEADERS, GROUP_HEADERS, comparison_rows, comparisons,  # noqa: F401
+from utils.analysis.plotting import PLOT_ALTERNATIVE, import_pyplot, plot_runs
+from utils.analysis.tables import (COMPARISON_HEADERS, GROUP_HEADERS, comparison_rows, comparisons,  # noqa: F401
                           group_rows, group_runs, published_reference, report, run_headers, run_rows)
-from utils.run import block_types, parse_run_name  # noqa: F401
-from utils.runs import discover_runs, parse_log_text, read_run, run_dataset, run_seed  # noqa: F401
+from utils.rundir.identity import block_types, parse_run_name  # noqa: F401
+from utils.analysis.collect import discover_runs, parse_log_text, read_run, run_dataset, run_seed  # noqa: F401
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import constructor  # noqa: E402
 from acnet.export import require_extra  # noqa: E402
-from utils.run import ExperimentPaths  # noqa: E402
+from utils.rundir.identity import ExperimentPaths  # noqa: E402
 
 BLOCKS = ("base", "acb", "dbb")
 VARIANTS = ("torch eager", "ort fp32", "ort int8")
@@ -75,7 +75,7 @@ def onnx_files(run: Path, summary: dict[str, Any], arch: str, block: str, scratc
     candidates = [Path(p) if p and Path(p).is_absolute() else (Path.cwd() / p if p else None) for p in own]
     if all(p is not None and p.is_file() for p in candidates):
         return candidates[0], candidates[1]
-    from utils.deploy import export_weights, int8_path, quantize_int8
+    from utils.engine.deploy import export_weights, int8_path, quantize_int8
 
     spec = constructor.get_arch_spec(arch)
     out = scratch / f"{arch}_{block}.onnx"
@@ -129,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 qat = find_run(exps, arch, block, "qat", args.dataset_tag)
                 qat_summary = read_summary(qat) if qat else {}
                 fp32_path, int8_file = onnx_files(run, summary, arch, block, Path(scratch), batch)
-                from utils.evaluation import load_model_for_eval
+                from utils.engine.evaluation import load_model_for_eval
 
                 model = load_model_for_eval(arch, block, run / "finish_deploy.hdf5", "cpu")
                 fp32_session, int8_session = session(fp32_path, args.threads), session(int8_file, args.threads)

@@ -36,7 +36,7 @@ def raw_step_throughput(arch: str, block: str, batch: int, iterations: int, devi
     sys.path.insert(0, str(ROOT))
     import constructor
     from train_configs import get_recipe
-    from utils.optim import make_sgd
+    from utils.engine.optim import make_sgd
 
     dev = torch.device("cuda" if device == "cuda" else "cpu")
     on_cuda = dev.type == "cuda"
@@ -95,11 +95,11 @@ def interleaved_in_process(arch: str, block: str, batch: int, iterations: int, r
     import constructor
     import data
     from train_configs import get_recipe
-    from utils.checkpoint import ExperimentPaths
-    from utils.distributed import DistContext
-    from utils.engine import Trainer, TrainOptions
-    from utils.optim import make_sgd
-    from utils.runlog import RunLog, TensorBoard
+    from utils.rundir.checkpoint import ExperimentPaths
+    from utils.engine.distributed import DistContext
+    from utils.engine.trainer import Trainer, TrainOptions
+    from utils.engine.optim import make_sgd
+    from utils.rundir.log import RunLog, TensorBoard
 
     recipe = get_recipe(arch, epochs=rounds + 1, batch_size=batch)
     spec = constructor.get_arch_spec(arch)

@@ -14,14 +14,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from train_configs import get_recipe
-from utils.checkpoint import (CheckpointError, ExperimentPaths, capture_rng_state, load_state, restore_rng_state,
+from utils.rundir.checkpoint import (CheckpointError, ExperimentPaths, capture_rng_state, load_state, restore_rng_state,
                               save_state)
-from utils.engine import NonFiniteLossError, Trainer, TrainOptions
-from utils.distributed import DistContext
-from utils.evaluation import compare_models, evaluate
-from utils.metrics import MetricSums, topk_correct
-from utils.optim import CosineWarmupSchedule, lr_factor, make_param_groups, make_sgd
-from utils.runlog import RunLog, TensorBoard, eval_line
+from utils.engine.trainer import NonFiniteLossError, Trainer, TrainOptions
+from utils.engine.distributed import DistContext
+from utils.engine.evaluation import compare_models, evaluate
+from utils.engine.metrics import MetricSums, topk_correct
+from utils.engine.optim import CosineWarmupSchedule, lr_factor, make_param_groups, make_sgd
+from utils.rundir.log import RunLog, TensorBoard, eval_line
 
 CPU = torch.device("cpu")
 
@@ -334,7 +334,7 @@ def test_load_model_for_eval_detects_the_form_and_unwraps_in_memory_checkpoints(
     import acnet
     import constructor
     from acnet import WeightsError
-    from utils.evaluation import load_model_for_eval
+    from utils.engine.evaluation import load_model_for_eval
 
     torch.manual_seed(0)
     trained = constructor.build_model("cfqkbnc", "acb")
@@ -402,7 +402,7 @@ def test_tensorboard_keeps_every_point_across_a_resume(tmp_path):
     resumed.run_log = RunLog(resumed.paths.log, keep_existing=True)
     resumed.load_resumable_state(load_state(tmp_path / "part" / "latest.pth"))
     assert resumed.iteration == 4
-    board = TensorBoard(tmp_path / "part" / "tb", resume_step=resumed.iteration)  # as utils/training.py does
+    board = TensorBoard(tmp_path / "part" / "tb", resume_step=resumed.iteration)  # as utils/modes/train.py does
     try:
         resumed.fit(board)
     finally:

@@ -25,10 +25,10 @@ def test_framework_errors_derive_from_the_base():
     import kernel_skeleton
     import reproduce
     import robustness
-    from utils.checkpoint import CheckpointError
-    from utils.engine import NonFiniteLossError, TrainingSetupError
+    from utils.rundir.checkpoint import CheckpointError
+    from utils.engine.trainer import NonFiniteLossError, TrainingSetupError
     from utils.errors import USER_ERRORS, UsageError
-    from utils.posttrain import DeployMismatchError
+    from utils.engine.posttrain import DeployMismatchError
 
     for cls in (UsageError, CheckpointError, NonFiniteLossError, TrainingSetupError, DeployMismatchError,
                 display_hdf5.Hdf5InspectError, kernel_skeleton.SkeletonError, reproduce.SweepError,

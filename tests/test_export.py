@@ -1,4 +1,4 @@
-"""ONNX export (acnet.export, do_acnet.py --export-onnx) and int8 PTQ (utils.deploy): the exported graph
+"""ONNX export (acnet.export, do_acnet.py --export-onnx) and int8 PTQ (utils.engine.deploy): the exported graph
 equals the PyTorch deploy model, has the base model's operators for every block type, and bad input
 ends in one line with no file left behind."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ import do_acnet
 from acnet import acnet_switch_to_deploy, convert_to_acnet
 from acnet.export import ExportError, MissingExtraError, export_onnx, onnx_op_counts
 from helpers import mild_bn_statistics_
-from utils.deploy import int8_path, quantize_int8
+from utils.engine.deploy import int8_path, quantize_int8
 
 SMALL_INPUT = 32  # every arch (ImageNet ones too) runs on 32x32; the graph does not depend on the size
 

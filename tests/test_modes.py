@@ -9,8 +9,9 @@ import pytest
 
 from utils.command import Command
 from utils.errors import UsageError
-from utils.modes import MODES, parse_command
-from utils.run import experiment_name, parse_run_name, qat_experiment_name
+from utils.modes.cli import parse_command
+from utils.modes.registry import MODES
+from utils.rundir.identity import experiment_name, parse_run_name, qat_experiment_name
 
 
 @pytest.fixture

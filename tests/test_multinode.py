@@ -117,7 +117,7 @@ def test_an_output_dir_that_a_node_does_not_see_is_one_clear_error(tmp_path):
 IN_TURN_SCRIPT = """
 import sys, torch.distributed as dist, torch.multiprocessing as mp
 sys.path.insert(0, {repo!r})
-from utils.distributed import DistContext, in_turn
+from utils.engine.distributed import DistContext, in_turn
 
 def worker(rank, port, folder):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{port}}", rank=rank, world_size=3)

@@ -115,7 +115,7 @@ def test_qat_refuses_non_finite_init_weights(nan_weights, tmp_path, capsys, monk
 
 
 def test_a_nan_in_a_skipped_classifier_is_not_used_so_not_refused(tmp_path):
-    from utils.init_weights import load_init_weights
+    from utils.engine.init_weights import load_init_weights
 
     torch.manual_seed(0)
     state = constructor.build_model("cfqkbnc", "acb").state_dict()

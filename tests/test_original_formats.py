@@ -21,8 +21,8 @@ import torch
 
 from acnet import WeightsError, load_hdf5
 from constructor.original_formats import export_original, original_schemes, own_schemes, recognise_weights
-from utils.evaluation import load_model_for_eval
-from utils.init_weights import load_init_weights
+from utils.engine.evaluation import load_model_for_eval
+from utils.engine.init_weights import load_init_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DBB_ARCHS = {"ResNet-18": "sres18", "ResNet-50": "sres50", "MobileNet": "smi1"}

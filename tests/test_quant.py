@@ -1,4 +1,4 @@
-"""QAT on the equivalent kernel (acnet.quant, utils.qat, do_acnet.py --qat): the fake quantization maths,
+"""QAT on the equivalent kernel (acnet.quant, utils.modes.qat, do_acnet.py --qat): the fake quantization maths,
 straight-through gradients through every branch, frozen BN statistics, int8-representable converted
 kernels, and an int8 onnxruntime model that computes what the QAT model computes."""
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_int8_onnx_model_computes_what_the_qat_model_computes(block_type, tmp_pa
     from onnx import numpy_helper
 
     from acnet.export import export_onnx
-    from utils.deploy import calibration_batches, quantize_int8
+    from utils.engine.deploy import calibration_batches, quantize_int8
 
     torch.manual_seed(0)
     model = prepare_qat(mild_bn_statistics_(constructor.build_model("cfqkbnc", block_type), 0))
@@ -207,7 +207,7 @@ def test_ptq_int8_file_computes_the_same_with_default_and_disabled_graph_optimiz
     from onnx import numpy_helper
 
     from acnet.export import export_onnx
-    from utils.deploy import quantize_int8
+    from utils.engine.deploy import quantize_int8
 
     model = _saturating_linear_model()
     images = torch.rand(32, 3, 4, 4, generator=torch.Generator().manual_seed(1))

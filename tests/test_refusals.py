@@ -17,7 +17,7 @@ import do_acnet
 import reproduce
 import show_log
 from acnet import save_hdf5
-from utils.checkpoint import save_state
+from utils.rundir.checkpoint import save_state
 
 ROOT = Path(__file__).resolve().parents[1]
 HINT = {"do_acnet.py": "usage: do_acnet.py -a ARCH -b BLOCK [options]; see -h",

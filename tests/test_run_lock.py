@@ -14,7 +14,7 @@ import pytest
 import do_acnet
 import show_log
 from tests.runprocs import TINY, error_lines, run, saved_epochs, start, stop, wait_for
-from utils.record import STATE_FILE, RunLock
+from utils.rundir.record import STATE_FILE, RunLock
 
 NAME = "cfqkbnc_acb_synthetic_train"
 
@@ -77,10 +77,10 @@ def _crash_script(tmp_path: Path, body: str) -> Path:
     script = tmp_path / "crashing_do_acnet.py"
     script.write_text("import os, signal, sys, time\n"
                       f"sys.path.insert(0, {str(Path(do_acnet.__file__).parent)!r})\n"
-                      "import utils.posttrain\n"
+                      "import utils.engine.posttrain\n"
                       "def compare_models(*args, **kwargs):\n"
                       f"    {body}\n"
-                      "utils.posttrain.compare_models = compare_models\n"
+                      "utils.engine.posttrain.compare_models = compare_models\n"
                       "import do_acnet\n"
                       "do_acnet.main()\n")
     return script

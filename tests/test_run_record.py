@@ -1,4 +1,4 @@
-"""The run record, lock and state of utils/record.py, and how show_log / reproduce read them (in-process).
+"""The run record, lock and state of utils/rundir/record.py, and how show_log / reproduce read them (in-process).
 
 Runs in other processes (signals, concurrent commands) are in test_run_lock.py and test_fault_injection.py.
 """
@@ -15,11 +15,11 @@ import pytest
 import do_acnet
 import reproduce
 import show_log
-from utils.modes import parse_command
-from utils.record import (LOCK_FILE, STATE_FILE, RecordError, RunBusyError, RunLock, RunSession, command_with_run_data,
+from utils.modes.cli import parse_command
+from utils.rundir.record import (LOCK_FILE, STATE_FILE, RecordError, RunBusyError, RunLock, RunSession, command_with_run_data,
                           identity, lock_holder, make_record, merge_summary, move_aside, read_record, read_state,
                           record_conflicts, remove_stale_temporaries, write_record, write_state)
-from utils.run import ExperimentPaths
+from utils.rundir.identity import ExperimentPaths
 
 SYNTHETIC = ["-a", "cfqkbnc", "-b", "acb", "--dataset", "synthetic"]
 
@@ -157,7 +157,7 @@ def test_a_running_state_without_a_live_holder_reads_interrupted(tmp_path):
 
 
 def test_a_session_records_every_exit_and_writes_nothing_before_it_begins(tmp_path):
-    from utils.runlog import RunLog
+    from utils.rundir.log import RunLog
 
     paths = ExperimentPaths(tmp_path / "out" / "run")
     with pytest.raises(ValueError):
@@ -274,7 +274,7 @@ def test_continue_of_a_run_killed_before_its_first_save_starts_it_again(tmp_path
 def test_a_full_disk_when_recording_the_end_keeps_the_run_s_own_error(tmp_path, monkeypatch):
     import errno
 
-    import utils.record
+    import utils.rundir.record
 
     paths = ExperimentPaths(tmp_path / "run")
     with pytest.raises(RuntimeError, match="the run's own error"):
@@ -284,7 +284,7 @@ def test_a_full_disk_when_recording_the_end_keeps_the_run_s_own_error(tmp_path, 
             def no_space(obj, path):
                 raise OSError(errno.ENOSPC, "No space left on device")
 
-            monkeypatch.setattr(utils.record, "_save_json", no_space)
+            monkeypatch.setattr(utils.rundir.record, "_save_json", no_space)
             raise RuntimeError("the run's own error")
     assert lock_holder(paths.root) is None
 

@@ -22,9 +22,9 @@ from acnet import load_hdf5, save_hdf5
 from acnet.fileio import UnwritablePathError
 from inject_oserror import failing_open
 from test_engine import _trainer
-from utils.checkpoint import load_state, save_json, save_state
-from utils.record import LOCK_FILE
-from utils.runlog import TensorBoard
+from utils.rundir.checkpoint import load_state, save_json, save_state
+from utils.rundir.record import LOCK_FILE
+from utils.rundir.log import TensorBoard
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["-a", "cfqkbnc", "-b", "acb", "--dataset", "synthetic", "--synthetic-num-train", "64",
@@ -132,7 +132,7 @@ def test_the_engine_stops_in_one_line_with_an_error_line_in_its_log(code, nth, r
 
 
 def test_an_error_line_that_cannot_be_written_leaves_log_txt_as_it_was(tmp_path, monkeypatch, caplog):
-    from utils.runlog import RunLog
+    from utils.rundir.log import RunLog
 
     log = RunLog(tmp_path / "log.txt")
     log.write("epoch 1 iter 4 saved resumable state latest.pth")

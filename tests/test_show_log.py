@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import show_log
-from utils.runlog import eval_line
+from utils.rundir.log import eval_line
 
 
 def write_run(root: Path, name: str, top1s=(), *, epochs=None, summary=None, recipe=None, extra_lines=()) -> Path:

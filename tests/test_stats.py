@@ -1,4 +1,4 @@
-"""utils/stats.py (Student t, Welch) against closed forms, hand-computed values and scipy; show_log's
+"""utils/analysis/stats.py (Student t, Welch) against closed forms, hand-computed values and scipy; show_log's
 over-seeds and Welch tables against hand-computed values."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import show_log
 from test_show_log import write_run
-from utils.stats import betainc, summarize, t_cdf, t_quantile, welch
+from utils.analysis.stats import betainc, summarize, t_cdf, t_quantile, welch
 
 scipy_stats = pytest.importorskip("scipy.stats")
 

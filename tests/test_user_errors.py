@@ -25,8 +25,8 @@ import kernel_skeleton
 import robustness
 import show_log
 from acnet import WeightsError, acnet_fuse_and_load, load_state_dict_file
-from utils import guards
-from utils.evaluation import load_model_for_eval
+from utils.engine import guards
+from utils.engine.evaluation import load_model_for_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ["-a", "cfqkbnc", "-b", "acb", "--dataset", "synthetic"]
@@ -224,7 +224,7 @@ def test_ctrl_c_during_training_is_one_line_with_the_resume_command(tmp_path):
 # ------------------------------------------------------------------------------ relative logit difference
 def test_summary_states_the_logit_difference_relative_to_the_logits(quickstart_run):
     import data
-    from utils.posttrain import relative_logit_diff
+    from utils.engine.posttrain import relative_logit_diff
 
     summary = json.loads((quickstart_run / "summary.json").read_text())
     log = (quickstart_run / "log.txt").read_text()

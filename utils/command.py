@@ -1,7 +1,9 @@
 """What a do_acnet.py command asks for, as typed values (:class:`Command`), and the pieces every mode shares.
 
-:func:`utils.modes.parse_command` turns the command line into one :class:`Command`; the mode run
-functions (:data:`utils.modes.MODES`) read only that, never the argparse Namespace.
+:func:`utils.modes.cli.parse_command` turns the command line into one :class:`Command`; the modes'
+runners (:data:`utils.modes.registry.MODES`) read only that, never the argparse Namespace. A Command
+carries what every mode shares (the run's identity, recipe, data and execution settings); a mode's own
+options are one value in ``options``, made by its :class:`utils.modes.registry.Mode`.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from train_configs import Recipe
-from utils.run import ExperimentPaths, experiment_name, qat_experiment_name
+from utils.rundir.identity import ExperimentPaths, experiment_name, qat_experiment_name
 
 __all__ = ["DataOptions", "TrainSettings", "Command", "block_kwargs", "create_loaders"]
 
@@ -41,7 +43,7 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class Command:
-    """One do_acnet.py command: the run's identity, its recipe and the options of its mode."""
+    """One do_acnet.py command: the run's identity, its recipe, how it runs, and its mode's own ``options``."""
 
     mode: str
     arch: str
@@ -60,23 +62,14 @@ class Command:
     train: TrainSettings
     device: str = "auto"
     local_rank: Optional[int] = None
-    init_weights: Optional[str] = None
-    init_weights_skip_classifier: bool = False
-    eval_weights: Optional[Path] = None  # --eval-only: the weights file (a run directory's, resolved)
-    eval_source: Optional[str] = None  # --eval-only as given
-    convert: Optional[tuple[str, str]] = None  # (SRC, DST)
-    format: str = "ours"
-    export_onnx: Optional[tuple[str, str]] = None  # (WEIGHTS, OUT)
-    quantize: Optional[str] = None
-    calib_images: int = 256
-    opset: Optional[int] = None
+    options: Any = None  # the mode's own options (``Mode.options``: e.g. ``utils.modes.registry.EvalOptions``)
     command_line: str = ""
     argv: tuple[str, ...] = ()
     restart: bool = False  # -c restart: move an earlier run aside, then train from scratch
 
     @property
     def train_name(self) -> str:
-        """The training run's folder name (``--exp-name`` or :func:`utils.run.experiment_name`)."""
+        """The training run's folder name (``--exp-name`` or :func:`utils.rundir.identity.experiment_name`)."""
         return self.exp_name or experiment_name(self.arch, self.block_type, self.dataset, self.arch_dataset, self.seed)
 
     @property
@@ -98,7 +91,7 @@ def block_kwargs(block_type: str, recipe: Recipe) -> dict[str, Any]:
 def create_loaders(cmd: Command, recipe: Recipe, ctx):
     """``(train_loader, eval_loader)`` of the command's dataset, for this rank, loaded rank after rank."""
     import data
-    from utils.distributed import in_turn
+    from utils.engine.distributed import in_turn
     from utils.errors import UsageError
 
     if recipe.batch_size % ctx.world_size:

@@ -1,6 +1,6 @@
 """Start training from a weights file: ``do_acnet.py ... --init-weights FILE`` (fine-tuning).
 
-:func:`load_init_weights` accepts any weights file :func:`utils.evaluation.load_model_for_eval`
+:func:`load_init_weights` accepts any weights file :func:`utils.engine.evaluation.load_model_for_eval`
 accepts (ours or the original ACNet / DBB code's, hdf5 or ``.pth``), recognised by its names
 (``constructor.original_formats.recognise_weights``), and initialises a freshly built
 training-time model of ``block_type`` from it:
@@ -43,7 +43,7 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike, *, block_type: 
     import constructor
     from acnet import WeightsError, check_finite_weights, load_state_dict_file
     from constructor.original_formats import recognise_weights
-    from utils.evaluation import load_weights_strict
+    from utils.engine.evaluation import load_weights_strict
 
     log = logger or logging.getLogger(__name__)
     arch = arch or _arch_of(model, block_type)

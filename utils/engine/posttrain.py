@@ -2,7 +2,7 @@
 ``finish_deploy.hdf5`` alone, evaluate it, compare, and write ``summary.json``.
 
 Every rank takes part in the evaluations (each on its shard of the eval loader); rank 0 writes the
-files (``summary.json`` is merged: :func:`utils.record.merge_summary`). The comparison runs in float32 with TF32 off; deploy top-1 differing from the training-time
+files (``summary.json`` is merged: :func:`utils.rundir.record.merge_summary`). The comparison runs in float32 with TF32 off; deploy top-1 differing from the training-time
 top-1 by more than ``TOP1_TOLERANCE`` percentage points is an error (:class:`DeployMismatchError`,
 raised after ``summary.json`` is written so the numbers are on disk).
 """
@@ -14,13 +14,13 @@ from typing import Any, Callable
 
 from torch import nn
 
-from utils.checkpoint import ExperimentPaths
-from utils.distributed import DistContext, barrier
-from utils.engine import save_weights_hdf5
+from utils.rundir.checkpoint import ExperimentPaths
+from utils.engine.distributed import DistContext, barrier
+from utils.engine.trainer import save_weights_hdf5
 from utils.errors import ACNetError
-from utils.evaluation import compare_models, load_weights_strict
-from utils.record import merge_summary
-from utils.runlog import RunLog
+from utils.engine.evaluation import compare_models, load_weights_strict
+from utils.rundir.record import merge_summary
+from utils.rundir.log import RunLog
 
 __all__ = ["DeployMismatchError", "TOP1_TOLERANCE", "count_parameters", "convert_weights", "relative_logit_diff",
            "describe_logit_diff", "post_training"]

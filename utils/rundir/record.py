@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from utils.errors import ACNetError, UsageError
-from utils.run import ExperimentPaths
+from utils.rundir.identity import ExperimentPaths
 
 __all__ = ["KINDS", "DERIVED_KINDS", "IDENTITY_FIELDS", "STATE_FILE", "LOCK_FILE", "RecordError", "RunBusyError",
            "recipe_fields", "make_record", "write_record", "read_record", "record_kind", "identity",
@@ -435,7 +435,7 @@ class RunSession:
         self.main = main
         self.epochs = epochs
         self.epoch: Optional[int] = None  # the last saved epoch
-        self.run_log = None  # utils.runlog.RunLog, once the run writes its log
+        self.run_log = None  # utils.rundir.log.RunLog, once the run writes its log
         self.began = False
         self.lock = RunLock(paths.root)
         self._created: Optional[Path] = None  # the nearest ancestor that existed before
@@ -565,7 +565,7 @@ class hold_run:
         except ACNetError as exc:
             error = exc
         if getattr(self.ctx, "distributed", False):
-            from utils.distributed import broadcast_object
+            from utils.engine.distributed import broadcast_object
 
             message = broadcast_object(None if error is None else str(error))
             if error is None and message is not None:

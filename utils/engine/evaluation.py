@@ -7,9 +7,7 @@ loader and the sums are all-reduced, so every rank returns the metrics of the wh
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -17,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import to_device
-from utils.distributed import all_reduce_max
-from utils.metrics import MetricSums
+from utils.engine.distributed import all_reduce_max
+from utils.engine.metrics import MetricSums
 
-__all__ = ["evaluate", "compare_models", "load_model_for_eval", "exact_math", "autocast_context", "run_eval_only"]
+__all__ = ["evaluate", "compare_models", "load_model_for_eval", "exact_math", "autocast_context"]
 
 InputTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -178,25 +176,3 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
                                     num_classes=found.num_classes, **block_kwargs)
     load_weights_strict(model, found.state, f"The tensors of {source}")
     return model.to(device).eval()
-
-
-def run_eval_only(cmd, ctx) -> None:
-    """The ``--eval-only WEIGHTS`` mode: top-1/top-5/loss of any weights file (or a run's) on ``cmd.dataset``."""
-    from acnet import check_finite_weights, load_state_dict_file
-    from utils.command import create_loaders
-    from utils.record import command_with_run_data
-
-    cmd = command_with_run_data(cmd, cmd.eval_source)  # a run's weights: its dataset unless --dataset says
-    source = f"weights file {os.fspath(cmd.eval_weights)!r}"
-    state = load_state_dict_file(cmd.eval_weights)  # unusable weights are refused before the data is touched
-    check_finite_weights(state, source)
-    _, eval_loader = create_loaders(cmd, cmd.recipe, ctx)
-    if ctx.is_main and Path(cmd.eval_source).is_dir():
-        logging.getLogger("do_acnet").info("%s is a run directory: evaluating its %s", cmd.eval_source,
-                                           cmd.eval_weights.name)
-    model = load_model_for_eval(cmd.arch, cmd.block_type, state, ctx.device, num_classes=eval_loader.num_classes,
-                                source=source)
-    metrics = evaluate(model, eval_loader, ctx.device, amp=False)
-    if ctx.is_main:
-        print(f"{cmd.eval_weights} on {cmd.dataset} ({metrics['num_samples']} images): top1={metrics['top1']:.4f} "
-              f"top5={metrics['top5']:.4f} loss={metrics['loss']:.6f}", flush=True)

@@ -7,11 +7,12 @@ a QAT run of the same identity ends in ``_qat``. :class:`ExperimentPaths` names 
 do_acnet.py, show_log.py, reproduce.py, robustness.py, kernel_skeleton.py and the benchmarks read
 runs through this module. Recipe resolution (:func:`resolve_recipe`) and the guard of a continued
 run (:func:`merge_saved_recipe`) live here too. What a run folder holds -- its record (identity),
-lock and state -- is :mod:`utils.record`'s; reading a run's resumable state (torch) is
-:mod:`utils.checkpoint`'s.
+lock and state -- is :mod:`utils.rundir.record`'s; reading a run's resumable state (torch) is
+:mod:`utils.rundir.checkpoint`'s.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 __all__ = ["DEFAULT_SEED", "RUN_FILES", "LOG", "RECIPE", "SUMMARY", "INIT_WEIGHTS", "FINISH_WEIGHTS", "DEPLOY_WEIGHTS",
            "STATE", "CONSOLE", "ExperimentPaths", "experiment_name", "RunName", "parse_run_name", "block_types",
-           "qat_experiment_name",
+           "qat_experiment_name", "weights_argument",
            "RECIPE_OVERRIDES", "resolve_recipe", "merge_saved_recipe"]
 
 #: The seed of a run whose folder name carries no ``_s<seed>``.
@@ -125,6 +126,21 @@ def block_types() -> tuple[str, ...]:
     from acnet.registry import block_type_names
 
     return block_type_names()
+
+
+def weights_argument(path: str | os.PathLike, option: str) -> Path:
+    """The weights file a command-line ``path`` stands for: the file itself, or a run directory's
+    :meth:`ExperimentPaths.final_weights`. Raises ``ValueError`` with one line otherwise."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        weights = ExperimentPaths(path).final_weights()
+        if weights is None:
+            raise ValueError(f"{option}: {str(path)!r} is a directory with no weights file (neither finish_deploy.hdf5 "
+                             "nor finish.hdf5: not a finished run); pass a weights file or a finished run directory")
+        return weights
+    raise ValueError(f"{option}: weights file {str(path)!r} does not exist")
 
 
 def qat_experiment_name(train_name: str) -> str:

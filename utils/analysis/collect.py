@@ -2,10 +2,10 @@
 
 :func:`read_run` collects one run (its evaluations, identity, figures and *state*), :func:`discover_runs`
 the runs under a folder; nothing here raises on a bad run (it is listed with what went wrong). The
-record and the state are read through :mod:`utils.record` (the state: ``run_state.json``, ``running``
+record and the state are read through :mod:`utils.rundir.record` (the state: ``run_state.json``, ``running``
 only while the folder's lock is held); runs without a state file are judged from their files. Only
 *finished* runs (a ``summary.json`` recording a tested deploy model) enter statistics
-(:mod:`utils.report`). Standard library only (the arch registry is asked, lazily, for an arch's dataset).
+(:mod:`utils.analysis.tables`). Standard library only (the arch registry is asked, lazily, for an arch's dataset).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from utils.record import LOCK_FILE, STATE_FILE, RecordError, identity, lock_holder, read_state, record_kind
-from utils.run import RUN_FILES, ExperimentPaths, parse_run_name
+from utils.rundir.record import LOCK_FILE, STATE_FILE, RecordError, identity, lock_holder, read_state, record_kind
+from utils.rundir.identity import RUN_FILES, ExperimentPaths, parse_run_name
 
 #: A run's states. Only ``finished`` runs enter the statistics; the others are listed and counted.
 FINISHED, RUNNING, INTERRUPTED, FAILED, INCOMPLETE, UNREADABLE = (
@@ -35,9 +35,9 @@ EPOCH_PATTERN = re.compile(r"\bepoch[ =:]*(\d+)")
 ORIGINAL_SPEED_PATTERN = re.compile(r"TRAIN speed:.*examples/sec=" + _NUMBER)
 # do_acnet.py's line after the final test: "final training-time model: acc1 ... on 10000 images"
 EVAL_IMAGES_PATTERN = re.compile(r"final training-time model:.* on (\d+) images")
-# log.txt lines start with "YYYY-MM-DD HH:MM:SS " (utils/runlog.py)
+# log.txt lines start with "YYYY-MM-DD HH:MM:SS " (utils/rundir/log.py)
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ")
-# How a run's own log ends when it stopped without finishing (utils/engine.py, utils/posttrain.py)
+# How a run's own log ends when it stopped without finishing (utils/engine/trainer.py, utils/engine/posttrain.py)
 _INTERRUPTED_LINE = re.compile(r"^interrupted\b")
 _FAILED_LINE = re.compile(r"^ERROR\b")
 _CONSOLE_ERROR = "do_acnet.py: error:"
@@ -118,7 +118,7 @@ class Run:
     images_per_sec: Optional[float] = None
     problems: list = field(default_factory=list)
     unreadable: bool = False
-    kind: str = "train"  # utils.record.KINDS: train, or derived from other weights (finetune, qat)
+    kind: str = "train"  # utils.rundir.record.KINDS: train, or derived from other weights (finetune, qat)
     recipe_key: tuple = ()  # the record's identity fields but arch, block, dataset, seed: runs of one recipe share it
     saved_epoch: Optional[int] = None  # the last saved epoch (run_state.json)
 
@@ -333,7 +333,7 @@ def _run_state(run_dir: Path, summary: dict, parsed: ParsedLog) -> tuple:
 
 
 def _apply_recorded_state(run: Run, run_dir: Path, summary: dict) -> None:
-    """The state the run recorded (``run_state.json``, :func:`utils.record.read_state`) wins over the
+    """The state the run recorded (``run_state.json``, :func:`utils.rundir.record.read_state`) wins over the
     guess from its files: ``running`` only while its process holds the folder's lock. A run folder with a
     lock file but no state file stopped before it wrote anything: never ``running`` unless locked."""
     try:

@@ -25,9 +25,9 @@ import torch
 
 from acnet.errors import ACNetError
 from acnet.fileio import atomic_open, save_torch
-from utils.run import ExperimentPaths
+from utils.rundir.identity import ExperimentPaths
 
-__all__ = ["CheckpointError", "ExperimentPaths", "weights_argument", "save_json", "save_state", "load_state",
+__all__ = ["CheckpointError", "ExperimentPaths", "save_json", "save_state", "load_state",
            "capture_rng_state", "restore_rng_state", "seed_everything", "finished_run_record", "read_finished_run"]
 
 logger = logging.getLogger("do_acnet")
@@ -35,21 +35,6 @@ logger = logging.getLogger("do_acnet")
 
 class CheckpointError(ACNetError, RuntimeError):
     """A resumable state that is missing, unreadable or from a different run."""
-
-
-def weights_argument(path: str | os.PathLike, option: str) -> Path:
-    """The weights file a command-line ``path`` stands for: the file itself, or a run directory's
-    :meth:`ExperimentPaths.final_weights`. Raises ``ValueError`` with one line otherwise."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        weights = ExperimentPaths(path).final_weights()
-        if weights is None:
-            raise ValueError(f"{option}: {str(path)!r} is a directory with no weights file (neither finish_deploy.hdf5 "
-                             "nor finish.hdf5: not a finished run); pass a weights file or a finished run directory")
-        return weights
-    raise ValueError(f"{option}: weights file {str(path)!r} does not exist")
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

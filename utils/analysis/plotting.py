@@ -5,12 +5,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from utils.report import block_order, group_runs, published_reference
-from utils.run import block_types
-from utils.stats import summarize
+from utils.analysis.tables import block_order, group_runs, published_reference
+from utils.rundir.identity import block_types
+from utils.analysis.stats import summarize
 
 if TYPE_CHECKING:
-    from utils.runs import Run
+    from utils.analysis.collect import Run
 
 #: What to do instead of ``--plot`` when matplotlib is missing.
 PLOT_ALTERNATIVE = 'or pip install -e ".[plot]"'

@@ -37,13 +37,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from acnet.fileio import UnwritablePathError
 from data import to_device
-from utils.checkpoint import ExperimentPaths, capture_rng_state, restore_rng_state, save_state
+from utils.rundir.checkpoint import ExperimentPaths, capture_rng_state, restore_rng_state, save_state
 from utils.errors import ACNetError, TrainingSetupError
-from utils.distributed import (DistContext, all_gather_objects, all_reduce_sum, average_buffers, barrier)
-from utils.evaluation import autocast_context, evaluate
-from utils.metrics import MetricSums
-from utils.optim import CosineWarmupSchedule, make_sgd
-from utils.runlog import RunLog, TensorBoard
+from utils.engine.distributed import (DistContext, all_gather_objects, all_reduce_sum, average_buffers, barrier)
+from utils.engine.evaluation import autocast_context, evaluate
+from utils.engine.metrics import MetricSums
+from utils.engine.optim import CosineWarmupSchedule, make_sgd
+from utils.rundir.log import RunLog, TensorBoard
 
 __all__ = ["TrainOptions", "TrainResult", "NonFiniteLossError", "TrainingSetupError", "RunInterrupted", "Trainer",
            "save_weights_hdf5", "cpu_state_dict"]

@@ -1,9 +1,9 @@
 """Quantization-aware fine-tuning on the equivalent kernel (``do_acnet.py ... --qat --init-weights W --epochs E``).
 
-1. The training-time model of ``-a/-b`` is loaded from ``--init-weights`` (``utils.init_weights``) and
+1. The training-time model of ``-a/-b`` is loaded from ``--init-weights`` (``utils.engine.init_weights``) and
    wrapped by ``acnet.quant.prepare_qat``: every conv unit computes ``conv(fq_u8(x), fq_s8(K_eq)) + b_eq``
    with its BN statistics frozen, so the fine-tuned block is exactly the conv it converts to.
-2. It is fine-tuned by the usual engine (``utils.engine.Trainer``: log.txt, evaluations, TensorBoard)
+2. It is fine-tuned by the usual engine (``utils.engine.trainer.Trainer``: log.txt, evaluations, TensorBoard)
    with the recipe (``--lr`` defaults to the recipe's / 100 and no warmup: a fine-tune, not a new run).
 3. ``acnet.quant.convert_qat`` -> ``finish_deploy.hdf5`` (the arch's plain deploy model; every conv kernel
    is ``int8 * s_w``), ``model.onnx`` (``acnet.export_onnx``, checked) and ``model.int8.onnx``
@@ -11,7 +11,7 @@
    weights per channel (their max-abs scale is the QAT scale), int32 biases).
 4. QAT (PyTorch), fp32 deploy and int8 (onnxruntime) top-1/top-5 on the eval set go to the log and
    ``summary.json`` (``qat_top1``, ``fp32_top1``, ``int8_top1``, ...). The int8 top-1 must equal the QAT
-   model's within one eval image, else :class:`utils.posttrain.DeployMismatchError` (after the summary).
+   model's within one eval image, else :class:`utils.engine.posttrain.DeployMismatchError` (after the summary).
 
 Outputs go to ``<output-dir>/<arch>_<block>[_<dataset>]_qat/`` (``--exp-name`` to choose).
 """
@@ -25,9 +25,21 @@ from typing import Any
 
 import torch
 
-from utils.checkpoint import seed_everything
+from acnet.export import export_onnx
+from acnet.quant import activation_qparams, convert_qat, prepare_qat
 from utils.command import Command, create_loaders, model_builder
-from utils.posttrain import DeployMismatchError, count_parameters
+from utils.engine.deploy import (calibration_batches, evaluate_onnx, example_batch, int8_path, quantize_int8,
+                                 require_deploy_extras)
+from utils.engine.distributed import DistContext, barrier
+from utils.engine.evaluation import evaluate, load_weights_strict
+from utils.engine.init_weights import load_init_weights
+from utils.engine.posttrain import DeployMismatchError, count_parameters
+from utils.engine.trainer import Trainer, TrainOptions, save_weights_hdf5
+from utils.modes.registry import QatOptions
+from utils.rundir.checkpoint import seed_everything
+from utils.rundir.log import RunLog, TensorBoard
+from utils.rundir.record import (RunSession, command_with_run_data, hold_run, make_record, merge_summary, move_aside,
+                                 write_record)
 
 __all__ = ["QAT_LR_FACTOR", "qat_recipe", "run_qat"]
 
@@ -44,16 +56,15 @@ def qat_recipe(recipe, lr_given: bool):
     return dataclasses.replace(recipe, **changes)
 
 
-def run_qat(cmd: Command, ctx, run_start: float) -> dict[str, Any]:
-    """The ``--qat`` mode (module docstring): fine-tune ``cmd.init_weights``, convert, export, test the int8 model.
+def run_qat(cmd: Command, ctx: DistContext, run_start: float) -> dict[str, Any]:
+    """The ``--qat`` mode (module docstring): fine-tune ``cmd.options.init_weights``, convert, export, test the int8 model.
 
     The data is the init weights' run's (its record), unless the command line names it. The QAT folder is
-    held (:class:`utils.record.RunSession`: lock, state, kind ``qat``); an earlier QAT run in it is moved
+    held (:class:`utils.rundir.record.RunSession`: lock, state, kind ``qat``); an earlier QAT run in it is moved
     into ``previous-<time>/`` once everything is validated.
     """
-    from utils.record import RunSession, command_with_run_data, hold_run
-
-    cmd = command_with_run_data(cmd, cmd.init_weights)
+    require_deploy_extras()
+    cmd = command_with_run_data(cmd, cmd.options.init_weights)
     paths = cmd.paths(cmd.qat_name)
     session = RunSession(paths, f"do_acnet.py --qat {cmd.arch} / {cmd.block_type}", kind="qat", main=ctx.is_main)
     with hold_run(session, ctx):
@@ -61,24 +72,15 @@ def run_qat(cmd: Command, ctx, run_start: float) -> dict[str, Any]:
 
 
 def _run_qat(cmd: Command, ctx, run_start: float, session) -> dict[str, Any]:
-    from acnet.export import export_onnx
-    from acnet.quant import activation_qparams, convert_qat, prepare_qat
-    from utils.deploy import calibration_batches, evaluate_onnx, example_batch, int8_path, quantize_int8
-    from utils.distributed import barrier
-    from utils.engine import Trainer, TrainOptions, save_weights_hdf5
-    from utils.evaluation import evaluate, load_weights_strict
-    from utils.init_weights import load_init_weights
-    from utils.record import make_record, merge_summary, move_aside, write_record
-    from utils.runlog import RunLog, TensorBoard
-
+    options: QatOptions = cmd.options
     recipe = qat_recipe(cmd.recipe, lr_given="lr" in cmd.overrides)
     train_loader, eval_loader = create_loaders(cmd, recipe, ctx)
     build = model_builder(cmd, recipe, eval_loader.num_classes)
     paths = session.paths
     seed_everything(cmd.seed)
     model = build()
-    info = load_init_weights(model, cmd.init_weights, block_type=cmd.block_type, arch=cmd.arch,
-                             skip_classifier=cmd.init_weights_skip_classifier)
+    info = load_init_weights(model, options.init_weights, block_type=cmd.block_type, arch=cmd.arch,
+                             skip_classifier=options.init_weights_skip_classifier)
     prepare_qat(model)
     options = TrainOptions(print_freq=cmd.train.print_freq, progress_bar=cmd.train.progress,
                            meta={"arch": cmd.arch, "block_type": cmd.block_type, "dataset": cmd.dataset, "qat": True},
@@ -119,9 +121,9 @@ def _run_qat(cmd: Command, ctx, run_start: float, session) -> dict[str, Any]:
     if ctx.is_main:
         save_weights_hdf5(deploy, paths.deploy_weights)
         onnx_path = paths.root / "model.onnx"
-        exported = export_onnx(deploy, example_batch(cmd.input_size), onnx_path, opset=cmd.opset)
+        exported = export_onnx(deploy, example_batch(cmd.input_size), onnx_path, opset=options.opset)
         run_log.write(f"ONNX export {exported.summary()}")
-        calibration = calibration_batches(train_loader, cmd.calib_images)
+        calibration = calibration_batches(train_loader, options.calib_images)
         int8 = quantize_int8(onnx_path, int8_path(onnx_path), calibration, input_qparams=activation_qparams(model))
         int8_metrics = evaluate_onnx(int8, eval_loader)
         images = int(int8_metrics["num_samples"])

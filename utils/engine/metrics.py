@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.distributed import all_reduce_sum
+from utils.engine.distributed import all_reduce_sum
 
 __all__ = ["topk_correct", "MetricSums"]
 

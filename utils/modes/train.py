@@ -1,14 +1,15 @@
 """The training mode of do_acnet.py: train (or resume, or reuse a finished run), then the post-training steps.
 
-The run holds its folder (:class:`utils.record.RunSession`: the lock, the state file) from the start;
+The run holds its folder (:class:`utils.rundir.record.RunSession`: the lock, the state file) from the start;
 files are written only once everything is validated (the folder's record, recipe, data, model, init
-weights). The folder must hold nothing, or a run of the same identity (:func:`utils.record.record_conflicts`):
+weights). The folder must hold nothing, or a run of the same identity (:func:`utils.rundir.record.record_conflicts`):
 a finished run (``finish.hdf5``) is reused (post-training steps only); an interrupted one (``latest.pth``)
 is resumed by ``-c continue`` and otherwise refused -- ``-c restart`` moves its files into
 ``previous-<time>/`` and starts over. Nothing saved is ever deleted.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -16,11 +17,21 @@ from typing import Any, Optional
 
 import torch
 
+from acnet.fileio import ensure_writable_dir
 from train_configs.recipes import Recipe, should_validate
 from utils.command import Command, block_kwargs, create_loaders, model_builder
+from utils.engine.distributed import all_gather_objects, barrier, ranks_not_seeing
+from utils.engine.guards import amp_cpu_warning, check_batch_fits
+from utils.engine.init_weights import load_init_weights
+from utils.engine.posttrain import post_training
+from utils.engine.trainer import Trainer, TrainOptions, cpu_state_dict
 from utils.errors import UsageError
-from utils.record import STATE_FILE
-from utils.run import ExperimentPaths, merge_saved_recipe
+from utils.rundir.checkpoint import load_state, read_finished_run, seed_everything
+from utils.rundir.identity import ExperimentPaths, merge_saved_recipe
+from utils.rundir.log import RunLog, TensorBoard
+from utils.rundir.record import (STATE_FILE, RunSession, describe_conflicts, hold_run, identity, make_record,
+                                 move_aside, read_json_object, read_record, recipe_fields, record_conflicts,
+                                 write_record)
 
 __all__ = ["run_training", "write_recipe_json", "log_rank_agreement"]
 
@@ -29,9 +40,7 @@ logger = logging.getLogger("do_acnet")
 
 def write_recipe_json(path: Path, cmd: Command, recipe: Recipe, ctx, options,
                       init_weights: Optional[dict[str, Any]] = None) -> None:
-    """The training run's record (:func:`utils.record.make_record`) with how it ran, to ``path``'s folder."""
-    from utils.record import make_record, write_record
-
+    """The training run's record (:func:`utils.rundir.record.make_record`) with how it ran, to ``path``'s folder."""
     record = make_record(cmd, recipe, "finetune" if init_weights is not None else "train",
                          world_size=ctx.world_size, batch_size_per_rank=recipe.batch_size // ctx.world_size,
                          block_kwargs=block_kwargs(cmd.block_type, recipe),
@@ -43,8 +52,6 @@ def write_recipe_json(path: Path, cmd: Command, recipe: Recipe, ctx, options,
 
 def _wanted_identity(cmd: Command, recipe: Recipe, kind: str) -> dict[str, Any]:
     """The identity fields this command asks for: all of them, or on ``-c continue`` only those it names."""
-    from utils.record import identity, make_record
-
     full = identity(make_record(cmd, recipe, kind))
     if not cmd.continuing:
         return full
@@ -57,9 +64,6 @@ def _check_folder(paths: ExperimentPaths, cmd: Command, recipe: Recipe, kind: st
 
     Refusals are one line and come before anything is written. ``-c restart`` first moves an earlier run aside.
     """
-    from utils.distributed import barrier
-    from utils.record import describe_conflicts, move_aside, read_json_object, read_record, record_conflicts
-
     if cmd.restart:
         moved = move_aside(paths.root) if ctx.is_main and paths.root.is_dir() else None
         barrier()
@@ -85,30 +89,19 @@ def _check_folder(paths: ExperimentPaths, cmd: Command, recipe: Recipe, kind: st
 
 
 def run_training(cmd: Command, ctx, run_start: float) -> None:
-    """The default mode (module docstring): the folder is held (:mod:`utils.record`) while the run writes."""
-    from utils.distributed import ranks_not_seeing
-    from utils.record import RunSession, hold_run
-
+    """The default mode (module docstring): the folder is held (:mod:`utils.rundir.record`) while the run writes."""
     paths = cmd.paths()
     blind = ranks_not_seeing(paths.root)
     if blind:
         raise UsageError(f"rank(s) {blind} do not see rank 0's {paths.root}: with several nodes --output-dir must be "
                          "on a filesystem that every node mounts (every rank reads the run's files back)")
-    kind = "finetune" if cmd.init_weights else "train"
+    kind = "finetune" if cmd.options.init_weights else "train"
     session = RunSession(paths, f"do_acnet.py training {cmd.arch} / {cmd.block_type}", kind=kind, main=ctx.is_main)
     with hold_run(session, ctx):
         _run_training(cmd, ctx, run_start, paths, session, kind)
 
 
 def _run_training(cmd: Command, ctx, run_start: float, paths: ExperimentPaths, session, kind: str) -> None:
-    from acnet.fileio import ensure_writable_dir
-    from utils.checkpoint import load_state, read_finished_run, seed_everything
-    from utils.distributed import barrier
-    from utils.engine import Trainer, TrainOptions
-    from utils.guards import amp_cpu_warning, check_batch_fits
-    from utils.posttrain import post_training
-    from utils.runlog import RunLog, TensorBoard
-
     recipe = cmd.recipe
     on_cuda = ctx.device.type == "cuda"
     settings = cmd.train
@@ -136,8 +129,6 @@ def _run_training(cmd: Command, ctx, run_start: float, paths: ExperimentPaths, s
             raise UsageError(f"-c continue: {paths.state} belongs to {state['meta']}, not {options.meta}")
         recipe = merge_saved_recipe(state["recipe"], cmd.overrides, paths.state)
     elif nothing_saved:  # the run stopped before its first epoch was saved: it starts again, with its recipe
-        from utils.record import recipe_fields
-
         saved = {**cmd.recipe.to_dict(), **{key: record[key] for key in recipe_fields() if key in (record or {})}}
         recipe = merge_saved_recipe(saved, cmd.overrides, paths.recipe)
     options.should_validate = lambda epoch: should_validate(recipe, epoch)
@@ -150,11 +141,9 @@ def _run_training(cmd: Command, ctx, run_start: float, paths: ExperimentPaths, s
     seed_everything(cmd.seed)
     model = build()  # before any file is written: bad block options fail here
     init_weights = None
-    if cmd.init_weights and state is None and not finished:  # a continued run has its own weights
-        from utils.init_weights import load_init_weights
-
-        init_weights = load_init_weights(model, cmd.init_weights, block_type=cmd.block_type, arch=cmd.arch,
-                                         skip_classifier=cmd.init_weights_skip_classifier, logger=logger)
+    if cmd.options.init_weights and state is None and not finished:  # a continued run has its own weights
+        init_weights = load_init_weights(model, cmd.options.init_weights, block_type=cmd.block_type, arch=cmd.arch,
+                                         skip_classifier=cmd.options.init_weights_skip_classifier, logger=logger)
     # Everything is validated: from here on files are written.
     run_log = RunLog(paths.log, enabled=ctx.is_main, keep_existing=state is not None or finished)
     session.begin(run_log, epoch=int(state["epoch"]) if state is not None else (recipe.epochs if finished else 0))
@@ -184,7 +173,7 @@ def _run_training(cmd: Command, ctx, run_start: float, paths: ExperimentPaths, s
             if nothing_saved:
                 run_log.write(f"-c continue: no epoch of this run was saved ({paths.state.name} does not exist): "
                               "training from the start", logging.WARNING)
-            start = "from scratch" if init_weights is None else f"from {cmd.init_weights} ({init_weights['form']})"
+            start = "from scratch" if init_weights is None else f"from {cmd.options.init_weights} ({init_weights['form']})"
             run_log.write(f"training {cmd.arch} / {cmd.block_type} on {cmd.dataset} {start}: {recipe.epochs} "
                           f"epochs, global batch {recipe.batch_size} over {ctx.world_size} rank(s), lr {recipe.lr}, "
                           f"device {ctx.device}, amp {options.amp}, channels_last {options.channels_last}")
@@ -213,11 +202,6 @@ def log_rank_agreement(model: torch.nn.Module, ctx, run_log) -> None:
     """Check (and log) that every rank ends with the same weights; a disagreement is an error."""
     if not ctx.distributed:
         return
-    import hashlib
-
-    from utils.distributed import all_gather_objects
-    from utils.engine import cpu_state_dict
-
     digest = hashlib.sha256()
     for key, value in sorted(cpu_state_dict(model).items()):
         digest.update(key.encode())

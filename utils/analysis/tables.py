@@ -9,9 +9,9 @@ import io
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from utils.run import block_types
-from utils.runs import (FINISHED, Run, STATES)
-from utils.stats import Summary, summarize, welch
+from utils.rundir.identity import block_types
+from utils.analysis.collect import (FINISHED, Run, STATES)
+from utils.analysis.stats import Summary, summarize, welch
 
 def published_results(arch: str) -> tuple:
     """The published results the arch registry declares for ``arch`` (``()`` for an unknown arch)."""

@@ -2,7 +2,7 @@
 
 ``do_acnet.py -a ARCH -b BLOCK --export-onnx WEIGHTS OUT.onnx [--quantize int8 --calib-images N]``:
 
-1. WEIGHTS (any form :func:`utils.evaluation.load_model_for_eval` takes) -> deploy model (training-time
+1. WEIGHTS (any form :func:`utils.engine.evaluation.load_model_for_eval` takes) -> deploy model (training-time
    weights are converted first) -> ``acnet.export_onnx`` (checked: onnx.checker, onnxruntime vs PyTorch).
 2. ``--quantize int8``: onnxruntime's static QDQ quantization (``quantize_static``: uint8 activations
    per tensor, int8 weights per output channel, int32 biases, MinMax calibration on the first N
@@ -26,21 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acnet.export import DEFAULT_RTOL, ExportError, ExportResult, export_onnx, require_extra
+from acnet.export import ExportError, ExportResult, export_onnx, require_extra
 from acnet.fileio import atomic_path
 from data import to_device
-from utils.command import Command, create_loaders
-from utils.metrics import MetricSums
-from utils.run import ExperimentPaths
+from utils.engine.metrics import MetricSums
 
-__all__ = ["require_deploy_extras", "DEFAULT_CALIB_IMAGES", "QUANTIZE_CHOICES", "int8_path", "export_weights", "calibration_batches",
-           "quantize_int8", "evaluate_onnx", "run_export", "merge_summary"]
+__all__ = ["require_deploy_extras", "int8_path", "export_weights", "calibration_batches", "quantize_int8",
+           "evaluate_onnx"]
 
 logger = logging.getLogger("do_acnet")
-
-DEFAULT_CALIB_IMAGES = 256
-QUANTIZE_CHOICES = ("int8",)
-
 
 def require_deploy_extras() -> None:
     """One :class:`acnet.export.MissingExtraError` line unless onnx, onnxscript and onnxruntime import."""
@@ -67,8 +61,8 @@ def export_weights(arch: str, block_type: str, weights: str | os.PathLike | Mapp
 
     Returns ``(deploy model, export result)``. ``acnet.WeightsError`` for weights of another model.
     """
-    from utils.evaluation import load_model_for_eval
-    from utils.posttrain import convert_weights
+    from utils.engine.evaluation import load_model_for_eval
+    from utils.engine.posttrain import convert_weights
 
     model = load_model_for_eval(arch, block_type, weights, "cpu", num_classes=num_classes)
     deploy = convert_weights(model)
@@ -218,82 +212,3 @@ def evaluate_onnx(path: str | os.PathLike, loader) -> dict[str, float]:
         labels = labels.to("cpu")
         sums.update(F.cross_entropy(logits, labels), logits, labels)
     return sums.read()
-
-
-def merge_summary(path: Path, fields: Mapping[str, Any]) -> None:
-    """Add ``fields`` to the JSON object in ``path`` (created if missing), atomically
-    (:func:`utils.record.merge_summary`: a corrupt file is one line naming it, never replaced)."""
-    from utils.record import merge_summary as merge
-
-    merge(path, fields)
-
-
-def summary_target(weights: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Optional[Path]]:
-    """``(summary.json, log.txt or None)``: the run folder of ``weights`` when it has a summary, else beside ``out``."""
-    run = ExperimentPaths(Path(weights).parent)
-    if run.summary.is_file():
-        return run.summary, run.log
-    out = Path(out)
-    stem = out.name[:-5] if out.name.endswith(".onnx") else out.name
-    return out.with_name(stem + ".summary.json"), None
-
-
-def run_export(cmd: Command, ctx) -> dict[str, Any]:
-    """The ``--export-onnx WEIGHTS OUT [--quantize int8]`` mode (module docstring); prints the figures.
-
-    The data is loaded only for ``--quantize``: the run's own (its record) when WEIGHTS is in a run folder,
-    unless ``--dataset`` says otherwise.
-    """
-    from contextlib import nullcontext
-
-    from utils.record import RunSession, command_with_run_data
-
-    weights, out = cmd.export_onnx
-    summary, log = summary_target(weights, out)
-    if cmd.quantize:
-        cmd = command_with_run_data(cmd, weights)  # calibrate and test on the run's own data
-    # writing into a run folder (its log.txt and summary.json): hold its lock, as every writer there does
-    held = RunSession(ExperimentPaths(summary.parent), "do_acnet.py --export-onnx") if log is not None else nullcontext()
-    with held:
-        return _export(cmd, ctx, weights, out, summary, log)
-
-
-def _export(cmd: Command, ctx, weights, out, summary: Path, log: Optional[Path]) -> dict[str, Any]:
-    from utils.evaluation import evaluate
-    from utils.runlog import RunLog
-
-    run_log = RunLog(log, enabled=True, keep_existing=True) if log is not None else None
-
-    def report(message: str) -> None:  # to the run's log.txt (echoed by the logger) or to stdout
-        if run_log is not None:
-            run_log.write(message)
-        else:
-            print(message, flush=True)
-
-    deploy, result = export_weights(cmd.arch, cmd.block_type, weights, out, input_size=cmd.input_size,
-                                    opset=cmd.opset)
-    report(f"exported {weights} -> {result.path} (opset {result.opset}, dynamic batch, "
-           f"{sum(result.op_counts.values())} nodes: " + ", ".join(f"{op} {n}" for op, n in result.op_counts.items())
-           + ")")
-    report(f"onnx.checker (full check): passed; onnxruntime vs PyTorch deploy model on a fixed batch of "
-           f"{result.batch_size}: max abs diff {result.max_abs_diff:.3g}, relative {result.rel_diff:.3g} "
-           f"(limit {DEFAULT_RTOL:g})")
-    fields: dict[str, Any] = {"onnx_path": os.fspath(result.path), "onnx_opset": result.opset,
-                              "onnx_rel_diff": result.rel_diff, "onnx_max_abs_diff": result.max_abs_diff}
-    if cmd.quantize == "int8":
-        train_loader, eval_loader = create_loaders(cmd, cmd.recipe, ctx)
-        calibration = calibration_batches(train_loader, cmd.calib_images)
-        int8 = quantize_int8(result.path, int8_path(out), calibration)
-        torch_metrics = evaluate(deploy, eval_loader, "cpu")
-        fp32 = evaluate_onnx(result.path, eval_loader)
-        int8_metrics = evaluate_onnx(int8, eval_loader)
-        images = sum(b.shape[0] for b in calibration)
-        fields.update(int8_path=os.fspath(int8), calib_images=images, eval_images=int(fp32["num_samples"]),
-                      torch_top1=torch_metrics["top1"], fp32_top1=fp32["top1"], fp32_top5=fp32["top5"],
-                      int8_top1=int8_metrics["top1"], int8_top5=int8_metrics["top5"])
-        report(f"int8 PTQ ({images} calibration images) -> {int8}: on {int(fp32['num_samples'])} eval images "
-               f"fp32 acc1 {fp32['top1']:.4f} acc5 {fp32['top5']:.4f}, int8 acc1 {int8_metrics['top1']:.4f} "
-               f"acc5 {int8_metrics['top5']:.4f} (PyTorch deploy acc1 {torch_metrics['top1']:.4f})")
-    merge_summary(summary, fields)
-    report(f"summary written: {summary}")
-    return fields

@@ -11,20 +11,29 @@ from pathlib import Path
 import torch
 
 import constructor
+from acnet import save_hdf5
+from acnet.fileio import save_torch
+from constructor.original_formats import EXPORT_USAGE, export_original, families_of, their_arch_name
+from utils.command import Command
+from utils.engine.distributed import DistContext
+from utils.engine.evaluation import load_model_for_eval
+from utils.engine.posttrain import convert_weights, describe_logit_diff
+from utils.engine.trainer import cpu_state_dict
 from utils.errors import UsageError
+from utils.modes.registry import ConvertOptions
+
+__all__ = ["run_convert", "convert_file"]
+
+
+def run_convert(cmd: Command, ctx: DistContext, run_start: float) -> None:
+    """The ``--convert SRC DST [--format F]`` mode (global rank 0 only)."""
+    options: ConvertOptions = cmd.options
+    convert_file(cmd.arch, cmd.block_type, options.src, options.dst, cmd.input_size, options.format)
 
 
 def convert_file(arch: str, block_type: str, src: str, dst: str, input_size: int, fmt: str) -> None:
     """Convert ``src`` into ``dst`` and print the check (:class:`UsageError`: a command line that cannot run)."""
-    from acnet import save_hdf5
-    from acnet.fileio import save_torch
-    from utils.engine import cpu_state_dict
-    from utils.evaluation import load_model_for_eval
-    from utils.posttrain import convert_weights, describe_logit_diff
-
     if fmt != "ours":
-        from constructor.original_formats import families_of
-
         if fmt not in families_of(arch):
             raise UsageError(f"--format {fmt}: the DBB repository has no {arch}; export it with --format acnet")
     train_model = load_model_for_eval(arch, block_type, src, "cpu")
@@ -35,8 +44,6 @@ def convert_file(arch: str, block_type: str, src: str, dst: str, input_size: int
     deploy_model = train_model if already_deploy else convert_weights(train_model)
     state = cpu_state_dict(deploy_model)
     if fmt != "ours":  # the deploy names of the original repository
-        from constructor.original_formats import export_original
-
         try:
             state, scheme = export_original(arch, fmt, block_type, state)
         except ValueError as exc:
@@ -53,8 +60,6 @@ def convert_file(arch: str, block_type: str, src: str, dst: str, input_size: int
     print(f"converted {src} -> {dst} ({len(state)} tensors); deploy vs training-time logits on a random batch: "
           f"{describe_logit_diff(diff, reference.abs().max().item())}", flush=True)
     if fmt != "ours":
-        from constructor.original_formats import EXPORT_USAGE, their_arch_name
-
         usage = EXPORT_USAGE[fmt].format(arch=arch, their=their_arch_name(arch, fmt),
                                          their_type=scheme.info["their_block_type"])
         print(f"{dst} holds {scheme.description}: {usage}", flush=True)
