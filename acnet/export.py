@@ -93,37 +93,51 @@ def _deploy_copy(model: nn.Module) -> nn.Module:
     return acnet_switch_to_deploy(deploy).eval()
 
 
+#: Loggers of the exporter and its optimizer, which log every rewrite at INFO ("No unused functions to
+#: remove", "PassManager: No more graph changes ...").
+EXPORTER_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
+
+
 @contextlib.contextmanager
-def _quiet_logger(name: str):
-    """The exporter's optimizer logs every rewrite at INFO: raise ``name``'s level to WARNING meanwhile."""
-    log = logging.getLogger(name)
-    saved = log.level
-    log.setLevel(max(saved, logging.WARNING))
-    try:
+def _exporter_output(verbose: bool):
+    """Mute the exporter's progress prints (stdout) and raise :data:`EXPORTER_LOGGERS` to WARNING meanwhile;
+    ``verbose`` or a level the user set on one of those loggers keeps its output."""
+    if verbose:
         yield
+        return
+    muted = [log for log in map(logging.getLogger, EXPORTER_LOGGERS) if log.level == logging.NOTSET]
+    for log in muted:
+        log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
-        log.setLevel(saved)
+        for log in muted:
+            log.setLevel(logging.NOTSET)
 
 
-def _to_proto(model: nn.Module, example: Tensor, opset: Optional[int], dynamic_batch: bool) -> Any:
-    """``torch.onnx.export(dynamo=True)`` to an in-memory ``ModelProto`` (the exporter's progress prints muted)."""
+def _to_proto(model: nn.Module, example: Tensor, opset: Optional[int], dynamic_batch: bool, verbose: bool) -> Any:
+    """``torch.onnx.export(dynamo=True)`` to an in-memory ``ModelProto`` (the exporter's output muted unless
+    ``verbose``)."""
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with contextlib.redirect_stdout(io.StringIO()), _quiet_logger("onnxscript"):
-        program = torch.onnx.export(model, (example,), None, dynamo=True, verbose=False, optimize=True,
+    with _exporter_output(verbose):
+        program = torch.onnx.export(model, (example,), None, dynamo=True, verbose=verbose, optimize=True,
                                     opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes=dynamic_shapes)
     return program.model_proto
 
 
 def export_onnx(model: nn.Module, example_input: Tensor, path: PathLike, *, opset: Optional[int] = None,
-                dynamic_batch: bool = True, rtol: float = DEFAULT_RTOL) -> ExportResult:
+                dynamic_batch: bool = True, rtol: float = DEFAULT_RTOL, verbose: bool = False) -> ExportResult:
     """Export ``model``'s deploy form to ONNX at ``path``; check it (module docstring); return the figures.
 
     ``example_input``: a float batch the model takes (its batch size becomes dynamic when
     ``dynamic_batch``); it is also the batch onnxruntime is compared on. ``opset=None``: the
     exporter's default (recorded in the file and in :attr:`ExportResult.opset`). Raises
     :class:`ExportError` (one line) when the model does not export, fails a check or ``path`` cannot be
-    written, :class:`MissingExtraError` without the ``deploy`` extra.
+    written, :class:`MissingExtraError` without the ``deploy`` extra. Quiet: the exporter's progress and
+    optimizer messages are muted unless ``verbose`` (or a level set on one of :data:`EXPORTER_LOGGERS`);
+    the result is logged at DEBUG (callers report :meth:`ExportResult.summary` as they see fit).
     """
     onnx = require_extra("onnx")
     require_extra("onnxscript")
@@ -133,7 +147,7 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: PathLike, *, opse
     with torch.no_grad():
         expected = deploy(example).float()
     try:
-        proto = _to_proto(deploy, example, opset, dynamic_batch)
+        proto = _to_proto(deploy, example, opset, dynamic_batch, verbose)
     except Exception as exc:  # the exporter raises many types; the first line names the unsupported part
         raise ExportError(f"the model does not export to ONNX ({exception_line(exc, type_name=True)}); every "
                           "operation of its deploy form must be supported by torch.onnx.export(dynamo=True)") from None
@@ -163,5 +177,5 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: PathLike, *, opse
     except OSError as exc:
         raise ExportError(f"cannot write {os.fspath(path)!r} ({exc.strerror or exc}); choose a writable "
                           "output path") from None
-    logger.info("%s", result.summary())
+    logger.debug("%s", result.summary())
     return result

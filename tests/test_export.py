@@ -155,6 +155,38 @@ def test_cli_exports_deploy_weights_beside_out_without_a_run(run_copy, tmp_path,
     assert out.is_file() and json.loads((tmp_path / "x.summary.json").read_text())["onnx_rel_diff"] <= 1e-5
 
 
+def test_cli_export_prints_its_lines_once_and_nothing_of_the_exporter(run_copy, tmp_path):
+    """In a process of its own (the exporter's loggers and prints as a user meets them): the run's three
+    lines, each once, on stdout; nothing of torch.onnx / onnxscript ("PassManager", "No unused ...")."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cfq.onnx"
+    result = subprocess.run([sys.executable, str(root / "do_acnet.py"), "-a", "cfqkbnc", "-b", "acb", "--dataset",
+                             "synthetic", "--export-onnx", str(run_copy / "finish.hdf5"), str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    messages = [line.split(" ", 2)[2] for line in result.stdout.splitlines()]  # without the timestamp
+    assert [m.split(" ", 1)[0] for m in messages] == ["exported", "onnx.checker", "summary"], result.stdout
+    assert messages[0].startswith(f"exported {run_copy / 'finish.hdf5'} -> {out} (opset ")
+    assert messages[2] == f"summary written: {run_copy / 'summary.json'}"
+
+
+def test_export_is_quiet_unless_verbose(tmp_path, caplog):
+    model = constructor.build_model("cfqkbnc", "acb").eval()
+    x = torch.randn(2, 3, 32, 32)
+    caplog.set_level("DEBUG")
+    export_onnx(model, x, tmp_path / "quiet.onnx")
+    assert [r.name for r in caplog.records if r.levelno >= 20] == []
+    assert not any(r.name.startswith(("onnx_ir", "onnxscript", "torch.onnx")) for r in caplog.records)
+    assert "acnet.export" in [r.name for r in caplog.records]  # its result, at DEBUG
+    caplog.clear()
+    export_onnx(model, x, tmp_path / "verbose.onnx", verbose=True)
+    assert any(r.name.startswith(("onnx_ir", "onnxscript")) for r in caplog.records)
+
+
 def test_cli_weights_of_another_arch_is_one_line_and_no_file(run_copy, tmp_path, capsys):
     out = tmp_path / "vc.onnx"
     status, _, err = cli(["-a", "vc", "-b", "acb", "--export-onnx", run_copy / "finish.hdf5", out], capsys)

@@ -96,6 +96,22 @@ def test_two_nodes_record_one_run_of_world_size_two(runs):
     assert not any((root / "node0").iterdir()) and not any((root / "node1").iterdir())
 
 
+DDP_WARNINGS = ("`broadcast_buffers` is deprecated", "Grad strides do not match bucket view strides")
+
+
+def test_ddp_warns_nothing_of_our_calls(runs, tmp_path):
+    """No deprecation or stride warning from the engine's DDP: the nodes' outputs above, and a DBB run with
+    channels_last (kernels (C, C, 1, 1) whose gradients come through the identity-based 1x1)."""
+    _, _, outputs, _ = runs
+    run = [*RUN, "--epochs", "1", "-b", "dbb", "--channels-last", "--output-dir", str(tmp_path)]
+    result = subprocess.run(torchrun("--standalone", "--nproc-per-node=2") + run, cwd=tmp_path, env=env(),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for output in (*outputs, result.stderr):
+        assert not [w for w in DDP_WARNINGS if w in output], output[-3000:]
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
+
+
 def test_an_output_dir_that_a_node_does_not_see_is_one_clear_error(tmp_path):
     """A relative --output-dir from different working directories: node 1 does not see node 0's folder."""
     endpoint = f"127.0.0.1:{free_port()}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -414,3 +416,22 @@ def test_the_printed_report_and_plot_mid_sweep(sweep_in_progress, tmp_path, caps
     assert "mean_top1_last5 = a run's score, the mean top-1 of its last 5 evaluations" in text
     assert text.count("DEPLOY MISMATCH") == 3  # runs table, over-seeds note, comparison note
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_log_needs_no_torch(sweep_in_progress, capsys):
+    """show_log.py only reads json and log files: with ``import torch`` made to fail (``sys.modules['torch']
+    = None``) it prints the same tables, published numbers included, as it does in this process."""
+    repo = Path(show_log.__file__).resolve().parent
+    script = ("import runpy, sys; sys.modules['torch'] = None; "
+              f"sys.argv = ['show_log.py', {str(sweep_in_progress)!r}]; "
+              "runpy.run_path('show_log.py', run_name='__main__')")
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert show_log.main([str(sweep_in_progress)]) == 0
+    assert result.stdout == capsys.readouterr().out
+    comparison = result.stdout.split("\n\n")[-1]
+    acb = next(line.split() for line in comparison.splitlines() if line.startswith("src56  cifar10  acb"))
+    assert acb[12:16] == ["94.55", "95.06", "+0.51", "ACNet"]  # the published numbers

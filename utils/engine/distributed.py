@@ -16,8 +16,10 @@ shared folder instead of in every process at the same time.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import secrets
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -25,6 +27,9 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from acnet.fastpath import as_nchw, nhwc_faulty
 
 __all__ = [
     "DistContext",
@@ -35,6 +40,7 @@ __all__ = [
     "all_gather_objects",
     "broadcast_object",
     "average_buffers",
+    "data_parallel",
     "barrier",
     "cleanup",
     "in_turn",
@@ -159,6 +165,54 @@ def average_buffers(model: nn.Module) -> None:
         if buf.is_floating_point():
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
             buf.div_(world)
+
+
+def data_parallel(model: nn.Module, device_ids: list[int] | None) -> DistributedDataParallel:
+    """``model`` in DDP without buffer syncing in ``forward`` (each rank keeps its own BN statistics until
+    :func:`average_buffers`), every gradient in exactly its parameter's strides (:func:`_own_strides`).
+
+    ``forward_sync_buffers=False`` (torch >= 2.13; older: the deprecated ``broadcast_buffers=False``) also
+    broadcasts the buffers once at construction, when they are equal on every rank anyway (a fresh
+    model or the same loaded state). DDP lays its gradient buckets out in the parameters' strides, so
+    the weights that :func:`acnet.fastpath.run_conv` gives NCHW strides in place on its first CPU
+    forward get them here, before DDP reads them.
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, nn.modules.conv._ConvNd) and isinstance(weight, nn.Parameter)
+                and weight.device.type == "cpu" and nhwc_faulty(module)):
+            weight.data = as_nchw(weight.data)
+    for param in model.parameters():
+        if param.requires_grad and 1 in param.shape:
+            param.register_hook(_own_strides(param))
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _own_strides(param: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gradient hook giving a gradient of ``param``'s memory order ``param``'s exact strides (a view).
+
+    The stride of a size-1 dimension addresses nothing: autograd keeps a gradient whose strides match
+    its parameter's on every other dimension, whatever the size-1 ones say, but DDP's reducer compares
+    all strides with its bucket view (made from the parameter's) and warns "Grad strides do not match
+    bucket view strides" once per process. Channels-last kernels (C, C', 1, 1) whose gradient comes
+    through a composed kernel (DBB's identity-based 1x1, OREPA's branches) and depthwise (C, 1, k, k)
+    kernels are such cases. A gradient of another memory order is left to autograd (it copies it).
+    """
+    ref = weakref.ref(param)  # the hook is stored on the parameter: no reference cycle
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        owner = ref()
+        if owner is None or grad.layout != torch.strided or grad.shape != owner.shape:
+            return grad
+        strides = owner.stride()
+        if grad.stride() == strides or any(size != 1 and a != b
+                                           for size, a, b in zip(owner.shape, grad.stride(), strides)):
+            return grad
+        return grad.as_strided(owner.shape, strides, grad.storage_offset())
+
+    return hook
 
 
 def in_turn(fn: Callable[[], T], ctx: DistContext, failure: Callable[[list], Exception]) -> T:

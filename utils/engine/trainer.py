@@ -7,7 +7,7 @@ loaders' ``set_epoch``), every RNG state is saved with each epoch's resumable st
 continue, so a run killed at any moment and continued with ``-c continue`` ends bit-identical to an
 uninterrupted one. Resuming happens at the last completed epoch.
 
-BN statistics without ``--sync-bn``: DDP runs with ``broadcast_buffers=False`` and every floating
+BN statistics without ``--sync-bn``: DDP syncs no buffers in ``forward`` and every floating
 buffer is averaged over the ranks at the end of each epoch (before evaluating and saving), so the
 saved running statistics are the mean of the ranks' estimates and identical on every rank.
 
@@ -33,13 +33,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from acnet.fileio import UnwritablePathError
 from data import to_device
 from utils.rundir.checkpoint import ExperimentPaths, capture_rng_state, restore_rng_state, save_state
 from utils.errors import ACNetError, TrainingSetupError
-from utils.engine.distributed import (DistContext, all_gather_objects, all_reduce_sum, average_buffers, barrier)
+from utils.engine.distributed import (DistContext, all_gather_objects, all_reduce_sum, average_buffers, barrier,
+                                       data_parallel)
 from utils.engine.evaluation import autocast_context, evaluate
 from utils.engine.metrics import MetricSums
 from utils.engine.optim import CosineWarmupSchedule, make_sgd
@@ -190,7 +190,7 @@ class Trainer:
         model: nn.Module = self.model
         if self.ctx.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+            model = data_parallel(model, device_ids)
         if self.options.compile:
             model = torch.compile(model)
         return model
