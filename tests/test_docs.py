@@ -32,7 +32,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -308,7 +307,7 @@ def parse_command(command: str, block: Block) -> None:
     if argv[0] == "srun":
         argv = argv[1:]
     if argv[:2] == ["pip", "install"]:
-        extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+        extras = declared_extras()
         for arg in argv[2:]:
             named = re.fullmatch(r"\.(?:\[(.*)\])?", arg)
             if named and named.group(1):
@@ -332,6 +331,17 @@ def parse_command(command: str, block: Block) -> None:
     assert (REPO / argv[1]).is_file(), f"{block}: no script {argv[1]}"
     status, output = run_script(REPO / argv[1], argv[2:], REPO, parse=True)
     assert status == 0, f"{block}: {command}\n{output[-2000:]}"
+
+
+def declared_extras() -> set:
+    """The optional-dependency groups of pyproject.toml."""
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11: the section's "name = [" lines
+        section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+        return set(re.findall(r"^(\w[\w-]*)\s*=", section, flags=re.M))
+    return set(tomllib.loads(text)["project"]["optional-dependencies"])
 
 
 def _expand(command: str) -> str:
