@@ -237,6 +237,9 @@ def test_every_block_has_a_class():
     unknown = [str(block) for block in ALL_BLOCKS if kind(block) == "unknown"]
     assert not unknown, f"blocks that are neither run, parsed, an output nor a layout: {unknown}"
     assert of_kind("python") and of_kind("run") and of_kind("parse") and of_kind("output")
+    for block in of_kind("python"):  # printed decimals come from a seeded run
+        if block.output and re.search(r"\d\.\d", block.output.body):
+            assert "manual_seed(" in block.body, f"{block} prints numbers but sets no seed"
     for block in of_kind("parse"):  # a reason, and one a user accepts for not running it here
         assert re.search(r"download|GPU|node|hours|minutes|runs|needs|installs", block.marker), str(block)
 
