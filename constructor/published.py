@@ -3,7 +3,8 @@
 Sources: the original ACNet repository's README (CIFAR-10, all 50,000 training images; ImageNet
 ResNet-18 approximate), the ACNet paper (ResNet-56), the DBB paper's Table 2 (CIFAR rows: mean of 5
 runs; its "ACNet" is its own re-run) and the OREPA paper's Table 4 (ImageNet, 120 epochs, its own
-baseline and DBB re-runs). The README's "Published results to compare against" lists the same.
+baseline and DBB re-runs). docs/reproducing.md lists the same
+(its table is generated from this one by docs/tables.py).
 Pure data: no torch.
 """
 from __future__ import annotations

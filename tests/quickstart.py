@@ -1,6 +1,6 @@
-"""The README's quickstart, run as written: helpers to read the README and to produce the quickstart's run
-directory once per test session (the "tiny real run" the tool tests use, fixture ``quickstart_run`` in
-conftest.py).
+"""The README's quickstart, run as written: helpers to read the README and the docs/ pages and to produce
+the quickstart's run directory once per test session (the "tiny real run" the tool and docs tests use,
+fixture ``quickstart_run`` in conftest.py).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 QUICKSTART_RUN = Path("acnet_exps") / "cfqkbnc_acb_synthetic_train"
 SCRIPTS = ("do_acnet.py", "show_log.py", "display_hdf5.py", "kernel_skeleton.py", "robustness.py")
 #: The keys of a run's summary.json.
@@ -24,12 +25,19 @@ def readme_text() -> str:
     return README.read_text(encoding="utf-8")
 
 
-def section(title_start: str) -> str:
-    """The README text from the heading starting with ``title_start`` to the next heading of its level."""
-    match = re.search(rf"^(#+) {re.escape(title_start)}.*$", readme_text(), flags=re.M)
-    assert match, f"README has no section {title_start!r}"
+def pages() -> list:
+    """README.md and every docs/*.md page."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def section(title_start: str, page: Path = README) -> str:
+    """The text of ``page`` (README.md by default) from the heading starting with ``title_start`` to the
+    next heading of its level."""
+    text = page.read_text(encoding="utf-8")
+    match = re.search(rf"^(#+) {re.escape(title_start)}.*$", text, flags=re.M)
+    assert match, f"{page.name} has no section {title_start!r}"
     level = len(match.group(1))
-    rest = readme_text()[match.end():]
+    rest = text[match.end():]
     end = re.search(rf"^#{{1,{level}}} ", rest, flags=re.M)
     return rest[: end.start()] if end else rest
 
@@ -69,5 +77,9 @@ def quickstart_run_dir(tmp_path_factory) -> Path:
     if not (run_dir / "summary.json").is_file():
         result = run_command(quickstart_command(), workdir)
         assert result.returncode == 0, f"quickstart failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-        (workdir / "quickstart_stdout.txt").write_text(result.stdout + result.stderr, encoding="utf-8")
+        (workdir / QUICKSTART_OUTPUT).write_text(result.stdout + result.stderr, encoding="utf-8")
     return run_dir
+
+
+#: What the quickstart command printed (stdout, then stderr), beside ``acnet_exps/`` in its working dir.
+QUICKSTART_OUTPUT = "quickstart_stdout.txt"

@@ -202,9 +202,9 @@ def test_a_sweep_interrupted_resumed_and_with_a_failing_run(tmp_path, capsys):
 def test_the_readme_sweep_commands_plan_as_described(tmp_path, capsys, monkeypatch):
     import shlex
 
-    from quickstart import code_blocks, section
+    from quickstart import DOCS, code_blocks, section
 
-    (block,) = code_blocks(section("Reproducing a table"), "bash")
+    (block,) = code_blocks(section("Reproducing a table", DOCS / "reproducing.md"), "bash")
     commands = [shlex.split(line) for line in block.strip().splitlines()]
     monkeypatch.chdir(tmp_path)
     expected = {"cfqkbnc src56 vc": 45, "cfqkbnc": 9}

@@ -1,4 +1,5 @@
-"""Per-arch training recipes: the original ACNet repository's settings (README "Architectures and recipes").
+"""Per-arch training recipes: the original ACNet repository's settings (docs/training.md, "Architectures
+and recipes", whose table docs/tables.py generates from this one).
 
 Common to every recipe (the original's): SGD with momentum 0.9 (Nesterov off), learning rate decayed
 by a cosine to 0 *per iteration* over the whole run, no warmup, weight decay also on BN weights and
