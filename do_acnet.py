@@ -69,15 +69,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
-    # torch (the process group) only once the command line parsed: -h and argparse's refusals stay torch-free
-    from utils.engine.distributed import cleanup, init_distributed
-
     try:  # everything that needs no data and no model: nothing is written before it passes
         mode = check_args(args)
         cmd = command_from_args(args, mode, argv, script=__file__)
-        ctx = init_distributed(cmd.device, cmd.local_rank)
     except (UsageError, ValueError) as exc:
         parser.error(str(exc))  # the one-line usage hint, the error line, status 2
+    # torch (the process group) only for a command that can run: -h and every refusal above stay torch-free
+    from utils.engine.distributed import cleanup, init_distributed
+
+    try:
+        ctx = init_distributed(cmd.device, cmd.local_rank)
+    except (UsageError, ValueError) as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING, stream=sys.stdout,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     try:

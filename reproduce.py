@@ -219,9 +219,7 @@ def slots(args: argparse.Namespace) -> list:
         raise SweepError("--nproc-per-run and --cpu-jobs must be >= 1")
     spec = args.gpus.strip()
     if spec == "auto":
-        import torch  # only to count the GPUs: planning and --dry-run stay torch-free
-
-        ids = [str(i) for i in range(torch.cuda.device_count())]
+        ids = [str(i) for i in range(visible_gpu_count())]
     elif spec == "cpu":
         ids = []
     else:
@@ -234,6 +232,28 @@ def slots(args: argparse.Namespace) -> list:
         raise SweepError(f"--nproc-per-run {args.nproc_per_run} needs that many GPUs; --gpus gives {len(ids)}")
     groups = len(ids) // args.nproc_per_run
     return [",".join(ids[g * args.nproc_per_run:(g + 1) * args.nproc_per_run]) for g in range(groups)]
+
+
+def visible_gpu_count() -> int:
+    """The GPUs a CUDA process started from here sees, as ``torch.cuda.device_count()`` counts them, without
+    importing torch (planning and --dry-run stay torch-free): the GPUs ``nvidia-smi -L`` lists (none without
+    the NVIDIA driver), narrowed by ``CUDA_VISIBLE_DEVICES`` when it is set (read as CUDA does: up to its
+    first entry that is not a device)."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        physical = sum(line.startswith("GPU ") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
+    except (OSError, subprocess.SubprocessError):
+        physical = 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return physical
+    count = 0
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if not (entry.isdigit() and int(entry) < physical or entry.startswith(("GPU-", "MIG-"))):
+            break
+        count += 1
+    return min(count, physical)
 
 
 def command(run: PlannedRun, nproc: int, python: str = sys.executable) -> list:

@@ -8,26 +8,23 @@ optionally its layouts in the original repositories (for their weights files). E
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from data.registry import get_dataset
 
-from .builder import ConvBuilder, make_builder
-from .cifar_quick import CifarQuickBN
-from .mobilenet import MobileNetV1
 from .original_layouts import OriginalLayout, original_layouts_of
 from .published import PUBLISHED, PublishedResult
-from .resnet import BasicBlock, Bottleneck, ImageNetResNet
-from .resnet_cifar import CifarResNet
-from .vgg import VGGCifar
-from .wrn import WideResNetCifar
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .builder import ConvBuilder
 
 __all__ = ["ArchSpec", "ARCHS", "arch_for_dataset", "get_arch_spec", "list_archs", "build_arch", "register_arch", "unregister_arch"]
 
-ModelFactory = Callable[[ConvBuilder, int], nn.Module]
+ModelFactory = Callable[["ConvBuilder", int], "nn.Module"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +64,16 @@ def arch_for_dataset(name: str, dataset: str, description: str, factory: ModelFa
     return ArchSpec(name, dataset, spec.input_size, spec.num_classes, description, factory, **fields)
 
 
+def _model(module: str, name: str) -> Any:
+    """``constructor.<module>.<name>``, imported when an arch is built: the model modules import torch, the
+    registry does not (the arch names list without it: ``do_acnet.py -h``)."""
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def _resnet(builder: ConvBuilder, block: str, layers: Tuple[int, ...], num_classes: int) -> nn.Module:
+    return _model("resnet", "ImageNetResNet")(builder, _model("resnet", block), layers, num_classes)
+
+
 def _spec(name: str, dataset: str, description: str, factory: ModelFactory) -> ArchSpec:
     return arch_for_dataset(name, dataset, description, factory,
                     published=PUBLISHED.get(name, ()), original_formats=original_layouts_of(name))
@@ -76,16 +83,16 @@ def _spec(name: str, dataset: str, description: str, factory: ModelFactory) -> A
 ARCHS: Dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
-        _spec("cfqkbnc", "cifar10", "Cifar-quick with BN", lambda b, n: CifarQuickBN(b, n)),
-        _spec("vc", "cifar10", "VGG-16 for CIFAR", lambda b, n: VGGCifar(b, n)),
-        _spec("src56", "cifar10", "ResNet-56 for CIFAR", lambda b, n: CifarResNet(b, 56, n)),
-        _spec("src110", "cifar10", "ResNet-110 for CIFAR", lambda b, n: CifarResNet(b, 110, n)),
+        _spec("cfqkbnc", "cifar10", "Cifar-quick with BN", lambda b, n: _model("cifar_quick", "CifarQuickBN")(b, n)),
+        _spec("vc", "cifar10", "VGG-16 for CIFAR", lambda b, n: _model("vgg", "VGGCifar")(b, n)),
+        _spec("src56", "cifar10", "ResNet-56 for CIFAR", lambda b, n: _model("resnet_cifar", "CifarResNet")(b, 56, n)),
+        _spec("src110", "cifar10", "ResNet-110 for CIFAR", lambda b, n: _model("resnet_cifar", "CifarResNet")(b, 110, n)),
         _spec("wrnc16plain", "cifar10", "WRN-16-8 for CIFAR (pre-activation, no dropout)",
-              lambda b, n: WideResNetCifar(b, 16, 8, n)),
-        _spec("sres18", "imagenet", "ResNet-18 (torchvision's)", lambda b, n: ImageNetResNet(b, BasicBlock, (2, 2, 2, 2), n)),
-        _spec("sres34", "imagenet", "ResNet-34 (torchvision's)", lambda b, n: ImageNetResNet(b, BasicBlock, (3, 4, 6, 3), n)),
-        _spec("sres50", "imagenet", "ResNet-50 (torchvision's)", lambda b, n: ImageNetResNet(b, Bottleneck, (3, 4, 6, 3), n)),
-        _spec("smi1", "imagenet", "MobileNetV1", lambda b, n: MobileNetV1(b, n)),
+              lambda b, n: _model("wrn", "WideResNetCifar")(b, 16, 8, n)),
+        _spec("sres18", "imagenet", "ResNet-18 (torchvision's)", lambda b, n: _resnet(b, "BasicBlock", (2, 2, 2, 2), n)),
+        _spec("sres34", "imagenet", "ResNet-34 (torchvision's)", lambda b, n: _resnet(b, "BasicBlock", (3, 4, 6, 3), n)),
+        _spec("sres50", "imagenet", "ResNet-50 (torchvision's)", lambda b, n: _resnet(b, "Bottleneck", (3, 4, 6, 3), n)),
+        _spec("smi1", "imagenet", "MobileNetV1", lambda b, n: _model("mobilenet", "MobileNetV1")(b, n)),
     )
 }
 
@@ -133,6 +140,8 @@ def build_arch(
     per-block options such as ACB ``gamma_init`` or DBB ``internal_channels_1x1_3x3``. Bad names raise
     one ``ValueError``. :func:`constructor.build_model` is this plus the model's weight naming schemes.
     """
+    from .builder import make_builder  # torch: the registry itself stays torch-free
+
     spec = get_arch_spec(arch)
     builder = make_builder(block_type, deploy=deploy, **block_kwargs)
     return spec.build(builder, num_classes)

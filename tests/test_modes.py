@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from utils.errors import UsageError
 from utils.modes.cli import parse_command
 from utils.modes.registry import MODES
 from utils.rundir.identity import experiment_name, parse_run_name, qat_experiment_name
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -66,3 +70,27 @@ def test_the_command_line_names_the_run_folder(weights, tmp_path):
     assert cmd.qat_name == "cfqkbnc_acb_synthetic_s1_qat"
     _, named = parse_command(["-a", "cfqkbnc", "--exp-name", "mine", "--output-dir", str(tmp_path)])
     assert named.paths().summary == tmp_path / "mine" / "summary.json"
+
+
+def _without_torch(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter at the repository root where ``import torch`` fails."""
+    return subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\n" + code],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_the_command_lines_parse_without_torch(tmp_path):
+    """-h, a refused command line, the table of modes and reproduce.py's plan import no torch."""
+    if _without_torch("import acnet.registry, data, constructor").returncode:
+        pytest.skip("acnet, data or constructor import torch here (the registries are torch-free once merged)")
+    run = "import runpy; sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+    helped = _without_torch(run.format(argv=["do_acnet.py", "-h"]))
+    assert helped.returncode == 0 and "--export-onnx" in helped.stdout and "src56" in helped.stdout, helped.stderr
+    refused = _without_torch(run.format(argv=["do_acnet.py", "-a", "src56", "--convert", "x", "y", "--qat"]))
+    assert refused.returncode == 2 and "--convert and --qat are separate tools" in refused.stderr, refused.stderr
+    planned = _without_torch(run.format(argv=["reproduce.py", "--archs", "cfqkbnc", "--blocks", "base", "acb",
+                                              "--seeds", "0", "--output-dir", str(tmp_path), "--dry-run", "--",
+                                              "--epochs", "1"]))
+    assert planned.returncode == 0 and planned.stdout.count("do_acnet.py -a cfqkbnc") == 2, planned.stderr
+    table = _without_torch("from utils.modes.cli import parse_command\n"
+                           "mode, cmd = parse_command(['-a', 'vc', '-b', 'dbb', '--eval-only', 'w.hdf5'])")
+    assert "does not exist" in table.stderr and "UsageError" in table.stderr  # checked, torch never needed

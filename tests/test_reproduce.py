@@ -216,3 +216,20 @@ def test_the_readme_sweep_commands_plan_as_described(tmp_path, capsys, monkeypat
         archs = " ".join(argv[argv.index("--archs") + 1:argv.index("--blocks")])
         assert lines[0].startswith(f"# {expected[archs]} runs (CPU") and len(lines) == expected[archs] + 1
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("visible, expected", [(None, 2), ("1", 1), ("0,1", 2), ("", 0), ("-1", 0), ("1,7,0", 1),
+                                               ("GPU-5f0e,GPU-77aa", 2)])
+def test_gpus_are_counted_as_cuda_sees_them_without_torch(tmp_path, monkeypatch, visible, expected):
+    """--gpus auto: nvidia-smi's GPUs, narrowed by CUDA_VISIBLE_DEVICES (up to its first entry that is no device)."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-5f0e)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-77aa)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert reproduce.visible_gpu_count() == expected
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no driver: CPU
+    assert reproduce.visible_gpu_count() == 0

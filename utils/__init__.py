@@ -1,18 +1,18 @@
-"""The training framework around the library (run from the repository root; not installed).
+"""The training framework around the library (run from the repository root; not installed), by what it does.
 
-The application layer: ``run`` a run's identity, folder layout, recipe resolution and the guards of
-a finished or continued run (torch-free); ``modes`` do_acnet.py's command line and table of modes
-(train, eval, convert, export, qat) over the typed ``command``; ``errors`` the framework's
-user-facing errors and the scripts' one error line; ``runs`` reading run folders (torch-free),
-``report`` the tables and Welch comparisons, ``plotting`` matplotlib and show_log.py's plot.
-
-The modes' code: ``training`` (train, resume, post-training), ``evaluation`` evaluate / compare /
-load weights for evaluation (``--eval-only``), ``conversion`` (``--convert``), ``deploy``
-(``--export-onnx``, ``--quantize``), ``qat`` (``--qat``), ``init_weights`` (``--init-weights``).
-The engine parts: ``distributed`` process group from torchrun / torch.distributed.launch and
-collectives; ``optim`` parameter groups and the per-iteration cosine schedule; ``metrics``
-device-side top-k sums; ``checkpoint`` resumable state and RNG state; ``runlog`` log.txt and
-TensorBoard; ``engine`` the training loop; ``posttrain`` conversion, deploy check and summary.json;
-``guards`` checks against silently doing something else; ``stats`` mean, std and Welch's t-test
-over seeds (standard library only).
+* ``modes``: do_acnet.py's modes. ``registry`` the table (each mode's option, arguments, checks, options
+  and runner, declared once), ``cli`` the command line over it; the runners ``train`` (train, resume,
+  post-training), ``evaluate`` (``--eval-only``), ``convert`` (``--convert``), ``export``
+  (``--export-onnx [--quantize]``), ``qat`` (``--qat``). The table and the parser import no torch.
+* ``engine``: what the modes drive (torch). ``trainer`` the training loop, ``optim`` parameter groups and
+  the cosine schedule, ``distributed`` the process group and collectives, ``metrics`` device-side top-k
+  sums, ``evaluation`` evaluate / compare / load weights for evaluation, ``init_weights``
+  (``--init-weights``), ``posttrain`` conversion, deploy check and summary.json, ``deploy`` ONNX export,
+  int8 PTQ and onnxruntime evaluation, ``guards`` checks against silently doing something else.
+* ``rundir``: a run folder. ``identity`` its identity, name, files and recipe resolution (torch-free),
+  ``record`` its record, lock and state (torch-free), ``checkpoint`` its resumable state, ``log`` log.txt
+  and TensorBoard.
+* ``analysis``: reading runs and reporting on them (torch-free). ``collect`` run folders, ``tables`` the
+  tables and Welch comparisons, ``stats`` mean, std and Welch's t-test, ``plotting`` show_log.py's plot.
+* ``command`` the typed command every mode gets; ``errors`` the user-facing errors and the one error line.
 """

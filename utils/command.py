@@ -11,7 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import constructor
+import data
+from acnet.registry import get_block_type
 from train_configs import Recipe
+from utils.errors import UsageError
 from utils.rundir.identity import ExperimentPaths, experiment_name, qat_experiment_name
 
 __all__ = ["DataOptions", "TrainSettings", "Command", "block_kwargs", "create_loaders"]
@@ -83,16 +87,13 @@ class Command:
 
 def block_kwargs(block_type: str, recipe: Recipe) -> dict[str, Any]:
     """Per-block options from the recipe, as the block type declares them (ACB: gamma init)."""
-    from acnet.registry import get_block_type
-
     return {name: getattr(recipe, name) for name in get_block_type(block_type).recipe_options}
 
 
 def create_loaders(cmd: Command, recipe: Recipe, ctx):
     """``(train_loader, eval_loader)`` of the command's dataset, for this rank, loaded rank after rank."""
-    import data
+    # torch (the process group): a runner calls this; the command line is parsed without torch
     from utils.engine.distributed import in_turn
-    from utils.errors import UsageError
 
     if recipe.batch_size % ctx.world_size:
         raise UsageError(f"the global batch size {recipe.batch_size} is not divisible by the {ctx.world_size} "
@@ -115,8 +116,6 @@ def create_loaders(cmd: Command, recipe: Recipe, ctx):
 
 def model_builder(cmd: Command, recipe: Recipe, num_classes: int):
     """``build(deploy=False)``: the command's arch with its block type and the recipe's block options."""
-    import constructor
-
     def build(deploy: bool = False):
         return constructor.build_model(cmd.arch, cmd.block_type, deploy=deploy, num_classes=num_classes,
                                        **block_kwargs(cmd.block_type, recipe))

@@ -5,7 +5,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from acnet.fileio import atomic_path
 from utils.analysis.tables import block_order, group_runs, published_reference
+from utils.errors import UsageError
 from utils.rundir.identity import block_types
 from utils.analysis.stats import summarize
 
@@ -25,8 +27,6 @@ def import_pyplot(what: str, alternative: str) -> Any:
     try:
         import matplotlib
     except ImportError:
-        from utils.errors import UsageError
-
         raise UsageError(f"{what} needs matplotlib, which is not installed: pip install matplotlib "
                     f"({alternative})") from None
     matplotlib.use("Agg")
@@ -113,8 +113,6 @@ def plot_runs(runs: Sequence[Run], path: Path, n: int = 5) -> None:
     """Validation top-1 over epochs (one panel per (arch, dataset), one line per run, papers dashed),
     and below them the over-seeds table as grouped bars with error bars (:func:`_plot_bars`)."""
     plt = import_pyplot("--plot", PLOT_ALTERNATIVE)
-    from acnet.fileio import atomic_path
-    from utils.errors import UsageError
 
     curves: dict = {}
     for run in runs:

@@ -29,7 +29,9 @@ from torch import nn
 from acnet.export import ExportError, ExportResult, export_onnx, require_extra
 from acnet.fileio import atomic_path
 from data import to_device
+from utils.engine.evaluation import load_model_for_eval
 from utils.engine.metrics import MetricSums
+from utils.engine.posttrain import convert_weights
 
 __all__ = ["require_deploy_extras", "int8_path", "export_weights", "calibration_batches", "quantize_int8",
            "evaluate_onnx"]
@@ -61,9 +63,6 @@ def export_weights(arch: str, block_type: str, weights: str | os.PathLike | Mapp
 
     Returns ``(deploy model, export result)``. ``acnet.WeightsError`` for weights of another model.
     """
-    from utils.engine.evaluation import load_model_for_eval
-    from utils.engine.posttrain import convert_weights
-
     model = load_model_for_eval(arch, block_type, weights, "cpu", num_classes=num_classes)
     deploy = convert_weights(model)
     return deploy, export_onnx(deploy, example_batch(input_size), out, opset=opset)

@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import constructor
+from acnet import WeightsError, load_state_dict_file
+from acnet.weights import as_state_dict, check_finite_weights
+from constructor.original_formats import recognise_weights
 from data import to_device
 from utils.engine.distributed import all_reduce_max
 from utils.engine.metrics import MetricSums
@@ -124,8 +128,6 @@ def _describe_keys(missing: list[str], unexpected: list[str], limit: int = 5) ->
 
 def load_weights_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """``model.load_state_dict(state, strict=True)`` with one clear ``acnet.WeightsError`` on mismatch."""
-    from acnet import WeightsError
-
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -155,11 +157,6 @@ def load_model_for_eval(arch: str, block_type: str, weights: str | os.PathLike |
     state dict"). Raises ``acnet.WeightsError`` naming the closest form and what differs,
     ``acnet.NonFiniteWeightsError`` for weights holding NaN / inf (``acnet.check_finite_weights``).
     """
-    import constructor
-    from acnet import WeightsError, load_state_dict_file
-    from acnet.weights import as_state_dict, check_finite_weights
-    from constructor.original_formats import recognise_weights
-
     if isinstance(weights, Mapping):
         # the same unwrapping as for files: checkpoint containers, a DDP ``module.`` prefix
         source = source or "the given state dict"

@@ -28,6 +28,14 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+import constructor
+from acnet import WeightsError, check_finite_weights, load_state_dict_file
+from acnet.block import ConvBN, ReparamBlock
+from acnet.convert import copy_pair_into_block  # the keep_weights semantics of convert_to_acnet
+from constructor.builder import BiasFreeConv
+from constructor.original_formats import own_schemes, recognise_weights
+from utils.engine.evaluation import load_weights_strict
+
 __all__ = ["load_init_weights"]
 
 
@@ -40,11 +48,6 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike, *, block_type: 
     Raises ``acnet.WeightsError`` (one line naming the problem and the fix) when the file cannot
     initialise the model (``acnet.NonFiniteWeightsError``: it holds NaN / inf); the model is then unchanged.
     """
-    import constructor
-    from acnet import WeightsError, check_finite_weights, load_state_dict_file
-    from constructor.original_formats import recognise_weights
-    from utils.engine.evaluation import load_weights_strict
-
     log = logger or logging.getLogger(__name__)
     arch = arch or _arch_of(model, block_type)
     source = f"--init-weights file {os.fspath(path)!r}"
@@ -94,10 +97,6 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike, *, block_type: 
 @torch.no_grad()
 def _start_blocks_from(model: nn.Module, source: nn.Module, skip: Optional[str]) -> None:
     """Every unit of ``model`` starts as the same-named unit of ``source`` (base training or deploy model)."""
-    from acnet.block import ConvBN, ReparamBlock
-    from acnet.convert import copy_pair_into_block  # the keep_weights semantics of convert_to_acnet
-    from constructor.builder import BiasFreeConv
-
     source_modules = dict(source.named_modules())
     units = {name for name, m in model.named_modules() if isinstance(m, ReparamBlock)}
     for name, module in model.named_modules():
@@ -117,9 +116,6 @@ def _start_blocks_from(model: nn.Module, source: nn.Module, skip: Optional[str])
 
 def _as_pair(unit: nn.Module) -> tuple:
     """``(conv, bn)`` computing the source unit: ConvBN's own pair, or a conv with an identity BN."""
-    from acnet.block import ConvBN
-    from constructor.builder import BiasFreeConv
-
     if isinstance(unit, ConvBN):
         return unit.conv, unit.bn
     conv = unit.conv if isinstance(unit, BiasFreeConv) else unit  # BiasFreeConv, or a deploy nn.Conv2d
@@ -131,9 +127,6 @@ def _as_pair(unit: nn.Module) -> tuple:
 
 def _copy_pair_into_plain(conv: nn.Conv2d, bn: nn.BatchNorm2d, unit: nn.Module) -> None:
     """A ConvBN / BiasFreeConv of the model takes the source pair (a bias-free one only a bias-free conv)."""
-    from acnet import WeightsError
-    from acnet.block import ConvBN
-
     if isinstance(unit, ConvBN):
         unit.conv.weight.copy_(conv.weight)
         unit.bn.load_state_dict(bn.state_dict())
@@ -155,9 +148,6 @@ def _classifier_name(model: nn.Module) -> str:
 
 def _arch_of(model: nn.Module, block_type: str) -> str:
     """The registered arch whose ``block_type`` model has exactly ``model``'s entry names."""
-    import constructor
-    from constructor.original_formats import own_schemes
-
     names = set(model.state_dict())
     for arch in constructor.list_archs():
         own = next(s for s in own_schemes(arch) if s.info["block_type"] == block_type)

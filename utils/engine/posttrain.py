@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from acnet import acnet_switch_to_deploy, load_hdf5
 from utils.rundir.checkpoint import ExperimentPaths
 from utils.engine.distributed import DistContext, barrier
 from utils.engine.trainer import save_weights_hdf5
@@ -51,8 +52,6 @@ def describe_logit_diff(max_abs_diff: float, max_abs_logit: float) -> str:
 
 def convert_weights(train_model: nn.Module) -> nn.Module:
     """A deploy-form copy of ``train_model`` (``acnet.acnet_switch_to_deploy`` on a deep copy)."""
-    from acnet import acnet_switch_to_deploy
-
     return acnet_switch_to_deploy(copy.deepcopy(train_model).cpu())
 
 
@@ -64,8 +63,6 @@ def post_training(build_model: Callable[..., nn.Module], eval_loader, ctx: DistC
     ``summary_fields`` supplies ``arch, block_type, dataset, seed, epochs, world_size, train_images_per_sec``;
     ``wall_seconds()`` gives the run's wall time so far (read when the summary is written).
     """
-    from acnet import load_hdf5
-
     device = ctx.device
     train_model = build_model(deploy=False)
     load_weights_strict(train_model, load_hdf5(paths.finish_weights), f"the tensors of {paths.finish_weights}")

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acnet import save_hdf5
 from acnet.fileio import UnwritablePathError
 from data import to_device
 from utils.rundir.checkpoint import ExperimentPaths, capture_rng_state, restore_rng_state, save_state
@@ -99,8 +100,6 @@ def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_weights_hdf5(model: nn.Module, path) -> None:
     """Weights in the original hdf5 format (``acnet.save_hdf5``; written atomically)."""
-    from acnet import save_hdf5
-
     save_hdf5(cpu_state_dict(model), path)
 
 

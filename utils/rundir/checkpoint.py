@@ -25,6 +25,7 @@ import torch
 
 from acnet.errors import ACNetError
 from acnet.fileio import atomic_open, save_torch
+from train_configs import Recipe
 from utils.rundir.identity import ExperimentPaths
 
 __all__ = ["CheckpointError", "ExperimentPaths", "save_json", "save_state", "load_state",
@@ -117,8 +118,6 @@ def finished_run_record(paths: ExperimentPaths) -> dict[str, Any]:
 
 def read_finished_run(paths: ExperimentPaths) -> dict[str, Any]:
     """The last resumable state of a finished run (its recipe and timing), ``{}`` if unavailable."""
-    from train_configs import Recipe
-
     if not paths.state.is_file():
         return {}
     try:

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional
 
+from acnet.registry import block_type_names
+from constructor import get_arch_spec
+from train_configs import Recipe, get_recipe
+from utils.errors import UsageError
+
 __all__ = ["DEFAULT_SEED", "RUN_FILES", "LOG", "RECIPE", "SUMMARY", "INIT_WEIGHTS", "FINISH_WEIGHTS", "DEPLOY_WEIGHTS",
            "STATE", "CONSOLE", "ExperimentPaths", "experiment_name", "RunName", "parse_run_name", "block_types",
            "qat_experiment_name", "weights_argument",
@@ -123,8 +128,6 @@ def parse_run_name(name: str) -> RunName:
 
 def block_types() -> tuple[str, ...]:
     """The registered block type names (``acnet.registry``, read at each call)."""
-    from acnet.registry import block_type_names
-
     return block_type_names()
 
 
@@ -151,10 +154,6 @@ def qat_experiment_name(train_name: str) -> str:
 def resolve_recipe(arch: str, overrides: Mapping[str, Any]):
     """The recipe the arch names (``ArchSpec.recipe``) with ``overrides`` (``None`` values ignored); a bad
     value is a :class:`UsageError`."""
-    from constructor import get_arch_spec
-    from train_configs import get_recipe
-    from utils.errors import UsageError
-
     try:
         return get_recipe(get_arch_spec(arch).recipe_name, **overrides)
     except ValueError as exc:
@@ -163,9 +162,6 @@ def resolve_recipe(arch: str, overrides: Mapping[str, Any]):
 
 def merge_saved_recipe(saved: Mapping[str, Any], overrides: Mapping[str, Any], state_path: Path):
     """On continue the run keeps its recipe; an explicit override that contradicts it is an error."""
-    from train_configs import Recipe
-    from utils.errors import UsageError
-
     recipe = Recipe(**saved)
     conflicts = [f"{field}={value!r} (run has {saved[field]!r})" for field, value in overrides.items()
                  if saved.get(field) != value]

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from acnet.fileio import UnwritablePathError, atomic_open
+from train_configs import Recipe
 from utils.errors import ACNetError, UsageError
 from utils.rundir.identity import ExperimentPaths
 
@@ -67,8 +69,6 @@ class RunBusyError(UsageError):
 # ------------------------------------------------------------------------------------------ record
 def recipe_fields() -> tuple[str, ...]:
     """The recipe's fields (``train_configs.Recipe``) that decide what is trained; ``dataset`` is an identity field."""
-    from train_configs import Recipe
-
     return tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "dataset")
 
 
@@ -204,8 +204,6 @@ def command_with_run_data(cmd, weights: str | os.PathLike):
 
 # ------------------------------------------------------------------------------------------ files
 def _save_json(obj: Any, path: Path) -> None:
-    from acnet.fileio import atomic_open
-
     with atomic_open(path, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=False)
         fh.write("\n")
@@ -336,8 +334,6 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as exc:
-                from acnet.fileio import UnwritablePathError
-
                 raise UnwritablePathError(self.path, exc) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -444,8 +440,6 @@ class RunSession:
 
     def __enter__(self) -> "RunSession":
         if self.main:
-            from acnet.fileio import UnwritablePathError
-
             self._created = next((p for p in (self.paths.root, *self.paths.root.parents) if p.exists()), None)
             self._lock_existed = self.lock.path.exists()
             try:
@@ -565,6 +559,7 @@ class hold_run:
         except ACNetError as exc:
             error = exc
         if getattr(self.ctx, "distributed", False):
+            # torch: only in a distributed run (this module is torch-free: show_log, reproduce --dry-run)
             from utils.engine.distributed import broadcast_object
 
             message = broadcast_object(None if error is None else str(error))
