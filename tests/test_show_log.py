@@ -436,15 +436,3 @@ def test_show_log_needs_no_torch(sweep_in_progress, capsys):
     acb = next(line.split() for line in comparison.splitlines() if line.startswith("src56  cifar10  acb"))
     assert acb[12:16] == ["94.55", "95.06", "+0.51", "ACNet"]  # the published numbers
 
-
-def test_the_torch_free_published_numbers_are_the_arch_registry_s():
-    """Without a loaded arch registry, show_log reads the built-in archs' numbers from
-    constructor.published.PUBLISHED: the table every built-in ArchSpec.published is made of."""
-    from constructor import get_arch_spec, list_archs
-    from constructor.published import PUBLISHED
-
-    from utils.report import published_results
-
-    assert set(PUBLISHED) <= set(list_archs())
-    for arch in list_archs():
-        assert tuple(get_arch_spec(arch).published) == tuple(PUBLISHED.get(arch, ())) == published_results(arch)
