@@ -412,3 +412,19 @@ def test_tensorboard_keeps_every_point_across_a_resume(tmp_path):
         {tag: [step for step, _ in points] for tag, points in expected.items()}
     timing = "train/images_per_sec"  # measured, the rest bit-identical
     assert {k: v for k, v in shown.items() if k != timing} == {k: v for k, v in expected.items() if k != timing}
+
+
+def test_progress_on_a_log_moves_within_the_epoch_in_at_most_ten_lines(tmp_path, capsys):
+    """A 25-iteration epoch with the default print_freq (50: one metrics read, at the end): the console (not a
+    terminal here) still shows the epoch advance, in 10 lines, the last with the epoch's metrics."""
+    trainer, _ = _trainer(tmp_path, epochs=2)
+    trainer.train_loader = ListLoader(_learnable_batches(1, n_batches=25, batch=4))
+    trainer.iters_per_epoch = 25
+    trainer.options.progress_bar, trainer.options.print_freq = True, 50
+    trainer.fit(TensorBoard(tmp_path / "tb", enabled=False))
+    lines = capsys.readouterr().err.splitlines()
+    for epoch in (1, 2):
+        mine = [line for line in lines if line.startswith(f"epoch {epoch}/2: ")]
+        assert [line.split()[3] for line in mine] == [f"{i}/25" for i in (3, 5, 8, 10, 13, 15, 18, 20, 23, 25)]
+        assert "loss=" not in mine[-2] and re.search(r", loss=[\d.]+ top1=[\d.]+ lr=\S+ img_s=\d+$", mine[-1])
+    assert len(lines) == 20

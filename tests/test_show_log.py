@@ -435,3 +435,4 @@ def test_show_log_needs_no_torch(sweep_in_progress, capsys):
     comparison = result.stdout.split("\n\n")[-1]
     acb = next(line.split() for line in comparison.splitlines() if line.startswith("src56  cifar10  acb"))
     assert acb[12:16] == ["94.55", "95.06", "+0.51", "ACNet"]  # the published numbers
+

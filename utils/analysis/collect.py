@@ -235,7 +235,7 @@ def run_seed(run_dir_name: str, summary: dict, recipe: dict) -> Optional[int]:
 
 def own_dataset(arch: str) -> Optional[str]:
     """The dataset an arch is defined for (its run directory name then omits it); ``None``: unknown arch."""
-    try:  # the arch registry imports torch: only for a run that records no dataset (the original code's)
+    try:  # the arch registry imports torch: only now
         from constructor import get_arch_spec
         return get_arch_spec(arch).dataset
     except ValueError:  # unknown arch: leave it unknown

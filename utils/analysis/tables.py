@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from constructor.published import PUBLISHED
+from constructor.registry import get_arch_spec
 from utils.rundir.identity import block_types
 from utils.analysis.collect import (FINISHED, Run, STATES)
 from utils.analysis.stats import Summary, summarize, welch
 
+
 def published_results(arch: str) -> tuple:
-    """The published results the arch registry declares for ``arch`` (``()`` for an unknown arch).
-
-    The registry (:mod:`constructor.registry`) imports torch, which a table does not need: while no
-    code of this process has imported it, no arch can have been registered at run time, so the
-    built-in archs' numbers are read from the table their ``ArchSpec.published`` is made of
-    (:data:`constructor.published.PUBLISHED`, torch-free)."""
-    if "constructor.registry" not in sys.modules:
-        return tuple(PUBLISHED.get(arch, ()))
-    from constructor.registry import get_arch_spec  # already imported: a dictionary lookup
-
+    """The published results the arch registry declares for ``arch`` (``()`` for an unknown arch)."""
     try:
         return tuple(get_arch_spec(arch).published)
     except ValueError:  # an arch no registry knows (e.g. a log of the original code's other nets)

@@ -1,5 +1,5 @@
 """The training loop: DDP, bf16 autocast, channels_last, optional ``torch.compile``, per-epoch
-resumable state, ``init.hdf5``/``finish.hdf5``, log.txt/TensorBoard/tqdm progress.
+resumable state, ``init.hdf5``/``finish.hdf5``, log.txt/TensorBoard/console progress (:mod:`utils.engine.progress`).
 
 The engine knows no architecture by name: it gets a model, the two loaders, a recipe and the
 experiment paths. Determinism (CPU, fixed seed): data order is a function of seed and epoch (the
@@ -43,6 +43,7 @@ from utils.engine.distributed import (DistContext, all_gather_objects, all_reduc
                                        data_parallel)
 from utils.engine.evaluation import autocast_context, evaluate
 from utils.engine.metrics import MetricSums
+from utils.engine.progress import EpochProgress
 from utils.engine.optim import CosineWarmupSchedule, make_sgd
 from utils.rundir.log import RunLog, TensorBoard
 
@@ -73,7 +74,7 @@ class TrainOptions:
     compile: bool = False
     sync_bn: bool = False
     print_freq: int = 50  # iterations between progress reads (the only per-step host syncs)
-    progress_bar: bool = True  # tqdm bar on rank 0
+    progress_bar: bool = True  # rank 0: a bar on a terminal, at most 10 lines per epoch elsewhere
     should_validate: Callable[[int], bool] = field(default=lambda epoch: True)  # 0-based epoch
     meta: dict[str, Any] = field(default_factory=dict)  # stored in the resumable state (arch, block, ...)
     on_state_saved: Callable[[int], None] | None = None  # rank 0, after each resumable state (its epoch count)
@@ -290,8 +291,6 @@ class Trainer:
         return last_val
 
     def _train_one_epoch(self, epoch: int, criterion: nn.Module, tensorboard: TensorBoard):
-        from tqdm import tqdm
-
         ctx, device, opts = self.ctx, self.device, self.options
         model = self._step_model
         model.train()
@@ -299,8 +298,8 @@ class Trainer:
         memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
         epoch_sums, window_sums = MetricSums(device), MetricSums(device)
         bad = torch.zeros((), dtype=torch.bool, device=device)
-        bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.recipe.epochs}", unit="it",
-                   disable=True if (not ctx.is_main or not opts.progress_bar) else None, leave=False, dynamic_ncols=True)
+        bar = EpochProgress(self.iters_per_epoch, f"epoch {epoch + 1}/{self.recipe.epochs}",
+                            enabled=ctx.is_main and opts.progress_bar)
         start = time.perf_counter()
         window = {"start": start, "images": 0, "steps": 0}
         images_seen = 0
@@ -312,9 +311,8 @@ class Trainer:
             values = window_sums.read()
             rate = window["images"] / max(now - window["start"], 1e-9)
             lr = self.schedule.get_last_lr()[0]
-            bar.set_postfix(loss=f"{values['loss']:.4f}", top1=f"{values['top1']:.2f}", lr=f"{lr:.4g}",
-                            img_s=f"{rate:.0f}", refresh=False)
-            bar.update(window["steps"])
+            bar.metrics(loss=f"{values['loss']:.4f}", top1=f"{values['top1']:.2f}", lr=f"{lr:.4g}",
+                        img_s=f"{rate:.0f}")
             tensorboard.scalars({"train/loss": values["loss"], "train/top1": values["top1"],
                                  "train/top5": values["top5"], "train/lr": lr, "train/images_per_sec": rate},
                                 self.iteration)
@@ -342,8 +340,10 @@ class Trainer:
                 window["steps"] += 1
                 if window["steps"] == opts.print_freq:
                     flush()
+                bar.step()
             if window["steps"]:
                 flush()
+            bar.finish()
         finally:
             bar.close()
         seconds = time.perf_counter() - start
