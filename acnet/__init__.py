@@ -27,6 +27,8 @@ from .pairs import find_conv_bn_pairs
 from .report import ConversionReport, ConvReportRow, conversion_report, format_report
 from .dbb import DiverseBranchBlock
 from .orepa import OREPABlock
+from .repvgg import RepVGGBlock
+from .mobileone import MobileOneBlock
 from .registry import BLOCK_REGISTRY, BlockType, get_block_type
 from .export import ExportError, MissingExtraError, export_onnx
 from .hdf5 import load_hdf5, save_hdf5
@@ -43,6 +45,8 @@ __all__ = [
     "AsymConvBlock",
     "DiverseBranchBlock",
     "OREPABlock",
+    "RepVGGBlock",
+    "MobileOneBlock",
     "BLOCK_REGISTRY",
     "BlockType",
     "get_block_type",

@@ -17,7 +17,9 @@ from torch import Tensor
 from .acb import ACBlock
 from .block import ConvBN, ReparamBlock
 from .dbb import DiverseBranchBlock
+from .mobileone import MobileOneBlock
 from .orepa import OREPABlock
+from .repvgg import RepVGGBlock
 
 __all__ = ["BlockType", "BLOCK_REGISTRY", "block_type_names", "get_block_type", "register_block_type",
            "unregister_block_type"]
@@ -74,6 +76,10 @@ BLOCK_REGISTRY: Dict[str, BlockType] = {
                   description="four conv-BN branches (KxK, 1x1, 1x1-avg, 1x1-KxK)"),
         BlockType("orepa", OREPABlock, paper="OREPA, CVPR 2022",
                   description="six scaled linear branches merged into one kernel every step, one BN"),
+        BlockType("repvgg", RepVGGBlock, paper="RepVGG, CVPR 2021",
+                  description="KxK conv-BN + 1x1 conv-BN + identity BN (in == out, stride 1)"),
+        BlockType("mobileone", MobileOneBlock, paper="MobileOne, CVPR 2023",
+                  description="k KxK conv-BN + 1x1 conv-BN (K > 1) + identity BN (in == out, stride 1)"),
     )
 }
 
