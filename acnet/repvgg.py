@@ -36,6 +36,7 @@ ReLU after the sum, ours ``nonlinear`` (default: none, the block replaces a conv
 """
 from __future__ import annotations
 
+import abc
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -136,14 +137,17 @@ class CentreBranchBlock(ReparamBlock):
         self._identity_window = None if all(b == 0 and a == 0 for b, a in window) else window
 
     # --- the parts, named by the subclass -------------------------------------------------------
+    @abc.abstractmethod
     def _set_kxk(self, units: List[nn.Sequential]) -> None:
-        raise NotImplementedError
+        """Hold the KxK conv-norm units under the original's names."""
 
+    @abc.abstractmethod
     def _kxk_units(self) -> Tuple[nn.Sequential, ...]:
-        raise NotImplementedError
+        """The KxK conv-norm units, the main one first."""
 
+    @abc.abstractmethod
     def _kxk_names(self) -> Tuple[str, ...]:
-        raise NotImplementedError
+        """The attribute names holding the KxK units (deleted by :meth:`switch_to_deploy`)."""
 
     @staticmethod
     def has_scale_branch(kernel_size: Sequence[int]) -> bool:
@@ -194,13 +198,14 @@ class CentreBranchBlock(ReparamBlock):
                 norm.weight.fill_(gamma_value)
 
     @classmethod
+    @abc.abstractmethod
     def _stored_parts(cls, state: Mapping[str, Tensor]) -> Tuple[str, Optional[str]]:
         """``(main norm, another branch's norm or None)`` prefixes in a stored block's entries."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def _main_conv_key(cls) -> str:
-        raise NotImplementedError
+        """The stored main KxK conv weight's key."""
 
     @classmethod
     def stored_options(cls, state: Mapping[str, Tensor], in_channels: int) -> Dict[str, object]:
