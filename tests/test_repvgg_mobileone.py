@@ -213,18 +213,20 @@ def test_the_original_blocks_load_into_ours_and_compute_the_same_train_eval_and_
 
 @pytest.mark.parametrize("family", list(CLASSES))
 def test_a_model_of_original_blocks_folds_into_a_plain_model(family):
-    """acnet_fuse_and_load recognises an original block under a conv's name (its signature) and writes its
-    equivalent kernel and bias into the plain conv; then the plain conv + ReLU computes the original's output."""
+    """acnet_fuse_and_load recognises an original block under a conv's name (its signature; a deployed one by its
+    fused conv's name) and writes its equivalent kernel and bias into the plain conv; then the plain conv + ReLU
+    computes the original's output."""
     for case, record in committed(family)["cases"].items():
         args = dict(record["arguments"])
         args.pop("num_conv_branches", None)
         plain = nn.Sequential()
         plain.add_module("block", nn.Conv2d(**args, bias=True).double())
         plain.add_module("relu", nn.ReLU())
-        state = {f"block.{k}": v for k, v in record["state_dict"].items()}
-        acnet_fuse_and_load(plain, state)
-        with torch.no_grad():
-            assert relative_difference(plain(record["input"]), record["output_eval"]) <= 1e-10, case
+        for stored, expected in (("state_dict", "output_eval"), ("deploy_state_dict", "output_deploy")):
+            state = {f"block.{k}": v for k, v in record[stored].items()}  # deployed: rbr_reparam / reparam_conv
+            acnet_fuse_and_load(plain, state)
+            with torch.no_grad():
+                assert relative_difference(plain(record["input"]), record[expected]) <= 1e-10, (case, stored)
 
 
 def original_or_skip(family: str):
