@@ -34,6 +34,8 @@ _EXPORTS: Dict[str, str] = {
     "AsymConvBlock": "acb",
     "DiverseBranchBlock": "dbb",
     "OREPABlock": "orepa",
+    "RepVGGBlock": "repvgg",
+    "MobileOneBlock": "mobileone",
     "BLOCK_REGISTRY": "registry",
     "BlockType": "registry",
     "get_block_type": "registry",

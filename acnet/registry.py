@@ -96,6 +96,10 @@ BLOCK_REGISTRY: Dict[str, BlockType] = {
                   description="four conv-BN branches (KxK, 1x1, 1x1-avg, 1x1-KxK)"),
         BlockType("orepa", "acnet.orepa:OREPABlock", paper="OREPA, CVPR 2022",
                   description="six scaled linear branches merged into one kernel every step, one BN"),
+        BlockType("repvgg", "acnet.repvgg:RepVGGBlock", paper="RepVGG, CVPR 2021",
+                  description="KxK conv-BN + 1x1 conv-BN + identity BN (in == out, stride 1)"),
+        BlockType("mobileone", "acnet.mobileone:MobileOneBlock", paper="MobileOne, CVPR 2023",
+                  description="k KxK conv-BN + 1x1 conv-BN (K > 1) + identity BN (in == out, stride 1)"),
     )
 }
 

@@ -21,6 +21,13 @@ and paired the same way.
     python benchmarks/bench_blocks.py --rounds 15 --shapes 128,16,32,3 32,256,14,3
     python benchmarks/bench_blocks.py --no-forms      # the 2-d BN table only (also with --shapes)
     python benchmarks/bench_blocks.py --forms-only    # the other forms' table only
+    python benchmarks/bench_blocks.py --families-only # the families table only (also with --shapes)
+
+A third table gives the other families of the registry (RepVGG, MobileOne, and every block type registered
+beside ACB / DBB / OREPA: :func:`family_types`): each block's fwd+bwd time over the plain unit it replaces
+-- conv+BN for a block with a BN form, the plain conv with bias for a BN-free-only block -- on the same
+shapes (channels in = out, stride 1: RepVGG's and MobileOne's identity branch is there) plus a depthwise
+and a pointwise shape (MobileOne's two kinds of blocks), alternated and paired the same way.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ from acnet.block import ConvBN  # noqa: E402
 from acnet.dbb import DiverseBranchBlock  # noqa: E402
 from acnet.norms import FrozenBatchNorm  # noqa: E402
 from acnet.orepa import OREPABlock  # noqa: E402
+from acnet.registry import BLOCK_REGISTRY  # noqa: E402
 
 DEFAULT_SHAPES = [(128, 16, 32, 3), (128, 32, 16, 3), (128, 64, 8, 3), (32, 64, 56, 3), (32, 256, 14, 3),
                   (128, 32, 16, 5)]
@@ -199,6 +207,74 @@ def bench_form(dim: int, norm: str, shape: Tuple[int, ...], kernel, rounds: int,
     return time_alternated(steps, rounds, warmup)
 
 
+#: The families table's extra shapes (N, C, HW, K, groups): MobileOne's depthwise 3x3 and pointwise 1x1 blocks.
+FAMILY_EXTRA_SHAPES = [(32, 128, 28, 3, 128), (32, 128, 28, 1, 1)]
+#: The block types the first two tables have columns for.
+TABLED_TYPES = ("acb", "dbb", "orepa")
+
+
+def family_types() -> List[str]:
+    """Every pluggable block type of the registry beside ACB / DBB / OREPA (RepVGG, MobileOne, ...), in order."""
+    return [name for name, spec in BLOCK_REGISTRY.items() if not spec.plain and name not in TABLED_TYPES]
+
+
+def family_form(name: str, kernel: int, groups: int) -> str | None:
+    """The norm form a family block is timed in: ``"batch"`` where it has one, else ``"none"`` (BN-free); None
+    when it has no form for this kernel."""
+    cls = BLOCK_REGISTRY[name].block_class
+    for norm in ("batch", "none"):
+        if cls.unsupported(dim=2, kernel_size=(kernel, kernel), stride=(1, 1), padding=((kernel - 1) // 2,) * 2,
+                           dilation=(1, 1), groups=groups, padding_mode="zeros", norm=norm) is None:
+            return norm
+    return None
+
+
+def bench_family(shape: Tuple[int, ...], rounds: int, warmup: int) -> Dict[str, List[float]]:
+    """Per family block type (and the plain units ``conv+BN`` / ``conv``), its step time (ms) in each round."""
+    n, c, hw, k, *rest = shape
+    groups = rest[0] if rest else 1
+    torch.manual_seed(0)
+    x = torch.randn(n, c, hw, hw, requires_grad=True)
+    padding = (k - 1) // 2
+    modules: Dict[str, nn.Module] = {"conv+BN": ConvBN(c, c, k, padding=padding, groups=groups).train(),
+                                     "conv": nn.Conv2d(c, c, k, padding=padding, groups=groups).train()}
+    for name in family_types():
+        norm = family_form(name, k, groups)
+        if norm is not None:
+            modules[name] = BLOCK_REGISTRY[name].block_class(c, c, k, padding=padding, groups=groups,
+                                                             norm=norm).train()
+    grad_out = torch.randn(n, c, hw, hw)
+    steps = {name: make_step(m, m, x, grad_out) for name, m in modules.items()}
+    return time_alternated(steps, rounds, warmup)
+
+
+def print_families(args: argparse.Namespace, shapes: List[Tuple[int, ...]]) -> None:
+    """The third table: every other family's fwd+bwd time over the plain unit it replaces."""
+    names = family_types()
+    if not names:
+        return
+    width = max(8, *(len(n) + 3 for n in names))
+    header = f"{'N,C,HW,K,groups':>18} | {'conv+BN ms':>10} | " + " ".join(f"{n + '/pl':>{width}}" for n in names)
+    print()
+    print("other families: fwd+bwd over the plain unit they replace (conv+BN; the plain conv for a BN-free-only "
+          "block, marked *)")
+    print(header)
+    print("-" * len(header))
+    for shape in shapes:
+        times = bench_family(shape, args.rounds, args.warmup)
+        cells = []
+        for name in names:
+            if name not in times:
+                cells.append(f"{'-':>{width}}")
+                continue
+            bn_free = family_form(name, shape[3], shape[4] if len(shape) > 4 else 1) == "none"
+            ratio = paired_ratio(times, name, "conv" if bn_free else "conv+BN")
+            cells.append(f"{f'{ratio:.2f}' + ('*' if bn_free else ''):>{width}}")
+        groups = shape[4] if len(shape) > 4 else 1
+        print(f"{','.join(map(str, (*shape[:4], groups))):>18} | {statistics.median(times['conv+BN']):10.1f} | "
+              + " ".join(cells), flush=True)
+
+
 def paired_ratio(times: Dict[str, List[float]], name: str, baseline: str = "conv+BN") -> float:
     """Median over rounds of ``time(name) / time(baseline)`` measured in the same round."""
     return statistics.median(t / b for t, b in zip(times[name], times[baseline]))
@@ -213,12 +289,20 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds per implementation (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--shapes", nargs="*", default=None, help="N,C,HW,K (default: the six reference shapes)")
+    parser.add_argument("--shapes", nargs="*", default=None,
+                        help="N,C,HW,K (default: the six reference shapes); N,C,HW,K,groups: the families table only")
     parser.add_argument("--no-forms", action="store_true", help="skip the table of the 1-D / 3-D / frozen / BN-free forms")
     parser.add_argument("--forms-only", action="store_true", help="only the table of the other forms")
+    parser.add_argument("--no-families", action="store_true", help="skip the table of the other families")
+    parser.add_argument("--families-only", action="store_true",
+                        help="only the table of the other families (RepVGG, MobileOne, ...)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+    if args.families_only:
+        print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} alternated rounds; ratios: median of per-round ratios")
+        print_families(args, shapes if args.shapes else DEFAULT_SHAPES + FAMILY_EXTRA_SHAPES)
+        return 0
     if args.forms_only:
         print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} alternated rounds; ratios: median of per-round ratios")
         print_forms(args)
@@ -230,7 +314,7 @@ def main(argv: List[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     ratios: Dict[str, List[float]] = {"ACB": [], "ACB-orig": [], "DBB": [], "DBB-orig": []}
-    for shape in shapes:
+    for shape in [s for s in shapes if len(s) == 4]:  # N,C,HW,K,groups shapes are for the families table
         times = bench_shape(shape, args.rounds, args.warmup)
         row = {name: paired_ratio(times, name) for name in ratios}
         for name, value in row.items():
@@ -248,6 +332,8 @@ def main(argv: List[str] | None = None) -> int:
           "(* the original DBB geomean is over the first five shapes)")
     if not args.no_forms and not args.shapes:  # the forms table accompanies the reference shapes
         print_forms(args)
+    if not args.no_families:
+        print_families(args, shapes if args.shapes else DEFAULT_SHAPES + FAMILY_EXTRA_SHAPES)
     return 0
 
 

@@ -9,7 +9,8 @@ with the batch (activations, per image) and a fixed part (OREPA's kernel-sized i
 not depend on the batch); the ratios are taken at the recipe's batch per GPU (128 on CIFAR, 32 on
 ImageNet: 256 over 8 GPUs): ``per image + fixed / batch``.
 
-Variants: ``base``, ``acb``, ``dbb``, ``orepa`` (this project's blocks), and ``acb-orig`` / ``dbb-orig``:
+Variants: ``base``, ``acb``, ``dbb``, ``orepa``, ``repvgg``, ``mobileone`` (this project's blocks; ``mobileone``
+with its default k = 1, which also takes the pointwise 1x1 convs), and ``acb-orig`` / ``dbb-orig``:
 the same blocks run with the original implementations' forward (each branch conv -> BN, sums of BN
 outputs; the replicas of ``benchmarks/bench_blocks.py``). Target: orepa <= 1.25 x base.
 
@@ -37,7 +38,7 @@ from constructor import build_model, get_arch_spec, list_archs  # noqa: E402
 DEFAULT_ARCHS = ("src56", "vc", "sres18")
 DEFAULT_BATCHES = {32: 4, 224: 2}  # measured at b and 2b, by input size
 RECIPE_BATCHES = {32: 128, 224: 32}  # the ratios' batch per GPU, by input size
-VARIANTS = ("base", "acb", "acb-orig", "dbb", "dbb-orig", "orepa")
+VARIANTS = ("base", "acb", "acb-orig", "dbb", "dbb-orig", "orepa", "repvgg", "mobileone")
 TARGET_OREPA = 1.25
 ORIGINAL_FORWARDS = {"acb-orig": (ACBlock, original_acb_forward), "dbb-orig": (DiverseBranchBlock, original_dbb_forward)}
 

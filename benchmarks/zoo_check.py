@@ -50,7 +50,7 @@ TOLERANCE = 1e-5
 TOLERANCE_FLOAT64 = 1e-7
 NUM_CLASSES = 10
 BLOCKS = ("acb", "dbb")
-ALL_BLOCKS = ("acb", "dbb", "orepa")
+ALL_BLOCKS = ("acb", "dbb", "orepa", "repvgg", "mobileone")
 CASE_TIMEOUT_S = 900.0
 #: Larger inputs where a model needs more than 64x64 (inception_v3: 75; maxvit_t: its 7x7 windows at 224; SSD300: its
 #: last extra layers need about 270).
@@ -65,6 +65,11 @@ CI_EXTRA_CASES = (
     ("tvdet:fasterrcnn_mobilenet_v3_large_fpn", "acb"), ("tvvideo:r2plus1d_18", "acb"), ("own:edsr", "dbb"),
     ("own:audio", "orepa"), ("own:audio_bn", "dbb"),
 )
+#: The RepVGG / MobileOne rows the test suite checks: a residual net, an inverted-residual net (depthwise 3x3 and
+#: pointwise 1x1 convs: MobileOne's two kinds of blocks, identity branches where in == out and stride 1) and a
+#: timm model (squeeze-excite, hard-swish, BatchNormAct2d), each with each of the two types.
+CI_FAMILY_CASES = tuple((model, block) for block in ("repvgg", "mobileone")
+                        for model in ("tv:resnet18", "tv:mobilenet_v2", "timm:mobilenetv3_small_050"))
 #: Detectors whose pretrained builds freeze the backbone's BatchNorms (torchvision 0.29).
 DETECTION_MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn",
                     "retinanet_resnet50_fpn", "fcos_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
@@ -347,26 +352,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the worker")
     args = parser.parse_args(argv)
     specs = list(CI_MODELS) + [m for m, _ in CI_EXTRA_CASES] if args.ci else (args.models or all_models())
+    if args.ci:  # and the new families' rows, each with its own block type
+        specs += [(m, b) for m, b in CI_FAMILY_CASES]
 
     print(f"torch {torch.__version__}; one SGD step at batch 2, 64x64 input (clips 4x16x16, waveforms 512); ok = deploy and fuse-and-load "
           f"equal the trained model within {TOLERANCE:g} (relative), float32; 'ok (f64)': float32 itself is further "
           f"off for that model, checked in float64 within {TOLERANCE_FLOAT64:g}", flush=True)
-    header = f"{'model':<38} {'block':<5} {'#blocks':>7} {'status':<9} {'rel diff':>9} {'seconds':>7}  detail"
+    header = f"{'model':<38} {'block':<9} {'#blocks':>7} {'status':<9} {'rel diff':>9} {'seconds':>7}  detail"
     print(header)
     print("-" * len(header), flush=True)
     failed = 0
     for spec in specs:
+        blocks = list(args.blocks)
+        if isinstance(spec, tuple):
+            spec, blocks = spec[0], [spec[1]]
         reason = skip_reason(spec)
         if reason is not None:
-            print(f"{spec:<38} {'-':<5} {'-':>7} {'skipped':<9} {'-':>9} {'-':>7}  {reason}", flush=True)
+            print(f"{spec:<38} {'-':<9} {'-':>7} {'skipped':<9} {'-':>9} {'-':>7}  {reason}", flush=True)
             continue
-        cases = [{"model": spec, "block": block} for block in args.blocks]
+        cases = [{"model": spec, "block": block} for block in blocks]
         for case, result in zip(cases, run_isolated("benchmarks.zoo_check:check_model", cases, CASE_TIMEOUT_S, args.threads)):
             status, detail = verdict(result)
             failed += status == "FAIL"
             diff = f"{max(result['deploy_diff'], result['fuse_diff']):9.1e}" if "fuse_diff" in result else f"{'-':>9}"
-            blocks = result.get("blocks", "-")
-            print(f"{spec:<38} {case['block']:<5} {blocks:>7} {status:<9} {diff} {result.get('seconds', 0.0):7.1f}  "
+            count = result.get("blocks", "-")
+            print(f"{spec:<38} {case['block']:<9} {count:>7} {status:<9} {diff} {result.get('seconds', 0.0):7.1f}  "
                   f"{detail}", flush=True)
     print("-" * len(header))
     print(f"{failed} failed row(s)")

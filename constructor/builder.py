@@ -14,7 +14,8 @@ method              computes                                    used by
 ==================  ==========================================  =================================
 
 Which conv becomes a re-parameterizable block (the original rule): a KxK conv with 1 < K < 7.
-1x1 convs and the 7x7 ImageNet stem stay plain. The conv inside each unit takes one of these forms:
+1x1 convs and the 7x7 ImageNet stem stay plain -- except for ``mobileone``, whose paper puts its blocks
+on the pointwise 1x1 convs too (:data:`KERNEL_RULES`). The conv inside each unit takes one of these forms:
 
 ================  ===================  ==============================  ===========================
 conv of a unit    ``base`` training    ``acb``/``dbb``/``orepa``       deploy (any block type)
@@ -51,6 +52,7 @@ __all__ = [
     "ConvBuilder",
     "make_builder",
     "is_reparameterizable_kernel",
+    "takes_kernel",
 ]
 
 
@@ -63,6 +65,23 @@ _REFUSED_OPTIONS = {
 def is_reparameterizable_kernel(kernel_size: int) -> bool:
     """The original rule: a KxK conv becomes a block iff ``1 < K < 7`` (1x1 and 7x7 stay plain)."""
     return 1 < kernel_size < 7
+
+
+def _with_pointwise(kernel_size: int) -> bool:
+    """MobileOne's rule: its blocks replace the depthwise KxK and the pointwise 1x1 convs alike (``K < 7``)."""
+    return 1 <= kernel_size < 7
+
+
+#: Block types whose paper puts blocks on other kernel sizes than :func:`is_reparameterizable_kernel`'s.
+#: RepVGG's paper uses 3x3 blocks only; here it takes every 1 < K < 7 conv like ACB / DBB (its 1x1 branch
+#: on the centre tap), so that a 5x5 architecture (Cifar-quick) has RepVGG blocks too.
+KERNEL_RULES: Dict[str, Callable[[int], bool]] = {"mobileone": _with_pointwise}
+
+
+def takes_kernel(block_type: str, kernel_size: int) -> bool:
+    """Whether the builder of ``block_type`` makes a block for a KxK conv (:data:`KERNEL_RULES`, else
+    :func:`is_reparameterizable_kernel`)."""
+    return KERNEL_RULES.get(block_type, is_reparameterizable_kernel)(kernel_size)
 
 
 class BiasFreeConv(ReparamBlock):
@@ -209,7 +228,7 @@ class ConvBuilder:
 
     def _block(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups) -> Optional[nn.Module]:
         """The block for this conv, or ``None`` where the plain form is trained."""
-        if self.block_class is None or not is_reparameterizable_kernel(_square(kernel_size)):
+        if self.block_class is None or not takes_kernel(self.block_type, _square(kernel_size)):
             return None
         block = self.block_class(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,

@@ -31,6 +31,18 @@ def test_bench_blocks_prints_a_row_per_shape_and_the_geometric_means():
         assert all(v > 0 and math.isfinite(v) for v in values)
     geo = next(line for line in lines if line.strip().startswith("geometric mean"))
     assert len(numbers(geo)) == 6 and "targets:" in out
+    # the families table: every registered type beside ACB / DBB / OREPA, over the unit it replaces
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_blocks import family_form, family_types
+
+    assert {"repvgg", "mobileone"} <= set(family_types())
+    header = next(line for line in lines if line.strip().startswith("N,C,HW,K,groups"))
+    assert all(f"{name}/pl" in header for name in family_types())
+    for shape, kernel in (("4,8,8,3,1", 3), ("2,8,6,5,1", 5)):
+        values = numbers(next(line for line in lines if line.strip().startswith(shape + " ")))
+        timed = [name for name in family_types() if family_form(name, kernel, 1) is not None]  # others: "-"
+        assert {"repvgg", "mobileone"} <= set(timed)
+        assert len(values) == 1 + len(timed) and all(v > 0 and math.isfinite(v) for v in values)
 
 
 def test_bench_archs_prints_training_inference_and_deploy_size_tables():
@@ -52,13 +64,15 @@ def test_bench_memory_counts_saved_tensors_per_image_and_fixed():
     out = run_script("benchmarks/bench_memory.py", "--archs", "cfqkbnc", "--batch", "2", "--threads", "1")
     row = next(line for line in out.splitlines() if line.startswith("cfqkbnc "))
     assert re.search(r"(ok|ABOVE) \(orepa <= 1\.25\)$", row)
-    cells = row.split()[2:8]  # base, acb, acb-orig, dbb, dbb-orig, orepa: "per_image[+fixed]" MiB
+    # base, acb, acb-orig, dbb, dbb-orig, orepa, repvgg, mobileone: "per_image[+fixed]" MiB
+    cells = row.split()[2:10]
     per_image = [float(c.split("+")[0]) for c in cells]
-    base, acb, acb_orig, dbb, dbb_orig, orepa = per_image
+    base, acb, acb_orig, dbb, dbb_orig, orepa, repvgg, mobileone = per_image
     assert acb > base and dbb > acb and acb_orig > base and dbb_orig > base
     assert orepa == base  # the kernel assembly keeps no per-image tensor: one conv and one BN, as the base
-    ratios = numbers(" ".join(row.split()[8:13]))
-    assert len(ratios) == 5 and ratios[-1] < ratios[2]  # orepa below dbb
+    assert base < repvgg < dbb and mobileone == repvgg  # k = 1 and no 1x1 conv in cfqkbnc: the same branches
+    ratios = numbers(" ".join(row.split()[10:17]))
+    assert len(ratios) == 7 and ratios[4] < ratios[2]  # orepa below dbb
 
 
 def test_gpu_check_refuses_without_cuda_in_one_line_and_smoke_runs_on_cpu(tmp_path):

@@ -14,10 +14,12 @@ from acnet.acb import ACBlock
 from acnet.block import ConvBN, ReparamBlock
 from acnet.dbb import DiverseBranchBlock
 from acnet.norms import NORM_KINDS, ChannelAffine, FrozenBatchNorm
+from acnet.mobileone import MobileOneBlock
 from acnet.orepa import OREPABlock
+from acnet.repvgg import RepVGGBlock
 from helpers import gradcheck_equivalent_kernel, randomize_all_, relative_difference
 
-BLOCKS = (ConvBN, ACBlock, DiverseBranchBlock, OREPABlock)
+BLOCKS = (ConvBN, ACBlock, DiverseBranchBlock, OREPABlock, RepVGGBlock, MobileOneBlock)
 #: Per dimension, geometries (kernel, stride, groups) every block accepts unless its unsupported() says not.
 GEOMETRIES = {
     1: [(3, 1, 1), (5, 2, 2)],

@@ -48,14 +48,14 @@ def trained(cifar_root, tmp_path_factory) -> dict[str, Path]:
     """cfqkbnc trained 2 epochs with each block type (in-process, the real command line)."""
     out = tmp_path_factory.mktemp("exps")
     dirs = {}
-    for block in ("base", "acb", "dbb", "orepa"):
+    for block in ("base", "acb", "dbb", "orepa", "repvgg", "mobileone"):
         layout = ["--channels-last"] if block == "base" else []  # the CUDA default layout, exercised on CPU
         run_main(["-a", "cfqkbnc", "-b", block, "--data-dir", cifar_root, "--output-dir", out, *TINY, *layout])
         dirs[block] = out / f"cfqkbnc_{block}_train"
     return dirs
 
 
-@pytest.mark.parametrize("block", ["base", "acb", "dbb", "orepa"])
+@pytest.mark.parametrize("block", ["base", "acb", "dbb", "orepa", "repvgg", "mobileone"])
 def test_end_to_end_files_are_complete_and_consistent(trained, block):
     exp = trained[block]
     for name in ("log.txt", "recipe.json", "init.hdf5", "finish.hdf5", "finish_deploy.hdf5", "latest.pth",
@@ -106,7 +106,7 @@ def test_end_to_end_files_are_complete_and_consistent(trained, block):
 def test_deploy_weights_of_every_block_type_share_one_structure(trained):
     shapes = {block: {k: tuple(v.shape) for k, v in read_hdf5_tensors(exp / "finish_deploy.hdf5").items()}
               for block, exp in trained.items()}
-    assert shapes["acb"] == shapes["base"] == shapes["dbb"] == shapes["orepa"]
+    assert shapes["acb"] == shapes["base"] == shapes["dbb"] == shapes["orepa"] == shapes["repvgg"] == shapes["mobileone"]
 
 
 def test_finished_run_skips_training_and_redoes_the_post_training_steps(trained, cifar_root, capsys):
@@ -174,7 +174,7 @@ def test_bad_arguments_are_clear_and_write_nothing(tmp_path, capsys, cifar_root)
     out = tmp_path / "out"
     base = ["--data-dir", cifar_root, "--output-dir", out]
     expect_error(["-a", "resnet9000", *base], capsys, 2, r"invalid choice: 'resnet9000'", "src56")
-    expect_error(["-a", "src56", "-b", "repvgg", *base], capsys, 2, r"invalid choice: 'repvgg'")
+    expect_error(["-a", "src56", "-b", "vgg", *base], capsys, 2, r"invalid choice: 'vgg'")
     expect_error(["-a", "src56", "--epochs", "0", *base], capsys, 2, r"epochs must be >= 1, got 0")
     expect_error(["-a", "src56", "--lr", "-0.1", *base], capsys, 2, r"lr must be > 0")
     expect_error(["-a", "cfqkbnc", "--dataset", "imagenet", *base], capsys, 2, r"32x32 inputs.*cifar10")

@@ -20,7 +20,7 @@ def num_params(model: nn.Module) -> int:
 # --- registry ---------------------------------------------------------------------------------
 def test_registry_lists_every_arch_with_its_dataset_and_input_size():
     assert list_archs() == list(ALL_ARCHS)
-    assert BLOCK_TYPES == ("base", "acb", "dbb", "orepa")
+    assert BLOCK_TYPES == ("base", "acb", "dbb", "orepa", "repvgg", "mobileone")
     for arch in ALL_ARCHS:
         spec = get_arch_spec(arch)
         imagenet = arch.startswith("sres") or arch == "smi1"
@@ -39,7 +39,7 @@ def test_unknown_arch_is_one_clear_error_listing_the_valid_names(bad):
         assert repr(bad) in message and all(name in message for name in ALL_ARCHS)
 
 
-@pytest.mark.parametrize("bad", ["ACB", "repvgg", "", None])
+@pytest.mark.parametrize("bad", ["ACB", "vgg", "", None])
 def test_unknown_block_type_is_one_clear_error_listing_the_valid_names(bad):
     for call in (lambda: build_model("cfqkbnc", bad), lambda: make_builder(bad)):
         with pytest.raises(ValueError) as info:

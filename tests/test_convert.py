@@ -366,7 +366,7 @@ def test_converting_twice_changes_nothing():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(block_type="repvgg"), "unknown block_type 'repvgg'; valid block types: 'acb', 'dbb', 'orepa'"),
+        (dict(block_type="vgg"), "unknown block_type 'vgg'; valid block types: 'acb', 'dbb', 'orepa', 'repvgg', 'mobileone'"),
         (dict(block_type="acb", padding=2), "padding cannot be given"),
         (dict(block_type="dbb", nonlinear=nn.ReLU()), "'nonlinear' is not supported"),
         (dict(block_type="acb", kernel_sizes=[]), "kernel_sizes is empty"),

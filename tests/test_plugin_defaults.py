@@ -30,6 +30,8 @@ from acnet import (
 from helpers import randomize_norm_state_, relative_difference
 
 BLOCK_TYPES = ("acb", "dbb", "orepa")
+#: The newer families, run through the cheap whole-model checks (their zoo rows: tests/test_zoo.py).
+FAMILY_TYPES = ("repvgg", "mobileone")
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -92,7 +94,7 @@ EXPECTED_FORMS = {"conv_bn": "batch", "conv_frozen": "frozen", "conv_gn": "none"
                   "conv_act": "none", "conv_add": "none", "conv_out": "none"}
 
 
-@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+@pytest.mark.parametrize("block_type", BLOCK_TYPES + FAMILY_TYPES)
 def test_each_conv_gets_the_form_of_what_it_feeds_and_folds_back_into_the_stock_class(block_type):
     stock = mixed_model()
     rows = {r.name: r for r in conversion_report(stock, block_type).rows}
@@ -220,7 +222,7 @@ class UpPath(nn.Module):
 
 def test_transposed_convs_are_listed_with_their_form_or_reason():
     model = UpPath()
-    for block_type in BLOCK_TYPES:
+    for block_type in BLOCK_TYPES + FAMILY_TYPES:
         rows = {r.name: r for r in conversion_report(model, block_type).rows}
         assert set(rows) == {"up", "mask", "up3d"} and all(r.transposed for r in rows.values())
         assert rows["up"].conv_type == "ConvTranspose2d" and rows["up3d"].conv_type == "ConvTranspose3d"
@@ -228,7 +230,7 @@ def test_transposed_convs_are_listed_with_their_form_or_reason():
             assert (row.converted and row.form_name.endswith(" transposed")) or row.reason
 
 
-@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+@pytest.mark.parametrize("block_type", BLOCK_TYPES + FAMILY_TYPES)
 def test_transposed_convs_train_and_fold_back_into_the_stock_class(block_type):
     """Needs the block side (``transposed=True`` forms): ACB and DBB take the odd-kernel transposed convs
     (their branches are linear and fold exactly); every conv that converts folds back exactly."""
@@ -333,7 +335,7 @@ def yolo_like() -> nn.Module:
         UltralyticsConv(16, 16, 5, 1, g=16), UltralyticsConv(16, 8, 3, 2)), 3).eval()
 
 
-@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+@pytest.mark.parametrize("block_type", BLOCK_TYPES + FAMILY_TYPES)
 def test_ultralytics_fuse_contract_works_on_the_deployed_model(block_type):
     model = convert_to_acnet(yolo_like(), block_type)
     x = torch.randn(2, 3, 16, 16)

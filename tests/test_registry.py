@@ -66,18 +66,18 @@ def two_kernel():
 
 
 def test_every_consumer_lists_the_registered_block_types():
-    assert block_type_names() == ("base", "acb", "dbb", "orepa")
+    assert block_type_names() == ("base", "acb", "dbb", "orepa", "repvgg", "mobileone")
     assert constructor.BLOCK_TYPES == block_type_names()
     assert not hasattr(convert_module, "BLOCK_CLASSES")  # no module-level copy: read live
     pluggable = convert_module.pluggable_block_classes()
-    assert tuple(pluggable) == ("acb", "dbb", "orepa")  # base has nothing to plug in
+    assert tuple(pluggable) == ("acb", "dbb", "orepa", "repvgg", "mobileone")  # base has nothing to plug in
     assert all(pluggable[n] is BLOCK_REGISTRY[n].block_class for n in pluggable)
     choices = next(a.choices for a in build_parser()._actions if a.dest == "block_type")
     assert tuple(choices) == block_type_names()
     assert show_log.block_types() == block_type_names()  # what show_log groups runs by
     assert get_block_type("OREPA").block_class.__name__ == "OREPABlock"
-    with pytest.raises(ValueError, match="valid block types: base, acb, dbb, orepa"):
-        get_block_type("repvgg")
+    with pytest.raises(ValueError, match="valid block types: base, acb, dbb, orepa, repvgg, mobileone"):
+        get_block_type("nosuch")
 
 
 def test_recipe_options_come_from_the_registry():
@@ -90,7 +90,8 @@ def test_signatures_are_unambiguous_and_deploy_names_are_the_originals():
     signatures = [spec.signature for spec in BLOCK_REGISTRY.values()]
     assert len(set(signatures)) == len(signatures)
     assert {spec.deploy_conv_name for spec in BLOCK_REGISTRY.values()} == {"fused_conv", "dbb_reparam",
-                                                                          "orepa_reparam"}
+                                                                          "orepa_reparam", "rbr_reparam",
+                                                                          "reparam_conv"}
     for name, spec in BLOCK_REGISTRY.items():  # each stored block is recognised as its own kind
         if spec.plain:
             continue

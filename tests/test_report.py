@@ -24,13 +24,14 @@ def assert_unchanged(model: nn.Module, snapshot) -> None:
     assert [type(m) for m in model.modules()] == types and [m.training for m in model.modules()] == modes
 
 
-@pytest.mark.parametrize("block_type", ["acb", "dbb", "orepa"])
+@pytest.mark.parametrize("block_type", ["acb", "dbb", "orepa", "repvgg", "mobileone"])
 def test_totals_match_the_real_conversion_and_the_model_is_not_touched(block_type):
     model = torchvision.models.resnet18(num_classes=10)
     snapshot = state_snapshot(model)
     report = conversion_report(model, block_type)
     assert_unchanged(model, snapshot)
-    assert len(report.rows) == 20 and report.converted == (17 if block_type == "acb" else 20)  # ACB: no 1x1 form
+    # ACB and RepVGG have no 1x1 form (their 1-D / 1x1 branch would duplicate the kernel)
+    assert len(report.rows) == 20 and report.converted == (17 if block_type in ("acb", "repvgg") else 20)
     assert report.params_deploy == sum(p.numel() for p in model.parameters())
     converted = convert_to_acnet(copy.deepcopy(model), block_type)
     assert report.params_train == sum(p.numel() for p in converted.parameters())
@@ -44,7 +45,8 @@ def test_totals_match_the_real_conversion_and_the_model_is_not_touched(block_typ
         "-", 0, "converts with kernel_sizes including 7 (or the default None)")
     assert [r.name for r in report.rows if r.converted] == [
         name for name, m in converted.named_modules() if type(m).__name__ in ("ACBlock", "DiverseBranchBlock",
-                                                                              "OREPABlock")]
+                                                                              "OREPABlock", "RepVGGBlock",
+                                                                              "MobileOneBlock")]
 
 
 def test_rows_name_norm_kind_form_and_reason():

@@ -19,7 +19,7 @@ from torch import nn
 
 from acnet import ReparamBlock, acnet_fuse_and_load, convert_to_acnet
 from acnet.convert import Refusal, RefusalKind, bn_tail
-from benchmarks.zoo_check import BLOCKS, CASE_TIMEOUT_S, CI_EXTRA_CASES, CI_MODELS, verdict
+from benchmarks.zoo_check import BLOCKS, CASE_TIMEOUT_S, CI_EXTRA_CASES, CI_FAMILY_CASES, CI_MODELS, verdict
 from benchmarks.isolated import run_isolated
 
 timm = pytest.importorskip("timm")
@@ -51,6 +51,22 @@ def test_detection_video_and_bn_free_models_deploy_and_fuse_to_the_trained_model
     # branches to the window)
     assert blocks == {"tvdet:fasterrcnn_mobilenet_v3_large_fpn": 19, "tvvideo:r2plus1d_18": 17, "own:edsr": 8,
                       "own:audio": 5, "own:audio_bn": 5}
+
+
+def test_repvgg_and_mobileone_plug_into_torchvision_and_timm_models_and_fold_back_exactly():
+    cases = [{"model": spec, "block": block} for spec, block in CI_FAMILY_CASES]
+    results = run_isolated("benchmarks.zoo_check:check_model", cases, CASE_TIMEOUT_S)
+    rows = {(c["model"], c["block"]): (verdict(r), r) for c, r in zip(cases, results)}
+    bad = [f"{model} {block}: {status} {detail}" for (model, block), ((status, detail), _) in rows.items()
+           if not status.startswith("ok")]
+    assert not bad, "\n".join(bad)
+    blocks = {key: result["blocks"] for key, (_, result) in rows.items()}
+    # RepVGG takes every conv larger than 1x1 (resnet18: the 7x7 stem and 16 3x3; mobilenet_v2: the stem and
+    # 17 depthwise 3x3; timm's mobilenetv3: 12 3x3 / 5x5), MobileOne every conv (the 1x1 shortcuts, expansions
+    # and projections too, and timm's squeeze-excite 1x1 convs with their bias in the BN-free form)
+    assert blocks == {("tv:resnet18", "repvgg"): 17, ("tv:resnet18", "mobileone"): 20,
+                      ("tv:mobilenet_v2", "repvgg"): 18, ("tv:mobilenet_v2", "mobileone"): 52,
+                      ("timm:mobilenetv3_small_050", "repvgg"): 12, ("timm:mobilenetv3_small_050", "mobileone"): 53}
 
 
 def test_timm_batchnormact_keeps_its_activation_and_fuses_into_a_fresh_model():
