@@ -167,6 +167,9 @@ def average_buffers(model: nn.Module) -> None:
             buf.div_(world)
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 def data_parallel(model: nn.Module, device_ids: list[int] | None) -> DistributedDataParallel:
     """``model`` in DDP without buffer syncing in ``forward`` (each rank keeps its own BN statistics until
     :func:`average_buffers`), every gradient in exactly its parameter's strides (:func:`_own_strides`).
@@ -179,7 +182,7 @@ def data_parallel(model: nn.Module, device_ids: list[int] | None) -> Distributed
     """
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if (isinstance(module, nn.modules.conv._ConvNd) and isinstance(weight, nn.Parameter)
+        if (isinstance(module, _CONVS) and isinstance(weight, nn.Parameter)
                 and weight.device.type == "cpu" and nhwc_faulty(module)):
             weight.data = as_nchw(weight.data)
     for param in model.parameters():

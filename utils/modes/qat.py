@@ -98,8 +98,9 @@ def _run_qat(cmd: Command, ctx, run_start: float, session) -> dict[str, Any]:
         write_record(paths, make_record(cmd, recipe, "qat", qat=True, init_weights=info,
                                         torch_version=torch.__version__, command_line=cmd.command_line))
     run_log.write(f"QAT of {cmd.arch} / {cmd.block_type} on {cmd.dataset} from {info['path']} ({info['form']}, "
-                  f"{info['description']}): {recipe.epochs} epoch{'s' * (recipe.epochs != 1)}, lr {recipe.lr:g}, int8 fake quantization of every "
-                  "equivalent kernel (per output channel) and conv input (per tensor), BN statistics frozen")
+                  f"{info['description']}): {recipe.epochs} epoch{'s' * (recipe.epochs != 1)}, lr {recipe.lr:g}, "
+                  "int8 fake quantization of every equivalent kernel (per output channel) and conv input (per tensor), "
+                  "BN statistics frozen")
     trainer = Trainer(model, train_loader, eval_loader, recipe, ctx, paths, run_log, options)
     tensorboard = TensorBoard(paths.tensorboard, enabled=ctx.is_main, resume_step=0)
     try:

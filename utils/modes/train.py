@@ -175,8 +175,9 @@ def _run_training(cmd: Command, ctx, run_start: float, paths: ExperimentPaths, s
                               "training from the start", logging.WARNING)
             start = "from scratch" if init_weights is None else f"from {cmd.options.init_weights} ({init_weights['form']})"
             run_log.write(f"training {cmd.arch} / {cmd.block_type} on {cmd.dataset} {start}: {recipe.epochs} "
-                          f"epoch{'s' * (recipe.epochs != 1)}, global batch {recipe.batch_size} over {ctx.world_size} rank(s), lr {recipe.lr}, "
-                          f"device {ctx.device}, amp {options.amp}, channels_last {options.channels_last}")
+                          f"epoch{'s' * (recipe.epochs != 1)}, global batch {recipe.batch_size} over {ctx.world_size} "
+                          f"rank(s), lr {recipe.lr}, device {ctx.device}, amp {options.amp}, "
+                          f"channels_last {options.channels_last}")
         amp_warning = amp_cpu_warning(ctx.device.type, options.amp)
         if amp_warning:
             run_log.write(amp_warning, logging.WARNING)
