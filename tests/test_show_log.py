@@ -418,16 +418,6 @@ def test_the_printed_report_and_plot_mid_sweep(sweep_in_progress, tmp_path, caps
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _registries_import_without_torch() -> bool:
-    probe = "import sys; sys.modules['torch'] = None; import acnet.registry, constructor.registry"
-    repo = Path(show_log.__file__).resolve().parent
-    return subprocess.run([sys.executable, "-c", probe], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
-                          capture_output=True, timeout=120).returncode == 0
-
-
-# TODO(merge): drop this skip once the branches making acnet.registry (h1) and constructor.registry (h2)
-# torch-free are merged; it only keeps this branch green on its own.
-@pytest.mark.skipif(not _registries_import_without_torch(), reason="acnet/constructor registries still import torch")
 def test_show_log_needs_no_torch(sweep_in_progress, capsys):
     """show_log.py only reads json and log files: with ``import torch`` made to fail (``sys.modules['torch']
     = None``) it prints the same tables, published numbers included, as it does in this process."""

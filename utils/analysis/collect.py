@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from constructor.registry import get_arch_spec
 from utils.rundir.record import LOCK_FILE, STATE_FILE, RecordError, identity, lock_holder, read_state, record_kind
 from utils.rundir.identity import RUN_FILES, ExperimentPaths, parse_run_name
 
@@ -235,8 +236,7 @@ def run_seed(run_dir_name: str, summary: dict, recipe: dict) -> Optional[int]:
 
 def own_dataset(arch: str) -> Optional[str]:
     """The dataset an arch is defined for (its run directory name then omits it); ``None``: unknown arch."""
-    try:  # the arch registry imports torch: only now
-        from constructor import get_arch_spec
+    try:
         return get_arch_spec(arch).dataset
     except ValueError:  # unknown arch: leave it unknown
         return None
