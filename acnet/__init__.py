@@ -1,6 +1,7 @@
 """acnet: structural re-parameterization blocks (ACB, DBB, OREPA) and their exact fusion into one conv.
 
-Depends on torch only (h5py for the hdf5 weight files).
+Depends on torch only (h5py for the hdf5 weight files). ``import acnet`` itself imports neither: each
+public name below is imported from its module on first use (a new public name is one line of ``_EXPORTS``).
 
 Blocks: :class:`ACBlock` (alias :class:`AsymConvBlock`), :class:`DiverseBranchBlock`, :class:`OREPABlock`,
 :class:`ConvBN`, all :class:`ReparamBlock` s (in eval mode each equals one conv with bias); the one

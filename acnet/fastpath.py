@@ -19,14 +19,16 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .norms import CONV_CLASSES, TRANSPOSED_CONV_CLASSES
+
 __all__ = ["NHWC_MIN_PIXELS", "NHWC_STRIDED_1X1_MIN_CHANNELS", "layout_of", "nhwc_faulty_geometry", "nhwc_faulty",
            "has_nhwc_faulty_conv", "as_nchw", "run_conv", "conv2d", "conv_nd", "conv_transpose_nd", "branch_input", "bn_train_backward",
            "branch_bn_sum", "bns_fusable", "batch_stats", "autocast_enabled", "memory_format_of",
            "match_layout"]
 
 IntOrTuple = Union[int, Sequence[int]]
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVS = tuple(CONV_CLASSES.values())
+_TRANSPOSED_CONVS = tuple(TRANSPOSED_CONV_CLASSES.values())
 _FUNCTIONAL_CONVS = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
 
 _NHWC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -15,7 +15,7 @@ conv followed by it folds into one conv with bias (:func:`fuse_norm`).
 from __future__ import annotations
 
 import copy
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +23,16 @@ from torch import Tensor, nn
 
 from . import transforms
 
-__all__ = ["NORM_KINDS", "FrozenBatchNorm", "ChannelAffine", "batch_norm_class", "conv_class", "make_norm",
+__all__ = ["NORM_KINDS", "CONV_CLASSES", "TRANSPOSED_CONV_CLASSES", "FrozenBatchNorm", "ChannelAffine", "batch_norm_class", "conv_class", "make_norm",
            "scale_shift", "fuse_norm", "load_norm", "trainable_norm"]
 
 #: The values of a block's ``norm`` argument.
 NORM_KINDS: Tuple[str, ...] = ("batch", "frozen", "none")
 _BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_TRANSPOSED_CONVS = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+#: The conv classes by dimension (the one table: blocks build them, the plug-in replaces them).
+CONV_CLASSES: Dict[int, type] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+#: The transposed conv classes by dimension.
+TRANSPOSED_CONV_CLASSES: Dict[int, type] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 def batch_norm_class(dim: int) -> type:
@@ -40,7 +42,7 @@ def batch_norm_class(dim: int) -> type:
 
 def conv_class(dim: int, transposed: bool = False) -> type:
     """``nn.Conv1d`` / ``2d`` / ``3d`` (``transposed``: ``nn.ConvTranspose1d`` / ``2d`` / ``3d``)."""
-    return (_TRANSPOSED_CONVS if transposed else _CONVS)[dim]
+    return (TRANSPOSED_CONV_CLASSES if transposed else CONV_CLASSES)[dim]
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:

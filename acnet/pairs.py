@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .block import ReparamBlock
+from .norms import CONV_CLASSES, TRANSPOSED_CONV_CLASSES
 
 __all__ = ["ConvBNPair", "Refusal", "RefusalKind", "CONV_TYPES", "TRANSPOSED_CONV_TYPES", "ANY_CONV_TYPES", "NORM_ACT_CLASSES", "FROZEN_NORM_CLASSES", "find_conv_bn_pairs",
            "norm_kind", "bn_tail", "modules_outside_blocks", "is_transposed", "conv_geometry", "geometry_rule_arguments"]
@@ -44,11 +45,11 @@ __all__ = ["ConvBNPair", "Refusal", "RefusalKind", "CONV_TYPES", "TRANSPOSED_CON
 logger = logging.getLogger(__name__)
 
 #: The convs a block can replace, by dimension.
-CONV_TYPES: Tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CONV_DIM: Dict[type, int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+CONV_TYPES: Tuple[type, ...] = tuple(CONV_CLASSES.values())
+CONV_DIM: Dict[type, int] = {cls: dim for dim, cls in CONV_CLASSES.items()}
 #: The transposed convs a block can replace (``transposed=True`` forms), by dimension.
-TRANSPOSED_CONV_TYPES: Tuple[type, ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-TRANSPOSED_CONV_DIM: Dict[type, int] = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+TRANSPOSED_CONV_TYPES: Tuple[type, ...] = tuple(TRANSPOSED_CONV_CLASSES.values())
+TRANSPOSED_CONV_DIM: Dict[type, int] = {cls: dim for dim, cls in TRANSPOSED_CONV_CLASSES.items()}
 #: Every conv class the plug-in looks at.
 ANY_CONV_TYPES: Tuple[type, ...] = CONV_TYPES + TRANSPOSED_CONV_TYPES
 _BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
