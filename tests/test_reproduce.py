@@ -82,6 +82,10 @@ def test_resume_actions_from_the_run_folders(tmp_path, capsys):
     (["-c", "continue"], "conti-or-fs is set by the sweep"),
     (["--epochs", "x"], "options for do_acnet.py: argument --epochs: invalid int value: 'x'"),
     (["--lr", "-1"], "bad value"),
+    (["--eval-only", "w.hdf5"], "eval-only is set by the sweep, not after '--': use (training only)"),
+    (["--convert", "a", "b"], "convert is set by the sweep"),
+    (["--export-onnx", "w.hdf5", "m.onnx"], "export-onnx is set by the sweep"),  # every mode that is no training
+    (["--qat"], "qat is set by the sweep"),  # run, from the table of modes
 ])
 def test_bad_extra_options_are_one_line(tmp_path, capsys, extra, message):
     assert reproduce.main([*SWEEP, "--output-dir", str(tmp_path), "--dry-run", "--", *extra]) == 2

@@ -72,15 +72,15 @@ def run_qat(cmd: Command, ctx: DistContext, run_start: float) -> dict[str, Any]:
 
 
 def _run_qat(cmd: Command, ctx, run_start: float, session) -> dict[str, Any]:
-    options: QatOptions = cmd.options
+    qat_options: QatOptions = cmd.options
     recipe = qat_recipe(cmd.recipe, lr_given="lr" in cmd.overrides)
     train_loader, eval_loader = create_loaders(cmd, recipe, ctx)
     build = model_builder(cmd, recipe, eval_loader.num_classes)
     paths = session.paths
     seed_everything(cmd.seed)
     model = build()
-    info = load_init_weights(model, options.init_weights, block_type=cmd.block_type, arch=cmd.arch,
-                             skip_classifier=options.init_weights_skip_classifier)
+    info = load_init_weights(model, qat_options.init_weights, block_type=cmd.block_type, arch=cmd.arch,
+                             skip_classifier=qat_options.init_weights_skip_classifier)
     prepare_qat(model)
     options = TrainOptions(print_freq=cmd.train.print_freq, progress_bar=cmd.train.progress,
                            meta={"arch": cmd.arch, "block_type": cmd.block_type, "dataset": cmd.dataset, "qat": True},
@@ -122,9 +122,9 @@ def _run_qat(cmd: Command, ctx, run_start: float, session) -> dict[str, Any]:
     if ctx.is_main:
         save_weights_hdf5(deploy, paths.deploy_weights)
         onnx_path = paths.root / "model.onnx"
-        exported = export_onnx(deploy, example_batch(cmd.input_size), onnx_path, opset=options.opset)
+        exported = export_onnx(deploy, example_batch(cmd.input_size), onnx_path, opset=qat_options.opset)
         run_log.write(f"ONNX export {exported.summary()}")
-        calibration = calibration_batches(train_loader, options.calib_images)
+        calibration = calibration_batches(train_loader, qat_options.calib_images)
         int8 = quantize_int8(onnx_path, int8_path(onnx_path), calibration, input_qparams=activation_qparams(model))
         int8_metrics = evaluate_onnx(int8, eval_loader)
         images = int(int8_metrics["num_samples"])
