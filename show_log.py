@@ -17,11 +17,11 @@ Only evaluation lines of ``log.txt`` contain ``top1=``; each carries ``epoch <in
 2. one row per (arch, dataset, recipe, block type) over the seeds of its **finished** runs: count, mean,
    standard deviation (n-1), min and max of the scores, and mean / std of the deploy top-1;
 3. each non-base group against the base group of its (arch, dataset), finished runs only: gain of the
-   mean score with a 95 % Welch confidence interval and its two-sided p-value (``utils/stats.py``;
+   mean score with a 95 % Welch confidence interval and its two-sided p-value (``utils/analysis/stats.py``;
    needs two finished runs on each side, else the note says so), gain of the mean deploy top-1,
    which seeds are paired, beside the published numbers.
 
-A run's state comes from its ``run_state.json`` (:mod:`utils.record`): *finished* (and, for a training
+A run's state comes from its ``run_state.json`` (:mod:`utils.rundir.record`): *finished* (and, for a training
 run, its ``summary.json`` records a deploy top-1: the deploy model was built from ``finish_deploy.hdf5``
 and tested), *running* only while a live process holds the folder's lock, *interrupted at epoch N*
 (Ctrl-C, SIGTERM, or a killed process: a ``running`` state whose lock is free), *failed* with its
@@ -34,11 +34,11 @@ state and left out of every statistic, and each group line counts what was left 
 per recipe too (the record's identity: runs of other epochs or lr are never pooled); derived runs
 (fine-tune, QAT) are listed in a table of their own, in no statistic and no plot. A finished run whose deploy top-1 differs from its
 training-time top-1 by more than one evaluation image is flagged ``DEPLOY MISMATCH`` in every table
-that shows it. Run reading (:mod:`utils.runs`) is torch-free; the block type names are read live from
+that shows it. Run reading (:mod:`utils.analysis.collect`) is torch-free; the block type names are read live from
 ``acnet``'s registry; matplotlib is needed only for ``--plot``.
 
-The parts: reading runs :mod:`utils.runs`, the tables and comparisons :mod:`utils.report` (published
-numbers: each arch's ``ArchSpec.published``), the plot :mod:`utils.plotting`; this script parses and prints.
+The parts: reading runs :mod:`utils.analysis.collect`, the tables and comparisons :mod:`utils.analysis.tables` (published
+numbers: each arch's ``ArchSpec.published``), the plot :mod:`utils.analysis.plotting`; this script parses and prints.
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ RECIPE_OVERRIDES = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs
 
 @dataclass(frozen=True)
 class ExperimentPaths:
-    """The files of one run folder ``root`` (see the README's "What a run writes")."""
+    """The files of one run folder ``root`` (see docs/training.md, "What a run writes")."""
 
     root: Path
 

@@ -341,7 +341,7 @@ class RunLock:
                 os.close(fd)
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise RunBusyError(f"cannot lock {self.folder} ({os.strerror(exc.errno)}): the filesystem does "
-                                       "not support flock; use a local --output-dir (see README, 'What a run "
+                                       "not support flock; use a local --output-dir (see docs/training.md, 'What a run "
                                        "writes')") from None
                 holder = _read_holder(self.path)
                 if time.monotonic() < deadline or (_holder_is_dead(holder) and time.monotonic() < dead_deadline):
