@@ -17,6 +17,8 @@ from torch import Tensor
 from .acb import ACBlock
 from .block import ConvBN, ReparamBlock
 from .dbb import DiverseBranchBlock
+from .dilated import DilatedReparamBlock
+from .ecb import ECBlock
 from .orepa import OREPABlock
 
 __all__ = ["BlockType", "BLOCK_REGISTRY", "block_type_names", "get_block_type", "register_block_type",
@@ -74,6 +76,10 @@ BLOCK_REGISTRY: Dict[str, BlockType] = {
                   description="four conv-BN branches (KxK, 1x1, 1x1-avg, 1x1-KxK)"),
         BlockType("orepa", OREPABlock, paper="OREPA, CVPR 2022",
                   description="six scaled linear branches merged into one kernel every step, one BN"),
+        BlockType("ecb", ECBlock, paper="ECBSR, ACM MM 2021",
+                  description="BN-free KxK + 1x1-KxK + 1x1-Sobel/Laplacian branches (then the conv's own norm)"),
+        BlockType("dilated", DilatedReparamBlock, paper="RepLKNet CVPR 2022 / UniRepLKNet CVPR 2024",
+                  description="large KxK (K >= 5) conv-BN + small dilated conv-BN branches"),
     )
 }
 
