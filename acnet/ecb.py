@@ -257,8 +257,12 @@ class ECBlock(ReparamBlock):
     # --- forward ----------------------------------------------------------------------------
     def _padded(self, u: Tensor, window, value: Optional[Tensor]) -> Tensor:
         """``u`` (a 1x1 conv's output) padded / cropped by ``window``; zeros mode pads with ``value`` per channel."""
-        if self.padding_mode != "zeros" or value is None:
-            return apply_input_window(u, window, self.padding_mode)
+        if self.padding_mode != "zeros":  # pad as the KxK conv pads its input, then crop to the window
+            full = tuple((p, p) for p in self.padding_nd)
+            u = apply_input_window(u, full, self.padding_mode)
+            return apply_input_window(u, tuple((b - p, a - p) for (b, a), p in zip(window, self.padding_nd)))
+        if value is None:
+            return apply_input_window(u, window)
         crop = tuple((min(b, 0), min(a, 0)) for b, a in window)
         if any(b or a for b, a in crop):
             u = apply_input_window(u, crop)
