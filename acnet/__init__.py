@@ -1,8 +1,9 @@
-"""acnet: structural re-parameterization blocks (ACB, DBB, OREPA) and their exact fusion into one conv.
+"""acnet: structural re-parameterization blocks (ACB, DBB, OREPA, ECB, dilated large-kernel) and their exact fusion into one conv.
 
 Depends on torch only (h5py for the hdf5 weight files).
 
 Blocks: :class:`ACBlock` (alias :class:`AsymConvBlock`), :class:`DiverseBranchBlock`, :class:`OREPABlock`,
+:class:`ECBlock`, :class:`DilatedReparamBlock`,
 :class:`ConvBN`, all :class:`ReparamBlock` s (in eval mode each equals one conv with bias); the one
 registry of block types: :data:`BLOCK_REGISTRY` / :func:`get_block_type` (module :mod:`acnet.registry`). Whole models:
 :func:`convert_to_acnet` plugs blocks into any model (every N-D conv and transposed conv a block has a
@@ -26,6 +27,8 @@ from .fuse_load import acnet_fuse_and_load
 from .pairs import find_conv_bn_pairs
 from .report import ConversionReport, ConvReportRow, conversion_report, format_report
 from .dbb import DiverseBranchBlock
+from .dilated import DilatedReparamBlock
+from .ecb import ECBlock
 from .orepa import OREPABlock
 from .registry import BLOCK_REGISTRY, BlockType, get_block_type
 from .export import ExportError, MissingExtraError, export_onnx
@@ -43,6 +46,8 @@ __all__ = [
     "AsymConvBlock",
     "DiverseBranchBlock",
     "OREPABlock",
+    "ECBlock",
+    "DilatedReparamBlock",
     "BLOCK_REGISTRY",
     "BlockType",
     "get_block_type",
