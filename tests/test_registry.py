@@ -66,18 +66,19 @@ def two_kernel():
 
 
 def test_every_consumer_lists_the_registered_block_types():
-    assert block_type_names() == ("base", "acb", "dbb", "orepa")
+    assert block_type_names()[:4] == ("base", "acb", "dbb", "orepa")
+    assert {"ecb", "dilated"} <= set(block_type_names())
     assert constructor.BLOCK_TYPES == block_type_names()
     assert not hasattr(convert_module, "BLOCK_CLASSES")  # no module-level copy: read live
     pluggable = convert_module.pluggable_block_classes()
-    assert tuple(pluggable) == ("acb", "dbb", "orepa")  # base has nothing to plug in
+    assert tuple(pluggable) == block_type_names()[1:]  # base has nothing to plug in
     assert all(pluggable[n] is BLOCK_REGISTRY[n].block_class for n in pluggable)
     choices = next(a.choices for a in build_parser()._actions if a.dest == "block_type")
     assert tuple(choices) == block_type_names()
     assert show_log.BLOCK_TYPES == block_type_names()  # show_log is standard-library only: kept equal here
     assert get_block_type("OREPA").block_class.__name__ == "OREPABlock"
-    with pytest.raises(ValueError, match="valid block types: base, acb, dbb, orepa"):
-        get_block_type("repvgg")
+    with pytest.raises(ValueError, match="valid block types: base, acb, dbb, orepa, "):
+        get_block_type("nosuchblock")
 
 
 def test_recipe_options_come_from_the_registry():
@@ -89,12 +90,20 @@ def test_recipe_options_come_from_the_registry():
 def test_signatures_are_unambiguous_and_deploy_names_are_the_originals():
     signatures = [spec.signature for spec in BLOCK_REGISTRY.values()]
     assert len(set(signatures)) == len(signatures)
-    assert {spec.deploy_conv_name for spec in BLOCK_REGISTRY.values()} == {"fused_conv", "dbb_reparam",
+    assert {spec.deploy_conv_name for spec in BLOCK_REGISTRY.values()} >= {"fused_conv", "dbb_reparam",
                                                                           "orepa_reparam"}
+    # ECB: ECBSR's deployed PlainSR unit calls it conv3x3 (our training-form name), so ours is ecb_reparam;
+    # dilated: RepLKNet's lkb_reparam (UniRepLKNet reuses lk_origin, the training-form name)
+    assert BLOCK_REGISTRY["ecb"].deploy_conv_name == "ecb_reparam"
+    assert BLOCK_REGISTRY["dilated"].deploy_conv_name == "lkb_reparam"
+    deploy_names = [spec.deploy_conv_name for spec in BLOCK_REGISTRY.values()]
+    assert len(set(deploy_names)) == len(deploy_names) - 1  # base and acb share fused_conv
     for name, spec in BLOCK_REGISTRY.items():  # each stored block is recognised as its own kind
         if spec.plain:
             continue
-        block = spec.block_class(4, 4, 3, padding=1)
+        k = 3 if spec.block_class.unsupported(dim=2, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1),
+                                              dilation=(1, 1), groups=1, padding_mode="zeros", norm="batch") is None else 7
+        block = spec.block_class(4, 4, k, padding=k // 2)
         kinds = [kind for key, kind in fuse_load._block_signatures() if key in block.state_dict()]
         assert kinds[0] == name, (name, kinds)
 
