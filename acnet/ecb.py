@@ -153,9 +153,9 @@ class ECBlock(ReparamBlock):
         k, s, p, d = self.kernel_nd, self.stride_nd, self.padding_nd, self.dilation_nd
         self.with_idt = bool(with_idt) and in_channels == out_channels and all(v == 1 for v in s) and all(
             ki % 2 == 1 and pi == di * (ki // 2) for ki, pi, di in zip(k, p, d))
-        self.nonlinear = nn.Identity() if nonlinear is None else nonlinear
         if deploy:
             self.ecb_reparam = self._empty_deploy_conv(torch.get_default_dtype(), torch.device("cpu"))
+            self.nonlinear = nn.Identity() if nonlinear is None else nonlinear
             return
         self.conv3x3 = norms.conv_class(dim)(in_channels, out_channels, k, stride=s, padding=p, dilation=d,
                                              groups=groups, bias=bias, padding_mode=padding_mode)
@@ -163,6 +163,7 @@ class ECBlock(ReparamBlock):
         for name, kind, axis in ECB_EDGE_BRANCHES[dim]:
             setattr(self, name, ECBSeqConv(kind, in_channels, out_channels, k, groups, dim, axis=axis, bias=bias))
         self.bn = norms.make_norm(norm, out_channels, dim, main=True, eps=bn_eps, momentum=bn_momentum, bias=bias)
+        self.nonlinear = nn.Identity() if nonlinear is None else nonlinear  # the original's act, after the sum
         self._mask_offsets = tuple(c - 1 for c in transforms.centre_offsets(k))
         self._mask_window = branch_window(k, (3,) * dim, self._mask_offsets, p, d)
         self._kxk_window = tuple((pi, pi) for pi in p)
@@ -239,14 +240,16 @@ class ECBlock(ReparamBlock):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # the identity branch is stored as a flag
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.with_idt:
+        if self.with_idt and not self.deployed:  # (a deployed block's kernel holds the identity)
             destination[prefix + "with_idt"] = torch.ones((), dtype=torch.bool)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "with_idt"
         flag = state_dict.get(key)
-        if flag is not None and bool(flag) != self.with_idt:
+        if self.deployed:
+            pass
+        elif flag is not None and bool(flag) != self.with_idt:
             error_msgs.append(f"{key}: the stored block has with_idt={bool(flag)}, this one {self.with_idt}")
         elif flag is None and self.with_idt and strict:
             missing_keys.append(key)
