@@ -79,6 +79,18 @@ def is_reparameterizable_kernel(kernel_size: int) -> bool:
     return 1 < kernel_size < 7
 
 
+def is_large_kernel(kernel_size: int) -> bool:
+    """The dilated re-param rule (RepLKNet / UniRepLKNet): an odd KxK conv with ``K >= 5`` (7x7 stems too)."""
+    return kernel_size >= 5 and kernel_size % 2 == 1
+
+
+#: Block types whose papers train other kernel sizes than :func:`is_reparameterizable_kernel`'s.
+KERNEL_RULES: Dict[str, Callable[[int], bool]] = {"dilated": is_large_kernel}
+#: Block types trained BN-free (``norm="none"``) in a unit with no BN after its conv (``conv``,
+#: ``bn_relu_conv``): ECB, whose paper's block has no BN; in a conv-BN unit it is followed by the unit's BN.
+BN_FREE_IN_CONV_UNITS = frozenset({"ecb"})
+
+
 class BiasFreeConv(ReparamBlock):
     """A bias-free conv with no BN after it: the ``base`` form of a pre-activation / stem conv.
 
@@ -221,23 +233,27 @@ class ConvBuilder:
             groups=groups, bias=True,
         )
 
-    def _block(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups) -> Optional[nn.Module]:
-        """The block for this conv, or ``None`` where the plain form is trained."""
-        if self.block_class is None or not is_reparameterizable_kernel(_square(kernel_size)):
+    def _block(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+               bn_after: bool = True) -> Optional[nn.Module]:
+        """The block for this conv, or ``None`` where the plain form is trained (the block type's kernel
+        rule, :data:`KERNEL_RULES`)."""
+        rule = KERNEL_RULES.get(self.block_type, is_reparameterizable_kernel)
+        if self.block_class is None or not rule(_square(kernel_size)):
             return None
+        form = {} if bn_after or self.block_type not in BN_FREE_IN_CONV_UNITS else {"norm": "none"}
         block = self.block_class(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-            groups=groups, **self.block_options,
+            groups=groups, **self.block_options, **form,
         )
         if self.gamma_init is not None:
             block.init_gamma(self.gamma_init)
         return block
 
-    def _unit(self, geometry: tuple, plain: Callable[[], nn.Module]) -> nn.Module:
+    def _unit(self, geometry: tuple, plain: Callable[[], nn.Module], bn_after: bool = True) -> nn.Module:
         """The deploy conv in deploy mode; else the block where the kernel qualifies, else ``plain()``."""
         if self.deploy:
             return self._deploy_conv(*geometry)
-        block = self._block(*geometry)
+        block = self._block(*geometry, bn_after=bn_after)
         return plain() if block is None else block
 
     # --- units ----------------------------------------------------------------------------------
@@ -263,7 +279,7 @@ class ConvBuilder:
     ) -> nn.Module:
         """``conv(x)`` with no BN after it: :class:`BiasFreeConv`, a block, or (deploy) ``nn.Conv2d(bias=True)``."""
         geometry = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
-        return self._unit(geometry, lambda: BiasFreeConv(*geometry))
+        return self._unit(geometry, lambda: BiasFreeConv(*geometry), bn_after=False)
 
     def bn_relu_conv(
         self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
