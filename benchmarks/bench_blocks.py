@@ -21,6 +21,7 @@ and paired the same way.
     python benchmarks/bench_blocks.py --rounds 15 --shapes 128,16,32,3 32,256,14,3
     python benchmarks/bench_blocks.py --no-forms      # the 2-d BN table only (also with --shapes)
     python benchmarks/bench_blocks.py --forms-only    # the other forms' table only
+    python benchmarks/bench_blocks.py --families-only # ECB (over the plain conv / conv+BN), dilated (7x7, 13x13 dw)
 """
 from __future__ import annotations
 
@@ -199,6 +200,51 @@ def bench_form(dim: int, norm: str, shape: Tuple[int, ...], kernel, rounds: int,
     return time_alternated(steps, rounds, warmup)
 
 
+#: The newer families (issue 28), each over the plain unit it replaces: (label, block type, norm, input shape,
+#: kernel, block options). ECB over the plain conv with bias (its BN-free form: the paper's), and over conv+BN;
+#: dilated large-kernel re-param over a depthwise KxK conv+BN (UniRepLKNet's default branches).
+FAMILY_CASES = [
+    ("ECB BN-free 3x3", "ecb", "none", (32, 64, 28, 28), 3, {}),
+    ("ECB + BN 3x3", "ecb", "batch", (32, 64, 28, 28), 3, {}),
+    ("dilated 7x7 dw", "dilated", "batch", (32, 64, 28, 28), 7, dict(groups=64)),
+    ("dilated 13x13 dw", "dilated", "batch", (32, 64, 28, 28), 13, dict(groups=64)),
+]
+
+
+def bench_family(block_type: str, norm: str, shape: Tuple[int, ...], kernel: int, rounds: int, warmup: int,
+                 options: Dict | None = None) -> Dict[str, List[float]]:
+    """Step times (ms) per round of the plain unit (``plain``: conv+BN, or a conv with bias for ``norm="none"``)
+    and of the block type in that form (``block``), alternated."""
+    from acnet.registry import get_block_type
+
+    torch.manual_seed(0)
+    options = dict(options or {})
+    channels, groups = shape[1], options.get("groups", 1)
+    x = torch.randn(*shape, requires_grad=True)
+    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=groups, bias=norm == "none")
+    plain = (conv if norm == "none" else nn.Sequential(conv, nn.BatchNorm2d(channels))).train()
+    block = get_block_type(block_type).block_class(channels, channels, kernel, padding=kernel // 2, norm=norm,
+                                                   **options).train()
+    grad_out = torch.randn(*plain(x).shape)
+    return time_alternated({"plain": make_step(plain, plain, x, grad_out), "block": make_step(block, block, x, grad_out)},
+                           rounds, warmup)
+
+
+def print_families(args: argparse.Namespace) -> None:
+    """The third table: ECB and dilated re-param fwd+bwd over the plain unit they replace."""
+    header = f"{'family':>18} | {'N,C,H,W':>14} | {'K':>3} | {'plain ms':>8} | {'block/plain':>11}"
+    print()
+    print("newer families: fwd+bwd over the plain unit (conv with bias for the BN-free ECB, else conv+BN)")
+    print(header)
+    print("-" * len(header))
+    for label, block_type, norm, shape, kernel, options in FAMILY_CASES:
+        if args.tiny:
+            shape = (2, shape[1], 8, 8)
+        times = bench_family(block_type, norm, shape, kernel, args.rounds, args.warmup, options)
+        print(f"{label:>18} | {','.join(map(str, shape)):>14} | {kernel:>3} | {statistics.median(times['plain']):8.1f} | "
+              f"{paired_ratio(times, 'block', 'plain'):11.2f}", flush=True)
+
+
 def paired_ratio(times: Dict[str, List[float]], name: str, baseline: str = "conv+BN") -> float:
     """Median over rounds of ``time(name) / time(baseline)`` measured in the same round."""
     return statistics.median(t / b for t, b in zip(times[name], times[baseline]))
@@ -216,9 +262,15 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="*", default=None, help="N,C,HW,K (default: the six reference shapes)")
     parser.add_argument("--no-forms", action="store_true", help="skip the table of the 1-D / 3-D / frozen / BN-free forms")
     parser.add_argument("--forms-only", action="store_true", help="only the table of the other forms")
+    parser.add_argument("--families-only", action="store_true", help="only the table of the ECB / dilated blocks")
+    parser.add_argument("--tiny", action="store_true", help="the families' table on 2x8x8 maps (a smoke run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+    if args.families_only:
+        print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} alternated rounds; ratios: median of per-round ratios")
+        print_families(args)
+        return 0
     if args.forms_only:
         print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} alternated rounds; ratios: median of per-round ratios")
         print_forms(args)
@@ -248,6 +300,7 @@ def main(argv: List[str] | None = None) -> int:
           "(* the original DBB geomean is over the first five shapes)")
     if not args.no_forms and not args.shapes:  # the forms table accompanies the reference shapes
         print_forms(args)
+        print_families(args)
     return 0
 
 
