@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from torch import Tensor, nn
 
 from acnet.base import ConvBN, IntOrPair, ReparamBlock
+from acnet.errors import ACNetError
 from acnet.registry import block_type_names, get_block_type
 
 __all__ = [
@@ -210,6 +211,7 @@ class ConvBuilder:
         if not (isinstance(bn_momentum, (int, float)) and 0 <= bn_momentum <= 1):
             raise ValueError(f"bn_momentum must be a number in [0, 1], got {bn_momentum!r}")
         self.block_class = block_class
+        self.blocks_built = 0  # blocks made so far (an arch none of whose convs fits the block type is refused)
         self.deploy = deploy
         self.bn_eps = float(bn_eps)
         self.bn_momentum = float(bn_momentum)
@@ -247,6 +249,7 @@ class ConvBuilder:
         )
         if self.gamma_init is not None:
             block.init_gamma(self.gamma_init)
+        self.blocks_built += 1
         return block
 
     def _unit(self, geometry: tuple, plain: Callable[[], nn.Module], bn_after: bool = True) -> nn.Module:
@@ -314,6 +317,17 @@ def _square(kernel_size: IntOrPair) -> int:
     if height != width:
         raise ValueError(f"kernel_size must be square, got {tuple(kernel_size)}")
     return int(height)
+
+
+class BlockTypeNotApplicableError(ACNetError, ValueError):
+    """``-b TYPE`` on an architecture none of whose convs the block type's rule takes (one line, with the archs it fits)."""
+
+
+def kernel_rule_text(block_type: str) -> str:
+    """The builder's kernel rule for ``block_type`` in words."""
+    rule = KERNEL_RULES.get(block_type, is_reparameterizable_kernel)
+    return "odd K >= 5" if rule is is_large_kernel else "1 < K < 7" if rule is is_reparameterizable_kernel else \
+        getattr(rule, "__doc__", None) or "its kernel rule"
 
 
 def make_builder(block_type: str = "base", deploy: bool = False, **block_kwargs: Any) -> ConvBuilder:
