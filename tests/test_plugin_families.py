@@ -87,3 +87,45 @@ def test_timm_model_with_ecb_trains_and_folds_through_timms_own_reparameterize()
         assert relative_difference(deployed(x), trained) <= 1e-5
         fresh = randomize_norm_state_(timm.create_model("lcnet_050", pretrained=False, num_classes=10), 2)
         assert relative_difference(acnet_fuse_and_load(fresh, model.state_dict())(x), trained) <= 1e-5
+
+
+def small_net(dim: int, kind: str, kernel: int) -> nn.Module:
+    """conv-norm-ReLU twice, then a strided conv-norm (``test_convert_forms.small_net`` with a kernel size)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from acnet import FrozenBatchNorm
+
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim - 1]
+    norm = {"batch": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1], "none": None,
+            "frozen": FrozenBatchNorm2d if dim == 2 else FrozenBatchNorm}[kind]
+    layers = []
+    for cin, cout, stride in ((3, 8, 1), (8, 8, 1), (8, 8, 2)):
+        layers.append(conv(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=kind == "none"))
+        if norm is not None:
+            layers.append(norm(cout))
+        layers.append(nn.ReLU())
+    torch.manual_seed(dim)
+    return randomize_norm_state_(nn.Sequential(*layers[:-1]), dim)
+
+
+@pytest.mark.parametrize("block_type, kernel", [("ecb", 3), ("dilated", 5)])
+@pytest.mark.parametrize("dim, kind", [(1, "batch"), (2, "frozen"), (3, "none"), (2, "none"), (1, "frozen")])
+def test_keep_weights_starts_as_the_pretrained_model_then_trains_and_folds_back(block_type, kernel, dim, kind):
+    model = small_net(dim, kind, kernel).eval()
+    x = torch.randn(2, 3, *([7] * dim), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pretrained = model(x)
+    converted = convert_to_acnet(copy.deepcopy(model), block_type, keep_weights=True)
+    blocks = [m for m in converted.modules() if isinstance(m, ReparamBlock)]
+    assert len(blocks) == 3 and all(b.dim == dim and b.norm == kind for b in blocks)
+    with torch.no_grad():
+        assert relative_difference(converted.eval()(x), pretrained) <= 1e-5  # step 0: the pretrained function
+    batch = 4 if kind == "batch" else 1
+    train_steps(converted, torch.randn(batch, 3, *([7] * dim), generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        trained = converted(x)
+        assert relative_difference(trained, pretrained) > 1e-3
+        fresh = acnet_fuse_and_load(copy.deepcopy(model), converted.state_dict())
+        assert not any(isinstance(m, ReparamBlock) for m in fresh.modules())
+        assert relative_difference(fresh(x), trained) <= 1e-4
+        assert relative_difference(acnet_switch_to_deploy(copy.deepcopy(converted))(x), trained) <= 1e-4
