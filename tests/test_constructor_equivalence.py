@@ -63,8 +63,14 @@ def base_deploy_model(arch: str) -> nn.Module:
     return build_model(arch, "base", deploy=True).eval()
 
 
-@pytest.mark.parametrize("block_type", BLOCK_TYPES)
-@pytest.mark.parametrize("arch", ARCHS)
+#: The newer families (issue 28) run on a few archs only (their blocks are checked form by form elsewhere):
+#: cfqkbnc (5x5), sres18 (3x3 + the 7x7 stem), vc (dilated refused: 3x3 only).
+NEWER_FAMILY_ARCHS = ("cfqkbnc", "sres18", "vc")
+EQUIVALENCE_CASES = [(arch, block_type) for block_type in BLOCK_TYPES for arch in ARCHS
+                     if block_type in ("base", "acb", "dbb", "orepa") or arch in NEWER_FAMILY_ARCHS]
+
+
+@pytest.mark.parametrize("arch, block_type", EQUIVALENCE_CASES)
 def test_train_form_converts_exactly_to_shared_deploy_model(arch: str, block_type: str) -> None:
     spec = get_arch_spec(arch)
     generator = torch.Generator().manual_seed(zlib.crc32(f"{arch}/{block_type}".encode()))
