@@ -201,3 +201,32 @@ def test_dilated_forms_the_contract_grid_does_not_reach_are_exact(dim, norm, kwa
         expected = block(x)
         block.switch_to_deploy()
         assert relative_difference(block(x), expected) <= 1e-10
+
+
+# --- the builder's rules (-b ecb / -b dilated) --------------------------------------------------
+def test_builder_puts_ecb_bn_free_where_no_bn_follows_and_dilated_on_odd_kernels_from_5():
+    from acnet.block import ConvBN
+    from constructor import make_builder
+    from constructor.builder import BiasFreeConv
+
+    ecb = make_builder("ecb")
+    assert ecb.conv_bn(4, 4, 3, padding=1).norm == "batch"  # ECB, then the unit's BN
+    assert ecb.conv(4, 4, 3, padding=1).norm == "none"  # no BN after the conv: the paper's BN-free ECB
+    assert isinstance(ecb.conv_bn(4, 4, 1), ConvBN) and isinstance(ecb.conv_bn(4, 4, 7, padding=3), ConvBN)
+    dilated = make_builder("dilated")
+    assert isinstance(dilated.conv_bn(4, 4, 3, padding=1), ConvBN) and isinstance(dilated.conv(4, 4, 3), BiasFreeConv)
+    assert isinstance(dilated.conv_bn(4, 4, 5, padding=2), DilatedReparamBlock)
+    assert isinstance(dilated.conv_bn(4, 4, 7, padding=3), DilatedReparamBlock)  # 7x7 stems too
+
+
+def test_dilated_on_an_arch_without_large_kernels_is_one_line_naming_the_archs_it_fits():
+    from constructor import build_model
+    from constructor.builder import BlockTypeNotApplicableError
+
+    with pytest.raises(BlockTypeNotApplicableError) as info:
+        build_model("vc", "dilated")
+    message = str(info.value)
+    assert "\n" not in message and "no conv of vc" in message and "odd K >= 5" in message
+    assert "it applies to cfqkbnc, sres18, sres34, sres50" in message
+    assert sum(isinstance(m, DilatedReparamBlock) for m in build_model("cfqkbnc", "dilated").modules()) == 3
+    build_model("vc", "dilated", deploy=True)  # the deploy form is the same for every block type
