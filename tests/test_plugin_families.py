@@ -129,3 +129,17 @@ def test_keep_weights_starts_as_the_pretrained_model_then_trains_and_folds_back(
         assert not any(isinstance(m, ReparamBlock) for m in fresh.modules())
         assert relative_difference(fresh(x), trained) <= 1e-4
         assert relative_difference(acnet_switch_to_deploy(copy.deepcopy(converted))(x), trained) <= 1e-4
+
+
+@pytest.mark.parametrize("block_type", ["ecb", "dilated"])
+def test_do_acnet_trains_cfqkbnc_with_the_block_type_and_reports_deploy_equal_to_train(block_type, tmp_path):
+    """``do_acnet.py -a cfqkbnc -b TYPE --dataset synthetic`` (a tiny run): trains, converts, deploy == train."""
+    import json
+
+    from runprocs import TINY, run
+
+    args = [a if a != "acb" else block_type for a in TINY]
+    result = run(tmp_path, *args, "--output-dir", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / f"cfqkbnc_{block_type}_synthetic_train" / "summary.json").read_text())
+    assert summary["max_rel_logit_diff"] <= 1e-5 and summary["deploy_top1"] == summary["train_top1"]
