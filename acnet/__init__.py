@@ -1,9 +1,11 @@
-"""acnet: structural re-parameterization blocks (ACB, DBB, OREPA) and their exact fusion into one conv.
+"""acnet: structural re-parameterization blocks (ACB, DBB, OREPA, RepVGG, MobileOne, ECB, dilated large-kernel) and
+their exact fusion into one conv.
 
 Depends on torch only (h5py for the hdf5 weight files). ``import acnet`` itself imports neither: each
 public name below is imported from its module on first use (a new public name is one line of ``_EXPORTS``).
 
 Blocks: :class:`ACBlock` (alias :class:`AsymConvBlock`), :class:`DiverseBranchBlock`, :class:`OREPABlock`,
+:class:`RepVGGBlock`, :class:`MobileOneBlock`, :class:`ECBlock`, :class:`DilatedReparamBlock`,
 :class:`ConvBN`, all :class:`ReparamBlock` s (in eval mode each equals one conv with bias); the one
 registry of block types: :data:`BLOCK_REGISTRY` / :func:`get_block_type` (module :mod:`acnet.registry`). Whole models:
 :func:`convert_to_acnet` plugs blocks into any model (every N-D conv and transposed conv a block has a
@@ -35,6 +37,8 @@ _EXPORTS: Dict[str, str] = {
     "AsymConvBlock": "acb",
     "DiverseBranchBlock": "dbb",
     "OREPABlock": "orepa",
+    "ECBlock": "ecb",
+    "DilatedReparamBlock": "dilated",
     "RepVGGBlock": "repvgg",
     "MobileOneBlock": "mobileone",
     "BLOCK_REGISTRY": "registry",

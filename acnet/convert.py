@@ -286,8 +286,18 @@ def check_block_options(block_class: type, block_kwargs: Dict[str, Any], keep_we
     if unknown:
         raise ValueError(f"convert_to_acnet: {block_class.__name__} has no option {', '.join(map(repr, unknown))}; "
                          f"its options: {', '.join(options)}")
+    kernel = 3  # a geometry every block represents, or the smallest odd one it does (dilated: from 5)
+    unsupported = getattr(block_class, "unsupported", None)
+    for size in (3, 5, 7) if callable(unsupported) else ():
+        try:
+            if unsupported(dim=2, kernel_size=(size, size), stride=(1, 1), padding=(size // 2,) * 2, dilation=(1, 1),
+                           groups=1, padding_mode="zeros", norm="batch") is None:
+                kernel = size
+                break
+        except TypeError:
+            break
     try:
-        block_class(4, 4, 3, padding=1, **block_kwargs)  # a geometry every block represents
+        block_class(4, 4, kernel, padding=kernel // 2, **block_kwargs)
     except ValueError as exc:
         raise ValueError(f"convert_to_acnet: invalid options for {block_class.__name__}: {exc}") from None
     if keep_weights and block_kwargs.get("use_affine", True) is False:

@@ -100,6 +100,10 @@ BLOCK_REGISTRY: Dict[str, BlockType] = {
                   description="KxK conv-BN + 1x1 conv-BN + identity BN (in == out, stride 1)"),
         BlockType("mobileone", "acnet.mobileone:MobileOneBlock", paper="MobileOne, CVPR 2023",
                   description="k KxK conv-BN + 1x1 conv-BN (K > 1) + identity BN (in == out, stride 1)"),
+        BlockType("ecb", "acnet.ecb:ECBlock", paper="ECBSR, ACM MM 2021",
+                  description="BN-free KxK + 1x1-KxK + 1x1-Sobel/Laplacian branches (then the conv's own norm)"),
+        BlockType("dilated", "acnet.dilated:DilatedReparamBlock", paper="RepLKNet CVPR 2022 / UniRepLKNet CVPR 2024",
+                  description="large KxK (K >= 5) conv-BN + small dilated conv-BN branches"),
     )
 }
 

@@ -35,6 +35,10 @@ __all__ = [
     "merge_1x1_kxk_kernel",
     "merge_depthwise_pointwise",
     "frequency_prior",
+    "sobel_kernel",
+    "laplacian_kernel",
+    "fuse_1x1_depthwise",
+    "dilate_kernel",
 ]
 
 KernelBias = Tuple[Tensor, Tensor]
@@ -336,3 +340,71 @@ def fuse_kxk_1x1(k1: Tensor, b1: Tensor, k2: Tensor, b2: Tensor, groups: int = 1
     kernel = torch.bmm(k2g, k1.reshape(groups, d_g, -1)).reshape(O, c_g, *spatial)
     bias = b2 + torch.bmm(k2g, b1.reshape(groups, d_g, 1)).reshape(O)
     return kernel, bias
+
+
+# --------------------------------------------------------------------------------------------
+# ECB (ECBSR) edge masks and dilated re-parameterization (RepLKNet / UniRepLKNet)
+# --------------------------------------------------------------------------------------------
+def sobel_kernel(dim: int, axis: int, *, dtype=None, device=None) -> Tensor:
+    """The 3-tap Sobel mask of a ``dim``-d map differentiating along ``axis``: shape ``(3,) * dim``.
+
+    The outer product of the derivative ``[1, 0, -1]`` on ``axis`` and the smoothing ``[1, 2, 1]`` on every
+    other axis: in 2-d, ``axis=1`` (along the width) is ECBSR's Sobel-x mask (columns ``[1, 2, 1]`` and
+    ``-[1, 2, 1]``), ``axis=0`` its Sobel-y mask; in 1-d ``[1, 0, -1]``. Its taps sum to zero.
+    """
+    if not 0 <= axis < dim:
+        raise ValueError(f"sobel_kernel: axis must be in [0, {dim}), got {axis}")
+    kernel = torch.ones((1,) * dim, dtype=torch.float64)
+    for a in range(dim):
+        line = torch.tensor([1.0, 0.0, -1.0] if a == axis else [1.0, 2.0, 1.0], dtype=torch.float64)
+        shape = [1] * dim
+        shape[a] = 3
+        kernel = kernel * line.view(shape)
+    return kernel.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def laplacian_kernel(dim: int, *, dtype=None, device=None) -> Tensor:
+    """The 3-tap Laplacian mask of a ``dim``-d map, shape ``(3,) * dim``: ``-2 * dim`` at the centre and 1 on
+    each of the ``2 * dim`` direct neighbours (2-d: ECBSR's ``[[0, 1, 0], [1, -4, 1], [0, 1, 0]]``). Sums to zero."""
+    kernel = torch.zeros((3,) * dim, dtype=torch.float64)
+    centre = (1,) * dim
+    kernel[centre] = -2.0 * dim
+    for a in range(dim):
+        for side in (0, 2):
+            index = list(centre)
+            index[a] = side
+            kernel[tuple(index)] = 1.0
+    return kernel.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def fuse_1x1_depthwise(k1: Tensor, b1: Tensor, taps: Tensor, bias: Tensor) -> KernelBias:
+    """A 1x1 conv ``(k1, b1)`` (``(O, C/g, 1, ...)``, any groups) followed by a depthwise conv ``(taps, bias)``
+    (``(O, 1, *K)``: one kernel per output channel), as one conv ``(O, C/g, *K)``.
+
+    ``k[o, c] = taps[o] * k1[o, c]`` and ``b[o] = bias[o] + b1[o] * sum(taps[o])``: exact where the depthwise
+    conv reads the 1x1 output of the zero-padded input, i.e. where the intermediate map is padded with
+    ``b1`` (ECBSR's "explicitly padding with bias"), as for :func:`fuse_1x1_kxk`. ECB's Sobel / Laplacian
+    branches: ``taps = scale * mask``.
+    """
+    if taps.shape[1] != 1 or taps.shape[0] != k1.shape[0] or any(v != 1 for v in k1.shape[2:]) \
+            or k1.dim() != taps.dim():
+        raise ValueError(f"fuse_1x1_depthwise: incompatible shapes k1={tuple(k1.shape)}, taps={tuple(taps.shape)}")
+    kernel = taps * k1.reshape(k1.shape[0], k1.shape[1], *([1] * (taps.dim() - 2)))
+    return kernel, bias + b1 * taps.flatten(1).sum(1)
+
+
+def dilate_kernel(kernel: Tensor, rate: Union[int, Sequence[int]]) -> Tensor:
+    """A kernel ``k`` used with dilation ``r`` as the dense kernel of size ``r * (k - 1) + 1`` used without.
+
+    ``out[..., r*i] = kernel[..., i]`` on every spatial axis and zero between the taps, so
+    ``conv(x; k, dilation=r*d, padding=p) = conv(x; dilate_kernel(k, r), dilation=d, padding=p)`` (UniRepLKNet's
+    ``convert_dilated_to_nondilated``, for any dimension, groups and per-axis rates).
+    """
+    dim = kernel.dim() - 2
+    rates = _size(rate, dim)
+    if any(r < 1 for r in rates):
+        raise ValueError(f"dilate_kernel: rates must be >= 1, got {rates}")
+    small = tuple(kernel.shape[2:])
+    out = kernel.new_zeros(*kernel.shape[:2], *(r * (k - 1) + 1 for r, k in zip(rates, small)))
+    out[(slice(None), slice(None)) + tuple(slice(None, None, r) for r in rates)] = kernel
+    return out

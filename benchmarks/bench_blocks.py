@@ -28,6 +28,10 @@ beside ACB / DBB / OREPA: :func:`family_types`): each block's fwd+bwd time over 
 -- conv+BN for a block with a BN form, the plain conv with bias for a BN-free-only block -- on the same
 shapes (channels in = out, stride 1: RepVGG's and MobileOne's identity branch is there) plus a depthwise
 and a pointwise shape (MobileOne's two kinds of blocks), alternated and paired the same way.
+    python benchmarks/bench_blocks.py --families-only --tiny   # a smoke run of the families' tables
+
+A fourth table times the cases the families are for beside the 3x3 grid: ECB BN-free over the plain conv
+with bias and ECB + BN, dilated re-param over a depthwise 7x7 / 13x13 conv+BN (UniRepLKNet's branches).
 """
 from __future__ import annotations
 
@@ -248,6 +252,12 @@ def bench_family(shape: Tuple[int, ...], rounds: int, warmup: int) -> Dict[str, 
     return time_alternated(steps, rounds, warmup)
 
 
+def family_shapes(args: argparse.Namespace, shapes: List[Tuple[int, ...]]) -> List[Tuple[int, ...]]:
+    """The families table's shapes: ``--shapes``, else the reference shapes and the extra ones; ``--tiny``: 2x8x8."""
+    chosen = shapes if args.shapes else DEFAULT_SHAPES + FAMILY_EXTRA_SHAPES
+    return [(2, s[1], 8, *s[3:]) for s in chosen] if args.tiny else chosen
+
+
 def print_families(args: argparse.Namespace, shapes: List[Tuple[int, ...]]) -> None:
     """The third table: every other family's fwd+bwd time over the plain unit it replaces."""
     names = family_types()
@@ -275,6 +285,49 @@ def print_families(args: argparse.Namespace, shapes: List[Tuple[int, ...]]) -> N
               + " ".join(cells), flush=True)
 
 
+#: The newer families (issue 28), each over the plain unit it replaces: (label, block type, norm, input shape,
+#: kernel, block options). ECB over the plain conv with bias (its BN-free form: the paper's), and over conv+BN;
+#: dilated large-kernel re-param over a depthwise KxK conv+BN (UniRepLKNet's default branches).
+FAMILY_CASES = [
+    ("ECB BN-free 3x3", "ecb", "none", (32, 64, 28, 28), 3, {}),
+    ("ECB + BN 3x3", "ecb", "batch", (32, 64, 28, 28), 3, {}),
+    ("dilated 7x7 dw", "dilated", "batch", (32, 64, 28, 28), 7, dict(groups=64)),
+    ("dilated 13x13 dw", "dilated", "batch", (32, 64, 28, 28), 13, dict(groups=64)),
+]
+
+
+def bench_family_case(block_type: str, norm: str, shape: Tuple[int, ...], kernel: int, rounds: int, warmup: int,
+                 options: Dict | None = None) -> Dict[str, List[float]]:
+    """Step times (ms) per round of the plain unit (``plain``: conv+BN, or a conv with bias for ``norm="none"``)
+    and of the block type in that form (``block``), alternated."""
+    torch.manual_seed(0)
+    options = dict(options or {})
+    channels, groups = shape[1], options.get("groups", 1)
+    x = torch.randn(*shape, requires_grad=True)
+    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=groups, bias=norm == "none")
+    plain = (conv if norm == "none" else nn.Sequential(conv, nn.BatchNorm2d(channels))).train()
+    block = BLOCK_REGISTRY[block_type].block_class(channels, channels, kernel, padding=kernel // 2, norm=norm,
+                                                   **options).train()
+    grad_out = torch.randn(*plain(x).shape)
+    return time_alternated({"plain": make_step(plain, plain, x, grad_out), "block": make_step(block, block, x, grad_out)},
+                           rounds, warmup)
+
+
+def print_family_cases(args: argparse.Namespace) -> None:
+    """The fourth table: ECB and dilated re-param fwd+bwd over the plain unit they replace, at their shapes."""
+    header = f"{'family':>18} | {'N,C,H,W':>14} | {'K':>3} | {'plain ms':>8} | {'block/plain':>11}"
+    print()
+    print("newer families: fwd+bwd over the plain unit (conv with bias for the BN-free ECB, else conv+BN)")
+    print(header)
+    print("-" * len(header))
+    for label, block_type, norm, shape, kernel, options in FAMILY_CASES:
+        if args.tiny:
+            shape = (2, shape[1], 8, 8)
+        times = bench_family_case(block_type, norm, shape, kernel, args.rounds, args.warmup, options)
+        print(f"{label:>18} | {','.join(map(str, shape)):>14} | {kernel:>3} | {statistics.median(times['plain']):8.1f} | "
+              f"{paired_ratio(times, 'block', 'plain'):11.2f}", flush=True)
+
+
 def paired_ratio(times: Dict[str, List[float]], name: str, baseline: str = "conv+BN") -> float:
     """Median over rounds of ``time(name) / time(baseline)`` measured in the same round."""
     return statistics.median(t / b for t, b in zip(times[name], times[baseline]))
@@ -296,12 +349,14 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--no-families", action="store_true", help="skip the table of the other families")
     parser.add_argument("--families-only", action="store_true",
                         help="only the table of the other families (RepVGG, MobileOne, ...)")
+    parser.add_argument("--tiny", action="store_true", help="the families' tables on 2x8x8 maps (a smoke run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
     if args.families_only:
         print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} alternated rounds; ratios: median of per-round ratios")
-        print_families(args, shapes if args.shapes else DEFAULT_SHAPES + FAMILY_EXTRA_SHAPES)
+        print_families(args, family_shapes(args, shapes))
+        print_family_cases(args)
         return 0
     if args.forms_only:
         print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} alternated rounds; ratios: median of per-round ratios")
@@ -333,7 +388,8 @@ def main(argv: List[str] | None = None) -> int:
     if not args.no_forms and not args.shapes:  # the forms table accompanies the reference shapes
         print_forms(args)
     if not args.no_families:
-        print_families(args, shapes if args.shapes else DEFAULT_SHAPES + FAMILY_EXTRA_SHAPES)
+        print_families(args, family_shapes(args, shapes))
+        print_family_cases(args)
     return 0
 
 

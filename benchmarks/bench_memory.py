@@ -16,6 +16,9 @@ outputs; the replicas of ``benchmarks/bench_blocks.py``). Target: orepa <= 1.25 
 
     python benchmarks/bench_memory.py                     # src56, vc, sres18
     python benchmarks/bench_memory.py --archs src56 --batch 4
+
+A second table gives the newer families block by block (ECB over the plain conv with bias and over conv+BN,
+dilated re-param over a depthwise 7x7 / 13x13 conv+BN; ``--batch`` sets their batch too).
 """
 from __future__ import annotations
 
@@ -107,6 +110,60 @@ def format_table(results: Dict[str, Dict[str, Tuple[float, float]]]) -> str:
     return "\n".join(lines)
 
 
+#: Block-level rows of the newer families (issue 28): (label, block type, norm, input shape, kernel, block options),
+#: each over the plain unit it replaces (conv with bias for the BN-free ECB, else conv+BN).
+FAMILY_CASES = (
+    ("ECB BN-free 3x3", "ecb", "none", (8, 64, 28, 28), 3, {}),
+    ("ECB + BN 3x3", "ecb", "batch", (8, 64, 28, 28), 3, {}),
+    ("dilated 7x7 dw", "dilated", "batch", (8, 64, 28, 28), 7, dict(groups=64)),
+    ("dilated 13x13 dw", "dilated", "batch", (8, 64, 28, 28), 13, dict(groups=64)),
+)
+
+
+def family_saved_bytes(block_type: str, norm: str, shape: Tuple[int, ...], kernel: int, options: Dict) -> Tuple[int, int]:
+    """``(plain unit, block)`` bytes saved for backward in one training step on an input of ``shape``."""
+    from acnet.registry import get_block_type
+
+    torch.manual_seed(0)
+    channels, groups = shape[1], options.get("groups", 1)
+    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=groups, bias=norm == "none")
+    plain = conv if norm == "none" else nn.Sequential(conv, nn.BatchNorm2d(channels))
+    block = get_block_type(block_type).block_class(channels, channels, kernel, padding=kernel // 2, norm=norm,
+                                                   **options)
+    x = torch.randn(*shape, requires_grad=True)
+    result = []
+    for module in (plain, block):
+        own = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+        storages: Dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in own:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        module.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = module(x)
+        out.sum().backward()
+        result.append(sum(storages.values()))
+    return result[0], result[1]
+
+
+def format_family_table(batch: int | None = None) -> str:
+    """Saved-for-backward MiB of each family row (the block input included) and its ratio to the plain unit."""
+    mib = 2.0 ** 20
+    lines = ["", "Newer families, one block: saved-for-backward MiB (its input included) over the plain unit",
+             f"{'family':>18} {'N,C,H,W':>14} {'plain':>8} {'block':>8} {'ratio':>6}"]
+    for label, block_type, norm, shape, kernel, options in FAMILY_CASES:
+        if batch is not None:
+            shape = (batch,) + tuple(shape[1:])
+        plain, block = family_saved_bytes(block_type, norm, shape, kernel, options)
+        lines.append(f"{label:>18} {','.join(map(str, shape)):>14} {plain / mib:8.2f} {block / mib:8.2f} "
+                     f"{block / plain:6.2f}")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), metavar="ARCH",
@@ -128,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = {a: args.batch or DEFAULT_BATCHES[get_arch_spec(a).input_size] for a in args.archs}
     results = {arch: measure(arch, batches[arch]) for arch in args.archs}
     print(format_table(results))
+    print(format_family_table(args.batch))
     return 0
 
 

@@ -50,7 +50,7 @@ TOLERANCE = 1e-5
 TOLERANCE_FLOAT64 = 1e-7
 NUM_CLASSES = 10
 BLOCKS = ("acb", "dbb")
-ALL_BLOCKS = ("acb", "dbb", "orepa", "repvgg", "mobileone")
+ALL_BLOCKS = ("acb", "dbb", "orepa", "repvgg", "mobileone", "ecb", "dilated")
 CASE_TIMEOUT_S = 900.0
 #: Larger inputs where a model needs more than 64x64 (inception_v3: 75; maxvit_t: its 7x7 windows at 224; SSD300: its
 #: last extra layers need about 270).
@@ -64,6 +64,8 @@ CI_MODELS = (
 CI_EXTRA_CASES = (
     ("tvdet:fasterrcnn_mobilenet_v3_large_fpn", "acb"), ("tvvideo:r2plus1d_18", "acb"), ("own:edsr", "dbb"),
     ("own:audio", "orepa"), ("own:audio_bn", "dbb"),
+    # ECB: the BN-free SR net it was made for; dilated: timm's ConvNeXt (7x7 depthwise convs, LayerNorm after)
+    ("own:edsr", "ecb"), ("timm:convnext_atto", "dilated"),
 )
 #: The RepVGG / MobileOne rows the test suite checks: a residual net, an inverted-residual net (depthwise 3x3 and
 #: pointwise 1x1 convs: MobileOne's two kinds of blocks, identity branches where in == out and stride 1) and a

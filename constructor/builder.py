@@ -45,6 +45,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from torch import Tensor, nn
 
 from acnet.block import NORM_ARGUMENTS, ConvBN, IntOrPair, ReparamBlock, block_option_names, takes_arguments
+from acnet.errors import ACNetError
 from acnet.registry import block_type_names, get_block_type
 
 __all__ = [
@@ -72,10 +73,18 @@ def _with_pointwise(kernel_size: int) -> bool:
     return 1 <= kernel_size < 7
 
 
+def is_large_kernel(kernel_size: int) -> bool:
+    """The dilated re-param rule (RepLKNet / UniRepLKNet): an odd KxK conv with ``K >= 5`` (7x7 stems too)."""
+    return kernel_size >= 5 and kernel_size % 2 == 1
+
+
 #: Block types whose paper puts blocks on other kernel sizes than :func:`is_reparameterizable_kernel`'s.
 #: RepVGG's paper uses 3x3 blocks only; here it takes every 1 < K < 7 conv like ACB / DBB (its 1x1 branch
 #: on the centre tap), so that a 5x5 architecture (Cifar-quick) has RepVGG blocks too.
-KERNEL_RULES: Dict[str, Callable[[int], bool]] = {"mobileone": _with_pointwise}
+KERNEL_RULES: Dict[str, Callable[[int], bool]] = {"mobileone": _with_pointwise, "dilated": is_large_kernel}
+#: Block types trained BN-free (``norm="none"``) in a unit with no BN after its conv (``conv``,
+#: ``bn_relu_conv``): ECB, whose paper's block has no BN; in a conv-BN unit it is followed by the unit's BN.
+BN_FREE_IN_CONV_UNITS = frozenset({"ecb"})
 
 
 def takes_kernel(block_type: str, kernel_size: int) -> bool:
@@ -203,6 +212,7 @@ class ConvBuilder:
         if not (isinstance(bn_momentum, (int, float)) and 0 <= bn_momentum <= 1):
             raise ValueError(f"bn_momentum must be a number in [0, 1], got {bn_momentum!r}")
         self.block_class = block_class
+        self.blocks_built = 0  # blocks made so far (an arch none of whose convs fits the block type is refused)
         self.deploy = deploy
         self.bn_eps = float(bn_eps)
         self.bn_momentum = float(bn_momentum)
@@ -226,23 +236,27 @@ class ConvBuilder:
             groups=groups, bias=True,
         )
 
-    def _block(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups) -> Optional[nn.Module]:
-        """The block for this conv, or ``None`` where the plain form is trained."""
+    def _block(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+               bn_after: bool = True) -> Optional[nn.Module]:
+        """The block for this conv, or ``None`` where the plain form is trained (the block type's kernel
+        rule, :func:`takes_kernel`)."""
         if self.block_class is None or not takes_kernel(self.block_type, _square(kernel_size)):
             return None
+        form = {} if bn_after or self.block_type not in BN_FREE_IN_CONV_UNITS else {"norm": "none"}
         block = self.block_class(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-            groups=groups, **self.block_options,
+            groups=groups, **self.block_options, **form,
         )
         if self.gamma_init is not None:
             block.init_gamma(self.gamma_init)
+        self.blocks_built += 1
         return block
 
-    def _unit(self, geometry: tuple, plain: Callable[[], nn.Module]) -> nn.Module:
+    def _unit(self, geometry: tuple, plain: Callable[[], nn.Module], bn_after: bool = True) -> nn.Module:
         """The deploy conv in deploy mode; else the block where the kernel qualifies, else ``plain()``."""
         if self.deploy:
             return self._deploy_conv(*geometry)
-        block = self._block(*geometry)
+        block = self._block(*geometry, bn_after=bn_after)
         return plain() if block is None else block
 
     # --- units ----------------------------------------------------------------------------------
@@ -268,7 +282,7 @@ class ConvBuilder:
     ) -> nn.Module:
         """``conv(x)`` with no BN after it: :class:`BiasFreeConv`, a block, or (deploy) ``nn.Conv2d(bias=True)``."""
         geometry = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
-        return self._unit(geometry, lambda: BiasFreeConv(*geometry))
+        return self._unit(geometry, lambda: BiasFreeConv(*geometry), bn_after=False)
 
     def bn_relu_conv(
         self, in_channels: int, out_channels: int, kernel_size: IntOrPair, stride: IntOrPair = 1,
@@ -295,6 +309,17 @@ def _square(kernel_size: IntOrPair) -> int:
     if height != width:
         raise ValueError(f"kernel_size must be square, got {tuple(kernel_size)}")
     return int(height)
+
+
+class BlockTypeNotApplicableError(ACNetError, ValueError):
+    """``-b TYPE`` on an architecture none of whose convs the block type's rule takes (one line, with the archs it fits)."""
+
+
+def kernel_rule_text(block_type: str) -> str:
+    """The builder's kernel rule for ``block_type`` in words."""
+    rule = KERNEL_RULES.get(block_type, is_reparameterizable_kernel)
+    return {is_large_kernel: "odd K >= 5", is_reparameterizable_kernel: "1 < K < 7",
+            _with_pointwise: "1 <= K < 7"}.get(rule, "its kernel rule")
 
 
 def make_builder(block_type: str = "base", deploy: bool = False, **block_kwargs: Any) -> ConvBuilder:

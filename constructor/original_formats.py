@@ -50,7 +50,7 @@ from acnet.weights import WeightsError
 
 from acnet.registry import BLOCK_REGISTRY, block_type_names
 
-from .builder import BiasFreeConv, is_reparameterizable_kernel
+from .builder import BiasFreeConv, BlockTypeNotApplicableError, is_reparameterizable_kernel
 from .original_layouts import BN_RELU_CONV, CONV, CONV_BN, CONV_BN_RELU, Unit
 from .registry import ARCHS, build_arch as build_model, get_arch_spec
 
@@ -291,8 +291,11 @@ def own_schemes(arch: str, num_classes: Optional[int] = None) -> Tuple[NamingSch
     """Our own names as schemes (identity maps): the training-time model of each block type, and the deploy model."""
     schemes = []
     for block_type in (*block_type_names(), None):
-        with torch.device("meta"):
-            model = build_model(arch, block_type or "base", deploy=block_type is None, num_classes=num_classes)
+        try:
+            with torch.device("meta"):
+                model = build_model(arch, block_type or "base", deploy=block_type is None, num_classes=num_classes)
+        except BlockTypeNotApplicableError:  # e.g. dilated on an arch without an odd K >= 5 conv: no such model
+            continue
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         classifier = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
         what = f"the training-time {arch}/{block_type} model" if block_type else f"the deploy {arch} model"

@@ -144,4 +144,26 @@ def build_arch(
 
     spec = get_arch_spec(arch)
     builder = make_builder(block_type, deploy=deploy, **block_kwargs)
-    return spec.build(builder, num_classes)
+    model = spec.build(builder, num_classes)
+    if not deploy and builder.block_class is not None and builder.blocks_built == 0:
+        from .builder import BlockTypeNotApplicableError
+
+        raise BlockTypeNotApplicableError(_no_block_reason(arch, block_type))
+    return model
+
+
+def _no_block_reason(arch: str, block_type: str) -> str:
+    """One line: ``block_type`` fits no conv of ``arch``; the archs it fits (each built on the meta device)."""
+    import torch
+
+    from .builder import kernel_rule_text
+
+    fits = []
+    for name in ARCHS:
+        builder = make_builder(block_type)
+        with torch.device("meta"):
+            get_arch_spec(name).build(builder, None)
+        if builder.blocks_built:
+            fits.append(name)
+    return (f"-b {block_type} fits no conv of {arch} (the paper's rule: KxK convs with {kernel_rule_text(block_type)}); "
+            f"it applies to {', '.join(fits) or 'no architecture'}")

@@ -32,7 +32,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 #: Single slow tests elsewhere carry ``@pytest.mark.slow`` themselves.
 SLOW_MODULES = frozenset({"test_benchmarks", "test_block_sweep", "test_cli", "test_export", "test_multinode",
                           "test_plugin_defaults", "test_quant", "test_readme", "test_reproduce", "test_save_errors",
-                          "test_zoo", "test_run_lock", "test_fault_injection", "test_docs"})
+                          "test_zoo", "test_run_lock", "test_fault_injection", "test_docs",
+                          "test_plugin_families"})
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -96,3 +96,20 @@ def test_gpu_check_refuses_without_cuda_in_one_line_and_smoke_runs_on_cpu(tmp_pa
     assert [r["block"] for r in record["runs"]] == ["base", "acb", "dbb", "orepa"]
     assert all(r["deploy_error"] <= 1e-4 and r["images_per_sec"] > 0 for r in record["runs"])
     assert "all checks passed" in result.stdout and "(c) eager training" in result.stdout
+
+
+def test_bench_blocks_families_table_has_a_row_per_newer_family():
+    out = run_script("benchmarks/bench_blocks.py", "--families-only", "--tiny", "--rounds", "1", "--warmup", "0",
+                     "--threads", "1")
+    for label in ("ECB BN-free 3x3", "ECB + BN 3x3", "dilated 7x7 dw", "dilated 13x13 dw"):
+        row = next(line for line in out.splitlines() if line.strip().startswith(label))
+        values = numbers(row.split("|", 3)[3])  # plain ms, block/plain
+        assert len(values) == 2 and all(v > 0 and math.isfinite(v) for v in values)
+
+
+def test_bench_memory_families_table_counts_more_saved_bytes_than_the_plain_unit():
+    out = run_script("benchmarks/bench_memory.py", "--archs", "cfqkbnc", "--batch", "1", "--threads", "1")
+    for label in ("ECB BN-free 3x3", "ECB + BN 3x3", "dilated 7x7 dw", "dilated 13x13 dw"):
+        row = next(line for line in out.splitlines() if line.strip().startswith(label))
+        plain, block, ratio = numbers(row)
+        assert block > plain > 0 and ratio > 1  # each branch keeps its own activation

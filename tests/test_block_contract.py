@@ -177,7 +177,17 @@ EXTRA_FORMS = {
 }
 
 
-def form_accepted(cls: type, form: str, dim: int, norm: str, kernel: int = 3, padding: int = 1) -> bool:
+def contract_kernel(cls: type) -> int:
+    """The kernel size the per-form checks use: 3, or the smallest odd size the block has a plain form for
+    (the dilated large-kernel block starts at 5)."""
+    return next((k for k in (3, 5, 7) if cls.unsupported(dim=2, kernel_size=(k, k), stride=(1, 1), padding=(k // 2,) * 2,
+                                                          dilation=(1, 1), groups=1, padding_mode="zeros",
+                                                          norm="batch") is None), 3)
+
+
+def form_accepted(cls: type, form: str, dim: int, norm: str, kernel: int = 0, padding: int = -1) -> bool:
+    kernel = kernel or contract_kernel(cls)
+    padding = kernel // 2 if padding < 0 else padding
     options, asked = EXTRA_FORMS[form]
     if asked and not accepts(cls, "transposed"):
         return False
@@ -195,7 +205,8 @@ def test_class_attributes_and_stored_options_rebuild_a_stored_block(name, dim, n
     if not form_accepted(cls, form, dim, norm):
         return
     options_in, _ = EXTRA_FORMS[form]
-    block = cls(4, 6, 3, padding=1, dim=dim, norm=norm, **options_in)
+    k = contract_kernel(cls)
+    block = cls(4, 6, k, padding=k // 2, dim=dim, norm=norm, **options_in)
     state = block.state_dict()
     assert isinstance(cls.signature, str) and cls.signature
     # the plain unit (``base``) is recognised by its BN statistics: its BN-free form has none (a conv with a
@@ -207,7 +218,7 @@ def test_class_attributes_and_stored_options_rebuild_a_stored_block(name, dim, n
     # a transposed block is stored like a conv one: the stock conv's class tells it, not the entries
     told = {k: v for k, v in options_in.items() if k != "bias"}
     assert options.get("bias", True) == options_in.get("bias", True)  # bias=False is read from the entries
-    rebuilt = cls(4, 6, 3, padding=1, **options, **told)
+    rebuilt = cls(4, 6, k, padding=k // 2, **options, **told)
 
     def shapes(entries):  # a frozen BN is stored like a BN without its batch count (ConvBN, OREPA: told apart by it
         return {k: tuple(v.shape) for k, v in entries.items() if not k.endswith("num_batches_tracked")}
@@ -235,9 +246,10 @@ def test_load_main_branch_single_init_and_init_gamma(name, dim, norm, form):
     if not form_accepted(cls, form, dim, norm):
         return
     options, _ = EXTRA_FORMS[form]
-    block = randomize_all_(cls(3, 4, 3, padding=1, dim=dim, norm=norm, **options).double(), 1).eval()
+    k = contract_kernel(cls)
+    block = randomize_all_(cls(3, 4, k, padding=k // 2, dim=dim, norm=norm, **options).double(), 1).eval()
     stock = TRANSPOSED[dim] if options.get("transposed") else CONVS[dim]
-    conv = stock(3, 4, 3, padding=1, bias=options.get("bias", True),
+    conv = stock(3, 4, k, padding=k // 2, bias=options.get("bias", True),
                  **{k: v for k, v in options.items() if k in ("stride", "output_padding")}).double()
     follower = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1](4).double() if norm != "none" else None
     randomize_all_(conv, 2)

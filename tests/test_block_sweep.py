@@ -46,6 +46,8 @@ FORM_CHANNELS = (3, 16)  # one count the oneDNN fault concerns (2..15), one just
 FORMS = ((1, "batch"), (3, "batch"), (2, "frozen"), (2, "none"), (1, "none"), (3, "frozen"))
 OUT_CHANNELS = 8  # groups=1 cases; depthwise cases keep the channel count
 CASE_TIMEOUT_S = 60.0
+#: Blocks with a strided 1x1 conv (the unit itself, DBB's 1x1 branch, OREPA's 1x1 kernels): the full channel sweep.
+FAULT_PRONE_BLOCKS = ("ConvBN", "ACBlock", "DiverseBranchBlock", "OREPABlock")
 
 
 def block_types() -> Dict[str, type]:
@@ -76,7 +78,8 @@ def sweep_cases() -> List[Dict[str, Any]]:
     """Every valid case (a geometry the block's constructor refuses is not a case)."""
     cases = []
     for name in block_types():
-        for cin in CHANNELS:
+        # the newer families (ECB, dilated) hold no strided 1x1 conv (the oneDNN fault's geometry): fewer channel counts
+        for cin in CHANNELS if name in FAULT_PRONE_BLOCKS else DILATED_CHANNELS:
             for groups in sorted({1, cin}):
                 cout = OUT_CHANNELS if groups == 1 else cin
                 for stride in STRIDES:
@@ -91,6 +94,16 @@ def sweep_cases() -> List[Dict[str, Any]]:
     return cases
 
 
+def form_kernels(name: str) -> tuple:
+    """The reduced grid's kernels: 1 and 3, or 5 and 7 for a block with no form below 5 (the dilated
+    large-kernel block)."""
+    try:
+        make_block(dict(block=name, cin=4, cout=4, kernel=3, stride=1, groups=1))
+    except ValueError:
+        return (5, 7)
+    return (1, 3)
+
+
 def form_cases() -> List[Dict[str, Any]]:
     """The reduced grid of the 1-d / 3-d / frozen / BN-free forms (a refused geometry is not a case)."""
     cases = []
@@ -99,7 +112,7 @@ def form_cases() -> List[Dict[str, Any]]:
             layouts = ("nchw",) if dim == 1 else ("nchw", "channels_last_module")
             for cin in FORM_CHANNELS:
                 for groups in sorted({1, cin}):
-                    for stride, kernel in itertools.product(STRIDES, (1, 3)):
+                    for stride, kernel in itertools.product(STRIDES, form_kernels(name)):
                         case = dict(block=name, cin=cin, cout=OUT_CHANNELS if groups == 1 else cin, kernel=kernel,
                                     stride=stride, groups=groups, dilation=1, dim=dim, norm=norm)
                         try:
@@ -123,12 +136,13 @@ def issue27_cases() -> List[Dict[str, Any]]:
     """The transposed x stride x padding x output_padding x channels grid (a refused geometry is not a case)."""
     cases = []
     for name in block_types():
+        kernels = ISSUE27_KERNELS if form_kernels(name)[0] == 1 else (5,)
         for (transposed, stride, output_padding), kernel, cin, (norm, bias) in itertools.product(
-                ISSUE27_GEOMETRIES, ISSUE27_KERNELS, FORM_CHANNELS, (("batch", True), ("none", False))):
-            for padding in sorted({0, (kernel - 1) // 2}):
-                if cin == 16 and kernel != 1:
+                ISSUE27_GEOMETRIES, kernels, FORM_CHANNELS, (("batch", True), ("none", False))):
+            for padding in (sorted({0, (kernel - 1) // 2}) if kernel < 5 else (1, 2)):  # (5: the 4x5 map needs 1)
+                if cin == 16 and kernel != 1 and kernels is ISSUE27_KERNELS:
                     continue  # above the conv fault's channel range: only the 1x1 kernels (the fault's own)
-                if kernel == 4 and stride == 1:
+                if kernel in (4, 5) and stride == 1:
                     continue  # a 4x4 kernel: the stride-2 down- / up-sampler is the case that matters
                 case = dict(block=name, cin=cin, cout=OUT_CHANNELS, kernel=kernel, stride=stride, groups=1,
                             dilation=1, padding=padding, transposed=transposed, output_padding=output_padding,

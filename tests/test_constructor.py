@@ -20,7 +20,7 @@ def num_params(model: nn.Module) -> int:
 # --- registry ---------------------------------------------------------------------------------
 def test_registry_lists_every_arch_with_its_dataset_and_input_size():
     assert list_archs() == list(ALL_ARCHS)
-    assert BLOCK_TYPES == ("base", "acb", "dbb", "orepa", "repvgg", "mobileone")
+    assert BLOCK_TYPES == ("base", "acb", "dbb", "orepa", "repvgg", "mobileone", "ecb", "dilated")
     for arch in ALL_ARCHS:
         spec = get_arch_spec(arch)
         imagenet = arch.startswith("sres") or arch == "smi1"

@@ -17,6 +17,7 @@ from torch import nn
 
 from acnet import ReparamBlock, acnet_switch_to_deploy
 from constructor import BLOCK_TYPES, build_model, get_arch_spec, list_archs, make_builder
+from constructor.builder import BlockTypeNotApplicableError
 from helpers import on_meta, relative_difference
 
 ARCHS = list_archs()
@@ -62,13 +63,23 @@ def base_deploy_model(arch: str) -> nn.Module:
     return build_model(arch, "base", deploy=True).eval()
 
 
-@pytest.mark.parametrize("block_type", BLOCK_TYPES)
-@pytest.mark.parametrize("arch", ARCHS)
+#: The newer families (issue 28) run on a few archs only (their blocks are checked form by form elsewhere):
+#: cfqkbnc (5x5), sres18 (3x3 + the 7x7 stem), vc (dilated refused: 3x3 only).
+NEWER_FAMILY_ARCHS = ("cfqkbnc", "sres18", "vc")
+EQUIVALENCE_CASES = [(arch, block_type) for block_type in BLOCK_TYPES for arch in ARCHS
+                     if block_type in ("base", "acb", "dbb", "orepa") or arch in NEWER_FAMILY_ARCHS]
+
+
+@pytest.mark.parametrize("arch, block_type", EQUIVALENCE_CASES)
 def test_train_form_converts_exactly_to_shared_deploy_model(arch: str, block_type: str) -> None:
     spec = get_arch_spec(arch)
     generator = torch.Generator().manual_seed(zlib.crc32(f"{arch}/{block_type}".encode()))
     torch.manual_seed(0)
-    model = build_model(arch, block_type)
+    try:
+        model = build_model(arch, block_type)
+    except BlockTypeNotApplicableError as exc:  # dilated: only archs with an odd K >= 5 conv (cfqkbnc, the ResNets)
+        assert block_type == "dilated" and f"no conv of {arch}" in str(exc) and "cfqkbnc" in str(exc)
+        return
     randomize_statistics(model, generator)
     model.eval()
     images = torch.randn(1, 3, CHECK_SIZE, CHECK_SIZE, generator=generator)

@@ -35,6 +35,8 @@ def test_every_arch_exports_equal_to_pytorch_with_the_base_operator_counts(arch,
     counts = {}
     for seed, block in enumerate(constructor.BLOCK_TYPES):
         torch.manual_seed(seed)
+        if block not in ("base", "acb", "dbb", "orepa"):  # the newer families export as blocks (test_export_families)
+            continue
         model = mild_bn_statistics_(constructor.build_model(arch, block), seed)  # training-time form
         result = export_onnx(model, x, tmp_path / f"{block}.onnx")
         assert result.rel_diff <= 1e-5, (block, result.summary())
@@ -240,3 +242,14 @@ def test_bench_deploy_prints_the_table_for_a_run(run_copy, tmp_path):
     assert cells[2] == "synthetic" and float(cells[3]) == pytest.approx(deploy_top1, abs=0.01)
     assert cells[4] == cells[5] == cells[6] == "-"  # no PTQ / QAT run yet
     assert all(float(c) > 0 for c in cells[7:])
+
+
+@pytest.mark.parametrize("block", ["ecb", "dilated"])
+def test_the_newer_families_export_equal_to_pytorch_with_the_base_operator_counts(block, tmp_path):
+    x = torch.randn(2, 3, SMALL_INPUT, SMALL_INPUT, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    base = export_onnx(mild_bn_statistics_(constructor.build_model("cfqkbnc", "base"), 0), x, tmp_path / "base.onnx")
+    model = mild_bn_statistics_(constructor.build_model("cfqkbnc", block), 1)
+    result = export_onnx(model, x, tmp_path / f"{block}.onnx")
+    assert result.rel_diff <= 1e-5, result.summary()
+    assert result.op_counts == base.op_counts  # exported deployed: one conv per unit

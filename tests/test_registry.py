@@ -66,17 +66,17 @@ def two_kernel():
 
 
 def test_every_consumer_lists_the_registered_block_types():
-    assert block_type_names() == ("base", "acb", "dbb", "orepa", "repvgg", "mobileone")
+    assert block_type_names() == ("base", "acb", "dbb", "orepa", "repvgg", "mobileone", "ecb", "dilated")
     assert constructor.BLOCK_TYPES == block_type_names()
     assert not hasattr(convert_module, "BLOCK_CLASSES")  # no module-level copy: read live
     pluggable = convert_module.pluggable_block_classes()
-    assert tuple(pluggable) == ("acb", "dbb", "orepa", "repvgg", "mobileone")  # base has nothing to plug in
+    assert tuple(pluggable) == block_type_names()[1:]  # base has nothing to plug in
     assert all(pluggable[n] is BLOCK_REGISTRY[n].block_class for n in pluggable)
     choices = next(a.choices for a in build_parser()._actions if a.dest == "block_type")
     assert tuple(choices) == block_type_names()
     assert show_log.block_types() == block_type_names()  # what show_log groups runs by
     assert get_block_type("OREPA").block_class.__name__ == "OREPABlock"
-    with pytest.raises(ValueError, match="valid block types: base, acb, dbb, orepa, repvgg, mobileone"):
+    with pytest.raises(ValueError, match="valid block types: base, acb, dbb, orepa, repvgg, mobileone, ecb, dilated"):
         get_block_type("nosuch")
 
 
@@ -91,11 +91,14 @@ def test_signatures_are_unambiguous_and_deploy_names_are_the_originals():
     assert len(set(signatures)) == len(signatures)
     assert {spec.deploy_conv_name for spec in BLOCK_REGISTRY.values()} == {"fused_conv", "dbb_reparam",
                                                                           "orepa_reparam", "rbr_reparam",
-                                                                          "reparam_conv"}
+                                                                          "reparam_conv", "ecb_reparam",
+                                                                          "lkb_reparam"}
     for name, spec in BLOCK_REGISTRY.items():  # each stored block is recognised as its own kind
         if spec.plain:
             continue
-        block = spec.block_class(4, 4, 3, padding=1)
+        k = 3 if spec.block_class.unsupported(dim=2, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1),
+                                              dilation=(1, 1), groups=1, padding_mode="zeros", norm="batch") is None else 7
+        block = spec.block_class(4, 4, k, padding=k // 2)
         kinds = [kind for key, kind in fuse_load._block_signatures() if key in block.state_dict()]
         assert kinds[0] == name, (name, kinds)
 

@@ -23,6 +23,8 @@ from benchmarks.zoo_check import BLOCKS, CASE_TIMEOUT_S, CI_EXTRA_CASES, CI_FAMI
 from benchmarks.isolated import run_isolated
 
 timm = pytest.importorskip("timm")
+#: The rows of the newer block families in CI_EXTRA_CASES (keyed apart from the same model's older row).
+BLOCK_OF_NEW_FAMILIES = {"own:edsr": "ecb", "timm:convnext_atto": "dilated"}
 
 
 def test_zoo_subset_deploys_and_fuses_to_the_trained_model():
@@ -40,17 +42,21 @@ def test_zoo_subset_deploys_and_fuses_to_the_trained_model():
 def test_detection_video_and_bn_free_models_deploy_and_fuse_to_the_trained_model():
     cases = [{"model": spec, "block": block} for spec, block in CI_EXTRA_CASES]
     results = run_isolated("benchmarks.zoo_check:check_model", cases, CASE_TIMEOUT_S)
-    rows = {c["model"]: (verdict(r), r) for c, r in zip(cases, results)}
-    bad = [f"{model}: {status} {detail}" for model, ((status, detail), _) in rows.items() if not status.startswith("ok")]
+    rows = {(c["model"], c["block"]): (verdict(r), r) for c, r in zip(cases, results)}
+    bad = [f"{model} {block}: {status} {detail}" for (model, block), ((status, detail), _) in rows.items()
+           if not status.startswith("ok")]
     assert not bad, "\n".join(bad)
-    blocks = {model: result["blocks"] for model, (_, result) in rows.items()}
+    blocks = {model if block != BLOCK_OF_NEW_FAMILIES.get(model) else f"{model} {block}": result["blocks"]
+              for (model, block), (_, result) in rows.items()}
     # mobilenet_v3's 16 3x3 / 5x5 depthwise convs with their FrozenBatchNorm2d, the FPN's two 3x3 convs and
     # the RPN head's 3x3 conv (BN-free); r2plus1d's (1,7,7) stem and (1,3,3) spatial convs (ACB refuses
     # the (3,1,1) temporal ones: a 1-D branch would duplicate them); every 3x3 conv of the BN-free nets;
     # the audio nets' 3-tap Conv1d and their 8-tap strided stem (padding 0, even: DBB / OREPA crop their
     # branches to the window)
+    # ECB: every 3x3 conv of the BN-free SR net; dilated: convnext_atto's twelve 7x7 depthwise convs (LayerNorm
+    # after them: the BN-free form)
     assert blocks == {"tvdet:fasterrcnn_mobilenet_v3_large_fpn": 19, "tvvideo:r2plus1d_18": 17, "own:edsr": 8,
-                      "own:audio": 5, "own:audio_bn": 5}
+                      "own:audio": 5, "own:audio_bn": 5, "own:edsr ecb": 8, "timm:convnext_atto dilated": 12}
 
 
 def test_repvgg_and_mobileone_plug_into_torchvision_and_timm_models_and_fold_back_exactly():
