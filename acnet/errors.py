@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["ACNetError", "WeightsError", "NonFiniteWeightsError", "exception_line"]
+__all__ = ["ACNetError", "WeightsError", "NonFiniteWeightsError", "BlockTypeNotApplicableError", "exception_line"]
 
 
 class ACNetError(Exception):
@@ -21,6 +21,11 @@ class WeightsError(ACNetError, RuntimeError):
 
 class NonFiniteWeightsError(WeightsError):
     """Weights holding NaN or inf (a diverged run's): refused before anything is computed or written."""
+
+
+class BlockTypeNotApplicableError(ACNetError, ValueError):
+    """``-b TYPE`` on an architecture none of whose convs the block type's rule takes (one line, with the archs
+    it fits): a refusal, nothing is written."""
 
 
 def exception_line(exc: BaseException, *, whole: bool = False, sentence: bool = False, type_name: bool = False,

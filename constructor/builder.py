@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from torch import Tensor, nn
 
 from acnet.block import NORM_ARGUMENTS, ConvBN, IntOrPair, ReparamBlock, block_option_names, takes_arguments
-from acnet.errors import ACNetError
+from acnet.errors import BlockTypeNotApplicableError
 from acnet.registry import block_type_names, get_block_type
 
 __all__ = [
@@ -309,10 +309,6 @@ def _square(kernel_size: IntOrPair) -> int:
     if height != width:
         raise ValueError(f"kernel_size must be square, got {tuple(kernel_size)}")
     return int(height)
-
-
-class BlockTypeNotApplicableError(ACNetError, ValueError):
-    """``-b TYPE`` on an architecture none of whose convs the block type's rule takes (one line, with the archs it fits)."""
 
 
 def kernel_rule_text(block_type: str) -> str:

@@ -12,6 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from acnet.errors import BlockTypeNotApplicableError
 from data.registry import get_dataset
 
 from .original_layouts import OriginalLayout, original_layouts_of
@@ -146,17 +147,15 @@ def build_arch(
     builder = make_builder(block_type, deploy=deploy, **block_kwargs)
     model = spec.build(builder, num_classes)
     if not deploy and builder.block_class is not None and builder.blocks_built == 0:
-        from .builder import BlockTypeNotApplicableError
-
         raise BlockTypeNotApplicableError(_no_block_reason(arch, block_type))
     return model
 
 
 def _no_block_reason(arch: str, block_type: str) -> str:
     """One line: ``block_type`` fits no conv of ``arch``; the archs it fits (each built on the meta device)."""
-    import torch
+    import torch  # the registry itself stays torch-free
 
-    from .builder import kernel_rule_text
+    from .builder import kernel_rule_text, make_builder
 
     fits = []
     for name in ARCHS:

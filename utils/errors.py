@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any, NoReturn
 
-from acnet.errors import ACNetError, NonFiniteWeightsError
+from acnet.errors import ACNetError, BlockTypeNotApplicableError, NonFiniteWeightsError
 from acnet.fileio import UnwritablePathError
 
 __all__ = ["ACNetError", "UsageError", "TrainingSetupError", "USER_ERRORS", "REFUSALS", "exit_status",
@@ -33,10 +33,12 @@ class TrainingSetupError(UsageError, ValueError):
 USER_ERRORS: tuple[type[Exception], ...] = (ACNetError,)
 
 #: Errors that end a command with exit status 2, like a bad argument: the command as given cannot run
-#: (a bad command line, weights holding NaN / inf, an output place that cannot be written or is full);
+#: (a bad command line, weights holding NaN / inf, an output place that cannot be written or is full, a
+#: block type that fits no conv of the arch);
 #: what was saved before is intact. Other :data:`USER_ERRORS` (missing data, a corrupt resumable state,
 #: a diverged run, ...) end with status 1.
-REFUSALS: tuple[type[Exception], ...] = (UsageError, NonFiniteWeightsError, UnwritablePathError)
+REFUSALS: tuple[type[Exception], ...] = (UsageError, NonFiniteWeightsError, UnwritablePathError,
+                                         BlockTypeNotApplicableError)
 
 
 def exit_status(error: BaseException) -> int:
