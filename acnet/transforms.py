@@ -401,7 +401,7 @@ def dilate_kernel(kernel: Tensor, rate: Union[int, Sequence[int]]) -> Tensor:
     ``convert_dilated_to_nondilated``, for any dimension, groups and per-axis rates).
     """
     dim = kernel.dim() - 2
-    rates = _size(rate, dim)
+    rates = _sizes_per_axis(rate, dim)
     if any(r < 1 for r in rates):
         raise ValueError(f"dilate_kernel: rates must be >= 1, got {rates}")
     small = tuple(kernel.shape[2:])

@@ -134,8 +134,8 @@ def test_format_report_prints_every_row_and_the_totals():
 
 def test_bad_arguments_are_value_errors():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    with pytest.raises(ValueError, match="unknown block_type 'repvgg'"):
-        conversion_report(model, "repvgg")
+    with pytest.raises(ValueError, match="unknown block_type 'vgg'"):
+        conversion_report(model, "vgg")
     with pytest.raises(ValueError, match="has no option 'gamma'"):
         conversion_report(model, "acb", gamma=1.0)
 
