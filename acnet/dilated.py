@@ -99,14 +99,8 @@ class DilatedReparamBlock(ReparamBlock):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if padding is None:  # the originals' "same" padding
-            try:
-                ks = (kernel_size,) * dim if isinstance(kernel_size, int) else tuple(kernel_size)
-                ds = (dilation,) * len(ks) if isinstance(dilation, int) else tuple(dilation)
-                same = tuple(d * (k // 2) for k, d in zip(ks, ds))
-                padding = same[0] if len(set(same)) == 1 else same
-            except TypeError:
-                padding = 0  # an invalid kernel_size / dilation: _init_geometry names it
+        if padding is None:  # the originals' "same" padding (the block contract's rule)
+            padding = self.same_padding(kernel_size, dilation, dim)
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
                             dim=dim, norm=norm, min_kernel=1, transposed=transposed, output_padding=output_padding,
                             bias=bias)

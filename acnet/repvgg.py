@@ -51,21 +51,6 @@ from .fastpath import branch_bn_sum, branch_input, match_layout, run_conv
 __all__ = ["RepVGGBlock", "CentreBranchBlock"]
 
 
-def _same_padding(kernel_size: IntOrTuple, dilation: IntOrTuple) -> IntOrTuple:
-    """``d * ((K - 1) // 2)`` per axis (the default padding: the original's 1 for a 3x3 kernel)."""
-    try:
-        if isinstance(kernel_size, int) and isinstance(dilation, int):
-            return dilation * ((kernel_size - 1) // 2)
-        ks = tuple(kernel_size) if not isinstance(kernel_size, int) else None
-        ds = tuple(dilation) if not isinstance(dilation, int) else None
-        n = len(ks) if ks is not None else len(ds)
-        ks = ks or (kernel_size,) * n
-        ds = ds or (dilation,) * n
-        return tuple(d * ((k - 1) // 2) for k, d in zip(ks, ds))
-    except TypeError:
-        return 0  # an invalid kernel_size / dilation: _init_geometry names it
-
-
 class CentreBranchBlock(ReparamBlock):
     """The RepVGG / MobileOne family: ``k`` KxK conv-norm branches, a 1x1 conv-norm branch on the centre
     tap (when the kernel is larger than 1x1) and an identity norm (when ``in == out`` and stride 1).
@@ -83,7 +68,7 @@ class CentreBranchBlock(ReparamBlock):
                nonlinear: Optional[nn.Module], *, branches: int, bn_eps: float, bn_momentum: float, dim: int,
                norm: str, transposed: bool, output_padding: IntOrTuple, bias: bool) -> None:
         if padding is None:
-            padding = _same_padding(kernel_size, dilation)
+            padding = self.same_padding(kernel_size, dilation, dim)
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
                             dim=dim, norm=norm, min_kernel=1, transposed=transposed, output_padding=output_padding,
                             bias=bias)

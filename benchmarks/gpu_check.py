@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acnet import acnet_switch_to_deploy  # noqa: E402
 from acnet.fileio import atomic_open  # noqa: E402
+from acnet.errors import BlockTypeNotApplicableError  # noqa: E402
 from acnet.registry import BLOCK_REGISTRY  # noqa: E402
 from constructor import build_model, get_arch_spec  # noqa: E402
 from data import to_device  # noqa: E402
@@ -74,6 +75,16 @@ def randomize_bn_(module: nn.Module, seed: int) -> nn.Module:
                 m.weight.copy_(torch.rand(shape, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(shape, generator=gen) * 0.1)
     return module
+
+
+def takes_any_conv(arch: str, block_type: str) -> bool:
+    """Whether ``-b block_type`` puts a block on some conv of ``arch`` (dilated re-param: only odd K >= 5)."""
+    try:
+        with torch.device("meta"):
+            build_model(arch, block_type)
+    except BlockTypeNotApplicableError:
+        return False
+    return True
 
 
 def check_blocks(device: torch.device) -> List[Dict[str, Any]]:
@@ -256,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = args.batch or DEFAULT_BATCH[get_arch_spec(arch).input_size]
         for compile_model in (False,) if args.no_compile else (False, True):
             for block_type in BLOCK_REGISTRY:
+                if not takes_any_conv(arch, block_type):
+                    print(f"  {arch:<7} {block_type:<6} skipped: the block type fits no conv of {arch}", flush=True)
+                    continue
                 steps = args.compile_steps if compile_model else args.steps
                 run = train_run(arch, block_type, steps, batch, compile_model, device, channels_last=True)
                 runs.append(run)
