@@ -80,8 +80,8 @@ def _without_torch(code: str) -> subprocess.CompletedProcess:
 
 def test_the_command_lines_parse_without_torch(tmp_path):
     """-h, a refused command line, the table of modes and reproduce.py's plan import no torch."""
-    if _without_torch("import acnet.registry, data, constructor").returncode:
-        pytest.skip("acnet, data or constructor import torch here (the registries are torch-free once merged)")
+    registries = _without_torch("import acnet.registry, data, constructor")
+    assert registries.returncode == 0, registries.stderr
     run = "import runpy; sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
     helped = _without_torch(run.format(argv=["do_acnet.py", "-h"]))
     assert helped.returncode == 0 and "--export-onnx" in helped.stdout and "src56" in helped.stdout, helped.stderr
