@@ -26,7 +26,7 @@ import argparse
 import functools
 import sys
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -46,9 +46,10 @@ TARGET_OREPA = 1.25
 ORIGINAL_FORWARDS = {"acb-orig": (ACBlock, original_acb_forward), "dbb-orig": (DiverseBranchBlock, original_dbb_forward)}
 
 
-def saved_bytes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
-    """Bytes of distinct non-parameter storages saved for backward in one training step."""
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+def saved_step_bytes(module: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]) -> int:
+    """Bytes of distinct non-parameter storages autograd saves for backward in one training step of
+    ``module`` (``loss_of(module)``: its forward and loss; the step's backward runs too)."""
+    own = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
     storages: Dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -57,11 +58,16 @@ def saved_bytes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) ->
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    model.train()
+    module.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = nn.functional.cross_entropy(model(images), labels)
+        loss = loss_of(module)
     loss.backward()
     return sum(storages.values())
+
+
+def saved_bytes(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """Bytes of distinct non-parameter storages saved for backward in one training step."""
+    return saved_step_bytes(model, lambda m: nn.functional.cross_entropy(m(images), labels))
 
 
 def variant_model(arch: str, variant: str) -> nn.Module:
@@ -131,23 +137,8 @@ def family_saved_bytes(block_type: str, norm: str, shape: Tuple[int, ...], kerne
     block = get_block_type(block_type).block_class(channels, channels, kernel, padding=kernel // 2, norm=norm,
                                                    **options)
     x = torch.randn(*shape, requires_grad=True)
-    result = []
-    for module in (plain, block):
-        own = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
-        storages: Dict[int, int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in own:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        module.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            out = module(x)
-        out.sum().backward()
-        result.append(sum(storages.values()))
-    return result[0], result[1]
+    plain_bytes, block_bytes = (saved_step_bytes(module, lambda m: m(x).sum()) for module in (plain, block))
+    return plain_bytes, block_bytes
 
 
 def format_family_table(batch: int | None = None) -> str:
